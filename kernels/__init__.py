@@ -1,0 +1,1 @@
+"""Generated Triton kernels for fused regions (imported as surgeon.kernels)."""

@@ -1,0 +1,1 @@
+"""Graph passes, one per file, each named as it is named in a spec (`merge` <-> merge.py)."""

@@ -1,0 +1,36 @@
+"""merge: fold adapters into their base weights exactly, leaving only the base graph's ops.
+
+Identity relied on (LoRA): W x + s B A x == (W + s B A) x; each kind supplies its delta
+weight, laid out as the base op uses it (transposed for GPT-2 Conv1D's addmm). Kinds with no
+exact delta (a nonlinearity in the branch) are refused with the kind's reason.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch.fx as fx
+
+from surgeon.adapter_ops import add_delta, detach
+from surgeon.pipeline import Context, PassResult
+
+
+@dataclass(frozen=True)
+class Merge:
+    adapters: tuple[str, ...] | None = None
+    name: ClassVar[str] = "merge"
+    check: ClassVar[str] = "close"
+
+    def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
+        result = PassResult()
+        for state in ctx.select(self.adapters, ("inserted",)):
+            kind = state.spec.kind
+            if kind.delta_weight is None:
+                raise ctx.spec.error(("pipeline",), f"cannot merge adapter '{state.spec.name}': {kind.refuse_merge}")
+            for site in state.sites:
+                tensors = detach(gm, site)
+                add_delta(gm, state, site, kind.delta_weight(tensors, site.options), self.name)
+                site.merged = tensors
+                result.matches += 1
+            state.status = "merged"
+        return result

@@ -1,0 +1,26 @@
+"""remove: detach adapters without merging, restoring the base graph and weights exactly."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch.fx as fx
+
+from surgeon.adapter_ops import detach
+from surgeon.pipeline import Context, PassResult
+
+
+@dataclass(frozen=True)
+class Remove:
+    adapters: tuple[str, ...] | None = None
+    name: ClassVar[str] = "remove"
+    check: ClassVar[str] = "none"
+
+    def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
+        result = PassResult()
+        for state in ctx.select(self.adapters, ("inserted",)):
+            for site in state.sites:
+                detach(gm, site)
+                result.matches += 1
+            state.status = "removed"
+        return result

@@ -1,0 +1,13 @@
+"""surgeon: a model-surgery compiler over FX graphs.
+
+    compiled = surgeon.compile(model, example_inputs, spec, example_kwargs={"use_cache": False})
+    compiled.module      # an nn.Module running the rewritten graph
+    print(compiled.report)
+"""
+from .capture import capture
+from .compiled import Compiled, compile
+from .errors import CaptureError, KernelError, PassError, SpecError, SurgeonError
+from .spec import Spec, load_spec
+
+__all__ = ["compile", "Compiled", "capture", "load_spec", "Spec", "SurgeonError", "SpecError",
+           "CaptureError", "PassError", "KernelError"]

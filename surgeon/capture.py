@@ -1,0 +1,253 @@
+"""Capture: any nn.Module + example inputs -> one canonical torch.fx.GraphModule.
+
+The canonical form is what every pass is written against:
+- aten-level call_function nodes from `torch.export` (training IR: `aten.linear`, `aten.conv2d`,
+  `aten.addmm` for GPT-2's Conv1D ...), parameters as `get_attr` nodes;
+- each node carries `meta["surgeon_path"]`, the qualified path of the module it came from,
+  and `meta["surgeon_pass"]`, the pass that made it ("capture" here);
+- the module tree is fresh: plain nn.Modules whose parameters share storage with the user's
+  model (never mutated in place: passes write new tensors) and whose buffers are copies;
+- non-tensor keyword inputs (e.g. `use_cache=False`) are baked into the graph;
+- the forward takes the example's positional and tensor keyword inputs and returns the
+  model's own output structure (e.g. a Hugging Face ModelOutput).
+
+`torch.fx.symbolic_trace` is the fallback front end; its leaf modules are normalized to the
+same aten ops. A model neither takes raises CaptureError saying both reasons.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
+from torch.utils import _pytree as pytree
+
+from .errors import CaptureError
+
+_DROPPED_OPS = {torch.ops.aten._assert_tensor_metadata.default}
+
+
+class _FlatInputCodeGen(_PyTreeCodeGen):
+    """Pytree codegen that skips input re-flattening when every input is a plain tensor."""
+
+    def gen_var_bindings(self, fn_args, free_vars, expanded_def):
+        spec = self.pytree_info.in_spec
+        if all(child.is_leaf() for part in spec.children() for child in part.children()):
+            return ""
+        return super().gen_var_bindings(fn_args, free_vars, expanded_def)
+
+
+def split_kwargs(kwargs: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split keyword inputs into tensor inputs (graph inputs) and constants (baked)."""
+    tensors, constants = {}, {}
+    for key, value in (kwargs or {}).items():
+        leaves = pytree.tree_leaves(value)
+        (tensors if leaves and all(isinstance(v, torch.Tensor) for v in leaves) else constants)[key] = value
+    return tensors, constants
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """Capture in eval mode (no dropout, BN on running stats); restore the user's flags after."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+def capture(model: nn.Module, args: tuple, kwargs: dict | None = None,
+            dynamic_shapes: Any = None) -> fx.GraphModule:
+    """Capture `model` into the canonical GraphModule; raise CaptureError if no front end can."""
+    args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
+    tensor_kwargs, constants = split_kwargs(kwargs)
+    with _eval_mode(model):
+        try:
+            return _capture_export(model, args, tensor_kwargs, constants, dynamic_shapes)
+        except Exception as export_error:  # noqa: BLE001 - reported below with the fx reason
+            export_reason = _first_line(export_error)
+        try:
+            return _capture_fx(model, args, tensor_kwargs, constants)
+        except Exception as fx_error:  # noqa: BLE001
+            fx_reason = _first_line(fx_error)
+    raise CaptureError(
+        f"could not capture {type(model).__name__}.\n"
+        f"  torch.export failed: {export_reason}\n"
+        f"  torch.fx.symbolic_trace (fallback) failed: {fx_reason}\n"
+        "  try: pass keyword inputs that select a static code path (e.g. use_cache=False), "
+        "declare dynamic dims with dynamic_shapes=, or move data-dependent Python control flow "
+        "(if on tensor values, .item(), .tolist()) out of forward.")
+
+
+def _first_line(error: Exception) -> str:
+    text = f"{type(error).__name__}: {error}".strip()
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[0][:400] if lines else type(error).__name__
+
+
+# ---------------------------------------------------------------- torch.export front end
+
+def _capture_export(model, args, tensor_kwargs, constants, dynamic_shapes) -> fx.GraphModule:
+    if dynamic_shapes is not None and isinstance(dynamic_shapes, dict) and constants:
+        dynamic_shapes = {**{k: None for k in constants}, **dynamic_shapes}
+    ep = torch.export.export(model, args, {**tensor_kwargs, **constants},
+                             dynamic_shapes=dynamic_shapes, strict=False)
+    unlifted = ep.module()
+    graph = unlifted.graph
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in _DROPPED_OPS and not node.users:
+            graph.erase_node(node)
+    for node in list(graph.find_nodes(op="placeholder")):
+        if node.target in constants:
+            if node.users:
+                node.replace_all_uses_with(constants[node.target])  # type: ignore[arg-type]
+            graph.erase_node(node)
+    info = graph._codegen.pytree_info
+    _, in_spec = pytree.tree_flatten((args, tensor_kwargs))
+    names = [n.target for n in graph.find_nodes(op="placeholder")]
+    graph._codegen = _FlatInputCodeGen(_PyTreeInfo(names, in_spec, info.out_spec))
+    return _finish(model, unlifted, graph, "export")
+
+
+# ---------------------------------------------------------------- torch.fx front end
+
+def _capture_fx(model, args, tensor_kwargs, constants) -> fx.GraphModule:
+    traced = fx.symbolic_trace(model, concrete_args=constants or None)
+    graph = traced.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module":
+            _normalize_call_module(traced, graph, node)
+        elif node.op == "call_function" and node.target is F.linear:
+            node.target = torch.ops.aten.linear.default
+    return _finish(model, traced, graph, "fx")
+
+
+def _normalize_call_module(traced: fx.GraphModule, graph: fx.Graph, node: fx.Node) -> None:
+    """Rewrite a leaf-module call into the aten op the export front end would produce."""
+    module = traced.get_submodule(node.target)
+    path = node.target
+
+    def attr(name):
+        if getattr(module, name, None) is None:
+            return None
+        with graph.inserting_before(node):
+            ref = graph.get_attr(f"{path}.{name}")
+        ref.meta["nn_module_stack"] = {path: (path, type(module).__qualname__)}
+        return ref
+
+    aten = torch.ops.aten
+    if type(module) is nn.Linear:
+        target, call_args = aten.linear.default, (node.args[0], attr("weight"), attr("bias"))
+    elif type(module) is nn.Conv2d and not isinstance(module.padding, str) and module.padding_mode == "zeros":
+        target, call_args = aten.conv2d.default, (node.args[0], attr("weight"), attr("bias"), list(module.stride),
+                                                  list(module.padding), list(module.dilation), module.groups)
+    elif type(module) in (nn.BatchNorm1d, nn.BatchNorm2d) and module.track_running_stats:
+        target, call_args = aten.batch_norm.default, (
+            node.args[0], attr("weight"), attr("bias"), attr("running_mean"), attr("running_var"),
+            False, module.momentum or 0.0, module.eps, True)
+    elif type(module) in (nn.Dropout, nn.Identity):
+        node.replace_all_uses_with(node.args[0])
+        graph.erase_node(node)
+        return
+    else:
+        node.meta["nn_module_stack"] = {path: (path, type(module).__qualname__)}
+        return  # kept as a call_module on a private copy of the module (see _finish)
+    with graph.inserting_before(node):
+        new = graph.call_function(target, call_args)
+    new.meta["nn_module_stack"] = {path: (path, type(module).__qualname__)}
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+
+
+# ---------------------------------------------------------------- canonical module tree
+
+def _finish(model: nn.Module, source: nn.Module, graph: fx.Graph, frontend: str) -> fx.GraphModule:
+    root = nn.Module()
+    persistent = set(model.state_dict().keys())
+    shared: dict[int, torch.Tensor] = {}
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            _adopt(root, source, node.target, shared)
+        elif node.op == "call_module":
+            _set_submodule(root, node.target, copy.deepcopy(source.get_submodule(node.target)))
+    graph.eliminate_dead_code()
+    gm = fx.GraphModule(root, graph, class_name=f"Surgeon{type(model).__name__}")
+    for node in gm.graph.find_nodes(op="get_attr"):   # GraphModule's copy registers buffers as persistent
+        owner_path, _, name = node.target.rpartition(".")
+        owner = gm.get_submodule(owner_path)
+        if name in owner._buffers and node.target not in persistent:
+            owner._non_persistent_buffers_set.add(name)
+    for node in gm.graph.nodes:
+        node.meta["surgeon_path"] = _module_path(node)
+        node.meta.setdefault("surgeon_pass", "capture")
+    gm.meta["surgeon_frontend"] = frontend
+    gm.recompile()
+    return gm
+
+
+def _adopt(root: nn.Module, source: nn.Module, target: str, shared: dict) -> None:
+    """Put source's tensor `target` into root's fresh tree: parameters share storage, buffers are copied."""
+    owner_path, _, name = target.rpartition(".")
+    value = _get_attr(source, target)
+    owner = _ensure_path(root, owner_path)
+    if hasattr(owner, name):
+        return
+    if isinstance(value, nn.Parameter):
+        if id(value) not in shared:
+            shared[id(value)] = nn.Parameter(value.detach(), requires_grad=value.requires_grad)
+        owner.register_parameter(name, shared[id(value)])
+    elif isinstance(value, torch.Tensor):
+        owner.register_buffer(name, value.detach().clone())
+    elif isinstance(value, nn.Module):
+        _set_submodule(root, target, copy.deepcopy(value))
+    else:
+        setattr(owner, name, value)
+
+
+def _get_attr(module: nn.Module, target: str):
+    value: Any = module
+    for atom in target.split("."):
+        value = getattr(value, atom)
+    return value
+
+
+def _ensure_path(root: nn.Module, path: str) -> nn.Module:
+    module = root
+    for atom in path.split(".") if path else []:
+        if not hasattr(module, atom):
+            module.add_module(atom, nn.Module())
+        module = getattr(module, atom)
+    return module
+
+
+def _set_submodule(root: nn.Module, path: str, value: nn.Module) -> None:
+    owner_path, _, name = path.rpartition(".")
+    _ensure_path(root, owner_path).add_module(name, value)
+
+
+def _module_path(node: fx.Node) -> str:
+    """The qualified path of the module a node came from ('' for the root)."""
+    if node.op == "get_attr":
+        return node.target.rpartition(".")[0]
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return _clean_path(path)
+
+
+def _clean_path(path: str) -> str:
+    # torch.export writes e.g. "L['self'].model.layers[0]" in some versions; keep dotted paths.
+    path = path.replace("L['self'].", "").replace("L['self']", "")
+    out = []
+    for atom in path.replace("]", "").replace("[", ".").split("."):
+        if atom:
+            out.append(atom.strip("'\""))
+    return ".".join(out)

@@ -1,0 +1,157 @@
+"""surgeon.compile and the Compiled result: a normal nn.Module, a report, save and adapter I/O."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import yaml
+from torch import nn
+
+from .adapter_io import save_adapter_dir, save_peft_dir
+from .capture import _eval_mode, capture, split_kwargs
+from .errors import SpecError
+from .graph import compute_nodes, count_parameters, get_tensor
+from .pipeline import AdapterState, Context, PassRow, compare, run_outputs, run_pipeline
+from .passes_table import passes
+from .report import Report
+from .spec import Spec, _pass, load_spec, spec_to_dict
+
+
+def compile(model: nn.Module, example_inputs: Any, spec: "str | Path | dict | Spec",
+            example_kwargs: dict | None = None, *, dynamic_shapes: Any = None,
+            verify: bool | None = None, progress: Callable[[str], None] | None = None) -> "Compiled":
+    """Capture `model`, run the spec's pipeline with verification, and return a Compiled."""
+    spec = load_spec(spec)
+    validate_against_model(spec, model)
+    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    verify = spec.verify if verify is None else verify
+    start = time.perf_counter()
+    if progress:
+        progress(f"capturing {type(model).__name__}")
+    gm = capture(model, args, example_kwargs, dynamic_shapes)
+    tensor_kwargs, _ = split_kwargs(example_kwargs)
+    ctx = Context(spec, args, tensor_kwargs, {a.name: AdapterState(a) for a in spec.adapters},
+                  torch.Generator().manual_seed(spec.seed))
+    params, trainable = count_parameters(gm)
+    check = "skipped"
+    if verify:
+        with _eval_mode(model), torch.no_grad():
+            reference = model(*args, **(example_kwargs or {}))
+        from torch.utils import _pytree as pytree
+
+        eager = [t for t in pytree.tree_leaves(reference) if isinstance(t, torch.Tensor)]
+        ok, check = compare(eager, run_outputs(gm, ctx), "close")
+        if not ok:
+            raise SpecError("<model>", f"the captured graph does not reproduce the model: {check}")
+    rows = [PassRow("capture", compute_nodes(gm), [], (params, params), trainable, (0, compute_nodes(gm)),
+                    time.perf_counter() - start, check, [])]
+    compiled = Compiled(gm, ctx, Report(type(model).__name__, gm.meta["surgeon_frontend"], rows, ctx.adapters))
+    compiled.apply([p for p in spec.pipeline], verify=verify, progress=progress)
+    return compiled
+
+
+def validate_against_model(spec: Spec, model: nn.Module) -> None:
+    """Check targets and ranks against the model's modules before anything is captured."""
+    modules = dict(model.named_modules())
+    for i, adapter in enumerate(spec.adapters):
+        key = ("adapters", i, "from_peft" if adapter.from_peft else "from_dir") if adapter.loaded else None
+        for j, glob in enumerate(adapter.targets):
+            from .rules import path_matches
+
+            hits = [p for p in modules if p and path_matches(p, glob)]
+            if not hits:
+                raise spec.error(key or ("adapters", i, "targets", j),
+                                 f"target '{glob}' matches no module of {type(model).__name__} "
+                                 f"(module paths look like: {', '.join(list(p for p in modules if p)[:4])} ...)")
+            rank = adapter.options.get("rank")
+            for path in hits:
+                dims = _weight_dims(modules[path])
+                site_rank = adapter.loaded.site_options.get(path, {}).get("rank", rank) if adapter.loaded else rank
+                if dims and site_rank is not None and site_rank > min(dims):
+                    raise spec.error(key or ("adapters", i, "rank"),
+                                     f"rank {site_rank} exceeds the dimensions {dims[0]}x{dims[1]} of '{path}'")
+
+
+def _weight_dims(module: nn.Module) -> tuple[int, int] | None:
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or isinstance(module, nn.Embedding):
+        return None
+    return tuple(weight.shape)
+
+
+class Compiled:
+    """The result of surgeon.compile: `.module` (an nn.Module), `.report`, adapters, save."""
+
+    def __init__(self, module: fx.GraphModule, ctx: Context, report: Report):
+        self.module, self.ctx, self.report = module, ctx, report
+
+    @property
+    def adapters(self) -> dict[str, AdapterState]:
+        return self.ctx.adapters
+
+    def apply(self, pipeline: list, verify: bool = True, progress: Callable[[str], None] | None = None) -> "Compiled":
+        """Run more passes (names or {name: options}, as in a spec) on this compiled module."""
+        specs = [p if hasattr(p, "options") else _pass(self.ctx.spec, i, p, set(self.ctx.adapters))
+                 for i, p in enumerate(pipeline)]
+        table = passes()
+        instances = [table[p.name](**p.options) for p in specs]
+        self.report.rows += run_pipeline(self.module, instances, self.ctx, verify=verify, progress=progress)
+        return self
+
+    def adapter_weights(self, name: str) -> dict[str, dict[str, torch.Tensor]]:
+        """An adapter's current parameters: module path -> param name -> tensor."""
+        state = self._state(name)
+        return {s.path: (s.merged or {p: get_tensor(self.module, t).detach() for p, t in s.params.items()})
+                for s in state.sites}
+
+    def save_adapter(self, name: str, directory: str | Path, format: str = "surgeon") -> None:
+        """Write one adapter as surgeon's safetensors + JSON folder, or (format='peft') PEFT's."""
+        state = self._state(name)
+        weights = self.adapter_weights(name)
+        if format == "peft":
+            if state.spec.type != "lora":
+                raise SpecError(f"adapters.{name}", f"PEFT export supports lora, not {state.spec.type!r}")
+            save_peft_dir(Path(directory), state.spec.options, weights,
+                          {s.path for s in state.sites if s.op == "addmm"})
+        else:
+            site_options = {s.path: {k: v for k, v in s.options.items() if v != state.spec.options.get(k)}
+                            for s in state.sites}
+            save_adapter_dir(Path(directory), name, state.spec.type, state.spec.options, weights,
+                             {p: o for p, o in site_options.items() if o})
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the report, spec, readable graph, node table and every adapter under `directory`."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.txt").write_text(str(self.report) + "\n")
+        (out / "report.json").write_text(json.dumps(self.report.to_dict(), indent=2, default=str))
+        (out / "spec.yaml").write_text(yaml.safe_dump(spec_to_dict(self.ctx.spec), sort_keys=False))
+        (out / "graph.py").write_text(self.module.code)
+        (out / "nodes.json").write_text(json.dumps(node_table(self.module), indent=1))
+        for name, state in self.adapters.items():
+            if state.status in ("inserted", "merged"):
+                self.save_adapter(name, out / "adapters" / name)
+        return out
+
+    def _state(self, name: str) -> AdapterState:
+        if name not in self.adapters:
+            raise SpecError("adapters", f"no adapter named '{name}'; known: {sorted(self.adapters)}")
+        return self.adapters[name]
+
+
+def node_table(gm: fx.GraphModule) -> list[dict]:
+    """One record per node: name, op, target, module path, creating pass, shape and dtype."""
+    rows = []
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        rows.append({"name": node.name, "op": node.op, "target": str(node.target),
+                     "path": node.meta.get("surgeon_path", ""), "pass": node.meta.get("surgeon_pass", ""),
+                     "adapter": node.meta.get("surgeon_adapter"),
+                     "shape": list(val.shape) if isinstance(val, torch.Tensor) else None,
+                     "dtype": str(val.dtype).replace("torch.", "") if isinstance(val, torch.Tensor) else None,
+                     "inputs": [a.name for a in node.all_input_nodes]})
+    return rows

@@ -1,0 +1,86 @@
+"""Helpers over the canonical GraphModule: tensors by path, provenance, counts, lint."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .capture import _ensure_path, _get_attr
+
+
+def module_path(node: fx.Node) -> str:
+    """The qualified path of the module a node came from ('' for the root)."""
+    return node.meta.get("surgeon_path", "")
+
+
+def get_tensor(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    """The parameter or buffer stored at `target` in gm's module tree."""
+    return _get_attr(gm, target)
+
+
+def set_parameter(gm: fx.GraphModule, target: str, value: torch.Tensor, requires_grad: bool) -> None:
+    """Store a new Parameter at `target` (replacing any previous one; never writes in place)."""
+    owner_path, _, name = target.rpartition(".")
+    owner = _ensure_path(gm, owner_path)
+    if name in owner._parameters:
+        del owner._parameters[name]
+    owner.register_parameter(name, nn.Parameter(value, requires_grad=requires_grad))
+
+
+def delete_attr(gm: fx.GraphModule, target: str) -> None:
+    """Remove a tensor (and its now-empty owner modules) from gm's module tree."""
+    owner_path, _, name = target.rpartition(".")
+    owner = _get_attr(gm, owner_path) if owner_path else gm
+    delattr(owner, name)
+    while owner_path and not any(True for _ in owner.children()) \
+            and not owner._parameters and not owner._buffers:
+        parent_path, _, child = owner_path.rpartition(".")
+        parent = _get_attr(gm, parent_path) if parent_path else gm
+        delattr(parent, child)
+        owner_path, owner = parent_path, parent
+
+
+def call(graph: fx.Graph, target: Any, args: tuple, kwargs: dict | None = None, *,
+         made_by: str, path: str, adapter: str | None = None) -> fx.Node:
+    """Create a call_function node with provenance (the pass that made it, its module path)."""
+    node = graph.call_function(target, args, kwargs or {})
+    _stamp(node, made_by, path, adapter)
+    return node
+
+
+def get_attr(graph: fx.Graph, target: str, *, made_by: str, adapter: str | None = None) -> fx.Node:
+    """Create a get_attr node with provenance."""
+    node = graph.get_attr(target)
+    _stamp(node, made_by, target.rpartition(".")[0], adapter)
+    return node
+
+
+def _stamp(node: fx.Node, made_by: str, path: str, adapter: str | None) -> None:
+    node.meta["surgeon_pass"] = made_by
+    node.meta["surgeon_path"] = path
+    if adapter:
+        node.meta["surgeon_adapter"] = adapter
+
+
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """(all, trainable) parameter counts, each shared tensor counted once."""
+    params = {id(p): p for p in module.parameters()}.values()
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def compute_nodes(gm: fx.GraphModule) -> int:
+    """Number of call nodes (the ops the module runs)."""
+    return sum(1 for n in gm.graph.nodes if n.op in ("call_function", "call_module", "call_method"))
+
+
+def lint(gm: fx.GraphModule) -> None:
+    """Check graph well-formedness and that every get_attr resolves; recompile the module."""
+    gm.graph.lint()
+    for node in gm.graph.find_nodes(op="get_attr"):
+        try:
+            _get_attr(gm, node.target)
+        except AttributeError as error:
+            raise AssertionError(f"get_attr node '{node.name}' names missing tensor '{node.target}'") from error
+    gm.recompile()

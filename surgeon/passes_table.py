@@ -1,0 +1,9 @@
+"""The table of passes by spec name (explicit; nothing registers itself at import)."""
+from __future__ import annotations
+
+
+def passes() -> dict[str, type]:
+    """Pass classes by their spec name."""
+    from .passes import insert, merge, remove, unmerge
+
+    return {cls.name: cls for cls in (insert.Insert, merge.Merge, unmerge.Unmerge, remove.Remove)}

@@ -1,0 +1,166 @@
+"""The pass manager: run a literal list of passes, each linted, verified and reported.
+
+A pass is a small frozen dataclass with a kebab-case `name`, its options as fields, a
+`check` saying how it must relate to the graph before it ("exact": the same outputs bit for
+bit, e.g. inserting zero-initialized adapters; "close": equal within a dtype-aware tolerance,
+e.g. a merge; "none": the function changes, e.g. removing a trained adapter), and
+`run(gm, ctx) -> PassResult`. Passes edit the canonical graph in place but never write into a
+tensor: changed weights are new tensors, so the user's model is never modified.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+from .errors import PassError, SurgeonError
+from .graph import compute_nodes, count_parameters, lint
+from .spec import AdapterSpec, Spec
+
+# max |after - before| / max |before| allowed for "close" passes, by output dtype (reason: the
+# rounding of a reordered sum of K products grows like eps * sqrt(K); these leave headroom for
+# K up to ~10^4 while still catching any real change of the function)
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+@dataclass
+class SiteState:
+    """One place an adapter sits: a linear-like op and the adapter nodes around it."""
+
+    path: str
+    op: str                      # "linear" (W: out x in) or "addmm" (W: in x out, GPT-2 Conv1D)
+    weight: str                  # get_attr target of the base weight
+    in_features: int
+    out_features: int
+    options: dict[str, Any]
+    params: dict[str, str] = field(default_factory=dict)      # param name -> get_attr target
+    nodes: list[str] = field(default_factory=list)            # names of the adapter's nodes
+    base_output: str = ""
+    output: str = ""
+    merged: dict[str, torch.Tensor] = field(default_factory=dict)  # params kept after merge
+
+
+@dataclass
+class AdapterState:
+    spec: AdapterSpec
+    sites: list[SiteState] = field(default_factory=list)
+    status: str = "declared"     # declared | inserted | merged | removed
+
+    @property
+    def param_count(self) -> int:
+        return sum(self.spec.kind.param_count(s.options, s.in_features, s.out_features) for s in self.sites)
+
+
+@dataclass
+class Context:
+    spec: Spec
+    example_args: tuple
+    example_kwargs: dict
+    adapters: dict[str, AdapterState]
+    generator: torch.Generator
+    history: list[str] = field(default_factory=list)
+
+    def select(self, names: tuple[str, ...] | None, status: tuple[str, ...]) -> list[AdapterState]:
+        """The adapters a pass acts on: those named (or all) whose status is in `status`."""
+        chosen = [self.adapters[n] for n in names] if names else list(self.adapters.values())
+        return [a for a in chosen if a.status in status]
+
+
+@dataclass
+class PassResult:
+    matches: int = 0
+    rejections: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+class Pass(Protocol):
+    name: str
+    check: str
+
+    def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult: ...
+
+
+@dataclass
+class PassRow:
+    name: str
+    matches: int
+    rejections: list[tuple[str, str]]
+    params: tuple[int, int]
+    trainable: int
+    nodes: tuple[int, int]
+    seconds: float
+    check: str
+    notes: list[str]
+
+
+def run_outputs(gm: fx.GraphModule, ctx: Context) -> list[torch.Tensor]:
+    """The graph's flattened tensor outputs on the example inputs."""
+    with torch.no_grad():
+        out = gm(*ctx.example_args, **ctx.example_kwargs)
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def compare(before: list[torch.Tensor], after: list[torch.Tensor], mode: str) -> tuple[bool, str]:
+    """Compare flattened outputs: 'exact' needs equality, 'close' a dtype-aware relative error."""
+    if len(before) != len(after):
+        return False, f"{len(before)} outputs before, {len(after)} after"
+    worst = 0.0
+    for a, b in zip(before, after):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False, f"output changed from {a.dtype}{list(a.shape)} to {b.dtype}{list(b.shape)}"
+        if mode == "exact" or not a.is_floating_point():
+            if not torch.equal(a, b):
+                diff = (a.double() - b.double()).abs().max().item()
+                return False, f"outputs differ (max abs diff {diff:.3g}); expected exact equality"
+            continue
+        scale = a.double().abs().max().clamp_min(1e-12)
+        rel = ((a.double() - b.double()).abs().max() / scale).item()
+        worst = max(worst, rel)
+        if rel > TOLERANCE.get(a.dtype, 1e-5):
+            return False, f"relative error {rel:.3g} exceeds {TOLERANCE.get(a.dtype, 1e-5):g} for {a.dtype}"
+    return True, "exact" if mode == "exact" else f"rel err {worst:.1e}"
+
+
+def run_pipeline(gm: fx.GraphModule, passes: list, ctx: Context, verify: bool = True,
+                 progress: Callable[[str], None] | None = None) -> list[PassRow]:
+    """Run each pass in order; lint, verify and report after each; raise PassError on failure."""
+    rows = []
+    before = run_outputs(gm, ctx) if verify else []
+    for index, p in enumerate(passes):
+        if progress:
+            progress(f"[{index + 1}/{len(passes)}] {p.name}")
+        params0, nodes0 = count_parameters(gm)[0], compute_nodes(gm)
+        mode = p.check(ctx) if callable(p.check) else p.check
+        start = time.perf_counter()
+        try:
+            result = p.run(gm, ctx)
+            lint(gm)
+        except PassError as error:
+            if error.pass_name == "?":
+                raise PassError(p.name, str(error).split(": ", 1)[-1], before=ctx.history) from error
+            raise
+        except SurgeonError:
+            raise
+        except Exception as error:
+            raise PassError(p.name, f"{type(error).__name__}: {error}", before=ctx.history) from error
+        seconds = time.perf_counter() - start
+        check = "skipped"
+        if verify and mode != "none":
+            after = run_outputs(gm, ctx)
+            ok, check = compare(before, after, mode)
+            if not ok:
+                raise PassError(p.name, f"numeric check failed against the graph before it: {check}",
+                                before=ctx.history)
+            before = after
+        elif verify:
+            before = run_outputs(gm, ctx)
+            check = "changes function"
+        params1, trainable = count_parameters(gm)
+        rows.append(PassRow(p.name, result.matches, result.rejections, (params0, params1), trainable,
+                            (nodes0, compute_nodes(gm)), seconds, check, result.notes))
+        ctx.history.append(p.name)
+    return rows

@@ -1,0 +1,133 @@
+"""Capture: real architectures into the canonical graph, the fx fallback, and CaptureError."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import surgeon
+from surgeon.rules import Pattern, find
+from tests.conftest import assert_untouched, hf_bert, hf_gpt2, hf_llama, small_cnn, snapshot
+
+EMPTY = {"adapters": [], "pipeline": []}
+
+
+def _leaves(out):
+    from torch.utils import _pytree as pytree
+
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+@pytest.mark.parametrize("factory,kwargs,site_ops,expected_sites", [
+    (hf_llama, {"use_cache": False}, ("linear",), 15),     # 2 layers x 7 projections + lm_head
+    (hf_gpt2, {"use_cache": False}, ("addmm",), 8),        # Conv1D: c_attn, c_proj, c_fc, mlp.c_proj per layer
+    (small_cnn, None, ("conv2d",), 4),
+])
+def test_capture_matches_eager_and_knows_module_paths(factory, kwargs, site_ops, expected_sites):
+    model, args = factory()
+    before = snapshot(model)
+    gm = surgeon.capture(model, args, kwargs)
+    with torch.no_grad():
+        want = _leaves(model(*args, **(kwargs or {})))
+        got = _leaves(gm(*args))
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    sites = find(gm, Pattern(site_ops, "*"))
+    assert len(sites) == expected_sites
+    assert all(m.path for m in sites), "every op node knows its module path"
+    assert_untouched(model, before)
+
+
+def test_capture_bert_with_tensor_kwargs():
+    model, args, kwargs = hf_bert()
+    gm = surgeon.capture(model, args, kwargs)
+    paths = {m.path for m in find(gm, Pattern(("linear",), "*.attention.self.query"))}
+    assert paths == {"encoder.layer.0.attention.self.query", "encoder.layer.1.attention.self.query"}
+    with torch.no_grad():
+        want = model(*args, **kwargs).last_hidden_state
+        got = gm(*args, attention_mask=kwargs["attention_mask"]).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_gpt2_conv1d_is_targetable_like_a_linear(gpt2):
+    model, args = gpt2
+    spec = {"adapters": [{"name": "a", "type": "lora", "targets": ["*.c_attn", "*.c_fc"], "rank": 4}]}
+    compiled = surgeon.compile(model, args, spec, {"use_cache": False})
+    state = compiled.adapters["a"]
+    assert {s.op for s in state.sites} == {"addmm"}
+    assert len(state.sites) == 4
+    c_attn = next(s for s in state.sites if s.path.endswith("c_attn"))
+    assert (c_attn.in_features, c_attn.out_features) == (32, 96)   # Conv1D weight is (in, out)
+
+
+def host_bias(x):
+    """Computed on the host through NumPy: torch.export cannot trace it, fx keeps it as a leaf call."""
+    return torch.from_numpy(np.tanh(x.detach().numpy()))
+
+
+torch.fx.wrap("host_bias")
+
+
+class NeedsFallback(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.proj(x) + host_bias(x)
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:   # Python control flow on a tensor value: neither front end can capture it
+            return self.proj(x)
+        return -x
+
+
+def test_fx_fallback_normalizes_to_the_same_form():
+    torch.manual_seed(0)
+    model = NeedsFallback().eval()
+    x = torch.randn(3, 4)
+    gm = surgeon.capture(model, (x,))
+    assert gm.meta["surgeon_frontend"] == "fx"
+    matches = find(gm, Pattern(("linear",), "proj"))
+    assert len(matches) == 1 and matches[0]["weight"].op == "get_attr"
+    torch.testing.assert_close(gm(x), model(x))
+    compiled = surgeon.compile(model, (x,), {"adapters": [{"name": "a", "type": "lora", "targets": ["proj"],
+                                                           "rank": 2}], "pipeline": ["insert", "merge"]})
+    assert compiled.adapters["a"].status == "merged"
+
+
+def test_capture_error_names_both_front_ends():
+    model = Untraceable()
+    before = snapshot(model)
+    with pytest.raises(surgeon.CaptureError) as info:
+        surgeon.compile(model, (torch.ones(2, 4),), EMPTY)
+    text = str(info.value)
+    assert "torch.export failed" in text and "symbolic_trace (fallback) failed" in text and "try:" in text
+    assert_untouched(model, before)
+
+
+def test_compiled_module_behaves_like_a_module(llama):
+    model, args = llama
+    compiled = surgeon.compile(model, args, {"adapters": [{"name": "a", "type": "lora", "targets": ["*.q_proj"],
+                                                           "rank": 2}]}, {"use_cache": False})
+    module = compiled.module
+    assert module.eval() is module and not module.training
+    assert module.train() is module and module.training
+    base_keys = set(model.state_dict())
+    keys = set(module.state_dict())
+    assert base_keys <= keys and all("adapter_a" in k for k in keys - base_keys)
+    assert sum(p.numel() for p in module.parameters() if p.requires_grad) == 2 * 2 * (64 + 64) * 1
+    double = module.to(torch.float64)
+    out = double(*args).logits
+    assert out.dtype == torch.float64
+    out.sum().backward()
+    grads = [n for n, p in module.named_parameters() if p.grad is not None]
+    assert grads and all("adapter_a" in n for n in grads)
