@@ -25,8 +25,8 @@ def discover_sites(gm: fx.GraphModule, state: AdapterState, ctx: Context, index:
     found: dict[str, list[fx.Node]] = {}
     for glob in spec.targets:
         for match in find(gm, Pattern(SITE_OPS, glob)):
-            if any(path_matches(match.path, ex) for ex in spec.exclude):
-                continue
+            if match.node.meta.get("surgeon_adapter") or any(path_matches(match.path, ex) for ex in spec.exclude):
+                continue   # another adapter's own ops are not sites
             nodes = found.setdefault(match.path, [])
             if match.node not in nodes:
                 nodes.append(match.node)
@@ -78,9 +78,10 @@ def attach(gm: fx.GraphModule, state: AdapterState, site: SiteState, calls: list
 def detach(gm: fx.GraphModule, site: SiteState) -> dict[str, torch.Tensor]:
     """Remove the site's adapter nodes and parameters; return the parameter tensors."""
     by_name = {n.name: n for n in gm.graph.nodes}
+    mine = {by_name[n] for n in site.nodes}
     for pair in site.output.split(","):
-        base, out = pair.split("->")
-        by_name[out].replace_all_uses_with(by_name[base])
+        base, out = (by_name[n] for n in pair.split("->"))
+        out.replace_all_uses_with(_current_base(base, out, mine))
     for node_name in reversed(site.nodes):
         gm.graph.erase_node(by_name[node_name])
     tensors = {p: get_tensor(gm, t).detach() for p, t in site.params.items()}
@@ -88,6 +89,18 @@ def detach(gm: fx.GraphModule, site: SiteState) -> dict[str, torch.Tensor]:
         delete_attr(gm, target)
     site.params, site.nodes, site.output = {}, [], ""
     return tensors
+
+
+def _current_base(base: fx.Node, out: fx.Node, mine: set[fx.Node]) -> fx.Node:
+    """What feeds this adapter's branch in place of the base output now.
+
+    A later adapter on the same op rewires this branch's use of the base output to its own
+    output, so the branch's non-parameter input other than x is what must replace `out`.
+    """
+    x = base.args[0] if base.target is torch.ops.aten.linear.default else base.args[1]
+    feeds = {i for n in mine for i in n.all_input_nodes if i not in mine and i.op != "get_attr" and i is not x}
+    feeds.discard(base) if len(feeds) > 1 else None
+    return feeds.pop() if len(feeds) == 1 else base
 
 
 def site_calls(gm: fx.GraphModule, site: SiteState) -> list[fx.Node]:

@@ -102,7 +102,9 @@ def _capture_export(model, args, tensor_kwargs, constants, dynamic_shapes) -> fx
     unlifted = ep.module()
     graph = unlifted.graph
     for node in list(graph.nodes):
-        if node.op == "call_function" and node.target in _DROPPED_OPS and not node.users:
+        dropped = (node.op == "call_function" and node.target in _DROPPED_OPS) or \
+                  (node.op == "call_module" and node.target == "_guards_fn")   # input checks: shapes are ours
+        if dropped and not node.users:
             graph.erase_node(node)
     for node in list(graph.find_nodes(op="placeholder")):
         if node.target in constants:
@@ -179,6 +181,7 @@ def _finish(model: nn.Module, source: nn.Module, graph: fx.Graph, frontend: str)
             _set_submodule(root, node.target, copy.deepcopy(source.get_submodule(node.target)))
     graph.eliminate_dead_code()
     gm = fx.GraphModule(root, graph, class_name=f"Surgeon{type(model).__name__}")
+    _register_aliases(model, gm, shared)
     for node in gm.graph.find_nodes(op="get_attr"):   # GraphModule's copy registers buffers as persistent
         owner_path, _, name = node.target.rpartition(".")
         owner = gm.get_submodule(owner_path)
@@ -209,6 +212,16 @@ def _adopt(root: nn.Module, source: nn.Module, target: str, shared: dict) -> Non
         _set_submodule(root, target, copy.deepcopy(value))
     else:
         setattr(owner, name, value)
+
+
+def _register_aliases(model: nn.Module, gm: fx.GraphModule, shared: dict) -> None:
+    """Tied parameters (one tensor, several names) keep all their names, as in the user's state_dict."""
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in shared:
+            owner_path, _, attr = name.rpartition(".")
+            owner = _ensure_path(gm, owner_path)
+            if attr not in owner._parameters:
+                owner.register_parameter(attr, shared[id(param)])
 
 
 def _get_attr(module: nn.Module, target: str):

@@ -73,8 +73,10 @@ def load_spec(spec: "str | Path | dict | Spec") -> Spec:
         return spec
     lines: dict = {}
     source = None
-    if isinstance(spec, dict):
+    if isinstance(spec, (dict, list)):
         data = spec
+    elif not isinstance(spec, (str, Path)):
+        raise SpecError("<spec>", f"must be a file path, YAML text or a dict, got {type(spec).__name__}")
     else:
         text, source = _read_text(spec)
         if source and source.endswith(".toml"):

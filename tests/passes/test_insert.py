@@ -1,0 +1,72 @@
+"""insert: LoRA branches appear around exactly the targeted linears; outputs bit-for-bit unchanged."""
+from __future__ import annotations
+
+import torch
+
+import surgeon
+from tests.conftest import hf_gpt2, hf_llama, lora_spec
+from tests.passes.helpers import adapter_nodes, logits, op_counts
+
+KW = {"use_cache": False}
+
+
+def test_insert_lora_llama_structure_numerics_and_counts():
+    model, args = hf_llama()
+    before = surgeon.compile(model, args, {"adapters": []}, KW).module
+    compiled = surgeon.compile(model, args, lora_spec(["*.q_proj", "*.v_proj"], rank=4), KW)
+    after = compiled.module
+    # Before: 15 linears. After: + 2 per site (x A^T, h B^T) and one add carrying the scale.
+    sites = 2 * 2
+    b, a = op_counts(before), op_counts(after)
+    assert a["linear"] - b["linear"] == 2 * sites and a["add"] - b["add"] == sites
+    assert len(adapter_nodes(after, "chat")) == sites * 5   # 2 get_attr + 2 linear + 1 add
+    row = compiled.report.rows[-1]
+    assert (row.name, row.matches, row.rejections, row.check) == ("insert", sites, [], "exact")
+    assert torch.equal(logits(after, args), logits(model, args))
+    adds = [n for n in adapter_nodes(after) if "add" in str(n.target)]
+    assert all(n.kwargs["alpha"] == 2.0 for n in adds)        # alpha 8 / rank 4
+    assert all(n.meta["surgeon_pass"] == "insert" for n in adapter_nodes(after))
+
+
+def test_only_adapter_parameters_train_and_the_user_model_does_not_change():
+    model, args = hf_llama()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    compiled = surgeon.compile(model, args, lora_spec(["*.q_proj", "*.v_proj"], rank=4), KW)
+    trainable = {n for n, p in compiled.module.named_parameters() if p.requires_grad}
+    assert trainable and all(".adapter_chat." in n for n in trainable)
+    assert all(p.requires_grad for p in model.parameters())     # the user's flags are theirs
+    optimizer = torch.optim.SGD([p for p in compiled.module.parameters() if p.requires_grad], lr=0.5)
+    base_before = {n: p.clone() for n, p in compiled.module.named_parameters() if not p.requires_grad}
+    for _ in range(3):
+        loss = compiled.module(*args).logits.float().pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for n, p in compiled.module.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, base_before[n])
+    lora_b = [p for n, p in compiled.module.named_parameters() if n.endswith("lora_B")]
+    assert all(p.abs().sum() > 0 for p in lora_b)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, original[key])
+
+
+def test_insert_on_gpt2_conv1d_and_rejection_report():
+    model, args = hf_gpt2()
+    compiled = surgeon.compile(model, args, lora_spec(["*.attn.*"], rank=4), KW)
+    state = compiled.adapters["chat"]
+    assert sorted(s.path.split(".")[-1] for s in state.sites) == ["c_attn", "c_attn", "c_proj", "c_proj"]
+    assert torch.equal(logits(compiled.module, args), logits(model, args))
+    # `*.attn.*` also selects attention's dropout modules, which have no linear op: reported, not adapted
+    rejected = compiled.report.rows[-1].rejections
+    assert all("no linear-like op" in why for _, why in rejected)
+
+
+def test_param_count_matches_formula():
+    model, args = hf_llama()
+    compiled = surgeon.compile(model, args, lora_spec(["*_proj"], rank=4), KW)
+    # per layer: q,o 64x64; k,v 64->32; gate,up 64->128; down 128->64
+    per_layer = 4 * ((64 + 64) * 2 + (64 + 32) * 2 + (64 + 128) * 2 + (128 + 64))
+    assert compiled.adapters["chat"].param_count == 2 * per_layer
+    assert sum(p.numel() for p in compiled.module.parameters() if p.requires_grad) == 2 * per_layer
+    assert f"{2 * per_layer:,}" in str(compiled.report)

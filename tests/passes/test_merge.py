@@ -1,0 +1,67 @@
+"""merge: W + s B A folded into the base weight; the graph is the base graph again."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import surgeon
+from tests.conftest import hf_gpt2, hf_llama, lora_spec, randomize_adapters
+from tests.passes.helpers import adapter_nodes, logits, op_counts
+
+KW = {"use_cache": False}
+
+
+@pytest.mark.parametrize("factory,targets", [(hf_llama, ["*_proj"]), (hf_gpt2, ["*.c_attn", "*.c_fc", "*.c_proj"])])
+def test_merge_restores_base_ops_and_keeps_outputs(factory, targets):
+    model, args = factory()
+    base = surgeon.compile(model, args, {"adapters": []}, KW).module
+    compiled = surgeon.compile(model, args, lora_spec(targets, rank=4), KW)
+    randomize_adapters(compiled.module)
+    unmerged = logits(compiled.module, args)
+    assert not torch.allclose(unmerged, logits(model, args))       # the adapter does something
+    compiled.apply(["merge"])
+    assert op_counts(compiled.module) == op_counts(base)
+    assert adapter_nodes(compiled.module) == []
+    assert not any("adapter_" in n for n, _ in compiled.module.named_parameters())
+    merged = logits(compiled.module, args)
+    torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
+    row = compiled.report.rows[-1]
+    assert row.name == "merge" and row.matches == len(compiled.adapters["chat"].sites)
+
+
+def test_merge_writes_new_tensors_in_each_layout():
+    model, args = hf_gpt2()
+    compiled = surgeon.compile(model, args, lora_spec(["*.c_fc"], rank=2, alpha=4), KW)
+    randomize_adapters(compiled.module)
+    site = compiled.adapters["chat"].sites[0]
+    A = compiled.module.get_parameter(site.params["lora_A"]).detach().clone()
+    B = compiled.module.get_parameter(site.params["lora_B"]).detach().clone()
+    W = model.get_parameter(f"{site.path}.weight").detach().clone()     # Conv1D: (in, out)
+    compiled.apply(["merge"])
+    merged = compiled.module.get_parameter(site.weight)
+    torch.testing.assert_close(merged, W + 2.0 * (B @ A).T)
+    assert torch.equal(model.get_parameter(f"{site.path}.weight"), W)     # user's weight untouched
+
+
+def test_merge_one_of_two_adapters():
+    model, args = hf_llama()
+    spec = {"adapters": [{"name": "a", "type": "lora", "targets": ["*.q_proj"], "rank": 2},
+                         {"name": "b", "type": "lora", "targets": ["*.q_proj", "*.v_proj"], "rank": 2}],
+            "pipeline": ["insert"]}
+    compiled = surgeon.compile(model, args, spec, KW)
+    randomize_adapters(compiled.module)
+    before = logits(compiled.module, args)
+    compiled.apply([{"merge": {"adapters": ["a"]}}])
+    assert adapter_nodes(compiled.module, "a") == [] and adapter_nodes(compiled.module, "b")
+    torch.testing.assert_close(logits(compiled.module, args), before, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_into_a_tied_weight_unties_only_that_use():
+    model, args = hf_gpt2()     # lm_head.weight is wte.weight
+    compiled = surgeon.compile(model, args, lora_spec(["lm_head"], rank=2), KW)
+    randomize_adapters(compiled.module)
+    before = logits(compiled.module, args)
+    compiled.apply(["merge"])
+    torch.testing.assert_close(logits(compiled.module, args), before, rtol=1e-5, atol=1e-5)
+    embedding = compiled.module.get_parameter("transformer.wte.weight")
+    assert torch.equal(embedding, model.transformer.wte.weight)

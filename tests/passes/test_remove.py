@@ -1,0 +1,23 @@
+"""remove: adapters detached without merging; the base graph and weights come back exactly."""
+from __future__ import annotations
+
+import torch
+
+import surgeon
+from tests.conftest import hf_llama, lora_spec, randomize_adapters
+from tests.passes.helpers import adapter_nodes, logits, op_counts
+
+KW = {"use_cache": False}
+
+
+def test_remove_restores_the_base_exactly():
+    model, args = hf_llama()
+    base = surgeon.compile(model, args, {"adapters": []}, KW).module
+    compiled = surgeon.compile(model, args, lora_spec(["*_proj"], rank=4), KW)
+    randomize_adapters(compiled.module)
+    assert not torch.equal(logits(compiled.module, args), logits(model, args))
+    compiled.apply(["remove"])
+    assert op_counts(compiled.module) == op_counts(base) and adapter_nodes(compiled.module) == []
+    assert torch.equal(logits(compiled.module, args), logits(model, args))
+    assert compiled.report.rows[-1].matches == 14 and compiled.adapters["chat"].status == "removed"
+    assert sum(p.numel() for p in compiled.module.parameters()) == sum(p.numel() for p in model.parameters())

@@ -1,0 +1,40 @@
+"""The command line: demo end to end, compile from a factory, show, and clean errors."""
+from __future__ import annotations
+
+import pytest
+
+from surgeon.cli import main
+
+
+def test_demo_writes_artifacts_and_merges(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--steps", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "merge" in out and "training loss" in out
+    for name in ("report.txt", "graph.py", "nodes.json", "adapter/adapter.safetensors",
+                 "adapter_peft/adapter_model.safetensors", "demo_spec.yaml"):
+        assert (tmp_path / name).is_file(), name
+    report = (tmp_path / "report.txt").read_text()
+    assert "insert" in report and "exact" in report and "merged" in report
+
+
+def test_compile_and_show(tmp_path, capsys):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("adapters:\n  - {name: a, type: lora, targets: ['*.q_proj'], rank: 2}\n")
+    assert main(["compile", "--model", "surgeon.models:tiny_llama", "--spec", str(spec),
+                 "--out", str(tmp_path / "out")]) == 0
+    capsys.readouterr()
+    assert main(["show", str(tmp_path / "out"), "--filter", "layers.0.self_attn.q_proj*"]) == 0
+    shown = capsys.readouterr().out
+    assert "lora_A" in shown and "insert" in shown and "layers.1" not in shown.split("made by")[-1]
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["compile", "--model", "nomodule:f", "--spec", "x.yaml", "--out", "o"], "cannot import"),
+    (["compile", "--model", "surgeon.models:tiny_llama", "--spec", "/nonexistent.yaml", "--out", "o"],
+     "does not exist"),
+    (["show", "/nonexistent"], "not a saved compile"),
+])
+def test_cli_errors_are_one_clear_line(argv, words, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("surgeon: error:") and words in err
