@@ -105,8 +105,12 @@ class Compiled:
     def adapter_weights(self, name: str) -> dict[str, dict[str, torch.Tensor]]:
         """An adapter's current parameters: module path -> param name -> tensor."""
         state = self._state(name)
-        return {s.path: (s.merged or {p: get_tensor(self.module, t).detach() for p, t in s.params.items()})
+        return {s.path: (s.merged or s.parked or {p: get_tensor(self.module, t).detach() for p, t in s.params.items()})
                 for s in state.sites}
+
+    def set_active(self, *names: str) -> "Compiled":
+        """Run only the named inserted adapters (others are parked with their weights), no recapture."""
+        return self.apply([{"activate": {"adapters": list(names)}}], verify=False)
 
     def save_adapter(self, name: str, directory: str | Path, format: str = "surgeon") -> None:
         """Write one adapter as surgeon's safetensors + JSON folder, or (format='peft') PEFT's."""
@@ -133,7 +137,7 @@ class Compiled:
         (out / "graph.py").write_text(self.module.code)
         (out / "nodes.json").write_text(json.dumps(node_table(self.module), indent=1))
         for name, state in self.adapters.items():
-            if state.status in ("inserted", "merged"):
+            if state.status in ("inserted", "inactive", "merged"):
                 self.save_adapter(name, out / "adapters" / name)
         return out
 

@@ -42,13 +42,14 @@ class SiteState:
     base_output: str = ""
     output: str = ""
     merged: dict[str, torch.Tensor] = field(default_factory=dict)  # params kept after merge
+    parked: dict[str, torch.Tensor] = field(default_factory=dict)  # params of an inactive adapter
 
 
 @dataclass
 class AdapterState:
     spec: AdapterSpec
     sites: list[SiteState] = field(default_factory=list)
-    status: str = "declared"     # declared | inserted | merged | removed
+    status: str = "declared"     # declared | inserted | inactive | merged | removed
 
     @property
     def param_count(self) -> int:
