@@ -7,7 +7,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .capture import _ensure_path, _get_attr
+from .capture import _ensure_path, _get_attr, index_children
 
 
 def module_path(node: fx.Node) -> str:
@@ -39,6 +39,7 @@ def delete_attr(gm: fx.GraphModule, target: str) -> None:
         parent_path, _, child = owner_path.rpartition(".")
         parent = _get_attr(gm, parent_path) if parent_path else gm
         delattr(parent, child)
+        parent.__dict__.pop(child, None)   # the fast-lookup entry (capture.index_children)
         owner_path, owner = parent_path, parent
 
 
@@ -83,4 +84,5 @@ def lint(gm: fx.GraphModule) -> None:
             _get_attr(gm, node.target)
         except AttributeError as error:
             raise AssertionError(f"get_attr node '{node.name}' names missing tensor '{node.target}'") from error
+    index_children(gm)
     gm.recompile()
