@@ -5,7 +5,7 @@ linear projection (q,k,v,o,gate,up,down), fp32, no grad. Shapes: decode (batch 1
 prefill (batch 4, 128 tokens). All variants run interleaved in one process, round-robin; each
 figure is the median over rounds of (variant time / eager base time in the same round).
 
-    python benchmarks/bench_lora_overhead.py [--rounds 30] [--threads 2]
+    python benchmarks/bench_lora_overhead.py [--rounds 30] [--threads 2] [--device cuda --dtype bfloat16]
 """
 from __future__ import annotations
 
@@ -18,13 +18,13 @@ import time
 import torch
 
 
-def build(seed: int = 0):
+def build(seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=2048, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
                       num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512)
-    return LlamaForCausalLM(cfg).eval()
+    return LlamaForCausalLM(cfg).eval().to(device=device, dtype=dtype)
 
 
 def variants(model, ids):
@@ -58,15 +58,18 @@ def variants(model, ids):
 
 def measure(fns: dict, rounds: int, inner: int) -> dict[str, float]:
     ratios: dict[str, list[float]] = {k: [] for k in fns}
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     with torch.no_grad():
         for f in fns.values():
             f()
         for _ in range(rounds):
             times = {}
             for name, f in fns.items():
+                sync()
                 start = time.perf_counter()
                 for _ in range(inner):
                     f()
+                sync()
                 times[name] = time.perf_counter() - start
             for name in fns:
                 ratios[name].append(times[name] / times["eager base"])
@@ -77,14 +80,19 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ns = parser.parse_args()
     torch.set_num_threads(ns.threads)
-    model = build()
-    print(f"device: CPU ({platform.processor() or platform.machine()}), {ns.threads} threads, torch {torch.__version__}")
-    print("LLaMA-style 4 layers, hidden 512, LoRA r=16 on all 7 projections, fp32; ratio to eager base (median)")
+    model = build(device=ns.device, dtype=getattr(torch, ns.dtype))
+    where = (torch.cuda.get_device_name() if ns.device.startswith("cuda") else
+             f"CPU ({platform.processor() or platform.machine()}), {ns.threads} threads")
+    print(f"device: {where}, torch {torch.__version__}")
+    print(f"LLaMA-style 4 layers, hidden 512, LoRA r=16 on all 7 projections, {ns.dtype}; "
+          "ratio to eager base (median)")
     rows = {}
-    for label, shape, inner in (("decode 1x4", (1, 4), 10), ("prefill 4x128", (4, 128), 2)):
-        ids = torch.randint(0, 2048, shape, generator=torch.Generator().manual_seed(0))
+    for label, shape, inner in (("decode 1x4", (1, 4), 10), ("prefill 4x128", (4, 128), 2 if ns.device == "cpu" else 10)):
+        ids = torch.randint(0, 2048, shape, generator=torch.Generator().manual_seed(0)).to(ns.device)
         rows[label] = measure(variants(model, ids), ns.rounds, inner)
     names = list(next(iter(rows.values())))
     print(f"{'variant':<18}" + "".join(f"{label:>16}" for label in rows))

@@ -93,6 +93,11 @@ class Compiled:
     def adapters(self) -> dict[str, AdapterState]:
         return self.ctx.adapters
 
+    @property
+    def kernels(self) -> dict[str, str]:
+        """Generated kernel source of each lowered region (empty before `lower`)."""
+        return dict(self.module.meta.get("surgeon_kernels", {}))
+
     def apply(self, pipeline: list, verify: bool = True, progress: Callable[[str], None] | None = None) -> "Compiled":
         """Run more passes (names or {name: options}, as in a spec) on this compiled module."""
         specs = [p if hasattr(p, "options") else _pass(self.ctx.spec, i, p, set(self.ctx.adapters))
@@ -136,8 +141,11 @@ class Compiled:
         (out / "spec.yaml").write_text(yaml.safe_dump(spec_to_dict(self.ctx.spec), sort_keys=False))
         (out / "graph.py").write_text(self.module.code)
         (out / "nodes.json").write_text(json.dumps(node_table(self.module), indent=1))
+        for region, source in self.kernels.items():
+            (out / "kernels").mkdir(exist_ok=True)
+            (out / "kernels" / f"{region.replace('/', '_').replace('.', '_')}.py").write_text(source)
         for name, state in self.adapters.items():
-            if state.status in ("inserted", "inactive", "merged"):
+            if state.status in ("inserted", "inactive", "lowered", "merged"):
                 self.save_adapter(name, out / "adapters" / name)
         return out
 

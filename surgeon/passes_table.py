@@ -4,7 +4,7 @@ from __future__ import annotations
 
 def passes() -> dict[str, type]:
     """Pass classes by their spec name."""
-    from .passes import activate, fold_bn, insert, merge, remove, reparameterize, unmerge
+    from .passes import activate, fuse, insert, lower, merge, remove, unmerge
 
     return {cls.name: cls for cls in (insert.Insert, merge.Merge, unmerge.Unmerge, remove.Remove, activate.Activate,
-                                      fold_bn.FoldBn, reparameterize.Reparameterize)}
+                                      fuse.Fuse, lower.Lower)}

@@ -49,7 +49,7 @@ class SiteState:
 class AdapterState:
     spec: AdapterSpec
     sites: list[SiteState] = field(default_factory=list)
-    status: str = "declared"     # declared | inserted | inactive | merged | removed
+    status: str = "declared"     # declared | inserted | inactive | lowered | merged | removed
 
     @property
     def param_count(self) -> int:
@@ -68,6 +68,10 @@ class Context:
     def select(self, names: tuple[str, ...] | None, status: tuple[str, ...]) -> list[AdapterState]:
         """The adapters a pass acts on: those named (or all) whose status is in `status`."""
         chosen = [self.adapters[n] for n in names] if names else list(self.adapters.values())
+        lowered = [a.spec.name for a in chosen if a.status == "lowered"]
+        if lowered and "inserted" in status:
+            raise PassError("?", f"adapters {lowered} were lowered into kernels; run merge/unmerge/remove/"
+                                 "activate before `lower`, or compile again")
         return [a for a in chosen if a.status in status]
 
 

@@ -1,0 +1,130 @@
+"""Register surgeon's kernels as torch custom ops: `torch.ops.surgeon.lora_linear`.
+
+Registration happens when this module is imported (by the lower pass), never at
+`import surgeon`. The op has a fake implementation, so a lowered module still exports
+(torch.export) and traces under torch.compile, and an autograd formula written with the
+torch reference math (kernels/lora_linear.py, kernels/epilogue.py), so training through a
+lowered module gives the gradients of the unlowered graph.
+
+Which implementation runs is decided per call, from the inputs' device (`backend`):
+  "triton"              CUDA tensors and Triton importable: the generated kernel;
+  "triton-interpreter"  TRITON_INTERPRET=1: the generated kernel on the CPU, through Triton's
+                        interpreter (slow; for tests);
+  "reference"           otherwise (no GPU): the torch reference math; `lower` says so.
+"""
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+
+import torch
+
+from . import codegen
+from .epilogue import RULES, apply, operand_of, steps
+from .lora_linear import KERNEL_DTYPES, compute_dtype, lora_linear as launch_lora_linear, pre_epilogue, reference
+
+log = logging.getLogger("surgeon.kernels")
+
+
+@lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """Whether Triton imports here."""
+    try:
+        import triton  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means: no Triton path
+        return False
+    return True
+
+
+def backend(device: torch.device | str) -> str:
+    """Which implementation a call with tensors on `device` runs (see the module docstring)."""
+    device = torch.device(device)
+    if not triton_available():
+        return "reference"
+    if codegen.interpreting():
+        return "triton-interpreter" if device.type == "cpu" else "reference"
+    return "triton" if device.type == "cuda" else "reference"
+
+
+_WARNED: set[tuple] = set()
+
+
+@torch.library.custom_op("surgeon::lora_linear", mutates_args=())
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                lora_b: torch.Tensor, operands: list[torch.Tensor], scale: float, weight_layout: str,
+                epilogue: str) -> torch.Tensor:
+    """epilogue(x @ W^T + s * (x @ A^T) @ B^T): the fused LoRA linear (see kernels/lora_linear.py)."""
+    which = backend(x.device) if x.dtype in KERNEL_DTYPES else "reference"
+    if which == "reference":
+        if (x.device.type, x.dtype) not in _WARNED:
+            _WARNED.add((x.device.type, x.dtype))
+            log.warning("surgeon::lora_linear on %s (%s) runs the torch reference path, not a Triton kernel",
+                        x.device.type, x.dtype)
+        return reference(x, weight, bias, lora_a, lora_b, operands, scale, weight_layout, epilogue)
+    return launch_lora_linear(x, weight, bias, lora_a, lora_b, operands, scale, weight_layout, epilogue)
+
+
+@lora_linear.register_fake
+def _(x, weight, bias, lora_a, lora_b, operands, scale, weight_layout, epilogue):
+    out_features = weight.shape[0] if weight_layout == "out_in" else weight.shape[1]
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, operands, scale, weight_layout, epilogue = inputs
+    ctx.save_for_backward(x, weight, bias, lora_a, lora_b, *operands)
+    ctx.meta = (scale, weight_layout, epilogue, len(operands))
+    ctx.wants = (x.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad,
+                 lora_a.requires_grad, lora_b.requires_grad, [o.requires_grad for o in operands])
+
+
+def _backward(ctx, grad):
+    x, weight, bias, lora_a, lora_b, *operands = ctx.saved_tensors
+    scale, weight_layout, epilogue, _ = ctx.meta
+    grads = lora_linear_backward(grad, x, weight, bias, lora_a, lora_b, operands, scale, weight_layout,
+                                 epilogue, ctx.wants)
+    return (*grads, None, None, None)
+
+
+lora_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+def lora_linear_backward(grad, x, weight, bias, lora_a, lora_b, operands, scale, weight_layout, epilogue,
+                         wants) -> tuple:
+    """Gradients of every tensor input (None where not wanted), from the torch reference math.
+
+    With g = dL/dz (z before the epilogue) and h = x @ A^T:
+      dx = g W + s (g B) A,  dW = g^T x,  db and operand grads from each step's vjp,
+      dA = s (g B)^T x,  dB = s g^T h.
+    """
+    chain = steps(epilogue, bias is not None)
+    dtype = compute_dtype(x.dtype)
+    z, h = pre_epilogue(x, weight, lora_a, lora_b, scale, weight_layout)
+    tiles = [op.reshape(z.shape) for op in operands]
+    values = apply(z, chain, bias, tiles)
+    g = grad.reshape(z.shape).to(dtype)
+    operand_grads: list = [None] * len(operands)
+    bias_grad = None
+    for step, value in zip(reversed(chain), reversed(values[:-1])):
+        operand = operand_of(step, bias, tiles)
+        g, g_operand = RULES[step.rule].vjp(g, value, operand.to(dtype) if torch.is_tensor(operand) else operand)
+        if step.rule == "bias":
+            bias_grad = g_operand
+        elif g_operand is not None:
+            prev = operand_grads[step.operand]
+            operand_grads[step.operand] = g_operand if prev is None else prev + g_operand
+    x2 = x.reshape(z.shape[0], -1).to(dtype)
+    w = weight.to(dtype) if weight_layout == "out_in" else weight.to(dtype).t()
+    g_b = g @ lora_b.to(dtype)
+    want_x, want_w, want_bias, want_a, want_b, want_ops = wants
+    dx = (g @ w + scale * (g_b @ lora_a.to(dtype))).to(x.dtype).reshape(x.shape) if want_x else None
+    dw = None
+    if want_w:
+        dw = g.t() @ x2
+        dw = (dw if weight_layout == "out_in" else dw.t()).to(weight.dtype)
+    da = (scale * g_b.t() @ x2).to(lora_a.dtype) if want_a else None
+    db = (scale * g.t() @ h).to(lora_b.dtype) if want_b else None
+    dbias = bias_grad.to(bias.dtype) if want_bias and bias_grad is not None else None
+    dops = [gr.to(op.dtype).reshape(op.shape) if (want and gr is not None) else None
+            for gr, op, want in zip(operand_grads, operands, want_ops)]
+    return dx, dw, dbias, da, db, dops

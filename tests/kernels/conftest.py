@@ -1,0 +1,18 @@
+"""Kernel tests run the generated Triton kernels on the CPU through Triton's interpreter.
+
+TRITON_INTERPRET=1 is set per test (monkeypatch), not for the session, so test folders
+collected alongside keep the no-GPU reference path. That works whatever imported triton
+first: Triton reads the variable when a kernel is decorated, surgeon loads one module per
+(source, interpreter flag), and generated kernels call only Triton builtins (no @jit helpers,
+which are fixed as compiled or interpreted when triton is imported). A test that wants the
+reference path deletes the variable.
+"""
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def triton_interpreter(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")

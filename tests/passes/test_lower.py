@@ -1,0 +1,126 @@
+"""lower: each LoRA region becomes one surgeon::lora_linear call; outputs, PEFT and training agree.
+
+These run on the CPU without TRITON_INTERPRET, so the op runs its torch reference path (the
+lower pass says so in its note); tests/kernels covers the Triton kernel itself.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import surgeon
+from tests.conftest import hf_gpt2, hf_llama, lora_spec, randomize_adapters
+from tests.passes.helpers import adapter_nodes, logits, op_counts
+
+KW = {"use_cache": False}
+LLAMA_TARGETS = ["*.q_proj", "*.v_proj", "*.o_proj", "*.gate_proj", "*.up_proj", "*.down_proj"]
+
+
+def lowered_llama(layers=2):
+    model, args = hf_llama(layers=layers)
+    compiled = surgeon.compile(model, args, lora_spec(LLAMA_TARGETS, rank=4, alpha=8), KW)
+    randomize_adapters(compiled.module)
+    unlowered = copy.deepcopy(compiled.module)
+    compiled.apply(["fuse", "lower"])
+    return model, args, compiled, unlowered
+
+
+def test_lower_llama_structure_and_outputs():
+    model, args, compiled, unlowered = lowered_llama()
+    before, after = op_counts(unlowered), op_counts(compiled.module)
+    # Before: per site linear + 2 LoRA linears + add; SwiGLU's silu and mul; residual adds.
+    # Expected: 12 fused calls; the LoRA linears, their adds, silu and the SwiGLU mul are gone.
+    assert after["surgeon"] == 12                          # torch.ops.surgeon.lora_linear
+    assert after["linear"] == before["linear"] - 3 * 12
+    assert after["silu"] == 0 and before["silu"] == 2
+    assert after["add"] == before["add"] - 12 - 4 and after["mul"] == before["mul"] - 2
+    assert [n for n in adapter_nodes(compiled.module) if n.op == "call_function"] == \
+        [n for n in compiled.module.graph.nodes if n.target is torch.ops.surgeon.lora_linear.default]
+    torch.testing.assert_close(logits(compiled.module, args), logits(unlowered, args), rtol=1e-5, atol=1e-5)
+    row = compiled.report.rows[-1]
+    assert row.name == "lower" and row.matches == 12 and row.check.startswith("rel err")
+    assert "reference" in row.notes[0] and "not Triton" in row.notes[0]
+    sources = compiled.module.meta["surgeon_kernels"]
+    gate = sources["lora_linear@model.layers.1.mlp.gate_proj"]
+    assert "def lora_linear_silu_mul_kernel(" in gate and "mul_" in gate and "model.layers.1.mlp.act_fn" in gate
+
+
+def test_lower_matches_peft(tmp_path):
+    peft = pytest.importorskip("peft")
+    model, args, compiled, _ = lowered_llama(layers=1)
+    compiled.save_adapter("chat", tmp_path, format="peft")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path).eval()
+    with torch.no_grad():
+        expected = loaded(*args, **KW).logits
+    torch.testing.assert_close(logits(compiled.module, args), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_training_step_on_lowered_module_matches_unlowered():
+    _, args, compiled, unlowered = lowered_llama(layers=1)
+    labels = torch.randint(0, 128, args[0].shape, generator=torch.Generator().manual_seed(5))
+    results = []
+    for module in (compiled.module, unlowered):
+        params = [p for p in module.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=0.5)
+        out = module(*args).logits
+        loss = torch.nn.functional.cross_entropy(out.flatten(0, 1), labels.flatten())
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
+        optimizer.step()
+        with torch.no_grad():
+            results.append((loss.detach(), grads, module(*args).logits))
+    (loss_l, grads_l, next_l), (loss_u, grads_u, next_u) = results
+    torch.testing.assert_close(loss_l, loss_u, rtol=1e-6, atol=1e-6)
+    assert grads_l.keys() == grads_u.keys() and len(grads_l) == 12
+    for name in grads_u:
+        torch.testing.assert_close(grads_l[name], grads_u[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert any(g.abs().sum() > 0 for g in grads_u.values())
+    torch.testing.assert_close(next_l, next_u, rtol=1e-5, atol=1e-5)
+
+
+def test_lower_gpt2_conv1d_and_export():
+    model, args = hf_gpt2()
+    compiled = surgeon.compile(model, args, lora_spec(["*.c_attn", "*.c_fc"]), KW)
+    randomize_adapters(compiled.module)
+    expected = logits(compiled.module, args)
+    compiled.apply(["lower"])                          # without fuse: lower partitions on its own
+    calls = [n for n in compiled.module.graph.nodes if n.target is torch.ops.surgeon.lora_linear.default]
+    assert len(calls) == 4 and all(n.args[7] == "in_out" and n.args[2] is not None for n in calls)
+    reasons = dict(compiled.report.rows[-1].rejections)
+    assert any("no epilogue rule" in why for why in reasons.values())     # reported when fuse did not run
+    torch.testing.assert_close(logits(compiled.module, args), expected, rtol=1e-5, atol=1e-5)
+    exported = torch.export.export(compiled.module, args)
+    assert sum(n.target is torch.ops.surgeon.lora_linear.default for n in exported.graph.nodes) == 4
+    torch.testing.assert_close(exported.module()(*args).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_lower_with_nothing_to_lower_changes_nothing():
+    model, args = hf_llama(layers=1)
+    compiled = surgeon.compile(model, args, {"adapters": []}, KW)
+    before = compiled.module.code
+    compiled.apply(["lower"])
+    assert compiled.module.code == before and compiled.report.rows[-1].matches == 0
+    assert compiled.module.meta["surgeon_kernels"] == {}
+
+
+def test_op_is_registered_by_lower_not_by_import_surgeon():
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, surgeon; from surgeon.passes_table import passes; passes(); "
+            "print('surgeon.kernels.registry' in sys.modules, hasattr(torch.ops.surgeon, 'lora_linear'))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["False", "False"], result.stderr
+
+
+def test_lowered_adapters_refuse_graph_edits_and_kernels_are_saved(tmp_path):
+    model, args, compiled, _ = lowered_llama(layers=1)
+    assert compiled.adapters["chat"].status == "lowered"
+    assert set(compiled.kernels) == set(compiled.module.meta["surgeon_kernels"]) and len(compiled.kernels) == 6
+    with pytest.raises(surgeon.PassError, match="pass 'merge'.*lowered into kernels"):
+        compiled.apply(["merge"])
+    out = compiled.save(tmp_path)
+    assert len(list((out / "kernels").glob("*.py"))) == 6
+    assert (out / "adapters" / "chat" / "adapter.safetensors").is_file()
