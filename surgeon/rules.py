@@ -23,6 +23,7 @@ aten = torch.ops.aten
 SIGNATURES: dict[str, tuple[Any, tuple[str, ...]]] = {
     "linear": (aten.linear.default, ("x", "weight", "bias")),
     "addmm": (aten.addmm.default, ("bias", "x", "weight")),
+    "add": (aten.add.Tensor, ("x", "other", "alpha")),
     "conv2d": (aten.conv2d.default, ("x", "weight", "bias", "stride", "padding", "dilation", "groups")),
     "batch_norm": (aten.batch_norm.default, ("x", "weight", "bias", "running_mean", "running_var",
                                              "training", "momentum", "eps", "cudnn_enabled")),
@@ -104,12 +105,16 @@ def find(gm: fx.GraphModule, pattern: Pattern) -> list[Match]:
 
 
 def rewrite(gm: fx.GraphModule, rules: RuleSet | Iterable[Rule]) -> RewriteResult:
-    """Apply each rule once to each node it matches (graph order); collect matches and reasons."""
+    """Apply each rule to each node it matches (graph order, nodes as they are when reached;
+    erased nodes are skipped); collect matches and reasons."""
     from .errors import PassError
 
     result = RewriteResult()
     for rule in (rules.rules if isinstance(rules, RuleSet) else tuple(rules)):
-        for match in find(gm, rule.pattern):
+        for node in list(gm.graph.nodes):
+            # matched lazily: an earlier builder may have erased or rewired this node
+            if getattr(node, "_erased", False) or (match := rule.pattern.match(node)) is None:
+                continue
             try:
                 outcome = rule.builder(match)
             except PassError:

@@ -1,0 +1,240 @@
+"""Parallel branches on one input, summed, merged into one conv2d / linear (for reparameterize).
+
+A sum is a tree of `aten.add.Tensor` nodes (inner adds used only by the tree). Each term is a
+branch on some input x: an op (conv2d / linear) reading x, an eval BatchNorm on x (the
+per-channel affine diag(s) x + t), or x itself (the identity). Terms on the same x merge:
+
+    sum_i conv(x, W_i, b_i) + diag(s) x + t + x == conv(x, sum_i pad(W_i) + I_s + I, sum_i b_i + t)
+
+where pad() zero-pads each kernel, centred, to the largest one and I_s / I are identity
+kernels. The outputs align only when every conv has the same stride, dilation and groups and
+the same 2p - d(k - 1) per spatial dim (so padding P = (2p - d(k-1) + d(K-1)) / 2 serves all);
+an identity needs stride 1, that alignment 0, an odd merged kernel and in == out channels.
+Linears merge the same way (sum of weights, + I for the identity, + diag(s) for a BN on a
+rank-2 input). A branch whose output is used elsewhere, a BN in training mode, and branches
+that do not align are left as they are, with the reason.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from surgeon.graph import call, module_path
+from surgeon.rules import Match, Pattern, Rule, RuleSet, path_matches
+
+from ._rep_graph import (Norm, Op, Shapes, common_path, emit, finish, norm_affine, read_norm, read_op, rewritable,
+                         tensor)
+from ._rep_math import centred, identity_kernel, identity_matrix, zero_bias
+
+ADD = torch.ops.aten.add.Tensor
+_ADDS = (ADD, operator.add, torch.add)      # the fx front end leaves Python / torch adds as they are
+
+
+def _tree_add(node) -> bool:
+    return (rewritable(node) and node.op == "call_function" and node.target in _ADDS and len(node.args) == 2
+            and all(isinstance(a, fx.Node) for a in node.args) and node.kwargs.get("alpha", 1) == 1)
+
+
+def add_terms(root: fx.Node) -> list[fx.Node]:
+    """The terms of the add tree rooted at `root` (inner adds used only by the tree are expanded)."""
+    terms: list[fx.Node] = []
+    for arg in root.args:
+        terms += add_terms(arg) if _tree_add(arg) and len(arg.users) == 1 else [arg]
+    return terms
+
+
+def sum_root(node: fx.Node) -> fx.Node | None:
+    """The root of the add tree `node` is a term of, or None if it is not a term of one."""
+    root = None
+    while len(node.users) == 1 and _tree_add(user := next(iter(node.users))):
+        root = node = user
+    return root
+
+
+@dataclass(frozen=True)
+class SumOfTerms(Pattern):
+    """Match the root of an add tree; the capture `terms` lists its terms."""
+
+    ops: tuple[str, ...] = ("add",)
+    params: tuple[str, ...] = ()
+
+    def match(self, node: fx.Node) -> Match | None:
+        if not _tree_add(node) or (len(node.users) == 1 and _tree_add(next(iter(node.users)))):
+            return None
+        path = module_path(node)
+        return Match(node, "add", path, {"terms": add_terms(node)}) if path_matches(path, self.path) else None
+
+
+@dataclass
+class Branch:
+    """A term of a sum, seen as a branch on input `x`: an op, a BN (affine identity) or x itself."""
+
+    node: fx.Node
+    x: fx.Node
+    op: Op | None = None
+    norm: Norm | None = None
+
+    def describe(self, gm: fx.GraphModule) -> str:
+        if self.op is not None:
+            return self.op.describe(gm)
+        return f"batch_norm identity ({self.norm.path})" if self.norm else f"identity ({self.x.name})"
+
+
+@dataclass
+class Bucket:
+    """Branches that merge into one op: ops with one alignment key, plus the identities they take."""
+
+    key: tuple
+    ops: list[Op] = field(default_factory=list)
+    identities: list[Branch] = field(default_factory=list)
+
+
+def branch_rules(gm: fx.GraphModule, shapes: Shapes, made_by: str, log: list[str], path: str = "*") -> RuleSet:
+    """The parallel-branch rule of reparameterize."""
+    return RuleSet((Rule("parallel", SumOfTerms(path=path),
+                         lambda m: merge_sum(gm, shapes, m.node, made_by, log)),))
+
+
+def merge_sum(gm: fx.GraphModule, shapes: Shapes, root: fx.Node, made_by: str, log: list[str]) -> bool | str | None:
+    """Merge the mergeable branches of the sum at `root`: True, the reasons none merge, or None."""
+    if not _tree_add(root):
+        return None
+    terms = add_terms(root)
+    reasons: list[str] = []
+    merged: dict[fx.Node, fx.Node] = {}     # first consumed term -> merged op (others map to None)
+    for x, branches in _group(terms).items():
+        if not any(b.op is not None for b in branches) or len(branches) < 2:
+            continue
+        for bucket in _buckets(gm, shapes, x, branches, reasons):
+            if len(bucket.ops) + len(bucket.identities) >= 2:
+                _merge_bucket(gm, root, bucket, merged, made_by, log)
+    if not merged:
+        return "; ".join(dict.fromkeys(reasons)) or None
+    kept, seen = [], set()
+    for term in terms:
+        if term not in merged:
+            kept.append(term)
+        elif merged[term] is not None and term not in seen:
+            kept.append(merged[term])
+        seen.add(term)
+    finish(gm, root, _sum(gm, root, kept, made_by))
+    return True
+
+
+def _group(terms: list[fx.Node]) -> dict[fx.Node, list[Branch]]:
+    """Terms by the input they read (a term that is another term's input is that input's identity)."""
+    reads = {}
+    for term in terms:
+        op, norm = read_op(term), read_norm(term)
+        reads[term] = Branch(term, op.x, op=op) if op else Branch(term, norm.x, norm=norm) if norm else None
+    inputs = {b.x for b in reads.values() if b is not None}
+    groups: dict[fx.Node, list[Branch]] = {}
+    for term in terms:
+        branch = Branch(term, term) if term in inputs or reads[term] is None else reads[term]
+        groups.setdefault(branch.x, []).append(branch)
+    return groups
+
+
+def _buckets(gm: fx.GraphModule, shapes: Shapes, x: fx.Node, branches: list[Branch], reasons: list[str]) -> list[Bucket]:
+    """Sort the branches on x into mergeable buckets; note why any branch stays out."""
+    buckets: dict[tuple, Bucket] = {}
+    identities = []
+    for branch in branches:
+        where = branch.describe(gm)
+        if branch.node is not x and len(branch.node.users) > 1:
+            others = ", ".join(sorted(u.name for u in branch.node.users))
+            reasons.append(f"branch {where} is used elsewhere too ({others}); merging would change it")
+        elif branch.norm is not None and branch.norm.training:
+            reasons.append(f"branch {where} is a batch_norm in training mode (batch statistics): not mergeable")
+        elif branch.op is not None:
+            key = _key(gm, branch.op)
+            buckets.setdefault(key, Bucket(key)).ops.append(branch.op)
+        else:
+            identities.append(branch)
+    ordered = list(buckets.values())
+    if len(ordered) > 1:
+        reasons.append(f"branches on {x.name} do not align: {_mismatch(gm, ordered[0], ordered[1])}")
+    for branch in identities:
+        home = next((b for b in ordered if _takes_identity(gm, shapes, b, branch)), None)
+        if home is None:
+            reasons.append(f"{branch.describe(gm)} fits no branch on {x.name} (needs stride 1, in == out "
+                           "channels, a centred odd kernel or a square linear)")
+        else:
+            home.identities.append(branch)
+    return ordered
+
+
+_KEY_FIELDS = ("op", "stride", "dilation", "groups", "out channels", "in channels per group",
+               "padding alignment 2p-d(k-1)", "kernel parity")
+
+
+def _key(gm: fx.GraphModule, op: Op) -> tuple:
+    weight = tensor(gm, op.weight)
+    if op.kind == "linear":
+        return ("linear", None, None, None, weight.shape[0], weight.shape[1], None, None)
+    kernel = tuple(weight.shape[2:])
+    align = tuple(2 * p - d * (k - 1) for p, d, k in zip(op.padding, op.dilation, kernel))
+    return ("conv2d", op.stride, op.dilation, op.groups, weight.shape[0], weight.shape[1], align,
+            tuple(k % 2 for k in kernel))
+
+
+def _mismatch(gm: fx.GraphModule, a: Bucket, b: Bucket) -> str:
+    diffs = [f"{name} {u} vs {v}" for name, u, v in zip(_KEY_FIELDS, a.key, b.key) if u != v]
+    return f"mismatched {', '.join(diffs)} ({a.ops[0].describe(gm)} vs {b.ops[0].describe(gm)})"
+
+
+def _takes_identity(gm: fx.GraphModule, shapes: Shapes, bucket: Bucket, branch: Branch) -> bool:
+    kind, stride, _, groups, out_ch, in_per_group, align, parity = bucket.key
+    if kind == "linear":
+        square, rank = out_ch == in_per_group, 2
+    else:
+        square, rank = out_ch == in_per_group * groups and stride == (1, 1) and align == (0, 0) \
+            and parity == (1, 1), 4
+    if branch.norm is None:
+        return square
+    return square and tensor(gm, branch.norm.refs[2]).numel() == out_ch and shapes.rank(branch.x) == rank
+
+
+def _merge_bucket(gm: fx.GraphModule, root: fx.Node, bucket: Bucket, merged: dict, made_by: str,
+                  log: list[str]) -> None:
+    """Emit the bucket's merged op before `root`; map its terms to it in `merged`."""
+    first = bucket.ops[0]
+    weights = [tensor(gm, op.weight) for op in bucket.ops]
+    has_bias = any(op.bias is not None for op in bucket.ops) or any(b.norm for b in bucket.identities)
+    bias = sum(zero_bias(w, tensor(gm, op.bias)) for w, op in zip(weights, bucket.ops))
+    affines = [norm_affine(gm, b.norm) if b.norm else None for b in bucket.identities]
+    bias = bias + sum(a.shift for a in affines if a is not None)
+    if first.kind == "linear":
+        weight = sum(w.double() for w in weights) + sum(identity_matrix(weights[0].shape[0], a and a.scale)
+                                                        for a in affines)
+        padding = None
+    else:
+        kernel = tuple(max(w.shape[d] for w in weights) for d in (2, 3))
+        weight = sum(centred(w, kernel) for w in weights) + sum(
+            identity_kernel(weights[0].shape[0], first.groups, kernel, a and a.scale) for a in affines)
+        align = bucket.key[6]
+        padding = tuple((a + d * (k - 1)) // 2 for a, d, k in zip(align, first.dilation, kernel))
+    terms = [op.node for op in bucket.ops] + [b.node for b in bucket.identities]
+    path = common_path([op.node for op in bucket.ops] + [b.node for b in bucket.identities if b.norm])
+    new = emit(gm, root, first.kind, first.x, weight, bias if has_bias else None, first, made_by=made_by,
+               path=path, padding=padding)
+    if "val" in first.node.meta:
+        new.meta["val"] = first.node.meta["val"]
+    merged.update({t: None for t in terms})
+    merged[terms[0]] = new
+    parts = [op.describe(gm) for op in bucket.ops] + [b.describe(gm) for b in bucket.identities]
+    shape = "x".join(map(str, weight.shape[2:]))
+    log.append(f"parallel: {' + '.join(parts)} -> {first.kind}{' ' + shape if shape else ''} ({path or '<root>'})")
+
+
+def _sum(gm: fx.GraphModule, root: fx.Node, terms: list[fx.Node], made_by: str) -> fx.Node:
+    """Rebuild a sum of `terms` before `root` (the first term alone when there is one)."""
+    total = terms[0]
+    with gm.graph.inserting_before(root):
+        for term in terms[1:]:
+            total = call(gm.graph, ADD, (total, term), made_by=made_by, path=module_path(root))
+    return total
