@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from .cli_views import add_diff_command, add_view_options
 from .errors import SurgeonError
 
 DEMO_SPEC = """\
@@ -119,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dir", help="a folder written by surgeon compile/demo")
     p.add_argument("--filter", default="*", help="module-path glob (default: all)")
     p.set_defaults(fn=cmd_show)
+    add_view_options(p)
+    add_diff_command(sub)
     ns = parser.parse_args(argv)
     try:
         return ns.fn(ns)

@@ -50,6 +50,7 @@ def compile(model: nn.Module, example_inputs: Any, spec: "str | Path | dict | Sp
     rows = [PassRow("capture", compute_nodes(gm), [], (params, params), trainable, (0, compute_nodes(gm)),
                     time.perf_counter() - start, check, [])]
     compiled = Compiled(gm, ctx, Report(type(model).__name__, gm.meta["surgeon_frontend"], rows, ctx.adapters))
+    compiled.nodes_before = node_table(gm)
     compiled.apply([p for p in spec.pipeline], verify=verify, progress=progress)
     return compiled
 
@@ -88,6 +89,7 @@ class Compiled:
 
     def __init__(self, module: fx.GraphModule, ctx: Context, report: Report):
         self.module, self.ctx, self.report = module, ctx, report
+        self.nodes_before: list[dict] | None = None   # node table right after capture (for diffs)
 
     @property
     def adapters(self) -> dict[str, AdapterState]:
@@ -133,14 +135,21 @@ class Compiled:
                              {p: o for p, o in site_options.items() if o})
 
     def save(self, directory: str | Path) -> Path:
-        """Write the report, spec, readable graph, node table and every adapter under `directory`."""
+        """Write the report, spec, readable graph, node tables, graph views (graph.html, graph.dot),
+        kernels and every adapter under `directory`."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.txt").write_text(str(self.report) + "\n")
         (out / "report.json").write_text(json.dumps(self.report.to_dict(), indent=2, default=str))
         (out / "spec.yaml").write_text(yaml.safe_dump(spec_to_dict(self.ctx.spec), sort_keys=False))
         (out / "graph.py").write_text(self.module.code)
-        (out / "nodes.json").write_text(json.dumps(node_table(self.module), indent=1))
+        after = node_table(self.module)
+        (out / "nodes.json").write_text(json.dumps(after, indent=1))
+        if self.nodes_before is not None:
+            from .visualize import write_views
+
+            (out / "nodes_before.json").write_text(json.dumps(self.nodes_before, indent=1))
+            write_views(out, self.nodes_before, after, self.report.to_dict())
         for region, source in self.kernels.items():
             (out / "kernels").mkdir(exist_ok=True)
             (out / "kernels" / f"{region.replace('/', '_').replace('.', '_')}.py").write_text(source)

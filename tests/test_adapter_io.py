@@ -56,7 +56,8 @@ def test_save_folder_contents(tmp_path):
     compiled = surgeon.compile(model, args, lora_spec(["*.q_proj"], rank=2, pipeline=("insert", "merge")), KW)
     out = compiled.save(tmp_path / "run")
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["adapters", "graph.py", "nodes.json", "report.json", "report.txt", "spec.yaml"]
+    assert names == ["adapters", "graph.dot", "graph.html", "graph.py", "nodes.json", "nodes_before.json",
+                     "report.json", "report.txt", "spec.yaml"]
     assert surgeon.load_spec(out / "spec.yaml").adapters[0].targets == ("*.q_proj",)
     nodes = json.loads((out / "nodes.json").read_text())
     assert {n["pass"] for n in nodes} >= {"capture"}
