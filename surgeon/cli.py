@@ -93,6 +93,14 @@ def cmd_show(ns) -> int:
     nodes_file = directory / "nodes.json"
     if not nodes_file.is_file():
         raise SurgeonError(f"'{directory}' is not a saved compile (no nodes.json); write one with surgeon compile --out")
+    if ns.groups:
+        from .groups import format_groups
+
+        groups_file = directory / "groups.json"
+        if not groups_file.is_file():
+            raise SurgeonError(f"'{directory}' has no groups.json; recompile it with this version of surgeon")
+        print(format_groups(json.loads(groups_file.read_text())))
+        return 0
     nodes = json.loads(nodes_file.read_text())
     from .report import table
 
@@ -119,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("show", help="print a saved compile's report and graph, grouped by module path")
     p.add_argument("dir", help="a folder written by surgeon compile/demo")
     p.add_argument("--filter", default="*", help="module-path glob (default: all)")
+    p.add_argument("--groups", action="store_true", help="print which weight axes are permuted together")
     p.set_defaults(fn=cmd_show)
     add_view_options(p)
     add_diff_command(sub)

@@ -150,6 +150,11 @@ class Compiled:
 
             (out / "nodes_before.json").write_text(json.dumps(self.nodes_before, indent=1))
             write_views(out, self.nodes_before, after, self.report.to_dict())
+        from .groups import analyze_groups
+
+        groups = self.module.meta.get("surgeon_groups") or analyze_groups(
+            self.module, (self.ctx.example_args, self.ctx.example_kwargs), store=False)
+        (out / "groups.json").write_text(json.dumps(groups, indent=1))
         for region, source in self.kernels.items():
             (out / "kernels").mkdir(exist_ok=True)
             (out / "kernels" / f"{region.replace('/', '_').replace('.', '_')}.py").write_text(source)

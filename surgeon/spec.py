@@ -252,6 +252,11 @@ def _pass(shell: Spec, i: int, entry: Any, adapter_names: set[str]) -> PassSpec:
             if n not in adapter_names:
                 raise shell.error(at + ("adapters",), f"names unknown adapter '{n}'; declared: {sorted(adapter_names)}")
         options = {**options, "adapters": tuple(names)}
+    try:   # the pass checks its own option values; report them at this spec position
+        table[name](**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
+    except (SpecError, ValueError, TypeError) as error:
+        message = error.args[-1] if isinstance(error, SpecError) else str(error)
+        raise shell.error(at, f"bad options for pass '{name}': {message}") from error
     return PassSpec(name, options)
 
 

@@ -56,7 +56,7 @@ def test_save_folder_contents(tmp_path):
     compiled = surgeon.compile(model, args, lora_spec(["*.q_proj"], rank=2, pipeline=("insert", "merge")), KW)
     out = compiled.save(tmp_path / "run")
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["adapters", "graph.dot", "graph.html", "graph.py", "nodes.json", "nodes_before.json",
+    assert names == ["adapters", "graph.dot", "graph.html", "graph.py", "groups.json", "nodes.json", "nodes_before.json",
                      "report.json", "report.txt", "spec.yaml"]
     assert surgeon.load_spec(out / "spec.yaml").adapters[0].targets == ("*.q_proj",)
     nodes = json.loads((out / "nodes.json").read_text())

@@ -26,6 +26,9 @@ def test_compile_and_show(tmp_path, capsys):
     assert main(["show", str(tmp_path / "out"), "--filter", "layers.0.self_attn.q_proj*"]) == 0
     shown = capsys.readouterr().out
     assert "lora_A" in shown and "insert" in shown and "layers.1" not in shown.split("made by")[-1]
+    assert main(["show", str(tmp_path / "out"), "--groups"]) == 0
+    groups = capsys.readouterr().out
+    assert "layers.0.mlp.gate_proj" in groups and "residual" in groups
 
 
 @pytest.mark.parametrize("argv,words", [
