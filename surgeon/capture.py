@@ -28,6 +28,7 @@ from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.utils import _pytree as pytree
 
 from .errors import CaptureError
+from .fastpath import recompile
 
 _DROPPED_OPS = {torch.ops.aten._assert_tensor_metadata.default}
 
@@ -192,7 +193,7 @@ def _finish(model: nn.Module, source: nn.Module, graph: fx.Graph, frontend: str)
         node.meta.setdefault("surgeon_pass", "capture")
     gm.meta["surgeon_frontend"] = frontend
     index_children(gm)
-    gm.recompile()
+    recompile(gm)
     return gm
 
 

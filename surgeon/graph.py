@@ -8,6 +8,7 @@ import torch.fx as fx
 from torch import nn
 
 from .capture import _ensure_path, _get_attr, index_children
+from .fastpath import recompile
 
 
 def module_path(node: fx.Node) -> str:
@@ -85,4 +86,4 @@ def lint(gm: fx.GraphModule) -> None:
         except AttributeError as error:
             raise AssertionError(f"get_attr node '{node.name}' names missing tensor '{node.target}'") from error
     index_children(gm)
-    gm.recompile()
+    recompile(gm)
