@@ -1,7 +1,10 @@
 """insert: attach each declared adapter to the linear-like ops its targets select.
 
 With the kinds' identity inits (LoRA: B = 0) the output is bit-for-bit the original, which
-the pass manager checks ("exact"); adapters loaded from files change the function ("none").
+the pass manager checks ("exact"); inits that are the identity only up to rounding (PiSSA's
+residual split, HRA's paired reflections) are checked "close"; adapters loaded from files
+change the function ("none"). A kind may rewrite the base weight at insertion (PiSSA keeps
+the residual W - s B0 A0); the new weight is a new tensor, recomputed for loaded adapters.
 Base parameters are frozen: after insertion only adapter parameters require grad.
 """
 from __future__ import annotations
@@ -12,7 +15,7 @@ from typing import ClassVar
 import torch
 import torch.fx as fx
 
-from surgeon.adapter_ops import attach, check_loaded_shapes, discover_sites, site_dims
+from surgeon.adapter_ops import add_delta, attach, check_loaded_shapes, discover_sites, site_dims, site_weight
 from surgeon.pipeline import Context, PassResult, SiteState
 
 
@@ -22,8 +25,11 @@ class Insert:
     name: ClassVar[str] = "insert"
 
     def check(self, ctx: Context) -> str:
-        loaded = any(a.spec.loaded is not None for a in ctx.select(self.adapters, ("declared", "removed")))
-        return "none" if loaded else "exact"
+        chosen = ctx.select(self.adapters, ("declared", "removed"))
+        if any(a.spec.loaded is not None for a in chosen):
+            return "none"
+        checks = {a.spec.kind.init_check(a.spec.options) for a in chosen}
+        return next(c for c in ("none", "close", "exact") if c in checks | {"exact"})
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
         result = PassResult()
@@ -51,15 +57,21 @@ class Insert:
         return result
 
     def _tensors(self, gm, state, site, ctx, index, dtype):
-        from surgeon.graph import get_tensor
-
-        weight = get_tensor(gm, site.weight)
-        if state.spec.loaded is not None:
-            tensors = state.spec.loaded.weights.get(site.path)
+        kind, loaded = state.spec.kind, state.spec.loaded
+        weight = site_weight(gm, site)
+        fresh = None
+        if loaded is None or kind.base_delta is not None:   # a loaded adapter leaves ctx.generator alone
+            gen = ctx.generator if loaded is None else torch.Generator().manual_seed(0)
+            fresh = kind.init(site.options, site.in_features, site.out_features, weight.dtype, gen, weight)
+        if loaded is not None:
+            tensors = loaded.weights.get(site.path)
             if tensors is None:
                 raise ctx.spec.error(("adapters", index, "targets"), f"no weights for module '{site.path}'")
             check_loaded_shapes(state, site, tensors, ctx, index)
         else:
-            tensors = state.spec.kind.init(site.options, site.in_features, site.out_features,
-                                           weight.dtype, ctx.generator)
+            tensors = fresh
+        if kind.base_delta is not None:
+            base_delta = kind.base_delta(fresh, site.options, weight)
+            if base_delta is not None:
+                add_delta(gm, state, site, base_delta, self.name)
         return {p: t.to(device=weight.device, dtype=dtype or weight.dtype).clone() for p, t in tensors.items()}

@@ -1,8 +1,10 @@
 """merge: fold adapters into their base weights exactly, leaving only the base graph's ops.
 
 Identity relied on (LoRA): W x + s B A x == (W + s B A) x; each kind supplies its delta
-weight, laid out as the base op uses it (transposed for GPT-2 Conv1D's addmm). Kinds with no
-exact delta (a nonlinearity in the branch) are refused with the kind's reason.
+weight from its parameters and the base weight it lands on (out x in; transposed for GPT-2
+Conv1D's addmm), e.g. W R - W for an input rotation; a kind that scales the whole output also
+scales the bias. Kinds with no exact delta (a nonlinearity in the branch) are refused with the
+kind's reason.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from typing import ClassVar
 
 import torch.fx as fx
 
-from surgeon.adapter_ops import add_delta, detach
+from surgeon.adapter_ops import merge_site
 from surgeon.pipeline import Context, PassResult
 
 
@@ -28,9 +30,7 @@ class Merge:
             if kind.delta_weight is None:
                 raise ctx.spec.error(("pipeline",), f"cannot merge adapter '{state.spec.name}': {kind.refuse_merge}")
             for site in state.sites:
-                tensors = detach(gm, site)
-                add_delta(gm, state, site, kind.delta_weight(tensors, site.options), self.name)
-                site.merged = tensors
+                merge_site(gm, state, site, self.name)
                 result.matches += 1
             state.status = "merged"
         return result

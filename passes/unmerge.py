@@ -1,6 +1,8 @@
 """unmerge: take merged adapters back out of the base weights and re-attach their branches.
 
-W_merged - delta == W within fp rounding (the delta is recomputed from the kept parameters).
+W_merged - delta == W within fp rounding (the delta is recomputed from the kept parameters;
+kinds whose delta depends on the weight give the inverse map, e.g. W = W' R^T for a rotation).
+A kind whose merged weight no longer determines the base (DoRA's row norms) is refused.
 """
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from typing import ClassVar
 
 import torch.fx as fx
 
-from surgeon.adapter_ops import add_delta, attach, site_calls
+from surgeon.adapter_ops import unmerge_site
 from surgeon.pipeline import Context, PassResult
 
 
@@ -22,10 +24,11 @@ class Unmerge:
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
         result = PassResult()
         for state in ctx.select(self.adapters, ("merged",)):
+            if state.spec.kind.refuse_unmerge:
+                raise ctx.spec.error(("pipeline",), f"cannot unmerge adapter '{state.spec.name}': "
+                                                    f"{state.spec.kind.refuse_unmerge}")
             for site in state.sites:
-                add_delta(gm, state, site, -state.spec.kind.delta_weight(site.merged, site.options), self.name)
-                attach(gm, state, site, site_calls(gm, site), site.merged, self.name)
-                site.merged = {}
+                unmerge_site(gm, state, site, self.name)
                 result.matches += 1
             state.status = "inserted"
         return result

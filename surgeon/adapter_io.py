@@ -1,8 +1,10 @@
-"""Adapter files: surgeon's own format (safetensors + adapter_config.json) and PEFT LoRA folders.
+"""Adapter files: surgeon's own format (safetensors + adapter_config.json) and PEFT folders.
 
 surgeon format: `adapter.safetensors` with keys `<module path>.<param>` and `adapter_config.json`
 with the kind, adapter-wide options and per-site options. PEFT format: `adapter_model.safetensors`
-with keys `base_model.model.<path>.lora_A.weight` / `lora_B.weight` and PEFT's adapter_config.json.
+with keys `base_model.model.<path>.<PEFT name>` (e.g. `lora_A.weight`, `hada_w1_a`, `oft_R.weight`)
+plus model-level ones (`base_model.vera_A`), and PEFT's adapter_config.json; each peft_type's
+layout is one entry of surgeon.adapters.peft_formats.
 Writes go to a temporary file first and are renamed into place, so a failure leaves no
 half-written file under the final name.
 """
@@ -60,6 +62,7 @@ def _write_atomic(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)   # mkstemp makes it owner-only; adapter files are ordinary files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -72,7 +75,7 @@ def save_adapter_dir(directory: Path, name: str, kind: str, options: dict,
                      weights: dict[str, dict[str, torch.Tensor]], site_options: dict[str, dict]) -> None:
     """Write one adapter as adapter.safetensors + adapter_config.json."""
     directory = Path(directory)
-    flat = {f"{path}.{p}": t.detach().contiguous().cpu() for path, ps in weights.items() for p, t in ps.items()}
+    flat = _unshared({f"{path}.{p}": t for path, ps in weights.items() for p, t in ps.items()})
     config = {"surgeon_adapter": FORMAT_VERSION, "name": name, "type": kind, "options": options,
               "targets": sorted(weights), "site_options": site_options}
     _write_atomic(directory / "adapter.safetensors", lambda tmp: save_file(flat, tmp))
@@ -100,68 +103,91 @@ def load_adapter_dir(directory: Path) -> LoadedAdapter:
     return LoadedAdapter(entry, weights, config.get("site_options", {}))
 
 
-# ---------------------------------------------------------------- PEFT LoRA folders
-
-def _peft_pattern(patterns: dict, path: str, default):
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", path):
-            return value
-    return default
-
+# ---------------------------------------------------------------- PEFT folders
 
 def load_peft_dir(directory: Path) -> LoadedAdapter:
-    """Read a PEFT LoRA checkpoint folder (adapter_config.json + adapter_model.safetensors)."""
+    """Read a PEFT checkpoint folder (adapter_config.json + adapter_model.safetensors).
+
+    Supported peft_types and their layouts are in surgeon.adapters.peft_formats.
+    """
+    from .adapters.peft_formats import BY_PEFT_TYPE
+
     directory = Path(directory)
     if not directory.is_dir():
         raise SpecError("<adapter>", f"PEFT folder '{directory}' does not exist")
     config = _read_json(directory / "adapter_config.json")
-    peft_type = config.get("peft_type")
-    if peft_type != "LORA":
-        raise SpecError("<adapter>", f"'{directory}': peft_type {peft_type!r} is not supported; surgeon imports LORA")
-    if config.get("use_dora"):
-        raise SpecError("<adapter>", f"'{directory}': use_dora is set; DoRA import is not supported yet")
+    fmt = BY_PEFT_TYPE.get(config.get("peft_type"))
+    if fmt is None:
+        raise SpecError("<adapter>", f"'{directory}': peft_type {config.get('peft_type')!r} is not supported; "
+                                     f"surgeon imports {sorted(BY_PEFT_TYPE)}")
     if config.get("modules_to_save"):
         raise SpecError("<adapter>", f"'{directory}': modules_to_save {config['modules_to_save']} is not supported")
     if config.get("bias", "none") != "none":
         raise SpecError("<adapter>", f"'{directory}': bias={config['bias']!r} is not supported (only 'none')")
-    if not isinstance(config.get("r"), int) or not isinstance(config.get("lora_alpha"), (int, float)):
-        raise SpecError("<adapter>", f"'{directory}/adapter_config.json': 'r' and 'lora_alpha' must be numbers")
-    flat = _read_tensors(directory / "adapter_model.safetensors")
+    weights, extras = _split_peft_keys(_read_tensors(directory / "adapter_model.safetensors"), fmt, directory)
+    try:
+        entry, site_options = fmt.read(config, weights, extras)
+    except SpecError as error:
+        raise SpecError("<adapter>", f"'{directory}': {str(error).split(': ', 1)[-1]}") from error
+    return LoadedAdapter({**entry, "targets": sorted(weights)}, weights, site_options)
+
+
+def _split_peft_keys(flat: dict[str, torch.Tensor], fmt, directory: Path):
+    """Module path -> surgeon param name -> tensor, and the model-level tensors (VeRA's A, B)."""
+    by_suffix = {suffix: name for name, suffix in fmt.names.items()}
+    pattern = re.compile(rf"{re.escape(PEFT_PREFIX)}(.+?)\.({'|'.join(map(re.escape, by_suffix))})$")
     weights: dict[str, dict[str, torch.Tensor]] = {}
+    extras: dict[str, torch.Tensor] = {}
     for key, tensor in flat.items():
-        match = re.fullmatch(rf"{re.escape(PEFT_PREFIX)}(.+)\.(lora_A|lora_B)(?:\.[A-Za-z_]\w*)?\.weight", key)
-        if not match:
-            raise SpecError("<adapter>", f"'{directory}': unexpected tensor '{key}' in a LoRA checkpoint")
-        weights.setdefault(match.group(1), {})[match.group(2)] = tensor
+        match = pattern.fullmatch(_drop_adapter_name(key, by_suffix))
+        if match:
+            weights.setdefault(match.group(1), {})[by_suffix[match.group(2)]] = tensor
+        elif key.split(".", 1)[-1] in fmt.model_level and key.startswith("base_model."):
+            extras[key.split(".", 1)[1]] = tensor
+        else:
+            raise SpecError("<adapter>", f"'{directory}': unexpected tensor '{key}' in a {fmt.peft_type} checkpoint")
     if not weights:
-        raise SpecError("<adapter>", f"'{directory}/adapter_model.safetensors' holds no LoRA weights")
-    site_options = {}
-    for path, params in weights.items():
-        if set(params) != {"lora_A", "lora_B"} or params["lora_A"].dim() != 2:
-            raise SpecError("<adapter>", f"'{directory}': module '{path}' needs 2-D lora_A and lora_B weights")
-        rank = params["lora_A"].shape[0]
-        alpha = _peft_pattern(config.get("alpha_pattern"), path, config["lora_alpha"])
-        if rank != config["r"] or alpha != config["lora_alpha"]:
-            site_options[path] = {"rank": rank, "alpha": float(alpha)}
-    entry = {"type": "lora", "targets": sorted(weights), "rank": config["r"],
-             "alpha": float(config["lora_alpha"]), "use_rslora": bool(config.get("use_rslora", False))}
-    return LoadedAdapter(entry, weights, site_options)
+        raise SpecError("<adapter>", f"'{directory}/adapter_model.safetensors' holds no {fmt.peft_type} weights")
+    return weights, extras
+
+
+def _drop_adapter_name(key: str, suffixes) -> str:
+    """'x.lora_A.default.weight' -> 'x.lora_A.weight' (PEFT keys saved with the adapter name)."""
+    for suffix in suffixes:
+        head, _, tail = suffix.partition(".")
+        match = re.fullmatch(rf"(.+\.{re.escape(head)})\.[A-Za-z_]\w*" + (rf"\.{re.escape(tail)}" if tail else ""),
+                             key)
+        if match and not key.endswith("." + suffix):
+            return f"{match.group(1)}{'.' + tail if tail else ''}"
+    return key
 
 
 def save_peft_dir(directory: Path, options: dict, weights: dict[str, dict[str, torch.Tensor]],
-                  transposed_paths: set[str]) -> None:
-    """Write a LoRA adapter as a PEFT checkpoint folder that peft.PeftModel.from_pretrained loads."""
+                  transposed_paths: set[str], kind: str = "lora", site_options: dict | None = None) -> None:
+    """Write an adapter as a PEFT checkpoint folder that peft.PeftModel.from_pretrained loads."""
+    from .adapters.peft_formats import BY_KIND
+
+    fmt = BY_KIND.get(kind)
+    if fmt is None:
+        raise SpecError("<adapter>", f"PEFT has no format for a {kind!r} adapter; exportable: {sorted(BY_KIND)}")
     directory = Path(directory)
-    flat = {f"{PEFT_PREFIX}{path}.{p}.weight": t.detach().contiguous().cpu()
-            for path, ps in weights.items() for p, t in ps.items()}
-    ranks = {path: ps["lora_A"].shape[0] for path, ps in weights.items()}
-    config = {
-        "peft_type": "LORA", "task_type": None, "r": options["rank"],
-        "lora_alpha": options["alpha"] if options["alpha"] is not None else options["rank"],
-        "target_modules": sorted(weights), "use_rslora": options["use_rslora"], "lora_dropout": 0.0,
-        "bias": "none", "fan_in_fan_out": bool(transposed_paths), "init_lora_weights": True,
-        "rank_pattern": {p: r for p, r in ranks.items() if r != options["rank"]}, "alpha_pattern": {},
-        "modules_to_save": None, "use_dora": False,
-    }
-    _write_atomic(directory / "adapter_model.safetensors", lambda tmp: save_file(flat, tmp))
+    weights = {path: dict(params) for path, params in weights.items()}
+    config, extras = fmt.write(kind, options, weights, site_options or {})
+    flat = {f"{PEFT_PREFIX}{path}.{fmt.names[p]}": t for path, ps in weights.items() for p, t in ps.items()}
+    flat.update({f"base_model.{name}": t for name, t in extras.items()})
+    common = {"bias": "none", "fan_in_fan_out": bool(transposed_paths)}   # where the config class has them
+    config = {"peft_type": fmt.peft_type, "task_type": None, "target_modules": sorted(weights),
+              "modules_to_save": None, **{k: v for k, v in common.items() if k in fmt.config_keys}, **config}
+    _write_atomic(directory / "adapter_model.safetensors", lambda tmp: save_file(_unshared(flat), tmp))
     _write_atomic(directory / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+
+
+def _unshared(flat: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors, each with its own storage (safetensors refuses shared ones)."""
+    out, seen = {}, set()
+    for key, tensor in flat.items():
+        tensor = tensor.detach().contiguous().cpu()
+        storage = tensor.untyped_storage().data_ptr()
+        out[key] = tensor.clone() if storage in seen else tensor
+        seen.add(storage)
+    return out

@@ -51,56 +51,114 @@ def site_dims(gm: fx.GraphModule, node: fx.Node, op: str) -> tuple[str, int, int
 
 def attach(gm: fx.GraphModule, state: AdapterState, site: SiteState, calls: list[fx.Node],
            tensors: dict[str, torch.Tensor], made_by: str) -> None:
-    """Register the site's adapter parameters and build the kind's forward after each call."""
+    """Register the site's adapter parameters and build the kind's forward around each call.
+
+    The input half (kind.forward_input) goes before the call and replaces its input; the output
+    half (kind.forward) goes after it and takes over every user of its output.
+    """
     kind, name = state.spec.kind, state.spec.name
-    site.params = {}
-    for pname, tensor in tensors.items():
-        target = f"{site.path}.adapter_{name}.{pname}"
-        set_parameter(gm, target, tensor, requires_grad=True)
-        site.params[pname] = target
+    site.params = {pname: _register(gm, state, site, pname, tensor) for pname, tensor in tensors.items()}
     site.nodes, site.base_output, site.output = [], "", ""
     outputs = []
     for node in calls:
         x = node.args[0] if site.op == "linear" else node.args[1]
-        with gm.graph.inserting_before(node.next):
-            branch = Branch(gm.graph, made_by, site.path, name)
-            refs = {}
-            for pname, target in site.params.items():
-                refs[pname] = get_attr(gm.graph, target, made_by=made_by, adapter=name)
-                branch.created.append(refs[pname])
-            new_y = kind.forward(branch, x, node, refs, site.options)
-        node.replace_all_uses_with(new_y, delete_user_cb=lambda user, mine=set(branch.created): user not in mine)
-        site.nodes += [n.name for n in branch.created]
+        if kind.forward_input is not None:
+            with gm.graph.inserting_before(node):
+                branch = _branch(gm, state, site, node, made_by)
+                new_x = kind.forward_input(branch, x, _refs(gm, branch, site, made_by, name), site.options)
+            if new_x is not x:   # a kind may leave the input alone for some options
+                new_x.meta["surgeon_input_of"] = x.name   # detach puts x back
+                node.replace_input_with(x, new_x)
+            site.nodes += [n.name for n in branch.created]
+        new_y = node
+        if kind.forward is not None:
+            with gm.graph.inserting_before(node.next):
+                branch = _branch(gm, state, site, node, made_by)
+                new_y = kind.forward(branch, x, node, _refs(gm, branch, site, made_by, name), site.options)
+            for user in node.users:   # where the branch reads the base output (a later adapter may rewire it)
+                if user in branch.created:
+                    user.meta["surgeon_base_args"] = [i for i, a in enumerate(user.args) if a is node]
+            if new_y is not node:
+                mine = set(branch.created)
+                node.replace_all_uses_with(new_y, delete_user_cb=lambda user, mine=mine: user not in mine)
+            site.nodes += [n.name for n in branch.created]
         outputs.append(f"{node.name}->{new_y.name}")
     site.output = ",".join(outputs)
 
 
+def _branch(gm: fx.GraphModule, state: AdapterState, site: SiteState, node: fx.Node, made_by: str) -> Branch:
+    weight, bias = (node.args[1], _arg(node, 2)) if site.op == "linear" else (node.args[2], node.args[0])
+    return Branch(gm.graph, made_by, site.path, state.spec.name, weight, bias, transposed=site.op == "addmm",
+                  dims=(site.in_features, site.out_features))
+
+
+def _arg(node: fx.Node, index: int):
+    return node.args[index] if len(node.args) > index else node.kwargs.get("bias")
+
+
+def _refs(gm: fx.GraphModule, branch: Branch, site: SiteState, made_by: str, name: str) -> dict[str, fx.Node]:
+    refs = {}
+    for pname, target in site.params.items():
+        refs[pname] = get_attr(gm.graph, target, made_by=made_by, adapter=name)
+        branch.created.append(refs[pname])
+    return refs
+
+
+def _register(gm: fx.GraphModule, state: AdapterState, site: SiteState, pname: str, tensor: torch.Tensor) -> str:
+    """Store one adapter parameter; a shared one once per adapter and shape, reused by later sites."""
+    kind, name = state.spec.kind, state.spec.name
+    if pname not in kind.shared:
+        target = f"{site.path}.adapter_{name}.{pname}"
+        set_parameter(gm, target, tensor, requires_grad=pname not in kind.frozen)
+        return target
+    target = f"adapter_{name}.{pname}_{'x'.join(map(str, tensor.shape))}"
+    try:
+        existing = get_tensor(gm, target)
+    except AttributeError:
+        set_parameter(gm, target, tensor, requires_grad=False)
+        return target
+    if not torch.equal(existing, tensor.to(existing.device, existing.dtype)):
+        raise ValueError(f"adapter '{name}': shared parameter '{pname}' for module '{site.path}' differs from "
+                         f"the one other {list(tensor.shape)} sites use")
+    return target
+
+
 def detach(gm: fx.GraphModule, site: SiteState) -> dict[str, torch.Tensor]:
-    """Remove the site's adapter nodes and parameters; return the parameter tensors."""
+    """Remove the site's adapter nodes and parameters; return the parameter tensors.
+
+    A shared parameter stays while another site still reads it.
+    """
     by_name = {n.name: n for n in gm.graph.nodes}
     mine = {by_name[n] for n in site.nodes}
     for pair in site.output.split(","):
         base, out = (by_name[n] for n in pair.split("->"))
-        out.replace_all_uses_with(_current_base(base, out, mine))
+        if out is not base:
+            out.replace_all_uses_with(_current_base(base, mine))
+    for node in mine:
+        if "surgeon_input_of" in node.meta:
+            original = by_name[node.meta["surgeon_input_of"]]
+            for user in [u for u in node.users if u not in mine]:
+                user.replace_input_with(node, original)
     for node_name in reversed(site.nodes):
         gm.graph.erase_node(by_name[node_name])
     tensors = {p: get_tensor(gm, t).detach() for p, t in site.params.items()}
     for target in site.params.values():
-        delete_attr(gm, target)
+        if not gm.graph.find_nodes(op="get_attr", target=target):
+            delete_attr(gm, target)
     site.params, site.nodes, site.output = {}, [], ""
     return tensors
 
 
-def _current_base(base: fx.Node, out: fx.Node, mine: set[fx.Node]) -> fx.Node:
+def _current_base(base: fx.Node, mine: set[fx.Node]) -> fx.Node:
     """What feeds this adapter's branch in place of the base output now.
 
-    A later adapter on the same op rewires this branch's use of the base output to its own
-    output, so the branch's non-parameter input other than x is what must replace `out`.
+    A later adapter on the same op rewires this branch's reads of the base output to its own
+    output; attach marked those reads, so whatever they read now replaces `out`.
     """
-    x = base.args[0] if base.target is torch.ops.aten.linear.default else base.args[1]
-    feeds = {i for n in mine for i in n.all_input_nodes if i not in mine and i.op != "get_attr" and i is not x}
-    feeds.discard(base) if len(feeds) > 1 else None
-    return feeds.pop() if len(feeds) == 1 else base
+    for node in mine:
+        for index in node.meta.get("surgeon_base_args", ()):
+            return node.args[index]
+    return base
 
 
 def site_calls(gm: fx.GraphModule, site: SiteState) -> list[fx.Node]:
@@ -134,18 +192,68 @@ def add_delta(gm: fx.GraphModule, state: AdapterState, site: SiteState, delta: t
     site.weight = target
 
 
+def site_weight(gm: fx.GraphModule, site: SiteState) -> torch.Tensor:
+    """The site's current base weight, out x in (a view for Conv1D's in x out storage)."""
+    weight = get_tensor(gm, site.weight).detach()
+    return weight.t() if site.op == "addmm" else weight
+
+
+def merge_site(gm: fx.GraphModule, state: AdapterState, site: SiteState, made_by: str) -> None:
+    """Detach the site's adapter and fold it into the base weight (and bias, for output scaling)."""
+    kind = state.spec.kind
+    tensors = detach(gm, site)
+    add_delta(gm, state, site, kind.delta_weight(tensors, site.options, site_weight(gm, site)), made_by)
+    factor = kind.bias_scale(tensors, site.options) if kind.bias_scale is not None else None
+    if factor is not None:
+        _scale_bias(gm, site, factor.double())
+    site.merged = tensors
+
+
+def unmerge_site(gm: fx.GraphModule, state: AdapterState, site: SiteState, made_by: str) -> None:
+    """Take a merged adapter back out of the base weight and re-attach its branch."""
+    kind, params = state.spec.kind, site.merged
+    weight = site_weight(gm, site)
+    undo = kind.undo_delta(params, site.options, weight) if kind.undo_delta is not None \
+        else -kind.delta_weight(params, site.options, weight)
+    add_delta(gm, state, site, undo, made_by)
+    factor = kind.bias_scale(params, site.options) if kind.bias_scale is not None else None
+    if factor is not None:
+        _scale_bias(gm, site, 1.0 / factor.double())
+    attach(gm, state, site, site_calls(gm, site), params, made_by)
+    site.merged = {}
+
+
+def _scale_bias(gm: fx.GraphModule, site: SiteState, factor: torch.Tensor) -> None:
+    call = site_calls(gm, site)[0]
+    bias = _arg(call, 2) if site.op == "linear" else call.args[0]
+    if bias is None:
+        return
+    old = get_tensor(gm, bias.target)
+    new = (old.double() * factor.reshape(old.shape).to(old.device)).to(old.dtype)
+    set_parameter(gm, bias.target, new, requires_grad=old.requires_grad)
+
+
 def check_loaded_shapes(state: AdapterState, site: SiteState, tensors: dict[str, torch.Tensor],
                         ctx: Context, index: int) -> None:
     """Loaded weights must have the shapes the kind would create for this site."""
+    meta_weight = torch.empty(site.out_features, site.in_features, device="meta")
     expected = state.spec.kind.init(site.options, site.in_features, site.out_features, torch.float32,
-                                    torch.Generator().manual_seed(0))
+                                    torch.Generator().manual_seed(0), meta_weight)
     key = "from_peft" if state.spec.from_peft else "from_dir"
     for pname, tensor in expected.items():
         got = tensors.get(pname)
-        if got is None or tuple(got.shape) != tuple(tensor.shape):
+        fits = got is not None and (tuple(got.shape) == tuple(tensor.shape) or (   # a shared one may be larger:
+            pname in state.spec.kind.shared and got.dim() == tensor.dim()         # sites read its leading part
+            and all(g >= e for g, e in zip(got.shape, tensor.shape))))
+        if not fits:
             raise ctx.spec.error(("adapters", index, key),
                                  f"'{pname}' for module '{site.path}' has shape "
                                  f"{None if got is None else list(got.shape)}, expected {list(tensor.shape)}")
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise ctx.spec.error(("adapters", index, key), f"unexpected weights {extra} for module '{site.path}' "
+                                                       f"(a {state.spec.type} adapter has {sorted(expected)})")
 
 
-__all__ = ["attach", "detach", "discover_sites", "site_dims", "add_delta", "site_calls", "SpecError"]
+__all__ = ["attach", "detach", "discover_sites", "site_dims", "add_delta", "site_calls", "site_weight",
+           "merge_site", "unmerge_site", "check_loaded_shapes", "SpecError"]

@@ -93,7 +93,7 @@ def cmd_show(ns) -> int:
     nodes_file = directory / "nodes.json"
     if not nodes_file.is_file():
         raise SurgeonError(f"'{directory}' is not a saved compile (no nodes.json); write one with surgeon compile --out")
-    if ns.groups:
+    if getattr(ns, "groups", False):
         from .groups import format_groups
 
         groups_file = directory / "groups.json"
@@ -109,6 +109,15 @@ def cmd_show(ns) -> int:
             for n in nodes if fnmatch.fnmatchcase(n["path"], ns.filter) and n["op"] != "output"]
     print((directory / "report.txt").read_text() if (directory / "report.txt").is_file() else "")
     print(table(["module", "node", "op", "target", "shape", "dtype", "made by"], rows))
+    return 0
+
+
+def cmd_merge_checkpoint(ns) -> int:
+    from .merge_checkpoint import merge_checkpoint
+
+    summary = merge_checkpoint(Path(ns.base), Path(ns.adapter), Path(ns.out), fan_in_fan_out=ns.fan_in_fan_out)
+    print(f"wrote {summary.out_dir}/: {len(summary.shards)} shard file(s), {len(summary.merged)} tensors merged, "
+          f"{summary.copied} copied, {summary.bytes_written:,} bytes")
     return 0
 
 
@@ -131,6 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_show)
     add_view_options(p)
     add_diff_command(sub)
+    p = sub.add_parser("merge-checkpoint", help="merge an adapter into a safetensors checkpoint, tensor by tensor")
+    p.add_argument("--base", required=True, help="folder with model.safetensors, or shards + model.safetensors.index.json")
+    p.add_argument("--adapter", required=True, help="adapter folder: surgeon (save_adapter) or PEFT")
+    p.add_argument("--out", required=True, help="output folder (must not exist)")
+    p.add_argument("--fan-in-fan-out", action=argparse.BooleanOptionalAction, default=None,
+                   help="square weights are stored in x out (GPT-2 Conv1D); default: from the adapter")
+    p.set_defaults(fn=cmd_merge_checkpoint)
     ns = parser.parse_args(argv)
     try:
         return ns.fn(ns)

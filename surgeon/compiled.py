@@ -122,15 +122,20 @@ class Compiled:
     def save_adapter(self, name: str, directory: str | Path, format: str = "surgeon") -> None:
         """Write one adapter as surgeon's safetensors + JSON folder, or (format='peft') PEFT's."""
         state = self._state(name)
+        if state.status == "quantized":
+            if format == "peft":
+                raise SpecError(f"adapters.{name}", "a quantized adapter has no PEFT format; save it as surgeon's")
+            from .quantized_io import save_quantized_adapter
+
+            return save_quantized_adapter(self, name, directory)
         weights = self.adapter_weights(name)
+        site_options = {s.path: {k: v for k, v in s.options.items() if v != state.spec.options.get(k)}
+                        for s in state.sites}
         if format == "peft":
-            if state.spec.type != "lora":
-                raise SpecError(f"adapters.{name}", f"PEFT export supports lora, not {state.spec.type!r}")
             save_peft_dir(Path(directory), state.spec.options, weights,
-                          {s.path for s in state.sites if s.op == "addmm"})
+                          {s.path for s in state.sites if s.op == "addmm"}, kind=state.spec.type,
+                          site_options={p: o for p, o in site_options.items() if o})
         else:
-            site_options = {s.path: {k: v for k, v in s.options.items() if v != state.spec.options.get(k)}
-                            for s in state.sites}
             save_adapter_dir(Path(directory), name, state.spec.type, state.spec.options, weights,
                              {p: o for p, o in site_options.items() if o})
 
@@ -159,7 +164,7 @@ class Compiled:
             (out / "kernels").mkdir(exist_ok=True)
             (out / "kernels" / f"{region.replace('/', '_').replace('.', '_')}.py").write_text(source)
         for name, state in self.adapters.items():
-            if state.status in ("inserted", "inactive", "lowered", "merged"):
+            if state.status in ("inserted", "inactive", "lowered", "merged", "quantized"):
                 self.save_adapter(name, out / "adapters" / name)
         return out
 

@@ -49,7 +49,7 @@ class SiteState:
 class AdapterState:
     spec: AdapterSpec
     sites: list[SiteState] = field(default_factory=list)
-    status: str = "declared"     # declared | inserted | inactive | lowered | merged | removed
+    status: str = "declared"     # declared | inserted | inactive | lowered | merged | removed | combined | quantized
 
     @property
     def param_count(self) -> int:

@@ -148,7 +148,13 @@ def _validate(data: Any, source: str | None, lines: dict) -> Spec:
     raw_pipeline = data.get("pipeline", ["insert"] if adapters else [])
     if not isinstance(raw_pipeline, list):
         raise shell.error(("pipeline",), "must be a list of pass names or {name: {options}}")
-    pipeline = tuple(_pass(shell, i, entry, seen) for i, entry in enumerate(raw_pipeline))
+    pipeline = []
+    for i, entry in enumerate(raw_pipeline):
+        pipeline.append(_pass(shell, i, entry, seen))
+        if pipeline[-1].name == "combine":   # later passes may name the combined adapter
+            options = pipeline[-1].options
+            seen.add(options.get("into") or "_".join(options.get("adapters", ())) + f"_{options.get('method')}")
+    pipeline = tuple(pipeline)
     return Spec(adapters, pipeline, seed, verify, source, lines)
 
 
@@ -164,7 +170,7 @@ def _adapter(shell: Spec, i: int, entry: Any) -> AdapterSpec:
         from .adapter_io import load_adapter_dir, load_peft_dir
 
         key = "from_peft" if "from_peft" in entry else "from_dir"
-        reader = load_peft_dir if key == "from_peft" else load_adapter_dir
+        reader = load_peft_dir if key == "from_peft" else _surgeon_dir_reader(Path(entry[key]), load_adapter_dir)
         try:
             loaded = reader(Path(entry[key]))
         except SpecError as error:
@@ -188,6 +194,19 @@ def _adapter(shell: Spec, i: int, entry: Any) -> AdapterSpec:
     return AdapterSpec(name, kind_name, targets, options, exclude,
                        Path(entry["from_peft"]) if "from_peft" in entry else None,
                        Path(entry["from_dir"]) if "from_dir" in entry else None, loaded)
+
+
+def _surgeon_dir_reader(directory: Path, plain):
+    """The loader for a surgeon adapter folder: quantized folders decode through quantized_io."""
+    try:
+        config = json.loads((directory / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return plain   # the plain loader reports what is missing or malformed
+    if isinstance(config, dict) and "quantized" in config:
+        from .quantized_io import load_quantized_adapter
+
+        return load_quantized_adapter
+    return plain
 
 
 def _globs(shell: Spec, key: tuple, value: Any, required: bool) -> tuple[str, ...]:

@@ -1,9 +1,11 @@
 """Adapter kinds as data: each kind is one small file declaring an AdapterKind.
 
 An AdapterKind says which options it takes, how its parameters are initialized for a site
-with `in_features -> out_features`, its forward as graph code (given the site's input `x`
-and base output `y`, return the adapted output), its delta weight where a merge is exact,
-and its parameter count. The insert/merge/unmerge passes serve every kind through this
+with `in_features -> out_features` (seeing the site's base weight, for SVD-based inits), its
+forward as graph code, its delta weight where a merge is exact, and its parameter count. The
+forward has two optional halves: `forward_input` rewrites the site's input before the base op
+(orthogonal rotations, input scaling), `forward` rewrites the base output after it (additive
+low-rank updates, output scaling). The insert/merge/unmerge passes serve every kind through this
 interface; adding a kind never touches them.
 """
 from __future__ import annotations
@@ -16,6 +18,8 @@ import torch.fx as fx
 
 from ..graph import call
 
+aten = torch.ops.aten
+
 
 @dataclass(frozen=True)
 class Option:
@@ -26,10 +30,19 @@ class Option:
 
 
 class Branch:
-    """Builds an adapter's forward in the graph: each call makes one provenance-stamped node."""
+    """Builds an adapter's forward in the graph: each call makes one provenance-stamped node.
 
-    def __init__(self, graph: fx.Graph, made_by: str, path: str, adapter: str):
+    `weight` and `bias` are the site's base weight and bias nodes (bias may be None); the weight
+    is stored out x in for `aten.linear` and in x out (`transposed`) for GPT-2 Conv1D's addmm.
+    `in_features` and `out_features` are the site's sizes.
+    """
+
+    def __init__(self, graph: fx.Graph, made_by: str, path: str, adapter: str,
+                 weight: fx.Node | None = None, bias: fx.Node | None = None, transposed: bool = False,
+                 dims: tuple[int, int] = (0, 0)):
         self.graph, self.made_by, self.path, self.adapter = graph, made_by, path, adapter
+        self.weight, self.bias, self.transposed = weight, bias, transposed
+        self.in_features, self.out_features = dims
         self.created: list[fx.Node] = []
 
     def op(self, target: Any, *args: Any, **kwargs: Any) -> fx.Node:
@@ -38,22 +51,84 @@ class Branch:
         return node
 
     def linear(self, x: fx.Node, weight: fx.Node) -> fx.Node:
-        return self.op(torch.ops.aten.linear.default, x, weight)
+        return self.op(aten.linear.default, x, weight)
+
+    def add(self, a: Any, b: Any, alpha: float = 1) -> fx.Node:
+        return self.op(aten.add.Tensor, a, b, alpha=alpha) if alpha != 1 else self.op(aten.add.Tensor, a, b)
+
+    def mul(self, a: Any, b: Any) -> fx.Node:
+        return self.op(aten.mul.Tensor, a, b)
+
+    def mm(self, a: fx.Node, b: fx.Node) -> fx.Node:
+        return self.op(aten.mm.default, a, b)
+
+    def base_weight(self) -> fx.Node:
+        """The site's base weight as an out x in node (a transpose for Conv1D sites)."""
+        return self.op(aten.t.default, self.weight) if self.transposed else self.weight
+
+
+class EagerBranch(Branch):
+    """Runs a kind's graph code at once on tensors, e.g. to build the exact matrix a merge needs."""
+
+    def __init__(self, dims: tuple[int, int], weight: torch.Tensor | None = None):
+        super().__init__(None, "", "", "", weight, None, False, dims)
+
+    def op(self, target: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return target(*args, **kwargs)
+
+
+def input_map(forward_input: Callable, params: dict[str, torch.Tensor], opts: dict, in_features: int,
+              out_features: int = 0) -> torch.Tensor:
+    """The in x in matrix M with forward_input(x) == x @ M, in float64 (run on the identity)."""
+    params = {name: tensor.double() for name, tensor in params.items()}
+    eye = torch.eye(in_features, dtype=torch.float64, device=next(iter(params.values())).device)
+    return forward_input(EagerBranch((in_features, out_features)), eye, params, opts)
+
+
+ParamDict = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
 class AdapterKind:
+    """One adapter method. Weights passed to the callables are out x in, on the site's device.
+
+    init(opts, in_features, out_features, dtype, generator, weight) -> parameters
+    forward(branch, x, y, params, opts) -> adapted output; forward_input(branch, x, params, opts)
+        -> adapted input; at least one of the two is given
+    delta_weight(params, opts, weight) -> W' - W for the merge (weight: the base weight it lands on)
+    undo_delta(params, opts, merged_weight) -> W - W' for unmerge; when None, the delta does not
+        depend on the weight and unmerge subtracts delta_weight
+    bias_scale(params, opts) -> per-output factor the merge applies to the bias (output scaling),
+        or None for no change
+    base_delta(init_params, opts, weight) -> change written into the base weight at insertion, or
+        None (PiSSA keeps the residual W - s B0 A0 in the base; recomputed for loaded adapters)
+    frozen / shared: parameters that take no gradient; shared ones are stored once per adapter
+        and shape and read by every site of that shape (VeRA's random projections)
+    init_check(opts): "exact" when the init is the identity bit for bit, "close" when it is the
+        identity up to rounding, "none" when it changes the function (e.g. HRA with an odd rank)
+    """
+
     name: str
     options: dict[str, Option]
-    init: Callable[[dict, int, int, torch.dtype, torch.Generator], dict[str, torch.Tensor]]
-    forward: Callable[[Branch, fx.Node, fx.Node, dict[str, fx.Node], dict], fx.Node]
-    delta_weight: Callable[[dict[str, torch.Tensor], dict], torch.Tensor] | None
+    init: Callable[..., ParamDict]
+    forward: Callable[[Branch, fx.Node, fx.Node, dict[str, fx.Node], dict], fx.Node] | None
+    delta_weight: Callable[[ParamDict, dict, torch.Tensor], torch.Tensor] | None
     param_count: Callable[[dict, int, int], int]
     refuse_merge: str = ""   # why merge is impossible, when delta_weight is None
+    forward_input: Callable[[Branch, fx.Node, dict[str, fx.Node], dict], fx.Node] | None = None
+    undo_delta: Callable[[ParamDict, dict, torch.Tensor], torch.Tensor] | None = None
+    refuse_unmerge: str = ""   # why unmerge is impossible (the merged weight lost what it needs)
+    bias_scale: Callable[[ParamDict, dict], torch.Tensor] | None = None
+    base_delta: Callable[[ParamDict, dict, torch.Tensor], torch.Tensor | None] | None = None
+    frozen: frozenset[str] = frozenset()
+    shared: frozenset[str] = frozenset()
+    init_check: Callable[[dict], str] = lambda opts: "exact"
 
 
 def kinds() -> dict[str, AdapterKind]:
     """The adapter kinds by spec `type` name (an explicit table; nothing registers at import)."""
-    from . import lora
+    from . import boft, delta, dora, hra, ia3, loha, lokr, lora, lora_xs, oft, vera
 
-    return {lora.LORA.name: lora.LORA}
+    table = [lora.LORA, delta.DELTA, dora.DORA, ia3.IA3, loha.LOHA, lokr.LOKR, vera.VERA, lora_xs.LORA_XS,
+             oft.OFT, boft.BOFT, hra.HRA]
+    return {kind.name: kind for kind in table}

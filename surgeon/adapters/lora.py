@@ -1,7 +1,12 @@
 """LoRA (Hu et al. 2021): y = W x + s * B A x, with A (r x in), B (out x r), s = alpha / r.
 
-rsLoRA scaling (`use_rslora`) uses s = alpha / sqrt(r). B starts at zero, so an inserted LoRA
-leaves the function unchanged; the merge identity is W x + s B A x == (W + s B A) x.
+rsLoRA scaling (`use_rslora`) uses s = alpha / sqrt(r). With the default and gaussian inits B
+starts at zero, so an inserted LoRA leaves the function unchanged bit for bit; the merge
+identity is W x + s B A x == (W + s B A) x.
+
+PiSSA (`init: pissa`, Meng et al. 2024): with W = U S V^T, A = sqrt(S_r / s) V_r^T and
+B = U_r sqrt(S_r / s), so s B A is W's top-r part, and the base weight becomes the residual
+W - s B A (a new tensor). The function is unchanged up to rounding ("close").
 """
 from __future__ import annotations
 
@@ -18,14 +23,29 @@ def lora_scale(opts: dict) -> float:
     return alpha / math.sqrt(rank) if opts["use_rslora"] else alpha / rank
 
 
-def _init(opts: dict, in_features: int, out_features: int, dtype: torch.dtype, gen: torch.Generator):
+def kaiming_uniform(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """nn.Linear's default init (kaiming-uniform with a = sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(shape[-1])
+    return torch.empty(shape).uniform_(-bound, bound, generator=gen)
+
+
+def pissa_factors(weight: torch.Tensor, rank: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) with s * B @ A equal to the top-`rank` singular part of `weight` (out x in)."""
+    U, S, Vh = torch.linalg.svd(weight.float(), full_matrices=False)
+    root = torch.sqrt(S[:rank] / scale)
+    return root[:, None] * Vh[:rank], U[:, :rank] * root[None, :]
+
+
+def lora_init(opts, in_features, out_features, dtype, gen, weight):
+    """LoRA's A and B for one site (PiSSA reads the base weight)."""
     rank = opts["rank"]
-    A = torch.empty(rank, in_features)
+    if opts["init"] == "pissa":
+        A, B = pissa_factors(weight, rank, lora_scale(opts))
+        return {"lora_A": A.to(dtype), "lora_B": B.to(dtype)}
     if opts["init"] == "gaussian":
-        A.normal_(0.0, 1.0 / rank, generator=gen)
-    else:  # kaiming-uniform with a = sqrt(5), the nn.Linear default init
-        bound = 1.0 / math.sqrt(in_features)
-        A.uniform_(-bound, bound, generator=gen)
+        A = torch.empty(rank, in_features).normal_(0.0, 1.0 / rank, generator=gen)
+    else:
+        A = kaiming_uniform((rank, in_features), gen)
     return {"lora_A": A.to(dtype), "lora_B": torch.zeros(out_features, rank, dtype=dtype)}
 
 
@@ -35,20 +55,30 @@ def _forward(branch, x, y, params, opts):
     return branch.op(torch.ops.aten.add.Tensor, y, update, alpha=lora_scale(opts))
 
 
-def _delta_weight(params, opts):
-    return lora_scale(opts) * (params["lora_B"].float() @ params["lora_A"].float())
+def lora_delta(params, opts, weight=None):
+    """s * B @ A in float64 (the merge adds it to the base weight)."""
+    return lora_scale(opts) * (params["lora_B"].double() @ params["lora_A"].double())
 
+
+def _pissa_base(init_params, opts, weight):
+    # W_res = W - s B0 A0: the residual the adapter's principal part is taken out of
+    return -lora_delta(init_params, opts) if opts["init"] == "pissa" else None
+
+
+LORA_OPTIONS = {
+    "rank": Option(int, 8, positive=True),
+    "alpha": Option((int, float), None),
+    "use_rslora": Option(bool, False),
+    "init": Option(str, "default", choices=("default", "gaussian", "pissa")),
+}
 
 LORA = AdapterKind(
     name="lora",
-    options={
-        "rank": Option(int, 8, positive=True),
-        "alpha": Option((int, float), None),
-        "use_rslora": Option(bool, False),
-        "init": Option(str, "default", choices=("default", "gaussian")),
-    },
-    init=_init,
+    options=LORA_OPTIONS,
+    init=lora_init,
     forward=_forward,
-    delta_weight=_delta_weight,
+    delta_weight=lora_delta,
     param_count=lambda opts, fan_in, fan_out: opts["rank"] * (fan_in + fan_out),
+    base_delta=_pissa_base,
+    init_check=lambda opts: "close" if opts["init"] == "pissa" else "exact",
 )

@@ -1,0 +1,60 @@
+"""DoRA (Liu et al. 2024): y = m / ||W + s B A||_row * (W + s B A) x + b.
+
+The LoRA-updated weight V = W + s B A is split into a direction (each output row of V over
+its L2 norm, PEFT's convention: norm over the input axis of the out x in weight) and a trained
+magnitude m (one per output, initialized to ||W||_row). As in the paper (section 4.3) and PEFT,
+the norm is detached: it scales the output but takes no gradient. Graph form, with y = W x + b:
+
+    g = m / ||V||_row;   out = y + (g - 1) (y - b) + g s B A x
+
+At init B = 0, so V == W, g == 1 exactly and out == y bit for bit. Merge writes
+W' = g[:, None] * V. Unmerge is refused: W' does not determine ||V|| (PEFT keeps it in a cache).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import AdapterKind, Option, aten
+from .lora import LORA_OPTIONS, lora_delta, lora_init, lora_scale
+
+
+def _updated_norm(weight: torch.Tensor, lora_B: torch.Tensor, lora_A: torch.Tensor, scale: float) -> torch.Tensor:
+    # the same ops the graph runs, so that the init magnitude equals the forward's norm bit for bit
+    updated = torch.add(weight, lora_B.to(weight.device) @ lora_A.to(weight.device), alpha=scale)
+    return torch.linalg.vector_norm(updated, 2, dim=1)
+
+
+def _init(opts, in_features, out_features, dtype, gen, weight):
+    params = lora_init(opts, in_features, out_features, dtype, gen, weight)
+    magnitude = _updated_norm(weight, params["lora_B"].to(weight.dtype), params["lora_A"].to(weight.dtype),
+                              lora_scale(opts))
+    return {**params, "lora_magnitude": magnitude.to(dtype)}
+
+
+def _forward(branch, x, y, params, opts):
+    scale = lora_scale(opts)
+    lora_BA = branch.mm(params["lora_B"], params["lora_A"])
+    updated = branch.add(branch.base_weight(), lora_BA, alpha=scale)
+    norm = branch.op(aten.detach.default, branch.op(aten.linalg_vector_norm.default, updated, 2, [1]))
+    gain = branch.op(aten.div.Tensor, params["lora_magnitude"], norm)
+    base = y if branch.bias is None else branch.op(aten.sub.Tensor, y, branch.bias)
+    lora = branch.linear(branch.linear(x, params["lora_A"]), params["lora_B"])
+    rescaled = branch.mul(branch.op(aten.sub.Tensor, gain, 1), base)
+    return branch.add(branch.add(y, rescaled), branch.mul(gain, lora), alpha=scale)
+
+
+def _delta(params, opts, weight):
+    updated = weight.double() + lora_delta(params, opts)
+    gain = params["lora_magnitude"].double() / torch.linalg.vector_norm(updated, 2, dim=1)
+    return gain[:, None] * updated - weight.double()
+
+
+DORA = AdapterKind(
+    name="dora",
+    options={**LORA_OPTIONS, "init": Option(str, "default", choices=("default", "gaussian"))},
+    init=_init,
+    forward=_forward,
+    delta_weight=_delta,
+    param_count=lambda opts, fan_in, fan_out: opts["rank"] * (fan_in + fan_out) + fan_out,
+    refuse_unmerge="a merged DoRA weight no longer holds the row norms of W + s B A needed to undo it",
+)

@@ -1,0 +1,46 @@
+"""(IA)^3 (Liu et al. 2022): a learned per-channel scale on a layer's output or input.
+
+`on: output` (default): out = (W x + b) * l, l of size out (the bias is scaled too, as in PEFT).
+`on: input` (PEFT's `feedforward_modules`, e.g. an MLP's down projection): out = W (l * x) + b,
+l of size in. l starts at one, and multiplying by one is exact, so insertion is bit-for-bit
+the identity. Merge identities: (W x + b) * l == (diag(l) W) x + l * b and W (l * x) ==
+(W diag(l)) x; unmerge divides by l (exact up to rounding where l has no zeros).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import AdapterKind, Option
+
+
+def _init(opts, in_features, out_features, dtype, gen, weight):
+    size = out_features if opts["on"] == "output" else in_features
+    return {"ia3_l": torch.ones(size, dtype=dtype)}
+
+
+def _forward(branch, x, y, params, opts):
+    return branch.mul(y, params["ia3_l"]) if opts["on"] == "output" else y
+
+
+def _forward_input(branch, x, params, opts):
+    return branch.mul(x, params["ia3_l"]) if opts["on"] == "input" else x
+
+
+def _scaled(params, opts, weight, power: int) -> torch.Tensor:
+    """weight * l**power along the scaled axis, minus weight, in float64."""
+    scale = params["ia3_l"].double() ** power
+    weight = weight.double()
+    return (scale[:, None] * weight if opts["on"] == "output" else weight * scale[None, :]) - weight
+
+
+IA3 = AdapterKind(
+    name="ia3",
+    options={"on": Option(str, "output", choices=("output", "input"))},
+    init=_init,
+    forward=_forward,
+    forward_input=_forward_input,
+    delta_weight=lambda params, opts, weight: _scaled(params, opts, weight, 1),
+    undo_delta=lambda params, opts, merged: _scaled(params, opts, merged, -1),
+    bias_scale=lambda params, opts: params["ia3_l"] if opts["on"] == "output" else None,
+    param_count=lambda opts, fan_in, fan_out: fan_out if opts["on"] == "output" else fan_in,
+)

@@ -1,0 +1,45 @@
+"""LoRA-XS (Bałazy et al. 2024): y = W x + s * B R A x, with B, A frozen from W's SVD.
+
+With W = U S V^T, B = U_r S_r (out x r) and A = V_r^T (r x in) are fixed (`frozen`) and only
+the r x r matrix R is trained, so a site costs r^2 parameters whatever its size. R starts at
+zero (the paper draws it small; zero keeps insertion exact), s = alpha / r.
+Merge identity: W x + s B R A x == (W + s B R A) x.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import AdapterKind, Option
+
+
+def _scale(opts: dict) -> float:
+    return (opts["alpha"] if opts["alpha"] is not None else opts["rank"]) / opts["rank"]
+
+
+def _init(opts, in_features, out_features, dtype, gen, weight):
+    rank = opts["rank"]
+    U, S, Vh = torch.linalg.svd(weight.float(), full_matrices=False)
+    return {"lora_A": Vh[:rank].to(dtype), "lora_B": (U[:, :rank] * S[None, :rank]).to(dtype),
+            "lora_R": torch.zeros(rank, rank, dtype=dtype)}
+
+
+def _forward(branch, x, y, params, opts):
+    # three skinny GEMMs: A x (r), R (A x) (r), B R A x (out)
+    update = branch.linear(branch.linear(branch.linear(x, params["lora_A"]), params["lora_R"]), params["lora_B"])
+    return branch.add(y, update, alpha=_scale(opts))
+
+
+def _delta(params, opts, weight=None):
+    p = {name: t.double() for name, t in params.items()}
+    return _scale(opts) * (p["lora_B"] @ p["lora_R"] @ p["lora_A"])
+
+
+LORA_XS = AdapterKind(
+    name="lora-xs",
+    options={"rank": Option(int, 8, positive=True), "alpha": Option((int, float), None)},
+    init=_init,
+    forward=_forward,
+    delta_weight=_delta,
+    param_count=lambda opts, fan_in, fan_out: opts["rank"] ** 2,
+    frozen=frozenset({"lora_A", "lora_B"}),
+)

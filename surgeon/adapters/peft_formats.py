@@ -1,0 +1,271 @@
+"""PEFT checkpoint layouts: one reader and one writer per `peft_type`.
+
+A reader turns PEFT's adapter_config.json and the per-module tensors (already renamed to
+surgeon's parameter names) into a spec entry and per-module option overrides; a writer does
+the reverse for export. surgeon.adapter_io.load_peft_dir / save_peft_dir do the file work
+around them. Where PEFT's tensor shape differs from surgeon's (IA3's (n, 1) / (1, n) scales,
+BOFT's (out, 1) scale), the reader and writer reshape; values are never changed.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..errors import SpecError
+
+
+@dataclass(frozen=True)
+class PeftFormat:
+    peft_type: str
+    kinds: tuple[str, ...]                 # the surgeon kinds this format holds
+    names: dict[str, str]                  # surgeon parameter name -> PEFT key under the module
+    read: Callable[[dict, dict, dict], tuple[dict, dict]]   # config, weights, extras -> entry, site options
+    write: Callable[[str, dict, dict, dict], tuple[dict, dict]]   # kind, options, weights, site options
+    #                                                                -> config, model-level tensors
+    config_keys: tuple[str, ...] = ("bias", "fan_in_fan_out")     # of those common keys, the ones PEFT's
+    #                                                                config class for this type has
+    model_level: tuple[str, ...] = ()                             # tensors saved as base_model.<name>
+
+
+def _fail(message: str) -> SpecError:
+    return SpecError("<adapter>", message)
+
+
+def peft_pattern(patterns: dict | None, path: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key that matches the path's end."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+def _number(config: dict, *keys: str) -> None:
+    for key in keys:
+        if not isinstance(config.get(key), (int, float)) or isinstance(config.get(key), bool):
+            raise _fail(f"adapter_config.json: '{key}' must be a number, got {config.get(key)!r}")
+
+
+def _overrides(weights: dict, site: Callable[[str, dict], dict], entry: dict) -> dict:
+    """Per-module options that differ from the adapter-wide ones."""
+    out = {}
+    for path, params in weights.items():
+        differs = {k: v for k, v in site(path, params).items() if v != entry.get(k)}
+        if differs:
+            out[path] = differs
+    return out
+
+
+def _rank_alpha(config: dict, weights: dict, rank_of: Callable[[str, dict], int], alpha_key: str):
+    """Entry rank/alpha and per-module overrides from tensor shapes and PEFT's patterns."""
+    _number(config, "r", alpha_key)
+    entry = {"rank": config["r"], "alpha": float(config[alpha_key])}
+
+    def site(path: str, params: dict) -> dict:
+        alpha = peft_pattern(config.get("alpha_pattern"), path, config[alpha_key])
+        return {"rank": rank_of(path, params), "alpha": float(alpha)}
+    return entry, _overrides(weights, site, entry)
+
+
+def _write_rank_alpha(options: dict, weights: dict, site_options: dict, alpha_key: str,
+                      rank_of: Callable[[dict], int] | None = None) -> dict:
+    """r, alpha and PEFT's rank/alpha patterns (per-module ranks read from the tensors when given)."""
+    def alpha(opts: dict):
+        return opts["alpha"] if opts["alpha"] is not None else opts["rank"]
+    sites = {path: {**options, **site_options.get(path, {})} for path in weights}
+    if rank_of is not None:
+        sites = {path: {**opts, "rank": rank_of(weights[path])} for path, opts in sites.items()}
+    return {"r": options["rank"], alpha_key: alpha(options),
+            "rank_pattern": {p: o["rank"] for p, o in sites.items() if o["rank"] != options["rank"]},
+            "alpha_pattern": {p: alpha(o) for p, o in sites.items() if alpha(o) != alpha(options)}}
+
+
+# ---------------------------------------------------------------- LoRA, DoRA, PiSSA
+
+LORA_INITS = (True, False, "gaussian", "pissa", "eva", "orthogonal")   # inits that leave W alone, or PiSSA
+
+
+def _read_lora(config, weights, extras):
+    init = config.get("init_lora_weights", True)
+    if init not in LORA_INITS:
+        raise _fail(f"init_lora_weights={init!r} changes the base weights in a way surgeon does not reproduce "
+                    f"(supported: {list(LORA_INITS)}; PiSSA only with the full SVD)")
+    kind = "dora" if config.get("use_dora") else "lora"
+    if kind == "dora" and init == "pissa":
+        raise _fail("DoRA with a PiSSA init is not supported")
+    for path, params in weights.items():
+        if not {"lora_A", "lora_B"} <= set(params) or params["lora_A"].dim() != 2:
+            raise _fail(f"module '{path}' needs 2-D lora_A and lora_B weights")
+    entry, sites = _rank_alpha(config, weights, lambda path, params: params["lora_A"].shape[0], "lora_alpha")
+    entry.update(type=kind, use_rslora=bool(config.get("use_rslora", False)),
+                 init="pissa" if init == "pissa" else "default")
+    return entry, sites
+
+
+def _write_lora(kind, options, weights, site_options):
+    ranks = _write_rank_alpha(options, weights, site_options, "lora_alpha", lambda params: params["lora_A"].shape[0])
+    config = {**ranks, "use_rslora": options["use_rslora"],
+              "lora_dropout": 0.0, "use_dora": kind == "dora",
+              "init_lora_weights": "pissa" if options.get("init") == "pissa" else True}
+    return config, {}
+
+
+# ---------------------------------------------------------------- (IA)^3
+
+def _feedforward(config: dict, path: str) -> bool:
+    """PEFT's rule: a regex string must match the whole path, a list entry must end it."""
+    modules = config.get("feedforward_modules") or []
+    if isinstance(modules, str):
+        return bool(re.fullmatch(modules, path))
+    return any(path.endswith(name) for name in modules)
+
+
+def _read_ia3(config, weights, extras):
+    for path, params in weights.items():
+        on = "input" if _feedforward(config, path) else "output"
+        scale = params["ia3_l"]
+        if scale.dim() != 2 or scale.shape[0 if on == "input" else 1] != 1:
+            raise _fail(f"module '{path}': ia3_l of shape {list(scale.shape)} does not fit an {on} scale")
+        params["ia3_l"] = scale.reshape(-1)
+    entry = {"type": "ia3", "on": "output"}
+    return entry, _overrides(weights, lambda path, params: {"on": "input" if _feedforward(config, path)
+                                                            else "output"}, entry)
+
+
+def _write_ia3(kind, options, weights, site_options):
+    inputs = sorted(p for p in weights if {**options, **site_options.get(p, {})}["on"] == "input")
+    for path, params in weights.items():
+        params["ia3_l"] = params["ia3_l"].reshape((1, -1) if path in inputs else (-1, 1))
+    return {"feedforward_modules": inputs, "init_ia3_weights": True}, {}
+
+
+# ---------------------------------------------------------------- LoHa, LoKr
+
+def _read_loha(config, weights, extras):
+    entry, sites = _rank_alpha(config, weights, lambda path, params: params["hada_w1_a"].shape[1], "alpha")
+    return {**entry, "type": "loha"}, sites
+
+
+def _read_lokr(config, weights, extras):
+    def rank_of(path, params):
+        for name in ("lokr_w1_a", "lokr_w2_a"):
+            if name in params:
+                return params[name].shape[1]
+        return peft_pattern(config.get("rank_pattern"), path, config["r"])
+    entry, sites = _rank_alpha(config, weights, rank_of, "alpha")
+    entry.update(type="lokr", decompose_both=bool(config.get("decompose_both", False)),
+                 decompose_factor=int(config.get("decompose_factor", -1)))
+    return entry, sites
+
+
+def _write_lycoris(kind, options, weights, site_options):
+    config = {**_write_rank_alpha(options, weights, site_options, "alpha"), "rank_dropout": 0.0,
+              "module_dropout": 0.0, "init_weights": True}
+    if kind == "lokr":
+        config.update(decompose_both=options["decompose_both"], decompose_factor=options["decompose_factor"])
+    return config, {}
+
+
+# ---------------------------------------------------------------- VeRA
+
+def _read_vera(config, weights, extras):
+    if not config.get("save_projection", True) or "vera_A" not in extras or "vera_B" not in extras:
+        raise _fail("the checkpoint does not hold vera_A / vera_B (save_projection=False); surgeon cannot "
+                    "regenerate PEFT's projections")
+    for params in weights.values():
+        params.update(vera_A=extras["vera_A"], vera_B=extras["vera_B"])
+    entry = {"type": "vera", "rank": int(extras["vera_A"].shape[0]), "d_initial": float(config.get("d_initial", 0.1))}
+    return entry, {}
+
+
+def _write_vera(kind, options, weights, site_options):
+    """PEFT keeps one A and B sized for the largest site; every site's must be its leading part."""
+    biggest = {name: max((params[name] for params in weights.values()), key=lambda t: t.numel())
+               for name in ("vera_A", "vera_B")}
+    for path, params in weights.items():
+        rank, in_features = params["vera_A"].shape
+        out_features = params["vera_B"].shape[0]
+        if not (torch.equal(biggest["vera_A"][:rank, :in_features], params["vera_A"])
+                and torch.equal(biggest["vera_B"][:out_features, :rank], params["vera_B"])):
+            raise _fail(f"VeRA module '{path}' has projections that are not slices of the largest ones; PEFT "
+                        "needs one shared pair (sites of different shapes initialized by surgeon are independent)")
+        del params["vera_A"], params["vera_B"]
+    config = {"r": options["rank"], "d_initial": options["d_initial"], "save_projection": True,
+              "projection_prng_key": options["projection_seed"], "vera_dropout": 0.0}
+    return config, {"vera_A": biggest["vera_A"], "vera_B": biggest["vera_B"]}
+
+
+# ---------------------------------------------------------------- OFT, BOFT, HRA
+
+def _read_oft(config, weights, extras):
+    if config.get("coft"):
+        raise _fail("constrained OFT (coft=True) is not supported: its projection rewrites the weights in place")
+
+    def block_size(path, params):
+        size = (1 + math.isqrt(1 + 8 * params["oft_R"].shape[1])) // 2
+        if size * (size - 1) // 2 != params["oft_R"].shape[1]:
+            raise _fail(f"module '{path}': oft_R rows of {params['oft_R'].shape[1]} are not b*(b-1)/2")
+        return size
+    sizes = {path: block_size(path, params) for path, params in weights.items()}
+    entry = {"type": "oft", "block_size": config.get("oft_block_size") or next(iter(sizes.values())),
+             "block_share": bool(config.get("block_share", False)),
+             "use_cayley_neumann": bool(config.get("use_cayley_neumann", True)),
+             "num_cayley_neumann_terms": int(config.get("num_cayley_neumann_terms", 5))}
+    return entry, _overrides(weights, lambda path, params: {"block_size": sizes[path]}, entry)
+
+
+def _write_oft(kind, options, weights, site_options):
+    sizes = {site_options.get(p, {}).get("block_size", options["block_size"]) for p in weights}
+    if len(sizes) != 1:
+        raise _fail(f"PEFT's OFT config holds one block size; these modules use {sorted(sizes)}")
+    return {"r": 0, "oft_block_size": sizes.pop(), "block_share": options["block_share"], "coft": False,
+            "use_cayley_neumann": options["use_cayley_neumann"], "module_dropout": 0.0,
+            "num_cayley_neumann_terms": options["num_cayley_neumann_terms"], "init_weights": True}, {}
+
+
+def _read_boft(config, weights, extras):
+    for path, params in weights.items():
+        if params["boft_R"].dim() != 4:
+            raise _fail(f"module '{path}': boft_R must be (factors, blocks, size, size)")
+        params["boft_s"] = params["boft_s"].reshape(-1)
+    def layout(path: str, params: dict) -> dict:
+        return {"block_size": params["boft_R"].shape[-1], "butterfly_factor": params["boft_R"].shape[0]}
+    entry = {"type": "boft", **layout(*next(iter(weights.items())))}
+    return entry, _overrides(weights, layout, entry)
+
+
+def _write_boft(kind, options, weights, site_options):
+    for params in weights.values():
+        params["boft_s"] = params["boft_s"].reshape(-1, 1)
+    return {"boft_block_size": options["block_size"], "boft_block_num": 0, "boft_dropout": 0.0,
+            "boft_n_butterfly_factor": options["butterfly_factor"], "init_weights": True}, {}
+
+
+def _read_hra(config, weights, extras):
+    entry = {"type": "hra", "rank": config.get("r", 8), "apply_GS": bool(config.get("apply_GS", False))}
+    return entry, _overrides(weights, lambda path, params: {"rank": params["hra_u"].shape[1]}, entry)
+
+
+def _write_hra(kind, options, weights, site_options):
+    return {"r": options["rank"], "apply_GS": options["apply_GS"], "init_weights": True}, {}
+
+
+FORMATS = [
+    PeftFormat("LORA", ("lora", "dora"), {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight",
+                                          "lora_magnitude": "lora_magnitude_vector"}, _read_lora, _write_lora),
+    PeftFormat("IA3", ("ia3",), {"ia3_l": "ia3_l"}, _read_ia3, _write_ia3, ("fan_in_fan_out",)),
+    PeftFormat("LOHA", ("loha",), {n: n for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")},
+               _read_loha, _write_lycoris, ()),
+    PeftFormat("LOKR", ("lokr",), {n: n for n in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a",
+                                                  "lokr_w2_b")}, _read_lokr, _write_lycoris, ()),
+    PeftFormat("VERA", ("vera",), {"vera_lambda_b": "vera_lambda_b", "vera_lambda_d": "vera_lambda_d"},
+               _read_vera, _write_vera, model_level=("vera_A", "vera_B")),
+    PeftFormat("OFT", ("oft",), {"oft_R": "oft_R.weight"}, _read_oft, _write_oft),
+    PeftFormat("BOFT", ("boft",), {"boft_R": "boft_R", "boft_s": "boft_s"}, _read_boft, _write_boft),
+    PeftFormat("HRA", ("hra",), {"hra_u": "hra_u"}, _read_hra, _write_hra, ("bias",)),
+]
+BY_PEFT_TYPE = {f.peft_type: f for f in FORMATS}
+BY_KIND = {kind: f for f in FORMATS for kind in f.kinds}

@@ -1,0 +1,145 @@
+"""Shared checks for adapter kinds: identity insert, training, merge, parameter count, file round
+trips, and parity with PEFT (import of a PEFT checkpoint, export back to PEFT).
+
+Every check drives the public path: surgeon.compile with a spec, Compiled.module, Compiled.apply,
+Compiled.save_adapter and `from_dir` / `from_peft` entries.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+import surgeon
+from surgeon.adapter_io import save_peft_dir
+from surgeon.pipeline import TOLERANCE
+from tests.conftest import hf_llama, randomize_adapters
+from tests.passes.helpers import adapter_nodes, logits
+
+KW = {"use_cache": False}
+NAME = "ad"
+
+
+def spec(kind: str, targets, pipeline=("insert",), **options) -> dict:
+    return {"adapters": [{"name": NAME, "type": kind, "targets": list(targets), **options}],
+            "pipeline": list(pipeline)}
+
+
+def compile_kind(kind: str, targets, factory=hf_llama, **options):
+    """(model, args, compiled) with one adapter of `kind` inserted."""
+    model, args = factory()
+    return model, args, surgeon.compile(model, args, spec(kind, targets, **options), KW)
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Equal within the pipeline's fp32 tolerance: max |got - want| / max |want|."""
+    rel = ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
+    assert rel <= TOLERANCE[torch.float32], f"relative error {rel:.3g}"
+
+
+def assert_identity_insert(compiled, model, args, exact: bool = True) -> None:
+    """The inserted adapter leaves the model's function unchanged (bit for bit when exact)."""
+    row = compiled.report.rows[-1]
+    assert row.name == "insert" and row.matches > 0
+    assert row.check == "exact" if exact else row.check.startswith("rel err"), row.check
+    with torch.no_grad():
+        want = model(*args, **KW).logits
+    got = logits(compiled.module, args)
+    if exact:
+        assert torch.equal(got, want)
+    else:
+        assert_close(got, want)
+
+
+def assert_param_count(compiled, expected: int) -> None:
+    """The kind's formula, the report and the module's trainable parameters all agree."""
+    state = compiled.adapters[NAME]
+    assert state.param_count == expected
+    assert compiled.report.to_dict()["adapters"][0]["params"] == expected
+    assert f"{expected:,}" in str(compiled.report)
+    assert sum(p.numel() for p in compiled.module.parameters() if p.requires_grad) == expected
+
+
+def assert_trains(compiled, args, steps: int = 4) -> list[float]:
+    """A few Adam steps on a toy regression reduce the loss; only adapter parameters get gradients."""
+    module, state = compiled.module, compiled.adapters[NAME]
+    kind = state.spec.kind
+    trainable = {t for s in state.sites for p, t in s.params.items() if p not in kind.frozen | kind.shared}
+    assert {n for n, p in module.named_parameters() if p.requires_grad} == trainable
+    params = [module.get_parameter(t) for t in sorted(trainable)]
+    optimizer = torch.optim.Adam(params, lr=1e-2)
+    target = torch.randn(logits(module, args).shape, generator=torch.Generator().manual_seed(0))
+    initial = [p.detach().clone() for p in params]
+    losses = []
+    for _ in range(steps):
+        loss = torch.nn.functional.mse_loss(module(*args).logits, target)
+        optimizer.zero_grad()
+        loss.backward()
+        assert all(p.grad is not None for p in params)
+        assert all(p.grad is None for p in module.parameters() if not p.requires_grad)
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+    assert all(not torch.equal(p, p0) for p, p0 in zip(params, initial)), "every adapter parameter was updated"
+    return losses
+
+
+def assert_merge(compiled, args, unmerge: bool = True) -> None:
+    """Merge leaves no adapter node or parameter and the same outputs; unmerge brings them back."""
+    randomize_adapters(compiled.module)
+    before = logits(compiled.module, args)
+    params_before = sum(p.numel() for p in compiled.module.parameters())
+    compiled.apply(["merge"])
+    assert adapter_nodes(compiled.module) == []
+    assert not [n for n, _ in compiled.module.named_parameters() if f"adapter_{NAME}" in n]
+    assert_close(logits(compiled.module, args), before)
+    if unmerge:
+        compiled.apply(["unmerge"])
+        assert adapter_nodes(compiled.module, NAME)
+        assert sum(p.numel() for p in compiled.module.parameters()) == params_before
+        assert_close(logits(compiled.module, args), before)
+
+
+def assert_round_trip(compiled, model, args, tmp_path) -> None:
+    """save_adapter + a `from_dir` spec on the untouched model reproduce the outputs exactly."""
+    randomize_adapters(compiled.module, seed=3)
+    expected = logits(compiled.module, args)
+    compiled.save_adapter(NAME, tmp_path / "saved")
+    again = surgeon.compile(model, args, {"adapters": [{"name": "again", "from_dir": str(tmp_path / "saved")}]}, KW)
+    assert again.adapters["again"].spec.type == compiled.adapters[NAME].spec.type
+    assert torch.equal(logits(again.module, args), expected)
+
+
+def peft_parity(config, tmp_path, scale: float = 0.2):
+    """A randomized PEFT checkpoint imports through `from_peft` and matches PEFT before and after merge."""
+    import peft
+
+    model, args = hf_llama()
+    wrapped = peft.get_peft_model(copy.deepcopy(model), config).eval()
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in wrapped.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * scale)
+    wrapped.save_pretrained(tmp_path)
+    expected = logits(wrapped, args)
+    assert not torch.allclose(expected, logits(model, args), atol=1e-3)
+    compiled = surgeon.compile(model, args, {"adapters": [{"name": NAME, "from_peft": str(tmp_path)}]}, KW)
+    assert_close(logits(compiled.module, args), expected)
+    compiled.apply(["merge"])
+    assert_close(logits(compiled.module, args), logits(wrapped.merge_and_unload(), args))
+    return compiled
+
+
+def peft_export(compiled, model, args, tmp_path) -> None:
+    """An adapter trained in surgeon, written in PEFT's format, loads in PEFT with the same outputs."""
+    import peft
+
+    state = compiled.adapters[NAME]
+    randomize_adapters(compiled.module, seed=5)
+    expected = logits(compiled.module, args)
+    site_options = {s.path: {k: v for k, v in s.options.items() if v != state.spec.options[k]} for s in state.sites}
+    save_peft_dir(tmp_path, state.spec.options, compiled.adapter_weights(NAME),
+                  {s.path for s in state.sites if s.op == "addmm"}, kind=state.spec.type, site_options=site_options)
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path).eval()
+    assert_close(logits(loaded, args), expected)
