@@ -85,5 +85,32 @@ def lint(gm: fx.GraphModule) -> None:
             _get_attr(gm, node.target)
         except AttributeError as error:
             raise AssertionError(f"get_attr node '{node.name}' names missing tensor '{node.target}'") from error
+    fill_meta(gm)
     index_children(gm)
     recompile(gm)
+
+
+def fill_meta(gm: fx.GraphModule) -> None:
+    """Give nodes a pass created without shape metadata a `meta["val"]` (a meta-device tensor),
+    by running their op on meta tensors; nodes whose inputs have none, or ops that fail on the
+    meta device, are left without (shape unknown)."""
+    def as_meta(value):
+        if isinstance(value, fx.Node):
+            val = value.meta.get("val")
+            if not isinstance(val, torch.Tensor):
+                raise LookupError(value.name)
+            return torch.empty(val.shape, dtype=val.dtype, device="meta")
+        return value
+
+    for node in gm.graph.nodes:
+        if "val" in node.meta or node.op not in ("get_attr", "call_function"):
+            continue
+        try:
+            if node.op == "get_attr":
+                tensor = get_tensor(gm, node.target)
+                node.meta["val"] = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+            else:
+                args, kwargs = torch.fx.node.map_aggregate((node.args, node.kwargs), as_meta)
+                node.meta["val"] = node.target(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - metadata only: unknown shape is allowed
+            continue
