@@ -74,4 +74,6 @@ class Insert:
             base_delta = kind.base_delta(fresh, site.options, weight)
             if base_delta is not None:
                 add_delta(gm, state, site, base_delta, self.name)
-        return {p: t.to(device=weight.device, dtype=dtype or weight.dtype).clone() for p, t in tensors.items()}
+        # floating parameters take the site's dtype; integer ones (SHiRA's indices) keep theirs
+        return {p: t.to(device=weight.device, dtype=(dtype or weight.dtype) if t.is_floating_point() else t.dtype)
+                .clone() for p, t in tensors.items()}

@@ -122,6 +122,11 @@ def cmd_merge_checkpoint(ns) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:   # its own options (surgeon.bench)
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="surgeon", description="A model-surgery compiler over FX graphs.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="compile, train and merge a LoRA on the built-in LLaMA-style model")
@@ -140,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_show)
     add_view_options(p)
     add_diff_command(sub)
+    sub.add_parser("bench", help="time merged/unmerged LoRA vs the eager base and PEFT (see surgeon bench -h)",
+                   add_help=False)
     p = sub.add_parser("merge-checkpoint", help="merge an adapter into a safetensors checkpoint, tensor by tensor")
     p.add_argument("--base", required=True, help="folder with model.safetensors, or shards + model.safetensors.index.json")
     p.add_argument("--adapter", required=True, help="adapter folder: surgeon (save_adapter) or PEFT")

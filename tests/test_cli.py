@@ -41,3 +41,9 @@ def test_cli_errors_are_one_clear_line(argv, words, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("surgeon: error:") and words in err
+
+
+def test_bench_is_wired_with_its_own_options(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "-h"])
+    assert info.value.code == 0 and "--rounds" in capsys.readouterr().out

@@ -127,8 +127,8 @@ class AdapterKind:
 
 def kinds() -> dict[str, AdapterKind]:
     """The adapter kinds by spec `type` name (an explicit table; nothing registers at import)."""
-    from . import boft, delta, dora, hra, ia3, loha, lokr, lora, lora_xs, oft, vera
+    from . import boft, delta, dora, hra, ia3, loha, lokr, lora, lora_xs, oft, shira, vera
 
     table = [lora.LORA, delta.DELTA, dora.DORA, ia3.IA3, loha.LOHA, lokr.LOKR, vera.VERA, lora_xs.LORA_XS,
-             oft.OFT, boft.BOFT, hra.HRA]
+             oft.OFT, boft.BOFT, hra.HRA, shira.SHIRA]
     return {kind.name: kind for kind in table}
