@@ -85,9 +85,10 @@ class Combine:
             if state.status != "inserted":
                 raise self._error(ctx, "adapters", f"adapter '{adapter_name}' is {state.status}; combine takes "
                                                    "inserted adapters")
-            if state.spec.kind.delta_weight is None:
+            reason = next((r for s in state.sites if (r := state.spec.kind.refusal(s.options))), "")
+            if reason:
                 raise self._error(ctx, "adapters", f"cannot combine adapter '{adapter_name}' "
-                                                   f"({state.spec.type}): {state.spec.kind.refuse_merge}")
+                                                   f"({state.spec.type}): {reason}")
             inputs.append(state)
         return inputs
 

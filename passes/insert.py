@@ -45,6 +45,8 @@ class Insert:
                 op = "linear" if calls[0].target is torch.ops.aten.linear.default else "addmm"
                 weight, fan_in, fan_out = site_dims(gm, calls[0], op)
                 options = {**spec.options, **(spec.loaded.site_options.get(path, {}) if spec.loaded else {})}
+                if spec.kind.site_options is not None:   # options a kind reads from the graph (S2FT's k)
+                    options.update(spec.kind.site_options(gm, path, weight, options))
                 site = SiteState(path, op, weight, fan_in, fan_out, options)
                 dtype = calls[0].meta["val"].dtype if "val" in calls[0].meta else None
                 tensors = self._tensors(gm, state, site, ctx, index, dtype)

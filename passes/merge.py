@@ -25,10 +25,12 @@ class Merge:
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
         result = PassResult()
-        for state in ctx.select(self.adapters, ("inserted",)):
-            kind = state.spec.kind
-            if kind.delta_weight is None:
-                raise ctx.spec.error(("pipeline",), f"cannot merge adapter '{state.spec.name}': {kind.refuse_merge}")
+        chosen = ctx.select(self.adapters, ("inserted",))
+        for state in chosen:   # every refusal before any graph change
+            reason = next((r for s in state.sites if (r := state.spec.kind.refusal(s.options))), "")
+            if reason:
+                raise ctx.spec.error(("pipeline",), f"cannot merge adapter '{state.spec.name}': {reason}")
+        for state in chosen:
             for site in state.sites:
                 merge_site(gm, state, site, self.name)
                 result.matches += 1

@@ -4,7 +4,8 @@ Reads the permutations those passes recorded in gm.meta["surgeon_permutations"] 
 inverse of each, newest first (`steps`: how many recorded passes to undo; all by default). The
 inverse gather of p is argsort(p), so every coupled tensor returns to its original index order;
 weights trained or masked in the permuted layout keep their values, only their positions change
-back. New tensors only; the function is unchanged ("close").
+back. New tensors only; the function is unchanged ("close"). Refused while an s2ft adapter is
+inserted and not merged: its update is tied to the permuted leading columns (merge it first).
 """
 from __future__ import annotations
 
@@ -36,6 +37,11 @@ class UnPermute:
         count = len(stack) if self.steps is None else self.steps
         if count > len(stack):
             raise PassError(self.name, f"steps={count} but only {len(stack)} permutations are recorded")
+        unmerged = [a.spec.name for a in ctx.adapters.values()
+                    if a.spec.type == "s2ft" and a.status not in ("declared", "merged", "removed")]
+        if unmerged:   # an s2ft delta sits on the permuted leading columns; moving them would scatter it
+            raise PassError(self.name, f"s2ft adapter(s) {unmerged} are trained on the permuted columns: "
+                                       "merge first, then un-permute")
         result = PassResult()
         for _ in range(count):
             done = stack.pop()

@@ -151,9 +151,11 @@ def read_adapter(adapter_dir: Path) -> Adapter:
     else:
         loaded = load_adapter_dir(adapter_dir)
     kind = kinds()[loaded.entry["type"]]
-    if kind.delta_weight is None:
-        raise SurgeonError(f"merge-checkpoint: a {kind.name} adapter cannot be merged: {kind.refuse_merge}")
-    return Adapter(kind, loaded.weights, _site_options(kind, loaded), flag)
+    options = _site_options(kind, loaded)
+    reason = next((r for o in options.values() if (r := kind.refusal(o))), "")
+    if reason:
+        raise SurgeonError(f"merge-checkpoint: a {kind.name} adapter cannot be merged: {reason}")
+    return Adapter(kind, loaded.weights, options, flag)
 
 
 def _site_options(kind: AdapterKind, loaded: LoadedAdapter) -> dict[str, dict]:

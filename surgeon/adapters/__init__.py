@@ -106,6 +106,11 @@ class AdapterKind:
         and shape and read by every site of that shape (VeRA's random projections)
     init_check(opts): "exact" when the init is the identity bit for bit, "close" when it is the
         identity up to rounding, "none" when it changes the function (e.g. HRA with an odd rank)
+    merge_refusal(opts) -> why these options cannot merge, "" when they can (a parallel adapter
+        merges only without a nonlinearity); read through `refusal(opts)`
+    site_options(gm, path, weight_target, opts) -> options for one site, read from the graph
+        before its parameters are made and merged over `opts` (S2FT's column count comes from
+        the co-permute record)
     """
 
     name: str
@@ -123,12 +128,22 @@ class AdapterKind:
     frozen: frozenset[str] = frozenset()
     shared: frozenset[str] = frozenset()
     init_check: Callable[[dict], str] = lambda opts: "exact"
+    merge_refusal: Callable[[dict], str] | None = None
+    site_options: Callable[[fx.GraphModule, str, str, dict], dict] | None = None
+
+    def refusal(self, opts: dict) -> str:
+        """Why an adapter of this kind with these options cannot be merged; "" when it can."""
+        if self.delta_weight is None:
+            return self.refuse_merge
+        return self.merge_refusal(opts) if self.merge_refusal is not None else ""
 
 
 def kinds() -> dict[str, AdapterKind]:
     """The adapter kinds by spec `type` name (an explicit table; nothing registers at import)."""
-    from . import boft, delta, dora, hra, ia3, loha, lokr, lora, lora_xs, oft, shira, vera
+    from . import (boft, bottleneck, delta, dora, hra, hydra, ia3, loha, lokr, lora, lora_xs, oft, parallel_adapter,
+                   s2ft, shira, vera)
 
     table = [lora.LORA, delta.DELTA, dora.DORA, ia3.IA3, loha.LOHA, lokr.LOKR, vera.VERA, lora_xs.LORA_XS,
-             oft.OFT, boft.BOFT, hra.HRA, shira.SHIRA]
+             oft.OFT, boft.BOFT, hra.HRA, shira.SHIRA, parallel_adapter.PARALLEL_ADAPTER, bottleneck.BOTTLENECK,
+             hydra.HYDRA, s2ft.S2FT]
     return {kind.name: kind for kind in table}
