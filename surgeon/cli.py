@@ -93,6 +93,13 @@ def cmd_show(ns) -> int:
     nodes_file = directory / "nodes.json"
     if not nodes_file.is_file():
         raise SurgeonError(f"'{directory}' is not a saved compile (no nodes.json); write one with surgeon compile --out")
+    if getattr(ns, "kernels", False):
+        sources = sorted((directory / "kernels").glob("*.py"))
+        if not sources:
+            raise SurgeonError(f"'{directory}' has no generated kernels (run the `fuse` and `lower` passes)")
+        for source in sources:
+            print(f"# ---- {source.stem}\n{source.read_text()}")
+        return 0
     if getattr(ns, "groups", False):
         from .groups import format_groups
 
@@ -142,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dir", help="a folder written by surgeon compile/demo")
     p.add_argument("--filter", default="*", help="module-path glob (default: all)")
     p.add_argument("--groups", action="store_true", help="print which weight axes are permuted together")
+    p.add_argument("--kernels", action="store_true", help="print the generated kernel source of lowered regions")
     p.set_defaults(fn=cmd_show)
     add_view_options(p)
     add_diff_command(sub)

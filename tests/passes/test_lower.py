@@ -123,4 +123,7 @@ def test_lowered_adapters_refuse_graph_edits_and_kernels_are_saved(tmp_path):
         compiled.apply(["merge"])
     out = compiled.save(tmp_path)
     assert len(list((out / "kernels").glob("*.py"))) == 6
+    from surgeon.cli import main
+
+    assert main(["show", str(out), "--kernels"]) == 0
     assert (out / "adapters" / "chat" / "adapter.safetensors").is_file()
