@@ -1,6 +1,7 @@
-"""The generated fused LoRA kernel vs eager vs torch.compile vs the base GEMM (see kernels/bench.py).
+"""The fused LoRA linear and the lowered LoRA SwiGLU MLP vs eager, torch.compile and base GEMMs (see kernels/bench.py).
 
-    python benchmarks/bench_lora_kernel.py     # needs a CUDA GPU; on a CPU it says so and exits 0
+    python benchmarks/bench_lora_kernel.py [--json out.json] [--budget 130]   # needs a CUDA GPU; on a CPU it
+                                                                               # says so and exits 0
 """
 import sys
 

@@ -1,145 +1,306 @@
-"""Benchmark: the generated fused LoRA linear kernel vs eager unfused vs torch.compile (unfused).
+"""GPU benchmark: the generated fused LoRA linear and a lowered LoRA SwiGLU MLP vs eager, torch.compile, base GEMMs.
 
-    python benchmarks/bench_lora_kernel.py          # or part of `surgeon bench` on a GPU; ~1-3 minutes
+    python benchmarks/bench_lora_kernel.py [--json out.json]   # or part of `surgeon bench`; ~2-2.5 min on an H200
 
-For y = x W^T + s (x A^T) B^T with K = N = 4096, r = 16, at decode (M = 1, 4, 16) and prefill
-(M = 512, 2048, 4096) token counts, in fp16 and bf16, it prints one table row per shape:
-median times (triton.testing.do_bench; decode rows replay a CUDA graph, do_bench_cudagraph, so
-launch overhead does not hide the kernels), the fused kernel's speedups, its relative error
-against eager, and the tile config the launcher picked. A SwiGLU gate row (silu(.) * up, the
-epilogue fused) follows. A variant that fails prints its error in its cell; the run goes on.
-Without a CUDA device it says so and exits 0.
+Table 1, y = x W^T + s (x A^T) B^T (s = 2, bf16 unless marked), one row per case: the base GEMM
+F.linear(x, W) alone, surgeon's launcher (surgeon.kernels.lora_linear.lora_linear), eager
+unfused (three F.linear and an add) and torch.compile of the eager function; median
+microseconds, each variant's time over the base GEMM's, the fused launcher's speedup over
+eager and compile, its relative error against eager and the tile config it picked. Cases:
+N x K in (4096 x 4096, 14336 x 4096), decode M in (1, 16, 64) and prefill M in (512, 4096, 8192)
+at r = 16; r in (8, 64) at M = 16 and 4096 on 4096 x 4096; fp16 at M = 16 and 4096.
+
+Table 2, a LoRA SwiGLU MLP (hidden 4096, intermediate 14336, r = 16 on gate, up and down) at
+M = 16 and 4096: base (three plain GEMMs + silu * mul), merged (the same with W + s B A),
+eager unfused (PEFT-style: base + B(A x) * s per projection), torch.compile of that, and the
+lowered path as the lower pass emits it (up as a plain lora_linear, gate with the epilogue
+"silu,mul:0" reading up, then down), each with its ratio to base.
+
+Decode rows (M <= 64) replay a CUDA graph (do_bench_cudagraph), so launch overhead does not hide
+the kernels; prefill rows use do_bench. A variant that fails prints FAILED in its cell and the
+run goes on; after BUDGET_S seconds no new row starts (it is listed as skipped). `--json PATH`
+writes every row. Without a CUDA device it says so and exits 0.
 """
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import sys
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")           # Triton 3.9's default, without its warning
 
-K = N = 4096
-RANK = 16
 SCALE = 2.0
-DECODE, PREFILL = (1, 4, 16), (512, 2048, 4096)
-DEVICE = "cuda"
-BUDGET_S = 170.0     # stop starting new rows after this, so the script ends in about 3 minutes
+HIDDEN, INTERMEDIATE = 4096, 14336
+BUDGET_S = 130.0     # stop starting new rows after this, so the whole run stays near 150 s
+REP_MS = 40          # timing window of each measurement
 
 
-def kernel_module():
-    """surgeon.kernels.lora_linear (the launcher and its tuned-config cache)."""
-    from surgeon.kernels import lora_linear
+@dataclass(frozen=True)
+class Case:
+    kind: str            # "lora" (one linear) or "mlp" (the SwiGLU block)
+    M: int
+    N: int = HIDDEN
+    K: int = HIDDEN
+    r: int = 16
+    dtype: torch.dtype = torch.bfloat16
 
-    return lora_linear
-
-
-def unfused(x, w, a, b, gate=None):
-    """The graph before lowering: base linear, two LoRA GEMMs, one add (and SwiGLU's gate)."""
-    y = F.linear(x, w) + SCALE * F.linear(F.linear(x, a), b)
-    return y if gate is None else F.silu(y) * gate
-
-
-def fused(x, w, a, b, gate=None):
-    """The generated kernel, called through its launcher (no custom-op dispatch)."""
-    lora_linear = kernel_module().lora_linear
-    if gate is None:
-        return lora_linear(x, w, None, a, b, [], SCALE, "out_in", "")
-    return lora_linear(x, w, None, a, b, [gate], SCALE, "out_in", "silu,mul:0")
+    @property
+    def graph(self) -> bool:
+        """Whether this row is timed by CUDA-graph replay (decode sizes)."""
+        return self.M <= 64
 
 
-def timed(fn, cudagraph: bool) -> str:
-    """Median milliseconds of fn as a table cell, or the error that stopped it."""
+def cases() -> list[Case]:
+    """Every row, most important first (the time budget cuts from the end)."""
+    rows = [Case("lora", M) for M in (1, 16, 64, 512, 4096, 8192)]
+    rows += [Case("lora", M, N=INTERMEDIATE) for M in (1, 16, 64, 512, 4096, 8192)]
+    rows += [Case("mlp", M, N=INTERMEDIATE) for M in (16, 4096)]
+    rows += [Case("lora", M, r=r) for r in (8, 64) for M in (16, 4096)]
+    rows += [Case("lora", M, dtype=torch.float16) for M in (16, 4096)]
+    return rows
+
+
+# ---------------------------------------------------------------- the variants
+
+
+def unfused(x, w, a, b):
+    """One LoRA projection as the graph holds it before lowering (PEFT's order: base + B(A x) * s)."""
+    return F.linear(x, w) + F.linear(F.linear(x, a), b) * SCALE
+
+
+def unfused_mlp(x, p):
+    """The LoRA SwiGLU MLP, unfused: down(silu(gate(x)) * up(x)) with every projection as `unfused`."""
+    gate = unfused(x, p["w_gate"], p["a_gate"], p["b_gate"])
+    up = unfused(x, p["w_up"], p["a_up"], p["b_up"])
+    return unfused(F.silu(gate) * up, p["w_down"], p["a_down"], p["b_down"])
+
+
+def plain_mlp(x, w_gate, w_up, w_down):
+    """Three GEMMs and silu * mul: the base model's MLP (or the merged one, given merged weights)."""
+    return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
+
+
+def lowered_mlp(launcher, x, p):
+    """The calls the lower pass emits: up plain, gate with silu * up fused in its epilogue, then down."""
+    up = launcher(x, p["w_up"], None, p["a_up"], p["b_up"], [], SCALE, "out_in", "")
+    hidden = launcher(x, p["w_gate"], None, p["a_gate"], p["b_gate"], [up], SCALE, "out_in", "silu,mul:0")
+    return launcher(hidden, p["w_down"], None, p["a_down"], p["b_down"], [], SCALE, "out_in", "")
+
+
+def merged(w, a, b):
+    """W + s B A, summed in fp32 and rounded once."""
+    return (w.float() + SCALE * (b.float() @ a.float())).to(w.dtype)
+
+
+# ---------------------------------------------------------------- measuring
+
+
+@dataclass
+class Env:
+    """Where rows run: the device, a timer (fn, cudagraph) -> ms, the LoRA launcher, compiled eager functions."""
+
+    device: str
+    timer: Callable[[Callable, bool], float]
+    launcher: Callable
+    compiled: dict
+
+
+def gpu_timer(fn, cudagraph: bool) -> float:
+    """Median milliseconds of fn on the GPU (one warm call first: it may tune or compile)."""
     import triton.testing
 
-    try:
-        fn()
-        torch.cuda.synchronize()
-        if cudagraph:
-            ms = triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
-        else:
-            ms = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
-        return f"{ms * 1000:.1f}"
-    except Exception as error:  # noqa: BLE001 - report and go on with the other variants
-        return f"FAILED {type(error).__name__}: {str(error).splitlines()[0][:60] if str(error) else ''}"
+    fn()
+    torch.cuda.synchronize()
+    if cudagraph:
+        return triton.testing.do_bench_cudagraph(fn, rep=REP_MS, return_mode="median")
+    return triton.testing.do_bench(fn, warmup=10, rep=REP_MS, return_mode="median")
 
 
-def rel_err(fn, ref, args) -> str:
+def failure(error: Exception) -> str:
+    text = str(error).splitlines()[0][:60] if str(error) else ""
+    return f"FAILED {type(error).__name__}: {text}"
+
+
+def measure(env: Env, fns: dict[str, Callable], graph: bool) -> tuple[dict, dict]:
+    """({variant: microseconds}, {variant: error}) - a failing variant does not stop the others."""
+    times, errors = {}, {}
+    for name, fn in fns.items():
+        try:
+            times[name] = env.timer(fn, graph) * 1000
+        except Exception as error:  # noqa: BLE001 - report and go on with the other variants
+            errors[name] = failure(error)
+    return times, errors
+
+
+def rel_err(out_fn, ref_fn) -> str:
     try:
-        out, expected = fn(*args).float(), ref(*args).float()
+        out, expected = out_fn().float(), ref_fn().float()
         return f"{((out - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item():.1e}"
     except Exception as error:  # noqa: BLE001
-        return f"FAILED {type(error).__name__}"
+        return failure(error)
 
 
-def speedup(base: str, new: str) -> str:
-    try:
-        return f"{float(base) / float(new):.2f}x"
-    except ValueError:
-        return "-"
+def tensors(case: Case, device: str, shapes: dict[str, tuple]) -> dict[str, torch.Tensor]:
+    """Seeded random operands; weights scaled by 1 / sqrt(fan-in), B by 0.1 so the LoRA term is visible."""
+    gen = torch.Generator(device=device).manual_seed(case.M * 31 + case.N + case.r)
+    out = {}
+    for name, shape in shapes.items():
+        scale = 0.1 if name.startswith("b") else (1.0 if name == "x" else shape[-1] ** -0.5)
+        out[name] = (torch.randn(*shape, device=device, generator=gen) * scale).to(case.dtype)
+    return out
 
 
-def row(label, M, dtype, compiled, gate: bool) -> list[str]:
-    kernel = kernel_module()
-    gen = torch.Generator(device=DEVICE).manual_seed(M)
-    rand = lambda *s, scale=1.0: (torch.randn(*s, device=DEVICE, generator=gen) * scale).to(dtype)  # noqa: E731
-    args = (rand(M, K), rand(N, K, scale=K ** -0.5), rand(RANK, K, scale=K ** -0.5), rand(N, RANK, scale=0.1))
-    if gate:
-        args += (rand(M, N),)
-    graph = M <= 16
-    t_base = timed(lambda: F.linear(args[0], args[1]), graph)
-    t_fused = timed(lambda: fused(*args), graph)
-    t_eager = timed(lambda: unfused(*args), graph)
-    t_compiled = timed(lambda: compiled(*args), graph)
-    epilogue = "silu,mul:0" if gate else ""
+def tile(case: Case) -> str:
+    """The config the launcher's tuner picked for this case, or '-' (cuBLAS path, or no tuning here)."""
+    from surgeon.kernels import lora_linear as kernel
+
     best = [cfg for key, cfg in kernel._BEST.items()
-            if key[:2] == (kernel.triton_next_pow2(M), N) and key[4:6] == (dtype, epilogue)]
-    config = "x".join(map(str, best[-1][:3])) + f"/w{best[-1][4]}s{best[-1][5]}" if best else "-"
-    return [label, str(M), str(dtype).replace("torch.", ""), "graph" if graph else "events", t_base, t_fused,
-            t_eager, t_compiled, speedup(t_fused, t_base), speedup(t_eager, t_fused), speedup(t_compiled, t_fused), rel_err(fused, unfused, args), config]
+            if key[:4] == (kernel.triton_next_pow2(case.M), case.N, case.K, case.r) and key[4:6] == (case.dtype, "")]
+    return "x".join(map(str, best[-1][:3])) + f"/w{best[-1][4]}s{best[-1][5]}" if best else "-"
 
 
-def print_table(rows: list[list[str]]) -> None:
-    header = ["shape", "M", "dtype", "timer", "base us", "fused us", "eager us", "compile us", "fused/base",
-              "vs eager", "vs compile",
-              "rel err", "fused tile"]
-    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-    for r in [header, ["-" * w for w in widths]] + rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip(), flush=True)
+def linear_row(case: Case, env: Env) -> dict:
+    t = tensors(case, env.device, {"x": (case.M, case.K), "w": (case.N, case.K), "a": (case.r, case.K),
+                                   "b": (case.N, case.r)})
+    x, w, a, b = t["x"], t["w"], t["a"], t["b"]
+    fused = lambda: env.launcher(x, w, None, a, b, [], SCALE, "out_in", "")  # noqa: E731
+    fns = {"base": lambda: F.linear(x, w), "fused": fused, "eager": lambda: unfused(x, w, a, b),
+           "compile": lambda: env.compiled["lora"](x, w, a, b)}
+    times, errors = measure(env, fns, case.graph)
+    return {**describe(case), "us": times, "errors": errors, "rel_err": rel_err(fused, fns["eager"]),
+            "tile": tile(case)}
 
 
-def main() -> int:
+def mlp_row(case: Case, env: Env) -> dict:
+    names = {"w_gate": (INTERMEDIATE, HIDDEN), "w_up": (INTERMEDIATE, HIDDEN), "w_down": (HIDDEN, INTERMEDIATE),
+             "a_gate": (case.r, HIDDEN), "a_up": (case.r, HIDDEN), "a_down": (case.r, INTERMEDIATE),
+             "b_gate": (INTERMEDIATE, case.r), "b_up": (INTERMEDIATE, case.r), "b_down": (HIDDEN, case.r)}
+    p = tensors(case, env.device, {"x": (case.M, HIDDEN), **names})
+    x = p["x"]
+    w_merged = [merged(p[f"w_{n}"], p[f"a_{n}"], p[f"b_{n}"]) for n in ("gate", "up", "down")]
+    lowered = lambda: lowered_mlp(env.launcher, x, p)  # noqa: E731
+    fns = {"base": lambda: plain_mlp(x, p["w_gate"], p["w_up"], p["w_down"]),
+           "merged": lambda: plain_mlp(x, *w_merged), "eager": lambda: unfused_mlp(x, p),
+           "compile": lambda: env.compiled["mlp"](x, p), "lowered": lowered}
+    times, errors = measure(env, fns, case.graph)
+    return {**describe(case), "us": times, "errors": errors, "rel_err": rel_err(lowered, fns["eager"]),
+            "tile": "-"}
+
+
+def describe(case: Case) -> dict:
+    return {"kind": case.kind, "shape": f"{case.N}x{case.K}" if case.kind == "lora" else
+            f"{HIDDEN}->{INTERMEDIATE}->{HIDDEN}", "M": case.M, "r": case.r,
+            "dtype": str(case.dtype).replace("torch.", ""), "timer": "graph" if case.graph else "events"}
+
+
+def run_rows(env: Env, todo: list[Case], budget_s: float, log=print) -> list[dict]:
+    """Every case's row; a row that raises (e.g. out of memory) is kept with its error."""
+    start, rows = time.perf_counter(), []
+    for case in todo:
+        if time.perf_counter() - start > budget_s:
+            rows.append({**describe(case), "us": {}, "errors": {}, "skipped": "time budget"})
+            continue
+        try:
+            rows.append((mlp_row if case.kind == "mlp" else linear_row)(case, env))
+        except Exception as error:  # noqa: BLE001 - report the row, keep going
+            rows.append({**describe(case), "us": {}, "errors": {"row": failure(error)}})
+        if env.device == "cuda":
+            torch.cuda.empty_cache()
+        log(f"  done {case.kind} M={case.M} N={case.N} r={case.r} {case.dtype} at {time.perf_counter() - start:.0f} s")
+    return rows
+
+
+# ---------------------------------------------------------------- printing
+
+
+def cell(row: dict, name: str, over: str | None = None) -> str:
+    """A time in microseconds, a ratio (name's time / over's time), FAILED, or '-'."""
+    if name in row["errors"] or (over is not None and over in row["errors"]):
+        return row["errors"][name] if over is None else "FAILED"
+    if name not in row["us"]:
+        return "-"
+    if over is None:
+        return f"{row['us'][name]:.1f}"
+    return f"{row['us'][name] / row['us'][over]:.2f}x" if over in row["us"] else "-"
+
+
+def table(rows: list[dict], variants: list[str], extra: list[tuple[str, Callable]]) -> list[list[str]]:
+    """Header and cells: case columns, each variant's time, each variant's ratio to base, then extras."""
+    header = ["shape", "M", "r", "dtype", "timer"] + [f"{v} us" for v in variants] + \
+             [f"{v}/base" for v in variants[1:]] + [title for title, _ in extra]
+    lines = [header]
+    for row in rows:
+        case = [row["shape"], str(row["M"]), str(row["r"]), row["dtype"], row["timer"]]
+        if "skipped" in row or "row" in row["errors"]:
+            lines.append(case + [row.get("skipped") and "skipped: time budget" or row["errors"]["row"]])
+            continue
+        lines.append(case + [cell(row, v) for v in variants] + [cell(row, v, "base") for v in variants[1:]] +
+                     [fn(row) for _, fn in extra])
+    return lines
+
+
+def print_table(lines: list[list[str]]) -> None:
+    """Columns padded to the widest full row; a short row (skipped, failed) runs on past its last column."""
+    full = [r for r in lines if len(r) == len(lines[0])]
+    widths = [max(len(r[i]) for r in full) for i in range(len(lines[0]))]
+    for r in [lines[0], ["-" * w for w in widths]] + lines[1:]:
+        cells = [c.ljust(w) for c, w in zip(r[:-1], widths)] + [r[-1]]
+        print("  ".join(cells).rstrip(), flush=True)
+
+
+def print_tables(rows: list[dict]) -> None:
+    lora = [r for r in rows if r["kind"] == "lora"]
+    mlp = [r for r in rows if r["kind"] == "mlp"]
+    print_table(table(lora, ["base", "fused", "eager", "compile"],
+                      [("eager/fused", lambda r: cell(r, "eager", "fused")),
+                       ("compile/fused", lambda r: cell(r, "compile", "fused")),
+                       ("rel err", lambda r: r.get("rel_err", "-")), ("fused tile", lambda r: r.get("tile", "-"))]))
+    print(f"\nLoRA SwiGLU MLP (hidden {HIDDEN}, intermediate {INTERMEDIATE}, LoRA on gate/up/down; "
+          "base = 3 GEMMs + silu*mul, merged = the same with W + s B A; lowered = up, gate+silu*up, down launches)")
+    print_table(table(mlp, ["base", "merged", "eager", "compile", "lowered"],
+                      [("eager/lowered", lambda r: cell(r, "eager", "lowered")),
+                       ("rel err", lambda r: r.get("rel_err", "-"))]))
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench_lora_kernel", description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="also write every row (times in microseconds) to this JSON file")
+    parser.add_argument("--budget", type=float, default=BUDGET_S, help="seconds after which no new row starts")
+    ns = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_lora_kernel: no CUDA device here; skipping the GPU benchmark "
               "(on a CPU, surgeon::lora_linear runs its torch reference path, which is not a kernel to time).")
         return 0
+    from surgeon.kernels.lora_linear import lora_linear
+
     start = time.perf_counter()
     props = torch.cuda.get_device_properties(0)
-    print(f"device: {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, "
-          f"K=N={K}, r={RANK}, s={SCALE}; medians in microseconds; 'vs' = other time / fused time")
-    print("fused = surgeon::lora_linear's launcher: the generated Triton kernel (base GEMM + LoRA in one K loop) "
-          "below M=256, cuBLAS GEMM + addmm-accumulated LoRA update from M=256 on (bias-only epilogues); "
-          "eager = F.linear x3 + add; "
-          "compile = torch.compile(eager, dynamic=True); base = F.linear(x, W) alone; fused/base = fused time / base time\n", flush=True)
-    rows: list[list[str]] = []
-    cases = [("lora", M, dtype, False) for dtype in (torch.float16, torch.bfloat16) for M in DECODE + PREFILL]
-    cases += [("swiglu gate", M, torch.float16, True) for M in (16, 4096)]
-    compiled = {}
-    for label, M, dtype, gate in cases:
-        if time.perf_counter() - start > BUDGET_S:
-            rows.append([label, str(M), str(dtype).replace("torch.", ""), "-", "skipped: time budget"] + [""] * 8)
-            continue
-        compiled.setdefault(gate, torch.compile(unfused, dynamic=True))
-        try:
-            rows.append(row(label, M, dtype, compiled[gate], gate))
-        except Exception as error:  # noqa: BLE001 - e.g. out of memory: report the row, keep going
-            rows.append([label, str(M), str(dtype), "-", f"FAILED {type(error).__name__}: {error}"[:80]] + [""] * 8)
-        torch.cuda.empty_cache()
-        print(f"  done {label} M={M} {dtype} at {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    print_table(rows)
-    print(f"\ntotal {time.perf_counter() - start:.0f} s on {props.name}")
+    device = f"{props.name} ({props.multi_processor_count} SMs)"
+    print(f"device: {device}, torch {torch.__version__}; s={SCALE}; medians in microseconds; "
+          "x/base = variant time / base time")
+    print("fused = surgeon's lora_linear launcher (generated Triton kernel below M=256, cuBLAS GEMM + addmm LoRA "
+          "update from M=256 on for bias-only epilogues); eager = F.linear x3 + add; compile = "
+          "torch.compile(eager, dynamic=True); base = F.linear(x, W) alone\n", flush=True)
+    env = Env("cuda", gpu_timer, lora_linear, {"lora": torch.compile(unfused, dynamic=True),
+                                               "mlp": torch.compile(unfused_mlp, dynamic=True)})
+    rows = run_rows(env, cases(), ns.budget, log=lambda text: print(text, file=sys.stderr, flush=True))
+    print_tables(rows)
+    total = time.perf_counter() - start
+    print(f"\ntotal {total:.0f} s on {props.name}")
+    if ns.json:
+        with open(ns.json, "w") as f:
+            json.dump({"device": device, "torch": torch.__version__, "scale": SCALE, "total_s": round(total, 1),
+                       "rows": rows}, f, indent=2)
     return 0
 
 

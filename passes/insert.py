@@ -1,5 +1,9 @@
 """insert: attach each declared adapter to the linear-like ops its targets select.
 
+The base ops a kind takes are its `site_ops` (linear, GPT-2's addmm, and for conv-capable
+kinds an ungrouped conv2d); a selected op of another kind, or a grouped conv, is reported
+as a rejection with the reason.
+
 With the kinds' identity inits (LoRA: B = 0) the output is bit-for-bit the original, which
 the pass manager checks ("exact"); inits that are the identity only up to rounding (PiSSA's
 residual split, HRA's paired reflections) are checked "close"; adapters loaded from files
@@ -17,6 +21,7 @@ import torch.fx as fx
 
 from surgeon.adapter_ops import add_delta, attach, check_loaded_shapes, discover_sites, site_dims, site_weight
 from surgeon.pipeline import Context, PassResult, SiteState
+from surgeon.rules import SIGNATURES
 
 
 @dataclass(frozen=True)
@@ -42,7 +47,7 @@ class Insert:
             spec = state.spec
             state.sites = []
             for path, calls in discover_sites(gm, state, ctx, index, result).items():
-                op = "linear" if calls[0].target is torch.ops.aten.linear.default else "addmm"
+                op = next(name for name, (target, _) in SIGNATURES.items() if target is calls[0].target)
                 weight, fan_in, fan_out = site_dims(gm, calls[0], op)
                 options = {**spec.options, **(spec.loaded.site_options.get(path, {}) if spec.loaded else {})}
                 if spec.kind.site_options is not None:   # options a kind reads from the graph (S2FT's k)

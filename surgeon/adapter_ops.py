@@ -1,10 +1,13 @@
 """Attach and detach adapter branches around linear-like sites; shared by insert/merge/unmerge/remove.
 
-A site is an `aten.linear(x, W, b)` (W: out x in) or GPT-2 Conv1D's `aten.addmm(b, x, W)`
-(W: in x out). Attaching builds the kind's forward from the site's input x and base output y
+A site is an `aten.linear(x, W, b)` (W: out x in), GPT-2 Conv1D's `aten.addmm(b, x, W)`
+(W: in x out) or, for kinds whose `site_ops` list it, an ungrouped `aten.conv2d(x, W, b, ...)`
+(W: out x in x kh x kw, seen by the kinds as out x (in * kh * kw)). Attaching builds the kind's forward from the site's input x and base output y
 and points every user of y at the adapted output; detaching does the reverse.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -13,9 +16,13 @@ from .adapters import Branch
 from .errors import SpecError
 from .graph import delete_attr, get_attr, get_tensor, set_parameter
 from .pipeline import AdapterState, Context, PassResult, SiteState
-from .rules import Pattern, find, path_matches
+from .rules import SIGNATURES, Pattern, find, path_matches
 
-SITE_OPS = ("linear", "addmm")
+SITE_OPS = ("linear", "addmm", "conv2d")
+# Call sites: ops with no base weight (attention); the whole call is the site's input x. A kind's
+# forward_input gets the call node and returns {argument name (rules.SIGNATURES): new value};
+# attach rewrites the call's arguments, detach restores them.
+CALL_SITE_OPS = ("sdpa",)
 
 
 def discover_sites(gm: fx.GraphModule, state: AdapterState, ctx: Context, index: int,
@@ -23,29 +30,71 @@ def discover_sites(gm: fx.GraphModule, state: AdapterState, ctx: Context, index:
     """Module path -> its linear-like call nodes, for every path the adapter's targets select."""
     spec = state.spec
     found: dict[str, list[fx.Node]] = {}
+    refused: set[str] = set()
     for glob in spec.targets:
-        for match in find(gm, Pattern(SITE_OPS, glob)):
+        for match in _site_matches(gm, spec.kind.site_ops, glob):
             if match.node.meta.get("surgeon_adapter") or any(path_matches(match.path, ex) for ex in spec.exclude):
                 continue   # another adapter's own ops are not sites
+            reason = _site_refusal(match, spec.kind)
+            if reason:
+                if match.path not in refused:
+                    result.rejections.append((f"{spec.name} @ {match.path}", reason))
+                refused.add(match.path)
+                continue
             nodes = found.setdefault(match.path, [])
             if match.node not in nodes:
                 nodes.append(match.node)
     matched_paths = {n.meta.get("surgeon_path", "") for n in gm.graph.nodes if n.op == "call_function"}
     for glob in spec.targets:
         for path in sorted(p for p in matched_paths if path_matches(p, glob) and p not in found):
-            if not any(path.startswith(f + ".") for f in found):
+            if path not in refused and not any(path.startswith(f + ".") for f in found):
                 result.rejections.append((f"{spec.name} @ {path}", "module has no linear-like op (linear/addmm "
                                                                    "with a parameter weight)"))
     if not found:
         raise ctx.spec.error(("adapters", index, "targets"),
-                             f"targets {list(spec.targets)} select no linear-like op in the captured graph")
+                             f"targets {list(spec.targets)} select no linear-like op in the captured graph"
+                             + "".join(f"; {p}: {r}" for p, r in result.rejections if p.split(" @ ")[1] in refused))
     return found
 
 
+def _site_matches(gm: fx.GraphModule, kind_ops: tuple[str, ...], glob: str) -> list:
+    """Linear-like ops with a parameter weight, and the call-site ops the kind takes, in graph order."""
+    patterns = [Pattern(SITE_OPS, glob)]
+    call_ops = tuple(op for op in kind_ops if op in CALL_SITE_OPS)
+    if call_ops:
+        patterns.append(Pattern(call_ops, glob, params=()))
+    return [m for node in gm.graph.nodes for p in patterns if (m := p.match(node)) is not None]
+
+
+def _site_refusal(match, kind) -> str:
+    """Why a matched base op cannot hold this kind ("" when it can)."""
+    if match.op not in kind.site_ops:
+        return f"a '{kind.name}' adapter does not attach to {match.op} (it supports {', '.join(kind.site_ops)})"
+    groups = match["groups"] if match.op == "conv2d" else None
+    if groups not in (None, 1):
+        return f"grouped conv2d (groups={groups}) is not supported: its weight is not one out x in map"
+    return ""
+
+
+def conv_geometry(gm: fx.GraphModule, node: fx.Node) -> tuple:
+    """(in_channels, kernel, stride, padding, dilation) of an aten.conv2d node, defaults filled in."""
+    _, channels, *kernel = get_tensor(gm, node.args[1].target).shape
+    given = dict(zip(("stride", "padding", "dilation"), node.args[3:6])) | node.kwargs
+    pairs = [given.get(name) or default for name, default in (("stride", [1]), ("padding", [0]), ("dilation", [1]))]
+    return (channels, tuple(kernel), *(tuple(p) * (2 // len(p)) for p in pairs))
+
+
 def site_dims(gm: fx.GraphModule, node: fx.Node, op: str) -> tuple[str, int, int]:
-    """(weight target, in_features, out_features) of a site node."""
-    weight = node.args[1] if op == "linear" else node.args[2]
-    rows, cols = get_tensor(gm, weight.target).shape
+    """(weight target, in_features, out_features) of a site node; for a call site (no weight, target
+    "") the key's (heads, head_dim) as the call sees it: (batch, heads, seq, head_dim)."""
+    if op in CALL_SITE_OPS:
+        _, heads, _, head_dim = node.args[1].meta["val"].shape
+        return "", int(heads), int(head_dim)
+    weight = node.args[2] if op == "addmm" else node.args[1]
+    shape = get_tensor(gm, weight.target).shape
+    if op == "conv2d":   # out x in x kh x kw: a linear map over in * kh * kw patch values
+        return weight.target, shape[1:].numel(), shape[0]
+    rows, cols = shape
     return (weight.target, cols, rows) if op == "linear" else (weight.target, rows, cols)
 
 
@@ -61,12 +110,14 @@ def attach(gm: fx.GraphModule, state: AdapterState, site: SiteState, calls: list
     site.nodes, site.base_output, site.output = [], "", ""
     outputs = []
     for node in calls:
-        x = node.args[0] if site.op == "linear" else node.args[1]
+        x = node if site.op in CALL_SITE_OPS else node.args[1] if site.op == "addmm" else node.args[0]
         if kind.forward_input is not None:
             with gm.graph.inserting_before(node):
                 branch = _branch(gm, state, site, node, made_by)
                 new_x = kind.forward_input(branch, x, _refs(gm, branch, site, made_by, name), site.options)
-            if new_x is not x:   # a kind may leave the input alone for some options
+            if site.op in CALL_SITE_OPS:
+                _rewrite_call(node, site.op, new_x, branch.created, name)
+            elif new_x is not x:   # a kind may leave the input alone for some options
                 new_x.meta["surgeon_input_of"] = x.name   # detach puts x back
                 node.replace_input_with(x, new_x)
             site.nodes += [n.name for n in branch.created]
@@ -87,9 +138,34 @@ def attach(gm: fx.GraphModule, state: AdapterState, site: SiteState, calls: list
 
 
 def _branch(gm: fx.GraphModule, state: AdapterState, site: SiteState, node: fx.Node, made_by: str) -> Branch:
-    weight, bias = (node.args[1], _arg(node, 2)) if site.op == "linear" else (node.args[2], node.args[0])
+    weight, bias = (node.args[2], node.args[0]) if site.op == "addmm" else (node.args[1], _arg(node, 2))
+    if site.op in CALL_SITE_OPS:
+        weight, bias = None, None
     return Branch(gm.graph, made_by, site.path, state.spec.name, weight, bias, transposed=site.op == "addmm",
-                  dims=(site.in_features, site.out_features))
+                  dims=(site.in_features, site.out_features),
+                  conv=conv_geometry(gm, node) if site.op == "conv2d" else None)
+
+
+@dataclass(frozen=True)
+class _NodeRef:
+    name: str   # a node kept by name in meta (meta is copied shallowly with the graph)
+
+
+def _rewrite_call(node: fx.Node, op: str, changes: dict, created: list[fx.Node], adapter: str) -> None:
+    """Set a call site's arguments named in `changes`; the first adapter node keeps the old ones for detach."""
+    if any(a.meta.get("surgeon_adapter") for a in node.all_input_nodes):
+        raise ValueError(f"adapter '{adapter}': the {op} call {node.name} at '{node.meta.get('surgeon_path')}' "
+                         f"already has another adapter's rewritten arguments; call-site adapters do not stack")
+    keep = fx.node.map_arg((node.args, dict(node.kwargs)), lambda n: _NodeRef(n.name))
+    created[0].meta["surgeon_call_of"] = (node.name, keep)
+    names, args, kwargs = SIGNATURES[op][1], list(node.args), dict(node.kwargs)
+    for name, value in changes.items():
+        index = names.index(name)
+        if index < len(args):
+            args[index] = value
+        else:
+            kwargs[name] = value
+    node.args, node.kwargs = tuple(args), kwargs
 
 
 def _arg(node: fx.Node, index: int):
@@ -139,6 +215,10 @@ def detach(gm: fx.GraphModule, site: SiteState) -> dict[str, torch.Tensor]:
             original = by_name[node.meta["surgeon_input_of"]]
             for user in [u for u in node.users if u not in mine]:
                 user.replace_input_with(node, original)
+        if "surgeon_call_of" in node.meta:   # a call site gets its arguments back
+            call_name, (args, kwargs) = node.meta["surgeon_call_of"]
+            refs = fx.node.map_aggregate((args, kwargs), lambda a: by_name[a.name] if isinstance(a, _NodeRef) else a)
+            by_name[call_name].args, by_name[call_name].kwargs = refs
     for node_name in reversed(site.nodes):
         gm.graph.erase_node(by_name[node_name])
     tensors = {p: get_tensor(gm, t).detach() for p, t in site.params.items()}
@@ -163,6 +243,9 @@ def _current_base(base: fx.Node, mine: set[fx.Node]) -> fx.Node:
 
 def site_calls(gm: fx.GraphModule, site: SiteState) -> list[fx.Node]:
     """The base op nodes of a site (the linear/addmm calls whose weight is the site's weight)."""
+    if site.op in CALL_SITE_OPS:   # no weight: the base calls at the site's path
+        return [m.node for m in find(gm, Pattern((site.op,), site.path, params=()))
+                if not m.node.meta.get("surgeon_adapter")]
     return [m.node for m in find(gm, Pattern(SITE_OPS, site.path))
             if (m["weight"].target == site.weight)]
 
@@ -177,6 +260,7 @@ def add_delta(gm: fx.GraphModule, state: AdapterState, site: SiteState, delta: t
     weight = get_tensor(gm, site.weight)
     if site.op == "addmm":
         delta = delta.t()
+    delta = delta.reshape(weight.shape)   # a conv's out x (in * kh * kw) delta back to out x in x kh x kw
     new = (weight.double() + delta.double()).to(weight.dtype)
     readers = [u for n in gm.graph.find_nodes(op="get_attr", target=site.weight) for u in n.users]
     calls = set(site_calls(gm, site))
@@ -188,14 +272,18 @@ def add_delta(gm: fx.GraphModule, state: AdapterState, site: SiteState, delta: t
     for call in calls:
         with gm.graph.inserting_before(call):
             ref = get_attr(gm.graph, target, made_by=made_by)
-        call.replace_input_with(call.args[1] if site.op == "linear" else call.args[2], ref)
+        call.replace_input_with(call.args[2] if site.op == "addmm" else call.args[1], ref)
     site.weight = target
 
 
 def site_weight(gm: fx.GraphModule, site: SiteState) -> torch.Tensor:
-    """The site's current base weight, out x in (a view for Conv1D's in x out storage)."""
+    """The site's current base weight, out x in (a view for Conv1D's in x out storage; a conv's
+    out x in x kh x kw weight flattened to out x (in * kh * kw))."""
+    if site.op in CALL_SITE_OPS:   # no base weight: an empty tensor with the call's dtype and device
+        val = site_calls(gm, site)[0].meta["val"]
+        return torch.empty(0, dtype=val.dtype, device=next((p.device for p in gm.parameters()), val.device))
     weight = get_tensor(gm, site.weight).detach()
-    return weight.t() if site.op == "addmm" else weight
+    return weight.t() if site.op == "addmm" else weight.flatten(1)
 
 
 def merge_site(gm: fx.GraphModule, state: AdapterState, site: SiteState, made_by: str) -> None:
@@ -225,7 +313,7 @@ def unmerge_site(gm: fx.GraphModule, state: AdapterState, site: SiteState, made_
 
 def _scale_bias(gm: fx.GraphModule, site: SiteState, factor: torch.Tensor) -> None:
     call = site_calls(gm, site)[0]
-    bias = _arg(call, 2) if site.op == "linear" else call.args[0]
+    bias = call.args[0] if site.op == "addmm" else _arg(call, 2)
     if bias is None:
         return
     old = get_tensor(gm, bias.target)
@@ -255,5 +343,5 @@ def check_loaded_shapes(state: AdapterState, site: SiteState, tensors: dict[str,
                                                        f"(a {state.spec.type} adapter has {sorted(expected)})")
 
 
-__all__ = ["attach", "detach", "discover_sites", "site_dims", "add_delta", "site_calls", "site_weight",
+__all__ = ["attach", "detach", "discover_sites", "site_dims", "conv_geometry", "add_delta", "site_calls", "site_weight",
            "merge_site", "unmerge_site", "check_loaded_shapes", "SpecError"]

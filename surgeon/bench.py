@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         from surgeon.kernels import bench as kernel_bench
 
         print()
-        kernel_bench.main()
+        kernel_bench.main([])
     else:
         print("\nkernel timings (the generated Triton LoRA kernels) need a CUDA GPU: run `surgeon bench` there.")
     if ns.json:

@@ -27,6 +27,8 @@ SIGNATURES: dict[str, tuple[Any, tuple[str, ...]]] = {
     "conv2d": (aten.conv2d.default, ("x", "weight", "bias", "stride", "padding", "dilation", "groups")),
     "batch_norm": (aten.batch_norm.default, ("x", "weight", "bias", "running_mean", "running_var",
                                              "training", "momentum", "eps", "cudnn_enabled")),
+    "sdpa": (aten.scaled_dot_product_attention.default, ("query", "key", "value", "attn_mask", "dropout_p",
+                                                         "is_causal", "scale", "enable_gqa")),
 }
 _BY_TARGET = {target: name for name, (target, _) in SIGNATURES.items()}
 

@@ -34,15 +34,18 @@ class Branch:
 
     `weight` and `bias` are the site's base weight and bias nodes (bias may be None); the weight
     is stored out x in for `aten.linear` and in x out (`transposed`) for GPT-2 Conv1D's addmm.
-    `in_features` and `out_features` are the site's sizes.
+    `in_features` and `out_features` are the site's sizes. On an `aten.conv2d` site `conv` holds
+    (in_channels, kernel, stride, padding, dilation) and in_features is in_channels * kh * kw: the
+    conv is a linear map over kernel patches, so kinds keep working on out x in matrices.
     """
 
     def __init__(self, graph: fx.Graph, made_by: str, path: str, adapter: str,
                  weight: fx.Node | None = None, bias: fx.Node | None = None, transposed: bool = False,
-                 dims: tuple[int, int] = (0, 0)):
+                 dims: tuple[int, int] = (0, 0), conv: tuple | None = None):
         self.graph, self.made_by, self.path, self.adapter = graph, made_by, path, adapter
         self.weight, self.bias, self.transposed = weight, bias, transposed
         self.in_features, self.out_features = dims
+        self.conv_geometry = conv
         self.created: list[fx.Node] = []
 
     def op(self, target: Any, *args: Any, **kwargs: Any) -> fx.Node:
@@ -52,6 +55,24 @@ class Branch:
 
     def linear(self, x: fx.Node, weight: fx.Node) -> fx.Node:
         return self.op(aten.linear.default, x, weight)
+
+    def conv(self, x: fx.Node, weight: fx.Node, pointwise: bool = False) -> fx.Node:
+        """x through a rows x cols `weight` as a conv2d: with the site's kernel, stride, padding and
+        dilation (cols = in_channels * kh * kw), or as a 1x1 conv over cols channels when `pointwise`."""
+        channels, kernel, stride, padding, dilation = self.conv_geometry
+        if pointwise:
+            kernel_weight = self.op(aten.unsqueeze.default, self.op(aten.unsqueeze.default, weight, -1), -1)
+            return self.op(aten.conv2d.default, x, kernel_weight)
+        kernel_weight = self.op(aten.view.default, weight, [-1, channels, *kernel])
+        return self.op(aten.conv2d.default, x, kernel_weight, None, list(stride), list(padding), list(dilation))
+
+    def site_map(self, x: fx.Node, weight: fx.Node) -> fx.Node:
+        """x through a rows x in_features matrix the way the site applies its own weight (linear or conv)."""
+        return self.conv(x, weight) if self.conv_geometry is not None else self.linear(x, weight)
+
+    def channel_map(self, h: fx.Node, weight: fx.Node) -> fx.Node:
+        """A rows x cols matrix applied at every position of h (linear, or a 1x1 conv on a conv site)."""
+        return self.conv(h, weight, pointwise=True) if self.conv_geometry is not None else self.linear(h, weight)
 
     def add(self, a: Any, b: Any, alpha: float = 1) -> fx.Node:
         return self.op(aten.add.Tensor, a, b, alpha=alpha) if alpha != 1 else self.op(aten.add.Tensor, a, b)
@@ -111,6 +132,11 @@ class AdapterKind:
     site_options(gm, path, weight_target, opts) -> options for one site, read from the graph
         before its parameters are made and merged over `opts` (S2FT's column count comes from
         the co-permute record)
+    site_ops: the base ops a kind attaches to; a call site ("sdpa", adapter_ops.CALL_SITE_OPS) has
+        no weight: its dims are the key's (heads, head_dim), and forward_input gets the call and
+        returns the arguments it changes by rules.SIGNATURES name (prefix tuning);
+        a kind that lists "conv2d" builds its forward with
+        Branch.site_map / channel_map and sees a conv's weight as out x (in * kh * kw)
     """
 
     name: str
@@ -130,6 +156,7 @@ class AdapterKind:
     init_check: Callable[[dict], str] = lambda opts: "exact"
     merge_refusal: Callable[[dict], str] | None = None
     site_options: Callable[[fx.GraphModule, str, str, dict], dict] | None = None
+    site_ops: tuple[str, ...] = ("linear", "addmm")   # the base ops it attaches to (rules.SIGNATURES names)
 
     def refusal(self, opts: dict) -> str:
         """Why an adapter of this kind with these options cannot be merged; "" when it can."""
@@ -141,9 +168,9 @@ class AdapterKind:
 def kinds() -> dict[str, AdapterKind]:
     """The adapter kinds by spec `type` name (an explicit table; nothing registers at import)."""
     from . import (boft, bottleneck, delta, dora, hra, hydra, ia3, loha, lokr, lora, lora_xs, oft, parallel_adapter,
-                   s2ft, shira, vera)
+                   prefix, s2ft, shira, vera)
 
     table = [lora.LORA, delta.DELTA, dora.DORA, ia3.IA3, loha.LOHA, lokr.LOKR, vera.VERA, lora_xs.LORA_XS,
              oft.OFT, boft.BOFT, hra.HRA, shira.SHIRA, parallel_adapter.PARALLEL_ADAPTER, bottleneck.BOTTLENECK,
-             hydra.HYDRA, s2ft.S2FT]
+             hydra.HYDRA, s2ft.S2FT, prefix.PREFIX]
     return {kind.name: kind for kind in table}

@@ -3,6 +3,8 @@
 W1a, W2a are out x r and W1b, W2b are r x in; the Hadamard product of two rank-r matrices
 has rank up to r^2. Init as PEFT: W1a, W1b, W2a kaiming-uniform and W2b = 0, so the product is
 zero and insertion is exact. Merge identity: W x + s (P ⊙ Q) x == (W + s P ⊙ Q) x.
+On a conv2d site in = in_channels * kh * kw and the delta is applied as a conv with the site's
+kernel (PEFT's layout without `use_effective_conv2d`).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ def _forward(branch, x, y, params, opts):
     # the full-size delta, then one GEMM: y + s * x (P ⊙ Q)^T
     first = branch.mm(params["hada_w1_a"], params["hada_w1_b"])
     second = branch.mm(params["hada_w2_a"], params["hada_w2_b"])
-    return branch.add(y, branch.linear(x, branch.mul(first, second)), alpha=loha_scale(opts))
+    return branch.add(y, branch.site_map(x, branch.mul(first, second)), alpha=loha_scale(opts))
 
 
 def _delta(params, opts, weight=None):
@@ -44,4 +46,5 @@ LOHA = AdapterKind(
     forward=_forward,
     delta_weight=_delta,
     param_count=lambda opts, fan_in, fan_out: 2 * opts["rank"] * (fan_in + fan_out),
+    site_ops=("linear", "addmm", "conv2d"),
 )

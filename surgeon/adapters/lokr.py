@@ -6,7 +6,8 @@ c x d, so W1 ⊗ W2 is out x in. Either factor is a full matrix or, when the ran
 its larger side, a rank-r product (W2 = W2a W2b always so; W1 = W1a W1b only with
 `decompose_both`). Init as PEFT: W1 (or W1a) = 0 by default, W2 (or W2b) = 0 with
 `init: lycoris`; either way the product is zero and insertion is exact.
-Merge identity: W x + s (W1 ⊗ W2) x == (W + s W1 ⊗ W2) x.
+Merge identity: W x + s (W1 ⊗ W2) x == (W + s W1 ⊗ W2) x. On a conv2d site in = in_channels * kh * kw
+and the Kronecker delta is applied as a conv with the site's kernel.
 """
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def _factor(params: dict, which: str, matmul):
 
 def _forward(branch, x, y, params, opts):
     kron = branch.op(aten.kron.default, _factor(params, "w1", branch.mm), _factor(params, "w2", branch.mm))
-    return branch.add(y, branch.linear(x, kron), alpha=_scale(opts))
+    return branch.add(y, branch.site_map(x, kron), alpha=_scale(opts))
 
 
 def _delta(params, opts, weight=None):
@@ -83,4 +84,5 @@ LOKR = AdapterKind(
     forward=_forward,
     delta_weight=_delta,
     param_count=lambda opts, fan_in, fan_out: sum(a * b for a, b in lokr_shapes(opts, fan_in, fan_out).values()),
+    site_ops=("linear", "addmm", "conv2d"),
 )

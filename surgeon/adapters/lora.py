@@ -7,6 +7,9 @@ identity is W x + s B A x == (W + s B A) x.
 PiSSA (`init: pissa`, Meng et al. 2024): with W = U S V^T, A = sqrt(S_r / s) V_r^T and
 B = U_r sqrt(S_r / s), so s B A is W's top-r part, and the base weight becomes the residual
 W - s B A (a new tensor). The function is unchanged up to rounding ("close").
+
+On an (ungrouped) conv2d site, in = in_channels * kh * kw: A maps each kernel patch to r values
+(a conv with the site's kernel) and B is a 1x1 conv; the delta is (s B A).view(out, in, kh, kw).
 """
 from __future__ import annotations
 
@@ -50,8 +53,10 @@ def lora_init(opts, in_features, out_features, dtype, gen, weight):
 
 
 def _forward(branch, x, y, params, opts):
-    # y + s * B(A x): two GEMMs and one add (aten.add's alpha carries the scale)
-    update = branch.linear(branch.linear(x, params["lora_A"]), params["lora_B"])
+    # y + s * B(A x): two GEMMs and one add (aten.add's alpha carries the scale); on a conv site
+    # A is a conv with the site's kernel, stride, padding, dilation and B a 1x1 conv, and
+    # conv(x, W) + s conv1x1(conv(x, A), B) == conv(x, W + s (B A).view(W.shape))
+    update = branch.channel_map(branch.site_map(x, params["lora_A"]), params["lora_B"])
     return branch.op(torch.ops.aten.add.Tensor, y, update, alpha=lora_scale(opts))
 
 
@@ -81,4 +86,5 @@ LORA = AdapterKind(
     param_count=lambda opts, fan_in, fan_out: opts["rank"] * (fan_in + fan_out),
     base_delta=_pissa_base,
     init_check=lambda opts: "close" if opts["init"] == "pissa" else "exact",
+    site_ops=("linear", "addmm", "conv2d"),
 )

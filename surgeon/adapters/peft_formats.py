@@ -4,7 +4,8 @@ A reader turns PEFT's adapter_config.json and the per-module tensors (already re
 surgeon's parameter names) into a spec entry and per-module option overrides; a writer does
 the reverse for export. surgeon.adapter_io.load_peft_dir / save_peft_dir do the file work
 around them. Where PEFT's tensor shape differs from surgeon's (IA3's (n, 1) / (1, n) scales,
-BOFT's (out, 1) scale), the reader and writer reshape; values are never changed.
+BOFT's (out, 1) scale, LoRA's 4-D conv factors, read as r x (in * kh * kw) and out x r), the
+reader and writer reshape; values are never changed.
 """
 from __future__ import annotations
 
@@ -97,8 +98,11 @@ def _read_lora(config, weights, extras):
     if kind == "dora" and init == "pissa":
         raise _fail("DoRA with a PiSSA init is not supported")
     for path, params in weights.items():
+        if {"lora_A", "lora_B"} <= set(params) and params["lora_A"].dim() == 4 and params["lora_B"].dim() == 4 \
+                and params["lora_B"].shape[2:] == (1, 1):   # a conv2d site: A r x in x kh x kw, B a 1x1 conv
+            params.update(lora_A=params["lora_A"].flatten(1), lora_B=params["lora_B"].flatten(1))
         if not {"lora_A", "lora_B"} <= set(params) or params["lora_A"].dim() != 2:
-            raise _fail(f"module '{path}' needs 2-D lora_A and lora_B weights")
+            raise _fail(f"module '{path}' needs 2-D lora_A and lora_B weights (4-D, with a 1x1 lora_B, on a conv)")
     entry, sites = _rank_alpha(config, weights, lambda path, params: params["lora_A"].shape[0], "lora_alpha")
     entry.update(type=kind, use_rslora=bool(config.get("use_rslora", False)),
                  init="pissa" if init == "pissa" else "default")

@@ -143,3 +143,21 @@ def peft_export(compiled, model, args, tmp_path) -> None:
                   {s.path for s in state.sites if s.op == "addmm"}, kind=state.spec.type, site_options=site_options)
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path).eval()
     assert_close(logits(loaded, args), expected)
+
+
+def model_inputs(factory) -> tuple:
+    """(model, args, example kwargs) from any tests.conftest factory; decoders get KW (use_cache=False)."""
+    made = factory()
+    model, args, kwargs = made if len(made) == 3 else (*made, {})
+    return model, args, {**(KW if hasattr(model, "generation_config") else {}), **kwargs}
+
+
+def main_output(module, args, kwargs, grad: bool = False) -> torch.Tensor:
+    """The model's main output tensor (logits, BERT's last hidden state, or a plain tensor); a compiled
+    module takes only the tensor kwargs (the others were fixed at capture)."""
+    if isinstance(module, torch.fx.GraphModule):
+        kwargs = {key: value for key, value in kwargs.items() if isinstance(value, torch.Tensor)}
+    with torch.set_grad_enabled(grad):
+        out = module(*args, **kwargs)
+    return next(getattr(out, key) for key in ("logits", "last_hidden_state") if hasattr(out, key)) \
+        if not isinstance(out, torch.Tensor) else out

@@ -1,0 +1,94 @@
+"""Prefix tuning (Li & Liang 2021): learned key and value prefixes in front of every attention.
+
+A site is an `aten.scaled_dot_product_attention(q, k, v, mask, ...)` call. With P_k, P_v of
+shape (heads, n, head_dim) -- the key's heads as the call sees them (kv heads with enable_gqa,
+otherwise the already-repeated heads) -- the call becomes
+
+    sdpa(q, cat([P_k, k], seq), cat([P_v, v], seq), mask')
+
+with P expanded over batch, and mask' letting every query see every prefix position: a given
+mask gets n visible columns in front (True for a boolean mask, 0 for an additive one), and
+`is_causal=True` becomes an explicit boolean mask [ones(L, n) | tril(ones(L, S))], the same
+top-left-aligned causal mask over the original keys. Prefixes start random (N(0, 1), as PEFT's
+embedding), so insertion changes the function ("none" check). Nothing folds into a weight:
+merge is refused.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import AdapterKind, Option
+
+aten = torch.ops.aten
+
+
+def _init(opts, heads, head_dim, dtype, gen, weight):
+    shape = (heads, opts["num_virtual_tokens"], head_dim)
+    return {"prefix_k": torch.randn(shape, generator=gen).to(dtype),
+            "prefix_v": torch.randn(shape, generator=gen).to(dtype)}
+
+
+def _size(branch, node, dim: int):
+    """A dimension of `node`: an int when static, a sym_size node when symbolic."""
+    size = node.meta["val"].shape[dim]
+    return size if isinstance(size, int) else branch.op(aten.sym_size.int, node, dim)
+
+
+def _arg(call, index: int, name: str, default):
+    return call.args[index] if len(call.args) > index else call.kwargs.get(name, default)
+
+
+def _prefixed(branch, prefix, seq):
+    # (H, n, D) -> (B, H, n, D), then in front of (B, H, S, D) along the sequence axis
+    batch = _size(branch, seq, 0)
+    expanded = branch.op(aten.expand.default, branch.op(aten.unsqueeze.default, prefix, 0), [batch, -1, -1, -1])
+    return branch.op(aten.cat.default, [expanded, seq], 2)
+
+
+def _padded_mask(branch, mask, keys, n: int):
+    # n visible columns in front: True for a boolean mask, 0.0 for an additive one
+    shape, dtype = list(mask.meta["val"].shape), mask.meta["val"].dtype
+    fill = aten.new_ones.default if dtype == torch.bool else aten.new_zeros.default
+    if shape[-1] != keys:   # a mask broadcast over keys: make its key axis explicit first
+        mask = branch.op(aten.expand.default, mask, [*shape[:-1], keys])
+    visible = branch.op(fill, mask, [*shape[:-1], n])
+    return branch.op(aten.cat.default, [visible, mask], -1)
+
+
+def _causal_mask(branch, query, key, n: int):
+    # [ones(L, n) | tril(ones(L, S))]: the prefix is visible to all, causal (top-left) over the rest
+    length, keys = _size(branch, query, -2), _size(branch, key, -2)
+    causal = branch.op(aten.tril.default, branch.op(aten.new_ones.default, query, [length, keys], dtype=torch.bool))
+    visible = branch.op(aten.new_ones.default, query, [length, n], dtype=torch.bool)
+    return branch.op(aten.cat.default, [visible, causal], -1)
+
+
+def _forward_input(branch, call, params, opts):
+    """The SDPA call's changed arguments: prefixed key and value, and a mask that shows the prefix."""
+    query, key, value = call.args[:3]
+    n = opts["num_virtual_tokens"]
+    changes = {"key": _prefixed(branch, params["prefix_k"], key),
+               "value": _prefixed(branch, params["prefix_v"], value)}
+    mask = _arg(call, 3, "attn_mask", None)
+    if _arg(call, 5, "is_causal", False):
+        if mask is not None:
+            raise ValueError("an SDPA call with both attn_mask and is_causal=True")   # SDPA itself refuses it
+        changes.update(attn_mask=_causal_mask(branch, query, key, n), is_causal=False)
+    elif mask is not None:
+        changes["attn_mask"] = _padded_mask(branch, mask, key.meta["val"].shape[-2], n)
+    return changes
+
+
+PREFIX = AdapterKind(
+    name="prefix",
+    options={"num_virtual_tokens": Option(int, 8, positive=True)},
+    init=_init,
+    forward=None,
+    forward_input=_forward_input,
+    delta_weight=None,
+    refuse_merge="prefix tuning adds attention positions (learned keys and values), not a weight delta; "
+                 "there is nothing to fold into a base weight",
+    param_count=lambda opts, heads, head_dim: 2 * opts["num_virtual_tokens"] * heads * head_dim,
+    init_check=lambda opts: "none",
+    site_ops=("sdpa",),
+)

@@ -1,0 +1,146 @@
+"""Every adapter kind in CASES on every model it fits, against the same invariants.
+
+One table of (kind, model) cases; each case is compiled once and checked for: identity insert
+(bit for bit where the kind's init is exact), gradients on adapter parameters only, parameter
+count (the test's own per-kind formula over the user's module shapes == AdapterState's count ==
+the module's trainable count), a save_adapter / from_dir round trip, and merge (exact within the
+fp32 tolerance, or refused with the kind's reason). Models: LLaMA with GQA (k_proj is 64 -> 32),
+GPT-2 (Conv1D as addmm), BERT (encoder with an attention_mask tensor kwarg), and a small CNN for
+the kinds whose `site_ops` include conv2d.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+import surgeon
+from surgeon.adapters import kinds
+from tests.adapters.helpers import NAME, assert_close, main_output, model_inputs, spec
+from tests.conftest import hf_bert, hf_gpt2, hf_llama, randomize_adapters, small_cnn
+from tests.passes.helpers import adapter_nodes
+
+MODELS = {  # factory, targets (a GQA projection / Conv1D addmm / encoder linears / convs)
+    "llama": (hf_llama, ("*.k_proj", "*.down_proj")),
+    "gpt2": (hf_gpt2, ("*.c_attn", "*.mlp.c_proj")),
+    "bert": (hf_bert, ("*.attention.self.query", "*.intermediate.dense")),
+    "cnn": (small_cnn, ("stem.0", "block1.3", "head")),
+}
+
+
+def _split(n: int) -> tuple[int, int]:
+    """n == a * b with a the largest divisor not above sqrt(n)."""
+    a = max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
+    return a, n // a
+
+
+def _lokr_count(opts: dict, fan_in: int, fan_out: int) -> int:
+    (a, c), (b, d), r = _split(fan_out), _split(fan_in), opts["rank"]
+    return a * b + (r * (c + d) if r < max(c, d) / 2 else c * d)
+
+
+# the test's own parameter formulas, per kind: (options, fan_in, fan_out) -> count
+FORMULAS = {
+    "lora": lambda o, i, n: o["rank"] * (i + n),
+    "loha": lambda o, i, n: 2 * o["rank"] * (i + n),
+    "lokr": _lokr_count,
+    "ia3": lambda o, i, n: n,
+    "dora": lambda o, i, n: o["rank"] * (i + n) + n,
+    "bottleneck": lambda o, i, n: 2 * o["rank"] * n,
+}
+OPTIONS = {"lora": {"rank": 4, "alpha": 8}, "loha": {"rank": 2}, "lokr": {"rank": 2}, "ia3": {},
+           "dora": {"rank": 4}, "bottleneck": {"rank": 4}}
+
+
+@dataclass(frozen=True)
+class Case:
+    kind: str
+    model: str
+    options: dict = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return f"{self.kind}-{self.model}"
+
+
+CASES = [Case(kind, model, OPTIONS[kind]) for kind in OPTIONS for model in MODELS
+         if model != "cnn" or "conv2d" in kinds()[kind].site_ops]
+
+
+def _fans(model, targets) -> list[tuple[int, int]]:
+    """(fan_in, fan_out) of every targeted module, read from the user's module (conv: in * kh * kw)."""
+    fans = []
+    for path, module in model.named_modules():
+        if not any(fnmatch.fnmatchcase(path, t) or fnmatch.fnmatchcase(path, t[2:]) for t in targets):
+            continue
+        weight = module.weight
+        if type(module).__name__ == "Conv1D":   # GPT-2 stores in x out
+            fans.append((weight.shape[0], weight.shape[1]))
+        else:
+            fans.append((weight[0].numel(), weight.shape[0]))
+    return fans
+
+
+def _identity(compiled, model, args, kwargs, case):
+    check = compiled.adapters[NAME].spec.kind.init_check({**compiled.adapters[NAME].spec.options})
+    row = compiled.report.rows[-1]
+    assert row.name == "insert" and row.matches > 0 and not row.rejections, row.rejections
+    want, got = main_output(model, args, kwargs), main_output(compiled.module, args, kwargs)
+    if check == "exact":
+        assert row.check == "exact" and torch.equal(got, want)
+    else:
+        assert_close(got, want)
+
+
+def _param_count(compiled, model, case):
+    state, (_, targets) = compiled.adapters[NAME], MODELS[case.model]
+    expected = sum(FORMULAS[case.kind](state.spec.options, i, n) for i, n in _fans(model, targets))
+    assert state.param_count == expected
+    assert sum(p.numel() for p in compiled.module.parameters() if p.requires_grad) == expected
+
+
+def _gradients(compiled, args, kwargs):
+    module, state = compiled.module, compiled.adapters[NAME]
+    trainable = {t for s in state.sites for p, t in s.params.items()
+                 if p not in state.spec.kind.frozen | state.spec.kind.shared}
+    main_output(module, args, kwargs, grad=True).float().square().mean().backward()
+    got = {name for name, p in module.named_parameters() if p.grad is not None}
+    assert got == trainable
+    module.zero_grad(set_to_none=True)
+
+
+def _round_trip(compiled, model, args, kwargs, tmp_path):
+    randomize_adapters(compiled.module, seed=3)
+    expected = main_output(compiled.module, args, kwargs)
+    compiled.save_adapter(NAME, tmp_path / "saved")
+    again = surgeon.compile(model, args, {"adapters": [{"name": "again", "from_dir": str(tmp_path / "saved")}]},
+                            kwargs)
+    assert torch.equal(main_output(again.module, args, kwargs), expected)
+
+
+def _merge(compiled, args, kwargs):
+    kind, options = compiled.adapters[NAME].spec.kind, compiled.adapters[NAME].spec.options
+    reason = kind.refusal(options)
+    if reason:
+        with pytest.raises(surgeon.SpecError, match="cannot merge") as refused:
+            compiled.apply(["merge"])
+        assert reason in str(refused.value)
+        return
+    before = main_output(compiled.module, args, kwargs)
+    compiled.apply(["merge"])
+    assert adapter_nodes(compiled.module) == []
+    assert_close(main_output(compiled.module, args, kwargs), before)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_kind_on_model(case: Case, tmp_path):
+    factory, targets = MODELS[case.model]
+    model, args, kwargs = model_inputs(factory)
+    compiled = surgeon.compile(model, args, spec(case.kind, targets, **case.options), kwargs)
+    _identity(compiled, model, args, kwargs, case)
+    _param_count(compiled, model, case)
+    _gradients(compiled, args, kwargs)
+    _round_trip(compiled, model, args, kwargs, tmp_path)
+    _merge(compiled, args, kwargs)

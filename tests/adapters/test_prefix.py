@@ -1,0 +1,145 @@
+"""Prefix tuning: learned key/value prefixes at each SDPA call, against hand-written attention.
+
+References: a 1-layer TinyLlama (is_causal=True becomes an explicit mask) and a toy attention
+with a boolean and an additive mask (the mask gets visible prefix columns), each recomputed in
+plain torch with the same prefixes concatenated. Then HF LLaMA's lifecycle: training, param
+count, merge refused with the reason, remove/activate restoring the call, save/load round trip.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import surgeon
+from surgeon.errors import SpecError
+from surgeon.models import _rotate_half, tiny_llama
+from tests.adapters.helpers import (KW, NAME, spec, assert_close, assert_param_count, assert_round_trip,
+                                    assert_trains, compile_kind)
+from tests.passes.helpers import adapter_nodes, logits
+
+TOKENS = 3
+
+
+def _attention(q, k, v, pk, pv, allowed=None, additive=None):
+    """softmax(q [P_k | k]^T / sqrt(d) + mask) [P_v | v], by hand."""
+    k = torch.cat([pk.expand(q.shape[0], -1, -1, -1), k], 2)
+    v = torch.cat([pv.expand(q.shape[0], -1, -1, -1), v], 2)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    if additive is not None:
+        scores = scores + additive
+    return scores.softmax(-1) @ v
+
+
+def _tiny_llama_reference(model, ids, pk, pv):
+    """TinyLlama's forward (one layer) with the prefixes in its attention, written out by hand."""
+    (layer,), attn = model.layers, model.layers[0].self_attn
+    b, s = ids.shape
+    freqs = torch.outer(torch.arange(s).float(), model.inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos(), emb.sin()
+    x = model.embed_tokens(ids)
+    h = layer.input_layernorm(x)
+    q, k, v = (proj(h).view(b, s, -1, attn.head_dim).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    groups = attn.heads // attn.kv_heads
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    allowed = torch.cat([torch.ones(s, TOKENS, dtype=torch.bool), torch.ones(s, s, dtype=torch.bool).tril()], -1)
+    out = _attention(q, k, v, pk, pv, allowed=allowed)
+    x = x + attn.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+    x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return model.lm_head(model.norm(x))
+
+
+def _prefixes(compiled, path):
+    module = compiled.module
+    return (module.get_parameter(f"{path}.adapter_{NAME}.prefix_k"), module.get_parameter(f"{path}.adapter_{NAME}.prefix_v"))
+
+
+def test_causal_attention_gets_prefix_and_explicit_mask():
+    model, args = tiny_llama(num_layers=1)
+    compiled = surgeon.compile(model, args, spec("prefix", ["*.self_attn"], num_virtual_tokens=TOKENS))
+    row = compiled.report.rows[-1]
+    assert (row.name, row.matches, row.check) == ("insert", 1, "changes function")
+    (sdpa,) = [n for n in compiled.module.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+    assert sdpa.args[5] is False and sdpa.args[3].meta["surgeon_adapter"] == NAME   # is_causal -> explicit mask
+    pk, pv = _prefixes(compiled, "layers.0.self_attn")
+    assert pk.shape == pv.shape == (4, TOKENS, 16)   # heads as SDPA sees them (kv heads repeated), n, head_dim
+    with torch.no_grad():
+        want = _tiny_llama_reference(model, args[0], pk, pv)
+    assert_close(logits(compiled.module, args), want)
+    assert not torch.allclose(logits(compiled.module, args), logits(model, args), atol=1e-3)
+
+
+class _MaskedAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+
+    def forward(self, x, mask):
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class _Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = _MaskedAttention()
+
+    def forward(self, x, mask):
+        return self.attn(x, mask)
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_given_mask_gets_visible_prefix_columns(kind):
+    torch.manual_seed(0)
+    model, gen = _Toy().eval(), torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 16, generator=gen)
+    allowed = torch.rand(2, 1, 5, 5, generator=gen) > 0.4
+    allowed[..., 0] = True   # every query sees some key
+    mask = allowed if kind == "bool" else torch.randn(5, 5, generator=gen)
+    compiled = surgeon.compile(model, (x, mask), spec("prefix", ["attn"], num_virtual_tokens=TOKENS))
+    pk, pv = _prefixes(compiled, "attn")
+    with torch.no_grad():
+        q, k, v = model.attn.qkv(x).view(2, 5, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        want = _attention(q, k, v, pk, pv, allowed=torch.cat([torch.ones(2, 1, 5, TOKENS, dtype=torch.bool),
+                                                              allowed], -1) if kind == "bool" else None,
+                          additive=torch.cat([torch.zeros(5, TOKENS), mask], -1) if kind == "additive" else None)
+    assert_close(logits(compiled.module, (x, mask)), want)
+
+
+def test_hf_llama_lifecycle(tmp_path):
+    model, args, compiled = compile_kind("prefix", ["*.self_attn"], num_virtual_tokens=4)
+    assert compiled.report.rows[-1].check == "changes function"
+    assert_param_count(compiled, 2 * (2 * 4 * 4 * 16))   # layers * 2 * n * heads (as SDPA sees them) * head_dim
+    assert_trains(compiled, args)
+    before = logits(compiled.module, args)
+    with pytest.raises(SpecError, match="adds attention positions"):
+        compiled.apply(["merge"])
+    assert torch.equal(logits(compiled.module, args), before) and compiled.adapters[NAME].status == "inserted"
+    assert_round_trip(compiled, model, args, tmp_path)
+
+
+def test_remove_and_deactivate_restore_the_call():
+    model, args = tiny_llama(num_layers=1)
+    two = spec("prefix", ["*.self_attn"], num_virtual_tokens=TOKENS)
+    two["adapters"].append({"name": "other", "type": "lora", "targets": ["*.q_proj"]})   # B = 0: the identity
+    compiled = surgeon.compile(model, args, two)
+    inserted, want = logits(compiled.module, args), logits(model, args)
+    compiled.set_active("other")
+    assert adapter_nodes(compiled.module, NAME) == [] and torch.equal(logits(compiled.module, args), want)
+    compiled.set_active(NAME, "other")
+    assert torch.equal(logits(compiled.module, args), inserted)
+    compiled.apply([{"remove": {"adapters": [NAME]}}])
+    assert adapter_nodes(compiled.module, NAME) == [] and torch.equal(logits(compiled.module, args), want)
+
+
+def test_merge_refusal_is_the_kinds_reason():
+    kind = surgeon.adapters.kinds()["prefix"]
+    assert kind.refusal({"num_virtual_tokens": 8}).startswith("prefix tuning adds attention positions")
