@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import surgeon
 from surgeon.errors import SpecError
 from surgeon.models import _rotate_half, tiny_llama
-from tests.adapters.helpers import (KW, NAME, spec, assert_close, assert_param_count, assert_round_trip,
+from tests.adapters.helpers import (NAME, spec, assert_close, assert_param_count, assert_round_trip,
                                     assert_trains, compile_kind)
 from tests.passes.helpers import adapter_nodes, logits
 
@@ -45,7 +45,8 @@ def _tiny_llama_reference(model, ids, pk, pv):
     cos, sin = emb.cos(), emb.sin()
     x = model.embed_tokens(ids)
     h = layer.input_layernorm(x)
-    q, k, v = (proj(h).view(b, s, -1, attn.head_dim).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    q, k, v = (proj(h).view(b, s, -1, attn.head_dim).transpose(1, 2)
+               for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
     q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
     groups = attn.heads // attn.kv_heads
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -58,7 +59,7 @@ def _tiny_llama_reference(model, ids, pk, pv):
 
 def _prefixes(compiled, path):
     module = compiled.module
-    return (module.get_parameter(f"{path}.adapter_{NAME}.prefix_k"), module.get_parameter(f"{path}.adapter_{NAME}.prefix_v"))
+    return tuple(module.get_parameter(f"{path}.adapter_{NAME}.{p}") for p in ("prefix_k", "prefix_v"))
 
 
 def test_causal_attention_gets_prefix_and_explicit_mask():
@@ -66,7 +67,8 @@ def test_causal_attention_gets_prefix_and_explicit_mask():
     compiled = surgeon.compile(model, args, spec("prefix", ["*.self_attn"], num_virtual_tokens=TOKENS))
     row = compiled.report.rows[-1]
     assert (row.name, row.matches, row.check) == ("insert", 1, "changes function")
-    (sdpa,) = [n for n in compiled.module.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+    sdpa_op = torch.ops.aten.scaled_dot_product_attention.default
+    (sdpa,) = [n for n in compiled.module.graph.nodes if n.target is sdpa_op]
     assert sdpa.args[5] is False and sdpa.args[3].meta["surgeon_adapter"] == NAME   # is_causal -> explicit mask
     pk, pv = _prefixes(compiled, "layers.0.self_attn")
     assert pk.shape == pv.shape == (4, TOKENS, 16)   # heads as SDPA sees them (kv heads repeated), n, head_dim
