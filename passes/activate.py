@@ -30,7 +30,7 @@ class Activate:
                     site.parked = detach(gm, site)
                 state.status = "inactive"
                 result.matches += 1
-        for state in ctx.select(tuple(self.adapters), ("inactive",)):
+        for state in [ctx.adapters[n] for n in self.adapters if ctx.adapters[n].status == "inactive"]:
             for site in state.sites:
                 attach(gm, state, site, site_calls(gm, site), site.parked, self.name)
                 site.parked = {}

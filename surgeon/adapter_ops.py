@@ -48,11 +48,12 @@ def discover_sites(gm: fx.GraphModule, state: AdapterState, ctx: Context, index:
     for glob in spec.targets:
         for path in sorted(p for p in matched_paths if path_matches(p, glob) and p not in found):
             if path not in refused and not any(path.startswith(f + ".") for f in found):
-                result.rejections.append((f"{spec.name} @ {path}", "module has no linear-like op (linear/addmm "
-                                                                   "with a parameter weight)"))
+                result.rejections.append((f"{spec.name} @ {path}", f"module has no {'/'.join(spec.kind.site_ops)} "
+                                                                   f"op a '{spec.type}' adapter attaches to"))
     if not found:
         raise ctx.spec.error(("adapters", index, "targets"),
-                             f"targets {list(spec.targets)} select no linear-like op in the captured graph"
+                             f"targets {list(spec.targets)} select no {'/'.join(spec.kind.site_ops)} op "
+                             "in the captured graph"
                              + "".join(f"; {p}: {r}" for p, r in result.rejections if p.split(" @ ")[1] in refused))
     return found
 
@@ -343,5 +344,5 @@ def check_loaded_shapes(state: AdapterState, site: SiteState, tensors: dict[str,
                                                        f"(a {state.spec.type} adapter has {sorted(expected)})")
 
 
-__all__ = ["attach", "detach", "discover_sites", "site_dims", "conv_geometry", "add_delta", "site_calls", "site_weight",
-           "merge_site", "unmerge_site", "check_loaded_shapes", "SpecError"]
+__all__ = ["attach", "detach", "discover_sites", "site_dims", "conv_geometry", "add_delta", "site_calls",
+           "site_weight", "merge_site", "unmerge_site", "check_loaded_shapes", "SpecError"]

@@ -107,7 +107,7 @@ def test_yaml_and_toml_and_dict_give_the_same_spec(tmp_path):
 
 def test_target_module_without_linear_op_is_a_spec_error(model_and_args):
     model, args = model_and_args
-    with pytest.raises(surgeon.SpecError, match="no linear-like op"):
+    with pytest.raises(surgeon.SpecError, match="select no linear/addmm/conv2d op"):
         surgeon.compile(model, args, lora_spec(["*.input_layernorm"], rank=2), KW)
 
 

@@ -47,12 +47,10 @@ def _prefixed(branch, prefix, seq):
 
 def _padded_mask(branch, mask, keys, n: int):
     # n visible columns in front: True for a boolean mask, 0.0 for an additive one
-    shape, dtype = list(mask.meta["val"].shape), mask.meta["val"].dtype
-    fill = aten.new_ones.default if dtype == torch.bool else aten.new_zeros.default
-    if shape[-1] != keys:   # a mask broadcast over keys: make its key axis explicit first
-        mask = branch.op(aten.expand.default, mask, [*shape[:-1], keys])
-    visible = branch.op(fill, mask, [*shape[:-1], n])
-    return branch.op(aten.cat.default, [visible, mask], -1)
+    val = mask.meta["val"]
+    if val.shape[-1] == 1 and keys != 1:   # a mask broadcast over keys: make its key axis explicit first
+        mask = branch.op(aten.expand.default, mask, [*[-1] * (val.dim() - 1), keys])
+    return branch.op(aten.constant_pad_nd.default, mask, [n, 0], True if val.dtype == torch.bool else 0.0)
 
 
 def _causal_mask(branch, query, key, n: int):

@@ -3,10 +3,12 @@
 References: a 1-layer TinyLlama (is_causal=True becomes an explicit mask) and a toy attention
 with a boolean and an additive mask (the mask gets visible prefix columns), each recomputed in
 plain torch with the same prefixes concatenated. Then HF LLaMA's lifecycle: training, param
-count, merge refused with the reason, remove/activate restoring the call, save/load round trip.
+count, merge refused with the reason, remove/activate restoring the call, save/load round trip, and
+parity with PEFT's PrefixTuningConfig (its kv-head table mapped onto the repeated heads by hand).
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -19,6 +21,7 @@ from surgeon.errors import SpecError
 from surgeon.models import _rotate_half, tiny_llama
 from tests.adapters.helpers import (NAME, spec, assert_close, assert_param_count, assert_round_trip,
                                     assert_trains, compile_kind)
+from tests.conftest import hf_llama
 from tests.passes.helpers import adapter_nodes, logits
 
 TOKENS = 3
@@ -98,21 +101,23 @@ class _Toy(nn.Module):
         return self.attn(x, mask)
 
 
-@pytest.mark.parametrize("kind", ["bool", "additive"])
+@pytest.mark.parametrize("kind", ["bool", "additive", "broadcast"])
 def test_given_mask_gets_visible_prefix_columns(kind):
     torch.manual_seed(0)
     model, gen = _Toy().eval(), torch.Generator().manual_seed(1)
     x = torch.randn(2, 5, 16, generator=gen)
     allowed = torch.rand(2, 1, 5, 5, generator=gen) > 0.4
     allowed[..., 0] = True   # every query sees some key
-    mask = allowed if kind == "bool" else torch.randn(5, 5, generator=gen)
+    mask = {"bool": allowed, "additive": torch.randn(5, 5, generator=gen),
+            "broadcast": torch.randn(5, 1, generator=gen)}[kind]   # one value per query, over all keys
     compiled = surgeon.compile(model, (x, mask), spec("prefix", ["attn"], num_virtual_tokens=TOKENS))
     pk, pv = _prefixes(compiled, "attn")
     with torch.no_grad():
         q, k, v = model.attn.qkv(x).view(2, 5, 3, 2, 8).permute(2, 0, 3, 1, 4)
         want = _attention(q, k, v, pk, pv, allowed=torch.cat([torch.ones(2, 1, 5, TOKENS, dtype=torch.bool),
                                                               allowed], -1) if kind == "bool" else None,
-                          additive=torch.cat([torch.zeros(5, TOKENS), mask], -1) if kind == "additive" else None)
+                          additive=None if kind == "bool" else torch.cat([torch.zeros(5, TOKENS),
+                                                                          mask.expand(5, 5)], -1))
     assert_close(logits(compiled.module, (x, mask)), want)
 
 
@@ -145,3 +150,29 @@ def test_remove_and_deactivate_restore_the_call():
 def test_merge_refusal_is_the_kinds_reason():
     kind = surgeon.adapters.kinds()["prefix"]
     assert kind.refusal({"num_virtual_tokens": 8}).startswith("prefix tuning adds attention positions")
+
+
+def test_peft_prefix_tuning_parity():
+    """PEFT feeds its prefixes as a KV cache, so its real tokens sit at positions n..n+L-1 (RoPE);
+    capturing with those position_ids makes the two functions the same."""
+    peft = pytest.importorskip("peft")
+    model, args = hf_llama()
+    wrapped = peft.get_peft_model(copy.deepcopy(model), peft.PrefixTuningConfig(task_type="CAUSAL_LM",
+                                                                                num_virtual_tokens=TOKENS)).eval()
+    with torch.no_grad():
+        expected = wrapped(input_ids=args[0]).logits
+    cfg = model.config
+    kv_heads, head_dim = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    # PEFT's table: (n, layers * 2 * kv_heads * head_dim) -> per layer k, v of (kv_heads, n, head_dim)
+    table = wrapped.prompt_encoder["default"].embedding.weight.detach()
+    per_layer = table.view(TOKENS, -1, kv_heads, head_dim).permute(1, 2, 0, 3)
+    positions = torch.arange(TOKENS, TOKENS + args[0].shape[1]).expand(args[0].shape[0], -1)
+    compiled = surgeon.compile(model, args, spec("prefix", ["*.self_attn"], num_virtual_tokens=TOKENS),
+                               {"use_cache": False, "position_ids": positions})
+    with torch.no_grad():
+        for layer in range(cfg.num_hidden_layers):
+            for index, tensor in enumerate(_prefixes(compiled, f"model.layers.{layer}.self_attn")):
+                # HF repeats kv head h // groups into head h before SDPA, cached prefixes included
+                tensor.copy_(per_layer[2 * layer + index].repeat_interleave(tensor.shape[0] // kv_heads, 0))
+        got = compiled.module(args[0], position_ids=positions).logits
+    assert_close(got, expected)

@@ -50,3 +50,13 @@ def test_activate_in_spec_then_merge_the_active_one():
     assert adapter_nodes(compiled.module) == []
     compiled.set_active("a")
     assert compiled.adapters["a"].status == "inserted" and len(adapter_nodes(compiled.module, "a")) == 2 * 5
+
+
+def test_set_active_with_no_names_parks_every_adapter():
+    model, args = hf_llama()
+    compiled = surgeon.compile(model, args, two_adapters(), KW)
+    randomize_adapters(compiled.module)
+    compiled.set_active()
+    assert adapter_nodes(compiled.module) == []
+    assert {a.status for a in compiled.adapters.values()} == {"inactive"}
+    assert torch.equal(logits(compiled.module, args), logits(model, args))
