@@ -1,9 +1,11 @@
-"""Attach and detach adapter branches around linear-like sites; shared by insert/merge/unmerge/remove.
+"""Attach and detach adapter branches around sites; shared by insert/merge/unmerge/remove/activate.
 
 A site is an `aten.linear(x, W, b)` (W: out x in), GPT-2 Conv1D's `aten.addmm(b, x, W)`
-(W: in x out) or, for kinds whose `site_ops` list it, an ungrouped `aten.conv2d(x, W, b, ...)`
-(W: out x in x kh x kw, seen by the kinds as out x (in * kh * kw)). Attaching builds the kind's forward from the site's input x and base output y
-and points every user of y at the adapted output; detaching does the reverse.
+(W: in x out) or, for kinds whose `site_ops` list them, an ungrouped `aten.conv2d(x, W, b, ...)`
+(W: out x in x kh x kw, seen by the kinds as out x (in * kh * kw)) or a weightless call such as
+`aten.scaled_dot_product_attention` (prefix tuning rewrites its arguments). Attaching builds the
+kind's forward from the site's input x and base output y and points every user of y at the
+adapted output; detaching does the reverse.
 """
 from __future__ import annotations
 
