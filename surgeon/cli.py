@@ -50,7 +50,8 @@ def cmd_compile(ns) -> int:
     compiled = surgeon.compile(model, args, Path(ns.spec), kwargs, progress=_progress)
     print(compiled.report)
     out = compiled.save(ns.out)
-    print(f"\nwrote {out}/: report.txt, report.json, spec.yaml, graph.py, nodes.json, adapters/")
+    print(f"\nwrote {out}/: report.txt/json, spec.yaml, graph.py, graph.html, graph.dot, nodes*.json, groups.json, "
+          "adapters/")
     return 0
 
 
@@ -84,7 +85,8 @@ def cmd_demo(ns) -> int:
     print(compiled.report)
     print(f"\ntraining loss {losses[0]:.4f} -> {losses[-1]:.4f} over {ns.steps} steps (adapter only)")
     compiled.save(out)
-    print(f"wrote {out}/: report.txt, report.json, spec.yaml, graph.py, nodes.json, adapter/, adapter_peft/")
+    print(f"wrote {out}/: report.txt/json, spec.yaml, graph.py, graph.html, graph.dot, nodes*.json, groups.json, "
+          "adapters/, adapter/ (surgeon format), adapter_peft/ (PEFT format)")
     return 0
 
 

@@ -131,3 +131,18 @@ def test_compiled_module_behaves_like_a_module(llama):
     out.sum().backward()
     grads = [n for n, p in module.named_parameters() if p.grad is not None]
     assert grads and all("adapter_a" in n for n in grads)
+
+
+def test_compiled_module_runs_under_torch_compile_and_reexports(llama):
+    model, args = llama
+    compiled = surgeon.compile(model, args, {"adapters": [{"name": "a", "type": "lora", "targets": ["*.q_proj"],
+                                                           "rank": 2}]}, {"use_cache": False})
+    with torch.no_grad():
+        for p in compiled.module.parameters():
+            if p.requires_grad:
+                p.add_(0.1)
+        expected = compiled.module(*args).logits
+        fast = torch.compile(compiled.module, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(fast(*args).logits, expected, rtol=0, atol=0)
+    again = torch.export.export(compiled.module, args)
+    torch.testing.assert_close(again.module()(*args).logits, expected, rtol=0, atol=0)
