@@ -146,3 +146,24 @@ def test_compiled_module_runs_under_torch_compile_and_reexports(llama):
         torch.testing.assert_close(fast(*args).logits, expected, rtol=0, atol=0)
     again = torch.export.export(compiled.module, args)
     torch.testing.assert_close(again.module()(*args).logits, expected, rtol=0, atol=0)
+
+
+def test_declared_dynamic_dims_serve_other_shapes():
+    from torch.export import Dim
+
+    model, args = hf_llama()
+    dynamic = {"input_ids": {0: Dim("batch", max=16), 1: Dim("seq", max=64)}}
+    compiled = surgeon.compile(model, args, {"adapters": [{"name": "a", "type": "lora", "targets": ["*.q_proj"],
+                                                           "rank": 2}]}, {"use_cache": False}, dynamic_shapes=dynamic)
+    ids = torch.randint(0, 128, (3, 5), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for p in compiled.module.parameters():
+            if p.requires_grad:
+                p.add_(0.1)
+        unmerged = compiled.module(ids).logits
+        compiled.apply(["merge"])
+        merged = compiled.module(ids).logits
+        eager = model(ids, use_cache=False).logits
+    assert unmerged.shape == (3, 5, 128)
+    torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(merged, eager, atol=1e-4)   # the merged adapter changed the function
