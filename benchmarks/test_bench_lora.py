@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-TARGETS = ["*.q_proj", "*.k_proj", "*.v_proj", "*.o_proj", "*.gate_proj", "*.up_proj", "*.down_proj"]
+from surgeon.bench import TARGETS, surgeon_variants
 HAS_PEFT = importlib.util.find_spec("peft") is not None
 CPU_VARIANTS = ["eager base", "surgeon merged", "surgeon unmerged"] + (["PEFT unmerged"] if HAS_PEFT else [])
 
@@ -31,24 +31,6 @@ def small_llama():
     cfg = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     return LlamaForCausalLM(cfg).eval()
-
-
-def surgeon_variants(model, ids) -> dict:
-    """surgeon unmerged (LoRA inserted, random nonzero adapter weights) and merged (the same, then merge)."""
-    import surgeon
-
-    spec = {"adapters": [{"name": "a", "type": "lora", "targets": TARGETS, "rank": 16, "alpha": 32}],
-            "pipeline": ["insert"]}
-    unmerged = surgeon.compile(model, (ids,), spec, {"use_cache": False})
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in unmerged.module.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
-    merged = surgeon.compile(model, (ids,), spec, {"use_cache": False})
-    merged.module.load_state_dict(unmerged.module.state_dict())
-    merged.apply(["merge"])
-    return {"surgeon merged": merged.module, "surgeon unmerged": unmerged.module}
 
 
 @pytest.fixture(scope="module")

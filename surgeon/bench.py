@@ -32,12 +32,13 @@ def build(seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32
     return LlamaForCausalLM(cfg).eval().to(device=device, dtype=dtype)
 
 
-def variants(model, ids):
-    import peft
+TARGETS = ["*.q_proj", "*.k_proj", "*.v_proj", "*.o_proj", "*.gate_proj", "*.up_proj", "*.down_proj"]
 
+
+def surgeon_variants(model, ids, targets=TARGETS) -> dict:
+    """surgeon unmerged (LoRA r=16 inserted, small random adapter weights) and merged (the same, merged)."""
     import surgeon
 
-    targets = ["*.q_proj", "*.k_proj", "*.v_proj", "*.o_proj", "*.gate_proj", "*.up_proj", "*.down_proj"]
     spec = {"adapters": [{"name": "a", "type": "lora", "targets": targets, "rank": 16, "alpha": 32}],
             "pipeline": ["insert"]}
     unmerged = surgeon.compile(model, (ids,), spec, {"use_cache": False})
@@ -49,13 +50,21 @@ def variants(model, ids):
     merged = surgeon.compile(model, (ids,), spec, {"use_cache": False})
     merged.module.load_state_dict(unmerged.module.state_dict())
     merged.apply(["merge"])
-    config = peft.LoraConfig(r=16, lora_alpha=32, target_modules=[t[2:] for t in targets], lora_dropout=0.0)
+    return {"surgeon merged": merged.module, "surgeon unmerged": unmerged.module}
+
+
+def variants(model, ids):
+    import peft
+
+    ours = surgeon_variants(model, ids)
+    merged, unmerged = ours["surgeon merged"], ours["surgeon unmerged"]
+    config = peft.LoraConfig(r=16, lora_alpha=32, target_modules=[t[2:] for t in TARGETS], lora_dropout=0.0)
     peft_unmerged = peft.get_peft_model(copy.deepcopy(model), config).eval()
     peft_merged = peft.get_peft_model(copy.deepcopy(model), config).eval().merge_and_unload()
     return {
         "eager base": lambda: model(ids, use_cache=False),
-        "surgeon merged": lambda: merged.module(ids),
-        "surgeon unmerged": lambda: unmerged.module(ids),
+        "surgeon merged": lambda: merged(ids),
+        "surgeon unmerged": lambda: unmerged(ids),
         "PEFT unmerged": lambda: peft_unmerged(ids, use_cache=False),
         "PEFT merged": lambda: peft_merged(ids, use_cache=False),
     }
