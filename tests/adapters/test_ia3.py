@@ -44,3 +44,32 @@ def test_peft_parity(tmp_path):
     compiled = peft_parity(config, tmp_path, scale=0.5)
     options = {s.path.rsplit(".", 1)[-1]: s.options["on"] for s in compiled.adapters[NAME].sites}
     assert options == {"k_proj": "output", "v_proj": "output", "down_proj": "input"}
+
+
+def test_ia3_output_scale_on_conv2d_sites_merges_exactly():
+    from tests.conftest import small_cnn
+
+    model, args = small_cnn()
+    compiled = surgeon.compile(model, args, spec("ia3", ["stem.0", "block1.0", "block2.0"]))
+    assert [s.op for s in compiled.adapters[NAME].sites] == ["conv2d"] * 3
+    assert compiled.adapters[NAME].param_count == 8 * 3       # one scale per output channel
+    with torch.no_grad():
+        assert torch.equal(compiled.module(*args), model(*args))
+        for p in compiled.module.parameters():
+            if p.requires_grad:
+                p.copy_(torch.linspace(0.5, 1.5, p.numel()))
+        scaled = compiled.module(*args)
+    assert not torch.allclose(scaled, model(*args))
+    compiled.apply(["merge"])
+    with torch.no_grad():
+        torch.testing.assert_close(compiled.module(*args), scaled, rtol=1e-5, atol=1e-6)
+    block = compiled.module.get_parameter("block1.0.weight")
+    torch.testing.assert_close(block, model.block1[0].weight * torch.linspace(0.5, 1.5, 8)[:, None, None, None])
+
+
+def test_ia3_input_scale_on_conv2d_is_refused_with_the_reason():
+    from tests.conftest import small_cnn
+
+    model, args = small_cnn()
+    with pytest.raises(surgeon.PassError, match="not supported on conv2d sites"):
+        surgeon.compile(model, args, spec("ia3", ["block2.0"], on="input"))
