@@ -10,6 +10,8 @@ residual split, HRA's paired reflections) are checked "close"; adapters loaded f
 change the function ("none"). A kind may rewrite the base weight at insertion (PiSSA keeps
 the residual W - s B0 A0); the new weight is a new tensor, recomputed for loaded adapters.
 Base parameters are frozen: after insertion only adapter parameters require grad.
+Sites are taken in graph order; loaded weights keyed "#k" (checkpoints that name no modules,
+PEFT prefix tuning) go to the k-th site, and then their count must equal the site count.
 """
 from __future__ import annotations
 
@@ -46,7 +48,12 @@ class Insert:
             index = list(ctx.adapters).index(state.spec.name)
             spec = state.spec
             state.sites = []
-            for path, calls in discover_sites(gm, state, ctx, index, result).items():
+            found = discover_sites(gm, state, ctx, index, result)
+            position = {node: i for i, node in enumerate(gm.graph.nodes)}
+            paths = sorted(found, key=lambda p: position[found[p][0]])
+            _check_ordinals(spec, paths, ctx, index)
+            for path in paths:
+                calls = found[path]
                 op = next(name for name, (target, _) in SIGNATURES.items() if target is calls[0].target)
                 weight, fan_in, fan_out = site_dims(gm, calls[0], op)
                 options = {**spec.options, **(spec.loaded.site_options.get(path, {}) if spec.loaded else {})}
@@ -54,7 +61,7 @@ class Insert:
                     options.update(spec.kind.site_options(gm, path, weight, options))
                 site = SiteState(path, op, weight, fan_in, fan_out, options)
                 dtype = calls[0].meta["val"].dtype if "val" in calls[0].meta else None
-                tensors = self._tensors(gm, state, site, ctx, index, dtype)
+                tensors = self._tensors(gm, state, site, ctx, index, dtype, len(state.sites))
                 attach(gm, state, site, calls, tensors, self.name)
                 state.sites.append(site)
                 result.matches += len(calls)
@@ -63,7 +70,7 @@ class Insert:
                                 f"{state.param_count:,} parameters")
         return result
 
-    def _tensors(self, gm, state, site, ctx, index, dtype):
+    def _tensors(self, gm, state, site, ctx, index, dtype, ordinal):
         kind, loaded = state.spec.kind, state.spec.loaded
         weight = site_weight(gm, site)
         fresh = None
@@ -71,7 +78,7 @@ class Insert:
             gen = ctx.generator if loaded is None else torch.Generator().manual_seed(0)
             fresh = kind.init(site.options, site.in_features, site.out_features, weight.dtype, gen, weight)
         if loaded is not None:
-            tensors = loaded.weights.get(site.path)
+            tensors = loaded.weights.get(site.path, loaded.weights.get(f"#{ordinal}"))
             if tensors is None:
                 raise ctx.spec.error(("adapters", index, "targets"), f"no weights for module '{site.path}'")
             check_loaded_shapes(state, site, tensors, ctx, index)
@@ -84,3 +91,12 @@ class Insert:
         # floating parameters take the site's dtype; integer ones (SHiRA's indices) keep theirs
         return {p: t.to(device=weight.device, dtype=(dtype or weight.dtype) if t.is_floating_point() else t.dtype)
                 .clone() for p, t in tensors.items()}
+
+
+def _check_ordinals(spec, paths: list[str], ctx: Context, index: int) -> None:
+    """Ordinal-keyed loaded weights ("#k") must cover the selected sites one to one."""
+    count = sum(key.startswith("#") for key in (spec.loaded.weights if spec.loaded else ()))
+    if count and count != len(paths):
+        raise ctx.spec.error(("adapters", index, "from_peft" if spec.from_peft else "from_dir"),
+                             f"the checkpoint holds weights for {count} sites in order (no module paths), but the "
+                             f"targets {list(spec.targets)} select {len(paths)}: {paths[:4]}")

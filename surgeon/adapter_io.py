@@ -3,8 +3,10 @@
 surgeon format: `adapter.safetensors` with keys `<module path>.<param>` and `adapter_config.json`
 with the kind, adapter-wide options and per-site options. PEFT format: `adapter_model.safetensors`
 with keys `base_model.model.<path>.<PEFT name>` (e.g. `lora_A.weight`, `hada_w1_a`, `oft_R.weight`)
-plus model-level ones (`base_model.vera_A`), and PEFT's adapter_config.json; each peft_type's
-layout is one entry of surgeon.adapters.peft_formats.
+plus model-level ones (`base_model.vera_A`, prefix tuning's `prompt_embeddings`), and PEFT's
+adapter_config.json; each peft_type's layout is one entry of surgeon.adapters.peft_formats.
+A checkpoint that names no modules (prefix tuning) keys its weights by ordinal, "#k": insert
+gives them to the k-th site the adapter's targets select, in graph order.
 Writes go to a temporary file first and are renamed into place, so a failure leaves no
 half-written file under the final name.
 """
@@ -31,7 +33,7 @@ PEFT_PREFIX = "base_model.model."
 @dataclass
 class LoadedAdapter:
     entry: dict[str, Any]                          # spec keys: type, targets, options
-    weights: dict[str, dict[str, torch.Tensor]]    # module path -> param name -> tensor
+    weights: dict[str, dict[str, torch.Tensor]]    # module path (or "#k": the k-th site) -> param -> tensor
     site_options: dict[str, dict[str, Any]]        # module path -> per-site option overrides
 
 
@@ -129,7 +131,7 @@ def load_peft_dir(directory: Path) -> LoadedAdapter:
         entry, site_options = fmt.read(config, weights, extras)
     except SpecError as error:
         raise SpecError("<adapter>", f"'{directory}': {str(error).split(': ', 1)[-1]}") from error
-    return LoadedAdapter({**entry, "targets": sorted(weights)}, weights, site_options)
+    return LoadedAdapter({"targets": sorted(weights), **entry}, weights, site_options)
 
 
 def _split_peft_keys(flat: dict[str, torch.Tensor], fmt, directory: Path):
@@ -142,11 +144,11 @@ def _split_peft_keys(flat: dict[str, torch.Tensor], fmt, directory: Path):
         match = pattern.fullmatch(_drop_adapter_name(key, by_suffix))
         if match:
             weights.setdefault(match.group(1), {})[by_suffix[match.group(2)]] = tensor
-        elif key.split(".", 1)[-1] in fmt.model_level and key.startswith("base_model."):
-            extras[key.split(".", 1)[1]] = tensor
+        elif key.startswith(fmt.model_prefix) and key[len(fmt.model_prefix):] in fmt.model_level:
+            extras[key[len(fmt.model_prefix):]] = tensor
         else:
             raise SpecError("<adapter>", f"'{directory}': unexpected tensor '{key}' in a {fmt.peft_type} checkpoint")
-    if not weights:
+    if not weights and fmt.names:   # a format without per-module tensors (prefix tuning) checks its own
         raise SpecError("<adapter>", f"'{directory}/adapter_model.safetensors' holds no {fmt.peft_type} weights")
     return weights, extras
 
@@ -174,10 +176,11 @@ def save_peft_dir(directory: Path, options: dict, weights: dict[str, dict[str, t
     weights = {path: dict(params) for path, params in weights.items()}
     config, extras = fmt.write(kind, options, weights, site_options or {})
     flat = {f"{PEFT_PREFIX}{path}.{fmt.names[p]}": t for path, ps in weights.items() for p, t in ps.items()}
-    flat.update({f"base_model.{name}": t for name, t in extras.items()})
+    flat.update({f"{fmt.model_prefix}{name}": t for name, t in extras.items()})
     common = {"bias": "none", "fan_in_fan_out": bool(transposed_paths)}   # where the config class has them
-    config = {"peft_type": fmt.peft_type, "task_type": None, "target_modules": sorted(weights),
-              "modules_to_save": None, **{k: v for k, v in common.items() if k in fmt.config_keys}, **config}
+    modules = {"target_modules": sorted(weights)} if fmt.names else {}   # none for a model-level table
+    config = {"peft_type": fmt.peft_type, "task_type": None, **modules, "modules_to_save": None,
+              **{k: v for k, v in common.items() if k in fmt.config_keys}, **config}
     _write_atomic(directory / "adapter_model.safetensors", lambda tmp: save_file(_unshared(flat), tmp))
     _write_atomic(directory / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
 

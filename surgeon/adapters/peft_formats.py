@@ -29,7 +29,8 @@ class PeftFormat:
     #                                                                -> config, model-level tensors
     config_keys: tuple[str, ...] = ("bias", "fan_in_fan_out")     # of those common keys, the ones PEFT's
     #                                                                config class for this type has
-    model_level: tuple[str, ...] = ()                             # tensors saved as base_model.<name>
+    model_level: tuple[str, ...] = ()                             # tensors saved as <model_prefix><name>
+    model_prefix: str = "base_model."                             # "" for prompt learning's prompt_embeddings
 
 
 def _fail(message: str) -> SpecError:
@@ -257,6 +258,69 @@ def _write_hra(kind, options, weights, site_options):
     return {"r": options["rank"], "apply_GS": options["apply_GS"], "init_weights": True}, {}
 
 
+# ---------------------------------------------------------------- SHiRA
+
+def _read_shira(config, weights, extras):
+    """PEFT saves each site's support as (2, k) int32 (row, column) pairs; k = r * (in + out)."""
+    _number(config, "r")
+    for path, params in weights.items():
+        indices = params.get("shira_indices")
+        if indices is None or indices.dim() != 2 or indices.shape[0] != 2 or indices.is_floating_point():
+            raise _fail(f"module '{path}' needs integer shira_indices of shape (2, k); a checkpoint without "
+                        "them would need PEFT's mask function, which surgeon does not rerun")
+        params["shira_indices"] = indices.long()
+    return {"type": "shira", "rank": int(config["r"])}, {}
+
+
+def _write_shira(kind, options, weights, site_options):
+    ranks = {site_options.get(path, {}).get("rank", options["rank"]) for path in weights}
+    if None in ranks or len(ranks) != 1:
+        raise _fail("PEFT sizes every SHiRA site as r * (in + out) with one r; this adapter has "
+                    f"{'no rank (it is sized by fraction)' if None in ranks else f'ranks {sorted(ranks)}'}")
+    for params in weights.values():
+        params["shira_indices"] = params["shira_indices"].to(torch.int32)
+    return {"r": ranks.pop(), "mask_type": "random", "random_seed": None, "init_weights": True}, {}
+
+
+# ---------------------------------------------------------------- prefix tuning
+
+def _read_prefix(config, weights, extras):
+    """PEFT's table (n, layers * 2 * kv_heads * head_dim): per layer the key's, then the value's
+    (kv_heads, n, head_dim) prefixes. It names no modules: layer l's become site '#l' (the l-th
+    SDPA call in graph order) and the adapter targets every SDPA call ('*')."""
+    if config.get("prefix_projection"):
+        raise _fail("prefix_projection=True: the checkpoint holds PEFT's prefix MLP, not the prefixes; surgeon "
+                    "imports prefix tuning only with prefix_projection=False")
+    if config.get("num_transformer_submodules", 1) != 1:
+        raise _fail("prefix tuning of an encoder-decoder (num_transformer_submodules=2) is not supported")
+    _number(config, "num_virtual_tokens", "num_layers", "token_dim", "num_attention_heads")
+    n, layers, heads = config["num_virtual_tokens"], config["num_layers"], config["num_attention_heads"]
+    table = extras.get("prompt_embeddings")
+    if table is None or tuple(table.shape) != (n, layers * 2 * config["token_dim"]) or config["token_dim"] % heads:
+        raise _fail(f"prompt_embeddings of shape {None if table is None else list(table.shape)} does not fit "
+                    f"num_virtual_tokens={n} x num_layers={layers} * 2 * token_dim={config['token_dim']}")
+    per_layer = table.reshape(n, layers * 2, heads, -1).permute(1, 2, 0, 3)
+    weights.update({f"#{layer}": {"prefix_k": per_layer[2 * layer].contiguous(),
+                                  "prefix_v": per_layer[2 * layer + 1].contiguous()} for layer in range(layers)})
+    return {"type": "prefix", "num_virtual_tokens": n, "targets": ["*"]}, {}
+
+
+def _write_prefix(kind, options, weights, site_options):
+    """One table from the sites in the adapter's order (insert orders sites by graph position)."""
+    shapes = {tuple(t.shape) for params in weights.values() for t in params.values()}
+    if len(shapes) != 1:
+        raise _fail(f"PEFT's prefix table holds one (kv_heads, n, head_dim) per layer; these sites use "
+                    f"{sorted(shapes)}")
+    kv_heads, n, head_dim = shapes.pop()
+    stacked = torch.stack([params[p] for params in weights.values() for p in ("prefix_k", "prefix_v")])
+    table = stacked.permute(2, 0, 1, 3).reshape(n, -1)
+    layers = len(weights)
+    weights.clear()
+    return {"task_type": "CAUSAL_LM", "num_virtual_tokens": n, "num_layers": layers, "token_dim": kv_heads * head_dim,
+            "num_attention_heads": kv_heads, "num_transformer_submodules": 1, "prefix_projection": False,
+            "encoder_hidden_size": kv_heads * head_dim, "inference_mode": True}, {"prompt_embeddings": table}
+
+
 FORMATS = [
     PeftFormat("LORA", ("lora", "dora"), {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight",
                                           "lora_magnitude": "lora_magnitude_vector"}, _read_lora, _write_lora),
@@ -270,6 +334,9 @@ FORMATS = [
     PeftFormat("OFT", ("oft",), {"oft_R": "oft_R.weight"}, _read_oft, _write_oft),
     PeftFormat("BOFT", ("boft",), {"boft_R": "boft_R", "boft_s": "boft_s"}, _read_boft, _write_boft),
     PeftFormat("HRA", ("hra",), {"hra_u": "hra_u"}, _read_hra, _write_hra, ("bias",)),
+    PeftFormat("PREFIX_TUNING", ("prefix",), {}, _read_prefix, _write_prefix, (), ("prompt_embeddings",), ""),
+    PeftFormat("SHIRA", ("shira",), {"shira_values": "shira_weight", "shira_indices": "shira_indices"},
+               _read_shira, _write_shira, ("fan_in_fan_out",)),
 ]
 BY_PEFT_TYPE = {f.peft_type: f for f in FORMATS}
 BY_KIND = {kind: f for f in FORMATS for kind in f.kinds}

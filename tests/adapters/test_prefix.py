@@ -3,8 +3,8 @@
 References: a 1-layer TinyLlama (is_causal=True becomes an explicit mask) and a toy attention
 with a boolean and an additive mask (the mask gets visible prefix columns), each recomputed in
 plain torch with the same prefixes concatenated. Then HF LLaMA's lifecycle: training, param
-count, merge refused with the reason, remove/activate restoring the call, save/load round trip, and
-parity with PEFT's PrefixTuningConfig (its kv-head table mapped onto the repeated heads by hand).
+count (prefixes sized by kv heads), merge refused with the reason, remove/activate restoring the
+call, save/load round trip, and PEFT's PrefixTuningConfig: from_peft parity and export back.
 """
 from __future__ import annotations
 
@@ -54,6 +54,7 @@ def _tiny_llama_reference(model, ids, pk, pv):
     groups = attn.heads // attn.kv_heads
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     allowed = torch.cat([torch.ones(s, TOKENS, dtype=torch.bool), torch.ones(s, s, dtype=torch.bool).tril()], -1)
+    pk, pv = pk.repeat_interleave(groups, dim=0), pv.repeat_interleave(groups, dim=0)   # kv prefixes, repeated like k
     out = _attention(q, k, v, pk, pv, allowed=allowed)
     x = x + attn.o_proj(out.transpose(1, 2).reshape(b, s, -1))
     x = x + layer.mlp(layer.post_attention_layernorm(x))
@@ -74,7 +75,7 @@ def test_causal_attention_gets_prefix_and_explicit_mask():
     (sdpa,) = [n for n in compiled.module.graph.nodes if n.target is sdpa_op]
     assert sdpa.args[5] is False and sdpa.args[3].meta["surgeon_adapter"] == NAME   # is_causal -> explicit mask
     pk, pv = _prefixes(compiled, "layers.0.self_attn")
-    assert pk.shape == pv.shape == (4, TOKENS, 16)   # heads as SDPA sees them (kv heads repeated), n, head_dim
+    assert pk.shape == pv.shape == (2, TOKENS, 16)   # kv heads (repeat_interleave recognized), n, head_dim
     with torch.no_grad():
         want = _tiny_llama_reference(model, args[0], pk, pv)
     assert_close(logits(compiled.module, args), want)
@@ -121,10 +122,37 @@ def test_given_mask_gets_visible_prefix_columns(kind):
     assert_close(logits(compiled.module, (x, mask)), want)
 
 
+class _TiledKV(nn.Module):
+    """Two kv heads tiled (k.repeat: head h reads kv head h % 2), a layout the GQA sizing does not take."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.kv = nn.Linear(16, 32), nn.Linear(16, 32)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, 4, 8).transpose(1, 2)
+        k, v = (t.view(b, s, 2, 8).transpose(1, 2).repeat(1, 2, 1, 1) for t in self.kv(x).chunk(2, -1))
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def test_unrecognized_kv_repeat_keeps_the_calls_heads():
+    torch.manual_seed(0)
+    model, x = nn.Sequential(_TiledKV()).eval(), torch.randn(2, 5, 16)
+    compiled = surgeon.compile(model, (x,), spec("prefix", ["0"], num_virtual_tokens=TOKENS))
+    pk, pv = _prefixes(compiled, "0")
+    assert pk.shape == (4, TOKENS, 8) and compiled.adapters[NAME].sites[0].options["kv_groups"] == 1
+    with torch.no_grad():
+        q = model[0].q(x).view(2, 5, 4, 8).transpose(1, 2)
+        k, v = (t.view(2, 5, 2, 8).transpose(1, 2).repeat(1, 2, 1, 1) for t in model[0].kv(x).chunk(2, -1))
+        want = _attention(q, k, v, pk, pv)
+    assert_close(logits(compiled.module, (x,)), want)
+
+
 def test_hf_llama_lifecycle(tmp_path):
     model, args, compiled = compile_kind("prefix", ["*.self_attn"], num_virtual_tokens=4)
     assert compiled.report.rows[-1].check == "changes function"
-    assert_param_count(compiled, 2 * (2 * 4 * 4 * 16))   # layers * 2 * n * heads (as SDPA sees them) * head_dim
+    assert_param_count(compiled, 2 * (2 * 4 * 2 * 16))   # layers * 2 * n * kv heads (repeat_kv seen) * head_dim
     assert_trains(compiled, args)
     before = logits(compiled.module, args)
     with pytest.raises(SpecError, match="adds attention positions"):
@@ -152,27 +180,49 @@ def test_merge_refusal_is_the_kinds_reason():
     assert kind.refusal({"num_virtual_tokens": 8}).startswith("prefix tuning adds attention positions")
 
 
-def test_peft_prefix_tuning_parity():
+def _peft_prefix(tmp_path, model, **config):
+    """A PEFT PrefixTuningConfig model on a copy of `model` (N(0, 1) prompt table), saved under tmp_path."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(5)
+    wrapped = peft.get_peft_model(copy.deepcopy(model), peft.PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=TOKENS, **config)).eval()
+    wrapped.save_pretrained(tmp_path / "peft")
+    return wrapped
+
+
+def test_from_peft_prefix_tuning_matches_peft_and_exports_back(tmp_path):
     """PEFT feeds its prefixes as a KV cache, so its real tokens sit at positions n..n+L-1 (RoPE);
-    capturing with those position_ids makes the two functions the same."""
+    capturing with those position_ids makes the two functions the same. Its table has no module
+    paths: layer l's prefixes go to the l-th SDPA call."""
     peft = pytest.importorskip("peft")
     model, args = hf_llama()
-    wrapped = peft.get_peft_model(copy.deepcopy(model), peft.PrefixTuningConfig(task_type="CAUSAL_LM",
-                                                                                num_virtual_tokens=TOKENS)).eval()
+    wrapped = _peft_prefix(tmp_path, model)
     with torch.no_grad():
         expected = wrapped(input_ids=args[0]).logits
-    cfg = model.config
-    kv_heads, head_dim = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
-    # PEFT's table: (n, layers * 2 * kv_heads * head_dim) -> per layer k, v of (kv_heads, n, head_dim)
-    table = wrapped.prompt_encoder["default"].embedding.weight.detach()
-    per_layer = table.view(TOKENS, -1, kv_heads, head_dim).permute(1, 2, 0, 3)
     positions = torch.arange(TOKENS, TOKENS + args[0].shape[1]).expand(args[0].shape[0], -1)
-    compiled = surgeon.compile(model, args, spec("prefix", ["*.self_attn"], num_virtual_tokens=TOKENS),
-                               {"use_cache": False, "position_ids": positions})
+    kwargs = {"use_cache": False, "position_ids": positions}
+    compiled = surgeon.compile(model, args, {"adapters": [{"name": NAME, "from_peft": str(tmp_path / "peft")}]}, kwargs)
+    cfg = model.config
+    table = wrapped.prompt_encoder["default"].embedding.weight.detach()
+    per_layer = table.view(TOKENS, -1, cfg.num_key_value_heads, cfg.head_dim).permute(1, 2, 0, 3)
+    pk, pv = _prefixes(compiled, "model.layers.1.self_attn")   # layer 1: key row 2, value row 3
+    assert torch.equal(pk, per_layer[2]) and torch.equal(pv, per_layer[3])
     with torch.no_grad():
-        for layer in range(cfg.num_hidden_layers):
-            for index, tensor in enumerate(_prefixes(compiled, f"model.layers.{layer}.self_attn")):
-                # HF repeats kv head h // groups into head h before SDPA, cached prefixes included
-                tensor.copy_(per_layer[2 * layer + index].repeat_interleave(tensor.shape[0] // kv_heads, 0))
-        got = compiled.module(args[0], position_ids=positions).logits
-    assert_close(got, expected)
+        assert_close(compiled.module(args[0], position_ids=positions).logits, expected)
+    compiled.save_adapter(NAME, tmp_path / "export", format="peft")
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "export")).eval()
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=args[0]).logits, expected)
+
+
+def test_from_peft_prefix_projection_and_site_count_are_refused(tmp_path):
+    model, args = hf_llama()
+    _peft_prefix(tmp_path, model)
+    entry = {"name": NAME, "from_peft": str(tmp_path / "peft")}
+    with pytest.raises(SpecError, match="select 1"):   # two layers' prefixes, one SDPA call selected
+        surgeon.compile(model, args, {"adapters": [{**entry, "targets": ["*.layers.0.self_attn"]}]},
+                        {"use_cache": False})
+    config = tmp_path / "peft" / "adapter_config.json"
+    config.write_text(config.read_text().replace('"prefix_projection": false', '"prefix_projection": true'))
+    with pytest.raises(SpecError, match="prefix_projection=True"):
+        surgeon.compile(model, args, {"adapters": [entry]}, {"use_cache": False})
