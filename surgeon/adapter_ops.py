@@ -39,7 +39,7 @@ def discover_sites(gm: fx.GraphModule, state: AdapterState, ctx: Context, index:
                 continue   # another adapter's own ops are not sites
             reason = _site_refusal(match, spec.kind)
             if reason:
-                if match.path not in refused:
+                if match.path not in refused and glob != "*":   # a bare "*" means: whatever this kind takes
                     result.rejections.append((f"{spec.name} @ {match.path}", reason))
                 refused.add(match.path)
                 continue
@@ -47,7 +47,7 @@ def discover_sites(gm: fx.GraphModule, state: AdapterState, ctx: Context, index:
             if match.node not in nodes:
                 nodes.append(match.node)
     matched_paths = {n.meta.get("surgeon_path", "") for n in gm.graph.nodes if n.op == "call_function"}
-    for glob in spec.targets:
+    for glob in (g for g in spec.targets if g != "*"):
         for path in sorted(p for p in matched_paths if path_matches(p, glob) and p not in found):
             if path not in refused and not any(path.startswith(f + ".") for f in found):
                 result.rejections.append((f"{spec.name} @ {path}", f"module has no {'/'.join(spec.kind.site_ops)} "
