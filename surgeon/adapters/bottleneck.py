@@ -18,23 +18,16 @@ bias cannot be written through it.
 """
 from __future__ import annotations
 
-import torch
-
 from . import AdapterKind
-from .lora import kaiming_uniform
-from .parallel_adapter import PARALLEL_OPTIONS, activate
+from .parallel_adapter import PARALLEL_OPTIONS, branch_params, branch_update
 
 
 def _init(opts, in_features, out_features, dtype, gen, weight):
-    rank = opts["rank"]
-    return {"adapter_down": kaiming_uniform((rank, out_features), gen).to(dtype),
-            "adapter_up": torch.zeros(out_features, rank, dtype=dtype)}
+    return branch_params(opts, out_features, out_features, dtype, gen)
 
 
 def _forward(branch, x, y, params, opts):
-    # y + s * U act(D y): the branch reads the base output itself (serial placement)
-    hidden = activate(branch, branch.linear(y, params["adapter_down"]), opts)
-    return branch.add(y, branch.linear(hidden, params["adapter_up"]), alpha=opts["scale"])
+    return branch_update(branch, y, y, params, opts)   # serial: the branch reads the base output itself
 
 
 BOTTLENECK = AdapterKind(

@@ -33,16 +33,25 @@ def nonlinear_refusal(opts: dict) -> str:
             f"weight W' gives W' x for a nonlinear function of x (use activation: none to merge)")
 
 
-def _init(opts, in_features, out_features, dtype, gen, weight):
+def branch_params(opts, down_in: int, out_features: int, dtype, gen) -> dict:
+    """D (rank x down_in, kaiming-uniform) and U (out x rank, zero: the branch starts as the identity)."""
     rank = opts["rank"]
-    return {"adapter_down": kaiming_uniform((rank, in_features), gen).to(dtype),
+    return {"adapter_down": kaiming_uniform((rank, down_in), gen).to(dtype),
             "adapter_up": torch.zeros(out_features, rank, dtype=dtype)}
 
 
-def _forward(branch, x, y, params, opts):
-    # y + s * U act(D x): two skinny GEMMs around the activation, one add with alpha = s
-    hidden = activate(branch, branch.linear(x, params["adapter_down"]), opts)
+def branch_update(branch, source, y, params, opts):
+    """y + s * U act(D source): two skinny GEMMs around the activation, one add with alpha = s."""
+    hidden = activate(branch, branch.linear(source, params["adapter_down"]), opts)
     return branch.add(y, branch.linear(hidden, params["adapter_up"]), alpha=opts["scale"])
+
+
+def _init(opts, in_features, out_features, dtype, gen, weight):
+    return branch_params(opts, in_features, out_features, dtype, gen)
+
+
+def _forward(branch, x, y, params, opts):
+    return branch_update(branch, x, y, params, opts)   # parallel: the branch reads the layer's input
 
 
 def _delta(params, opts, weight=None):
