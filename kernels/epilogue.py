@@ -13,7 +13,8 @@ its single store. Each rule says, for one op:
 
 An epilogue is written as a string for the custom op, e.g. "silu,mul:0,add:1,scale:0.5"
 (`mul:0` multiplies by operand 0). Bias is a row operand passed on its own; `steps()` puts its
-step first when a bias is present.
+step first when a bias is present, unless the string places it ("gain:0,bias": DoRA scales the
+GEMM result per output before its bias is added).
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ class Step:
 
 @dataclass(frozen=True)
 class Rule:
-    operand: str | None           # None, "row" (N,), "tile" (M, N) or "const"
+    operand: str | None           # None, "row" (the bias, N), "vec" (an N operand), "tile" (M, N) or "const"
     role: str                     # what the operand is, used to name it in the kernel
     math: str                     # the op in the kernel's docstring formula
     triton: str
@@ -75,6 +76,9 @@ RULES: dict[str, Rule] = {
                       lambda g, v, _: (aten.gelu_backward(g, v, approximate="tanh"), None)),
     # relu(z) = max(z, 0)
     "relu": Rule(None, "", "relu({value})", "acc = tl.maximum(acc, 0.0)", lambda v, _: F.relu(v), _relu_vjp),
+    # z * g[n]: a per-output gain (IA3's output scale l, DoRA's m / ||W + s B A||_row)
+    "gain": Rule("vec", "gain", "({value}) * {operand}[n]", "acc = acc * {operand}[None, :]",
+                 lambda v, o: v * o, lambda g, v, o: (g * o, (g * v).sum(0))),
     # z * gate (SwiGLU's elementwise gate, or any same-shape multiplier)
     "mul": Rule("tile", "gate", "({value}) * {operand}", "acc = acc * {operand}",
                 lambda v, o: v * o, lambda g, v, o: (g * o, g * v)),
@@ -98,9 +102,9 @@ def _parse(epilogue: str) -> tuple[Step, ...]:
     for text in filter(None, (t.strip() for t in epilogue.split(","))):
         name, _, arg = text.partition(":")
         rule = RULES.get(name)
-        if rule is None or name == "bias":
-            raise ValueError(f"epilogue step {text!r}: no rule {name!r}; known: {sorted(set(RULES) - {'bias'})}")
-        if rule.operand == "tile":
+        if rule is None:
+            raise ValueError(f"epilogue step {text!r}: no rule {name!r}; known: {sorted(RULES)}")
+        if rule.operand in ("tile", "vec"):
             steps.append(Step(name, operand=int(arg)))
         elif rule.operand == "const":
             steps.append(Step(name, const=float(arg)))
@@ -112,14 +116,25 @@ def _parse(epilogue: str) -> tuple[Step, ...]:
 
 
 def steps(epilogue: str, has_bias: bool) -> tuple[Step, ...]:
-    """The full step list of a fused op: bias (when present) then the parsed epilogue."""
-    return ((Step("bias"),) if has_bias else ()) + parse(epilogue)
+    """The full step list of a fused op: bias first (when present and not placed) then the epilogue."""
+    chain = parse(epilogue)
+    placed = sum(step.rule == "bias" for step in chain)
+    if placed > 1 or (placed and not has_bias):
+        raise ValueError(f"epilogue {epilogue!r} places the bias {placed} times, with "
+                         f"{'a' if has_bias else 'no'} bias tensor")
+    return chain if placed or not has_bias else (Step("bias"),) + chain
 
 
 def operand_of(step: Step, bias: torch.Tensor | None, operands: list[torch.Tensor]) -> Any:
     """The value a step reads: the bias row, an operand tile or its constant."""
     kind = RULES[step.rule].operand
-    return bias if kind == "row" else operands[step.operand] if kind == "tile" else step.const
+    return bias if kind == "row" else operands[step.operand] if kind in ("tile", "vec") else step.const
+
+
+def as_tiles(chain: tuple[Step, ...], operands: list[torch.Tensor], shape: tuple[int, int]) -> list[torch.Tensor]:
+    """The operands as the steps read them: tile operands as (M, N), gain vectors as they are (N,)."""
+    vec = {s.operand for s in chain if RULES[s.rule].operand == "vec"}
+    return [op if i in vec else op.reshape(shape) for i, op in enumerate(operands)]
 
 
 def apply(value: torch.Tensor, chain: tuple[Step, ...], bias, operands) -> list[torch.Tensor]:
@@ -135,10 +150,12 @@ def apply(value: torch.Tensor, chain: tuple[Step, ...], bias, operands) -> list[
 
 # ---------------------------------------------------------------- graph side: node -> step
 
-def match(node: fx.Node, value: fx.Node, same_shape: Callable[[fx.Node], bool]) -> "tuple[str, Any] | str":
+def match(node: fx.Node, value: fx.Node, same_shape: Callable[[fx.Node], bool],
+          row_vector: Callable[[fx.Node], bool] = lambda other: False) -> "tuple[str, Any] | str":
     """(rule name, operand node or constant) when `node` applied to `value` has a rule, else why not.
 
-    `same_shape(other)` says whether a tensor operand has the region output's shape and dtype.
+    `same_shape(other)` says whether a tensor operand has the region output's shape and dtype;
+    `row_vector(other)` whether it is one value per output column (a gain, e.g. IA3's l).
     """
     target = node.target
     if target in (aten.silu.default, aten.relu.default):
@@ -153,6 +170,8 @@ def match(node: fx.Node, value: fx.Node, same_shape: Callable[[fx.Node], bool]) 
         if target is aten.add.Tensor and node.kwargs.get("alpha", 1) != 1:
             return f"{_short(node)}: add with alpha={node.kwargs['alpha']} (no rule)"
         if isinstance(other, fx.Node):
+            if target is aten.mul.Tensor and row_vector(other):
+                return "gain", other
             if not same_shape(other):
                 return f"{_short(node)}: operand '{other.name}' is not a same-shape, same-dtype tile (broadcast)"
             return ("mul" if target is aten.mul.Tensor else "add"), other

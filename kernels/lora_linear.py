@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from . import codegen
-from .epilogue import RULES, Step, apply, steps
+from .epilogue import RULES, Step, apply, as_tiles, steps
 
 _KERNEL = '''@triton.jit
 def {name}(
@@ -62,29 +62,33 @@ def {name}(
     mask_r = offs_r < R
 
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)        # x @ W^T
-    x_lora_a = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)   # x @ A^T, from the same x tiles
-    for k_start in range(0, K, BLOCK_K):
+{lora_init}    for k_start in range(0, K, BLOCK_K):
         offs_k = k_start + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         x_tile = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                          mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w_t_tile = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
                            mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        a_t_tile = tl.load(a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
-                           mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-        acc = tl.dot(x_tile, w_t_tile, acc, input_precision=DOT_PRECISION)
-        x_lora_a = tl.dot(x_tile, a_t_tile, x_lora_a, input_precision=DOT_PRECISION)
-
-    # LoRA up-projection: z = x @ W^T + s * round(x @ A^T) @ B^T
-    b_t_tile = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
-                       mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-    lora_up = tl.dot(x_lora_a.to(b_t_tile.dtype), b_t_tile, input_precision=DOT_PRECISION)
-    acc = acc + lora_scale * lora_up
-    mask_out = mask_m[:, None] & mask_n[None, :]
+{lora_load}        acc = tl.dot(x_tile, w_t_tile, acc, input_precision=DOT_PRECISION)
+{lora_dot}
+{lora_up}    mask_out = mask_m[:, None] & mask_n[None, :]
 {epilogue}
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
              acc.to(out_ptr.dtype.element_ty), mask=mask_out)
 '''
+
+# the LoRA parts of the template (left out for a region with no LoRA branch, e.g. IA3 alone)
+_LORA_INIT = "    x_lora_a = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)   # x @ A^T, from the same x tiles\n"
+_LORA_LOAD = """        a_t_tile = tl.load(a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
+                           mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+"""
+_LORA_DOT = "        x_lora_a = tl.dot(x_tile, a_t_tile, x_lora_a, input_precision=DOT_PRECISION)\n"
+_LORA_UP = """    # LoRA up-projection: z = x @ W^T + s * round(x @ A^T) @ B^T
+    b_t_tile = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
+                       mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+    lora_up = tl.dot(x_lora_a.to(b_t_tile.dtype), b_t_tile, input_precision=DOT_PRECISION)
+    acc = acc + lora_scale * lora_up
+"""
 
 _LOAD_ROW = ("    {name} = tl.load({name}_ptr + offs_n * stride_{name}_n, mask=mask_n, other=0.0)"
              ".to(tl.float32)\n")
@@ -108,29 +112,35 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)   # fp64 runs the
 INTERPRET_CONFIG = (32, 32, 32, 4, 1, 1)
 
 
-def kernel_name(chain: tuple[Step, ...]) -> str:
+def kernel_name(chain: tuple[Step, ...], lora: bool = True) -> str:
     """The kernel's name: the template and its steps, e.g. lora_linear_bias_silu_mul_kernel."""
-    return "_".join(["lora_linear", *(s.rule for s in chain), "kernel"])
+    return "_".join(["lora_linear" if lora else "linear", *(s.rule for s in chain), "kernel"])
+
+
+def operand_name(step: Step) -> str:
+    """The kernel's name for what a step reads: `bias`, or role + operand index (`gate0`, `gain1`)."""
+    rule = RULES[step.rule]
+    return rule.role if rule.operand == "row" else f"{rule.role}{step.operand}"
 
 
 def operand_names(chain: tuple[Step, ...]) -> list[tuple[str, str]]:
-    """(kernel argument name, 'row' | 'tile') for each distinct tensor a step reads."""
+    """(kernel argument name, 'row' | 'vec' | 'tile') for each distinct tensor a step reads."""
     names = []
     for step in chain:
         rule = RULES[step.rule]
-        if rule.operand in ("row", "tile"):
-            entry = (rule.role if rule.operand == "row" else f"{rule.role}{step.operand}", rule.operand)
+        if rule.operand in ("row", "vec", "tile"):
+            entry = (operand_name(step), rule.operand)
             if entry not in names:
                 names.append(entry)
     return names
 
 
-def formula(chain: tuple[Step, ...]) -> str:
+def formula(chain: tuple[Step, ...], lora: bool = True) -> str:
     """The math the kernel computes, e.g. silu(x @ W^T + s * (x @ A^T) @ B^T + bias)."""
-    value = "x @ W^T + s * (x @ A^T) @ B^T"
+    value = "x @ W^T + s * (x @ A^T) @ B^T" if lora else "x @ W^T"
     for step in chain:
         rule = RULES[step.rule]
-        operand = rule.role if rule.operand == "row" else f"{rule.role}{step.operand}"
+        operand = operand_name(step)
         if "({value})" in rule.math and not _is_sum(value):
             rule_math = rule.math.replace("({value})", "{value}")
         else:
@@ -149,55 +159,77 @@ def _is_sum(expr: str) -> bool:
     return False
 
 
-def kernel_source(chain: tuple[Step, ...]) -> str:
-    """The Triton function for a step list (the same text for every region with these steps)."""
-    ptrs = "".join(f" {name}_ptr," for name, _ in operand_names(chain))
-    strides = "".join(f" stride_{name}_n," if kind == "row" else f" stride_{name}_m, stride_{name}_n,"
-                      for name, kind in operand_names(chain))
+def epilogue_source(chain: tuple[Step, ...], indent: str = "    ") -> str:
+    """The epilogue's lines over `acc`: per step a comment, its operand load and its rule's line.
+
+    Shared with other GEMM templates (kernels/bottleneck.py): they need `acc`, `offs_m`, `offs_n`,
+    `mask_n`, `mask_out` and each operand's `<name>_ptr` and strides in scope.
+    """
     lines = []
     for index, step in enumerate(chain):
         rule = RULES[step.rule]
-        name = rule.role if rule.operand == "row" else f"{rule.role}{step.operand}"
-        what = {"row": f", adds {name}[n] to each row", "tile": f" with {name}[m, n]", "const": f" by {step.const!r}"}
+        name = operand_name(step)
+        what = {"row": f", adds {name}[n] to each row", "vec": f", times {name}[n] per column",
+                "tile": f" with {name}[m, n]", "const": f" by {step.const!r}"}
         lines.append(f"    # epilogue step {index}: {step.rule}{what.get(rule.operand, '')}\n")
-        if rule.operand in ("row", "tile"):
-            lines.append((_LOAD_ROW if rule.operand == "row" else _LOAD_TILE).format(name=name))
+        if rule.operand in ("row", "vec", "tile"):
+            lines.append((_LOAD_TILE if rule.operand == "tile" else _LOAD_ROW).format(name=name))
         lines.append("    " + rule.triton.format(operand=name, const=step.const) + "\n")
-    return _KERNEL.format(name=kernel_name(chain), operand_ptrs=ptrs, operand_strides=strides,
-                          math=formula(chain), epilogue="".join(lines))
+    text = "".join(lines)
+    return text if indent == "    " else "".join(indent + line[4:] if line.strip() else line
+                                               for line in text.splitlines(keepends=True))
 
 
-def render(chain: tuple[Step, ...], region: str = "", fused: list[str] | tuple[str, ...] = ()) -> str:
+def kernel_source(chain: tuple[Step, ...], lora: bool = True) -> str:
+    """The Triton function for a step list (the same text for every region with these steps)."""
+    ptrs = "".join(f" {name}_ptr," for name, _ in operand_names(chain))
+    strides = "".join(f" stride_{name}_m, stride_{name}_n," if kind == "tile" else f" stride_{name}_n,"
+                      for name, kind in operand_names(chain))
+    return _KERNEL.format(name=kernel_name(chain, lora), operand_ptrs=ptrs, operand_strides=strides,
+                          math=formula(chain, lora), epilogue=epilogue_source(chain),
+                          lora_init=_LORA_INIT if lora else "", lora_load=_LORA_LOAD if lora else "",
+                          lora_dot=_LORA_DOT if lora else "",
+                          lora_up=_LORA_UP if lora else "")
+
+
+def render(chain: tuple[Step, ...], region: str = "", fused: list[str] | tuple[str, ...] = (),
+           lora: bool = True) -> str:
     """A whole module: a header (region name, graph nodes it replaces), imports and the kernel."""
-    title = f"region `{region}`" if region else "a fused LoRA linear"
+    title = f"region `{region}`" if region else "a fused LoRA linear" if lora else "a fused linear"
     header = [f'"""Generated by surgeon (kernels/lora_linear.py) for {title}.', "",
-              f"out = {formula(chain)}"]
+              f"out = {formula(chain, lora)}"]
     if fused:
         header += ["", "graph nodes replaced, in order:"] + [f"    {line}" for line in fused]
     header.append('"""')
-    return "\n".join(header) + "\nimport triton\nimport triton.language as tl\n\n\n" + kernel_source(chain)
+    return "\n".join(header) + "\nimport triton\nimport triton.language as tl\n\n\n" + kernel_source(chain, lora)
 
 
 _KERNELS: dict[tuple, object] = {}
 
 
-def load_kernel(chain: tuple[Step, ...]):
+def load_kernel(chain: tuple[Step, ...], lora: bool = True):
     """The compiled-on-demand Triton function for a step list (one module per step list and mode)."""
-    key = (chain, codegen.interpreting())
+    key = (chain, lora, codegen.interpreting())
     if key not in _KERNELS:      # cached here too: rendering and hashing the source costs per call
-        _KERNELS[key] = getattr(codegen.load(render(chain), kernel_name(chain)), kernel_name(chain))
+        name = kernel_name(chain, lora)
+        _KERNELS[key] = getattr(codegen.load(render(chain, lora=lora), name), name)
     return _KERNELS[key]
 
 
 # ---------------------------------------------------------------- launcher
 
 
-def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
-                lora_b: torch.Tensor, operands: list[torch.Tensor], scale: float, weight_layout: str = "out_in",
-                epilogue: str = "", config: tuple | None = None) -> torch.Tensor:
-    """Run the generated kernel: check the arguments, allocate the output, launch one grid."""
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor | None,
+                lora_b: torch.Tensor | None, operands: list[torch.Tensor], scale: float,
+                weight_layout: str = "out_in", epilogue: str = "", config: tuple | None = None) -> torch.Tensor:
+    """Run the generated kernel: check the arguments, allocate the output, launch one grid.
+
+    With lora_a = lora_b = None the region has no LoRA branch (an IA3-scaled linear): the
+    template is generated without the x @ A^T dot.
+    """
     chain = steps(epilogue, bias is not None)
     M, N, K, R = _check(x, weight, bias, lora_a, lora_b, operands, weight_layout, chain)
+    lora = lora_a is not None
     x2 = x.reshape(M, K)
     if config is None and M >= PREFILL_M and x.is_cuda and all(s.rule == "bias" for s in chain):
         return _prefill_cublas(x2, weight, bias, lora_a, lora_b, scale, weight_layout).reshape(*x.shape[:-1], N)
@@ -205,13 +237,14 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if M == 0:
         return out.reshape(*x.shape[:-1], N)
     w_strides = weight.stride() if weight_layout == "out_in" else weight.stride()[::-1]
-    tensors = {"bias": bias, **{f"{RULES[s.rule].role}{s.operand}": operands[s.operand].reshape(M, N)
-                                for s in chain if RULES[s.rule].operand == "tile"}}
+    tensors = {"bias": bias, **{operand_name(s): operands[s.operand].reshape(M, N) if RULES[s.rule].operand == "tile"
+                                else operands[s.operand] for s in chain if RULES[s.rule].operand in ("tile", "vec")}}
     extra = [tensors[name] for name, _ in operand_names(chain)]
     extra_strides = [st for t in extra for st in t.stride()]
-    args = [x2, weight, lora_a, lora_b, out, *extra, M, N, K, R, *x2.stride(), *w_strides, *lora_a.stride(),
-            *lora_b.stride(), *out.stride(), *extra_strides, float(scale)]
-    kernel = load_kernel(chain)
+    a, b = (lora_a, lora_b) if lora else (x2, x2)    # no LoRA: the kernel never reads these pointers
+    args = [x2, weight, a, b, out, *extra, M, N, K, R, *x2.stride(), *w_strides, *a.stride(),
+            *b.stride(), *out.stride(), *extra_strides, float(scale)]
+    kernel = load_kernel(chain, lora)
     block_r = max(16, triton_next_pow2(R))
     precision = "ieee" if x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
     cfg = config or (INTERPRET_CONFIG if codegen.interpreting() else
@@ -232,6 +265,8 @@ def _prefill_cublas(x2, weight, bias, lora_a, lora_b, scale, weight_layout) -> t
     """x W^T + b + s (x A^T) B^T with the base GEMM in cuBLAS and the LoRA update as its accumulate."""
     w = weight if weight_layout == "out_in" else weight.t()
     out = torch.nn.functional.linear(x2, w, bias)
+    if lora_a is None:
+        return out
     return out.addmm_(x2 @ lora_a.t(), lora_b.t(), alpha=scale)
 
 
@@ -279,15 +314,19 @@ def _check(x, weight, bias, lora_a, lora_b, operands, weight_layout, chain) -> t
         raise ValueError(f"lora_linear: the kernel takes {[str(d) for d in KERNEL_DTYPES]}, not {x.dtype}")
     if weight_layout not in ("out_in", "in_out"):
         raise ValueError(f"weight_layout must be 'out_in' or 'in_out', got {weight_layout!r}")
+    if (lora_a is None) != (lora_b is None):
+        raise ValueError("lora_linear: lora_a and lora_b are both tensors or both None")
     K = x.shape[-1]
     N, K_w = weight.shape if weight_layout == "out_in" else weight.shape[::-1]
-    R = lora_a.shape[0]
-    expect = {"weight": (weight, (N, K) if weight_layout == "out_in" else (K, N)), "lora_a": (lora_a, (R, K)),
-              "lora_b": (lora_b, (N, R))}
+    R = 0 if lora_a is None else lora_a.shape[0]
+    expect = {"weight": (weight, (N, K) if weight_layout == "out_in" else (K, N))}
+    if lora_a is not None:
+        expect.update(lora_a=(lora_a, (R, K)), lora_b=(lora_b, (N, R)))
     if bias is not None:
         expect["bias"] = (bias, (N,))
+    vec = {s.operand for s in chain if RULES[s.rule].operand == "vec"}
     for i, op in enumerate(operands):
-        expect[f"operands[{i}]"] = (op, (*x.shape[:-1], N))
+        expect[f"operands[{i}]"] = (op, (N,) if i in vec else (*x.shape[:-1], N))
     for name, (tensor, shape) in expect.items():
         if tuple(tensor.shape) != tuple(shape) or tensor.dtype != x.dtype or tensor.device != x.device:
             raise ValueError(f"lora_linear: {name} is {tensor.dtype}{list(tensor.shape)} on {tensor.device}, "
@@ -320,14 +359,19 @@ def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     """The kernel's math in torch, in the kernel's precision (the no-GPU path and the test oracle)."""
     chain = steps(epilogue, bias is not None)
     z, _ = pre_epilogue(x, weight, lora_a, lora_b, scale, weight_layout)
-    tiles = [op.reshape(z.shape) for op in operands]
+    tiles = as_tiles(chain, operands, z.shape)
     return apply(z, chain, bias, tiles)[-1].to(x.dtype).reshape(*x.shape[:-1], z.shape[-1])
 
 
 def pre_epilogue(x, weight, lora_a, lora_b, scale, weight_layout):
-    """(z, x @ A^T) as 2-D compute-dtype tensors; x @ A^T is rounded to x's dtype as stored eagerly."""
+    """(z, x @ A^T) as 2-D compute-dtype tensors; x @ A^T is rounded to x's dtype as stored eagerly.
+
+    With no LoRA branch (lora_a None) z is x @ W^T and x @ A^T is None.
+    """
     dtype = compute_dtype(x.dtype)
     x2 = x.reshape(-1, x.shape[-1]).to(dtype)
     w = weight.to(dtype) if weight_layout == "out_in" else weight.to(dtype).t()
+    if lora_a is None:
+        return x2 @ w.t(), None
     x_lora_a = (x2 @ lora_a.to(dtype).t()).to(x.dtype).to(dtype)
     return x2 @ w.t() + scale * (x_lora_a @ lora_b.to(dtype).t()), x_lora_a

@@ -20,7 +20,7 @@ from functools import lru_cache
 import torch
 
 from . import codegen
-from .epilogue import RULES, apply, operand_of, steps
+from .epilogue import RULES, apply, as_tiles, operand_of, steps
 from .lora_linear import KERNEL_DTYPES, compute_dtype, lora_linear as launch_lora_linear, pre_epilogue, reference
 
 log = logging.getLogger("surgeon.kernels")
@@ -50,8 +50,8 @@ _WARNED: set[tuple] = set()
 
 
 @torch.library.custom_op("surgeon::lora_linear", mutates_args=())
-def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
-                lora_b: torch.Tensor, operands: list[torch.Tensor], scale: float, weight_layout: str,
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor | None,
+                lora_b: torch.Tensor | None, operands: list[torch.Tensor], scale: float, weight_layout: str,
                 epilogue: str) -> torch.Tensor:
     """epilogue(x @ W^T + s * (x @ A^T) @ B^T): the fused LoRA linear (see kernels/lora_linear.py)."""
     which = backend(x.device) if x.dtype in KERNEL_DTYPES else "reference"
@@ -75,7 +75,8 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, bias, lora_a, lora_b, *operands)
     ctx.meta = (scale, weight_layout, epilogue, len(operands))
     ctx.wants = (x.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad,
-                 lora_a.requires_grad, lora_b.requires_grad, [o.requires_grad for o in operands])
+                 lora_a is not None and lora_a.requires_grad, lora_b is not None and lora_b.requires_grad,
+                 [o.requires_grad for o in operands])
 
 
 def _backward(ctx, grad):
@@ -100,7 +101,7 @@ def lora_linear_backward(grad, x, weight, bias, lora_a, lora_b, operands, scale,
     chain = steps(epilogue, bias is not None)
     dtype = compute_dtype(x.dtype)
     z, h = pre_epilogue(x, weight, lora_a, lora_b, scale, weight_layout)
-    tiles = [op.reshape(z.shape) for op in operands]
+    tiles = as_tiles(chain, operands, z.shape)
     values = apply(z, chain, bias, tiles)
     g = grad.reshape(z.shape).to(dtype)
     operand_grads: list = [None] * len(operands)
@@ -115,9 +116,12 @@ def lora_linear_backward(grad, x, weight, bias, lora_a, lora_b, operands, scale,
             operand_grads[step.operand] = g_operand if prev is None else prev + g_operand
     x2 = x.reshape(z.shape[0], -1).to(dtype)
     w = weight.to(dtype) if weight_layout == "out_in" else weight.to(dtype).t()
-    g_b = g @ lora_b.to(dtype)
+    g_b = None if lora_b is None else g @ lora_b.to(dtype)
     want_x, want_w, want_bias, want_a, want_b, want_ops = wants
-    dx = (g @ w + scale * (g_b @ lora_a.to(dtype))).to(x.dtype).reshape(x.shape) if want_x else None
+    dx = None
+    if want_x:
+        dx = g @ w if g_b is None else g @ w + scale * (g_b @ lora_a.to(dtype))
+        dx = dx.to(x.dtype).reshape(x.shape)
     dw = None
     if want_w:
         dw = g.t() @ x2

@@ -1,14 +1,17 @@
-"""lower: replace each lora_linear region (see fuse) by one call to `torch.ops.surgeon.lora_linear`.
+"""lower: replace each region found by fuse with one call to a generated-kernel custom op.
 
-Identity relied on: the region computes epilogue(x W^T + b + s (x A^T) B^T), which is what the
-custom op computes (its Triton kernel on CUDA, its torch reference elsewhere), so the graph's
-function is unchanged within rounding (check "close"). The base and adapter parameters stay
-`get_attr` nodes feeding the call, so they are still trained, saved and shared as before; the
-custom op's autograd formula gives their gradients.
+  lora_linear   -> torch.ops.surgeon.lora_linear   epilogue(x W^T [+ s (x A^T) B^T]) with bias / gain steps
+  bottleneck    -> torch.ops.surgeon.bottleneck    epilogue(y + s U act(D src))
+  elementwise   -> torch.ops.surgeon.pointwise     the region's pointwise ops, one pass over memory
 
-The generated kernel source of each region is stored in `gm.meta["surgeon_kernels"]`
-(region name -> source). Regions of other kinds (elementwise chains) stay eager, and the
-report says so. Importing surgeon.kernels.registry here is what registers the custom op.
+Identity relied on: each op computes what its region computes (its Triton kernel on CUDA, its
+torch reference elsewhere), so the graph's function is unchanged within rounding (check
+"close"). Parameters stay `get_attr` nodes feeding the call, so they are still trained, saved
+and shared as before; each op's autograd formula gives their gradients.
+
+The generated kernel source of each region is stored in `gm.meta["surgeon_kernels"]` (region
+name -> source). A region a template cannot take stays eager, and the report says why.
+Importing the kernel modules here is what registers the custom ops.
 """
 from __future__ import annotations
 
@@ -30,43 +33,78 @@ class Lower:
     check: ClassVar[str] = "close"
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
-        from surgeon.kernels import registry   # registers torch.ops.surgeon.lora_linear
+        from surgeon.kernels import bottleneck, registry  # noqa: F401 - registers the custom ops (not at import surgeon)
 
         regions, rejections = partition(gm)
         # fuse, when it ran just before, has already reported why each candidate was not fused
         result = PassResult(rejections=[] if ctx.history[-1:] == ["fuse"] else list(rejections))
         kernels = gm.meta.setdefault("surgeon_kernels", {})
         replaced: dict[fx.Node, fx.Node] = {}   # a lowered region's output -> its call (operands of later ones)
+        counts = dict.fromkeys(LOWERINGS, 0)
         for region in regions:
-            if region.kind != "lora_linear":
-                result.rejections.append((region.name, "no template for an elementwise-only region; runs eager"))
+            found = LOWERINGS[region.kind](gm, region, replaced)
+            if isinstance(found, str):
+                result.rejections.append((region.name, found))
                 continue
-            replaced[region.output] = lower_region(gm, region, self.name, replaced)
-            kernels[region.name] = source(region)
-            result.matches += 1
+            call_node, kernels[region.name] = found
+            replaced[region.output] = call_node
+            counts[region.kind] += 1
+        result.matches = sum(counts.values())
         present = {n.name for n in gm.graph.nodes}
         for state in ctx.select(None, ("inserted",)):   # their branches now live inside kernels
             if any(node not in present for site in state.sites for node in site.nodes):
                 state.status = "lowered"
         devices = sorted({p.device.type for p in gm.parameters()}) or ["cpu"]
-        result.notes.append(f"{result.matches} regions -> surgeon::lora_linear; backend here: " +
-                            ", ".join(f"{d}: {registry.backend(d)}" for d in devices) +
+        result.notes.append(", ".join(f"{n} {kind} regions -> surgeon::{OPS[kind]}" for kind, n in counts.items()) +
+                            "; backend here: " + ", ".join(f"{d}: {registry.backend(d)}" for d in devices) +
                             ("" if "triton" in {registry.backend(d) for d in devices} else
                              " (no CUDA device: the regions run the torch reference math, not Triton)"))
         return result
 
 
-def lower_region(gm: fx.GraphModule, region: Region, made_by: str, replaced: dict[fx.Node, fx.Node]) -> fx.Node:
-    """Insert the custom-op call computing the region, point its users at it, erase the region."""
+OPS = {"lora_linear": "lora_linear", "bottleneck": "bottleneck", "elementwise": "pointwise"}
+
+
+def lower_lora_linear(gm: fx.GraphModule, region: Region, replaced: dict) -> tuple[fx.Node, str]:
+    """One surgeon::lora_linear call for a LoRA / DoRA / IA3 linear region, and its kernel source."""
+    from surgeon.kernels.epilogue import steps
+    from surgeon.kernels.lora_linear import render
+
     epilogue, operands = region.epilogue()
     parts = region.parts
-    output = region.output
     args = (parts["x"], parts["weight"], parts["bias"], parts["lora_a"], parts["lora_b"], operands,
             region.scale, region.weight_layout, epilogue)
+    node = replace_region(gm, region, torch.ops.surgeon.lora_linear.default, args, replaced)
+    chain = steps(epilogue, parts["bias"] is not None)
+    return node, render(chain, region.name, replaced_lines(region), lora=parts["lora_a"] is not None)
+
+
+def lower_bottleneck(gm: fx.GraphModule, region: Region, replaced: dict) -> tuple[fx.Node, str]:
+    """One surgeon::bottleneck call for a bottleneck / parallel adapter region, and its kernel source."""
+    from surgeon.kernels import bottleneck
+
+    epilogue, operands = region.epilogue()
+    parts = region.parts
+    args = (parts["source"], parts["residual"], parts["down"], parts["up"], operands, region.scale,
+            parts["activation"], epilogue)
+    node = replace_region(gm, region, torch.ops.surgeon.bottleneck.default, args, replaced)
+    return node, bottleneck.render(parts["activation"], epilogue, region.name, replaced_lines(region))
+
+
+def lower_elementwise(gm: fx.GraphModule, region: Region, replaced: dict) -> "tuple[fx.Node, str] | str":
+    return "no template for an elementwise-only region; runs eager"
+
+
+LOWERINGS = {"lora_linear": lower_lora_linear, "bottleneck": lower_bottleneck, "elementwise": lower_elementwise}
+
+
+def replace_region(gm: fx.GraphModule, region: Region, op, args: tuple, replaced: dict) -> fx.Node:
+    """Insert `op(*args)` before the region's output, point the output's users at it, erase the region."""
+    output = region.output
     args = fx.map_arg(args, lambda node: replaced.get(node, node))
     with gm.graph.inserting_before(output):
-        fused = call(gm.graph, torch.ops.surgeon.lora_linear.default, args,
-                     made_by=made_by, path=module_path(region.nodes[0]), adapter=region.adapter)
+        fused = call(gm.graph, op, args, made_by=Lower.name, path=module_path(region.nodes[0]),
+                     adapter=region.adapter)
     for key in ("val", "tensor_meta", "stack_trace", "nn_module_stack"):
         if key in output.meta:
             fused.meta[key] = output.meta[key]
@@ -77,16 +115,10 @@ def lower_region(gm: fx.GraphModule, region: Region, made_by: str, replaced: dic
     return fused
 
 
-def source(region: Region) -> str:
-    """The generated module for a region, its header naming the graph nodes it replaces."""
-    from surgeon.kernels.epilogue import steps
-    from surgeon.kernels.lora_linear import render
-
-    epilogue, _ = region.epilogue()
-    chain = steps(epilogue, region.parts["bias"] is not None)
+def replaced_lines(region: Region) -> list[str]:
+    """One line per graph node a region replaces (name, op, module path), for a kernel's header."""
     names, targets = (max(len(n.name) for n in region.nodes), max(len(_target(n)) for n in region.nodes))
-    fused = [f"{n.name.ljust(names)}  {_target(n).ljust(targets)}  {module_path(n)}" for n in region.nodes]
-    return render(chain, region.name, fused)
+    return [f"{n.name.ljust(names)}  {_target(n).ljust(targets)}  {module_path(n)}" for n in region.nodes]
 
 
 def _target(node: fx.Node) -> str:

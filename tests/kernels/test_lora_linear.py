@@ -74,6 +74,31 @@ def test_reference_is_the_unfused_graph_math():
     torch.testing.assert_close(kernel.reference(**a, epilogue="silu,mul:0"), unfused)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("epilogue", ["gain:0", "gain:0,bias", "gain:0,bias,silu,mul:1"])
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "no-lora"])
+def test_gain_vector_and_placed_bias_with_and_without_lora(epilogue, lora, dtype):
+    """IA3 (no LoRA, z * l[n] after the bias) and DoRA (z * g[n] before the bias) regions."""
+    args = make(7, 70, 40, 4, dtype, n_operands=2)
+    args["operands"][0] = args["operands"][0][0].contiguous()          # the gain is one value per output
+    if not lora:
+        args.update(lora_a=None, lora_b=None)
+    out = kernel.lora_linear(**args, epilogue=epilogue)
+    torch.testing.assert_close(out, kernel.reference(**args, epilogue=epilogue), **TOLERANCE[dtype])
+    source = kernel.render(steps(epilogue, True), lora=lora)
+    assert ("x_lora_a" in source) == lora and "gain0[None, :]" in source
+
+
+def test_reference_of_the_gain_and_no_lora_forms_is_the_unfused_math():
+    a = make(5, 24, 12, 4, torch.float64, n_operands=1)
+    x, w, b, g = a["x"], a["weight"], a["bias"], a["operands"][0][0]
+    dora = g * (x @ w.T + a["scale"] * (x @ a["lora_a"].T) @ a["lora_b"].T) + b
+    torch.testing.assert_close(kernel.reference(**{**a, "operands": [g]}, epilogue="gain:0,bias"), dora)
+    ia3 = (x @ w.T + b) * g
+    torch.testing.assert_close(kernel.reference(**{**a, "operands": [g], "lora_a": None, "lora_b": None},
+                                                epilogue="gain:0"), ia3)
+
+
 def test_bf16_is_skipped_under_the_interpreter():
     pytest.skip("bf16 tl.dot is wrong in Triton's interpreter (errors ~1e10 on this CPU build); "
                 "bf16 is checked on a GPU by benchmarks/bench_lora_kernel.py")
@@ -87,6 +112,12 @@ def test_launcher_rejects_bad_arguments():
         kernel.lora_linear(**args, epilogue="mul:0")
     with pytest.raises(ValueError, match="no rule 'tanh'"):
         kernel.lora_linear(**args, epilogue="tanh")
+    with pytest.raises(ValueError, match="places the bias 1 times, with no bias"):
+        kernel.lora_linear(**{**args, "bias": None}, epilogue="gain:0,bias")
+    with pytest.raises(ValueError, match="both tensors or both None"):
+        kernel.lora_linear(**{**args, "lora_a": None})
+    with pytest.raises(ValueError, match=r"operands\[0\] is .*expected torch.float32\[8\]"):
+        kernel.lora_linear(**{**args, "operands": [torch.ones(3, 8)]}, epilogue="gain:0")
     assert kernel.lora_linear(**{**args, "x": args["x"][:0]}).shape == (0, 8)
 
 
@@ -198,6 +229,13 @@ def test_custom_op_gradcheck_on_the_reference_path(op, monkeypatch):
     f = lambda x, w, b, a, bb, g, res: torch.ops.surgeon.lora_linear(  # noqa: E731
         x, w, b, a, bb, [g, res], 1.7, "in_out", "gelu_tanh,mul:0,relu,add:1,scale:0.5")
     assert torch.autograd.gradcheck(f, (x, w, b, a, bb, g, res))
+    gain = t(6)
+    dora = lambda x, w, b, a, bb, gain: torch.ops.surgeon.lora_linear(  # noqa: E731
+        x, w, b, a, bb, [gain], 1.7, "in_out", "gain:0,bias,silu")
+    assert torch.autograd.gradcheck(dora, (x, w, b, a, bb, gain))
+    ia3 = lambda x, w, b, gain: torch.ops.surgeon.lora_linear(  # noqa: E731
+        x, w, b, None, None, [gain], 1.0, "in_out", "gain:0")
+    assert torch.autograd.gradcheck(ia3, (x, w, b, gain))
 
 
 def test_custom_op_under_torch_compile(op):

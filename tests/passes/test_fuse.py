@@ -38,12 +38,17 @@ def test_fuse_llama_regions_and_reasons():
     assert gate.epilogue()[1] == [regions[at + "mlp.up_proj"].output]     # the gate operand is up_proj's output
     assert gate.scale == 2.0 and gate.rank == 4 and gate.weight_layout == "out_in"
     row = compiled.report.rows[-1]
-    assert row.name == "fuse" and row.matches == 6
+    assert row.name == "fuse" and row.matches == 6 + 11
+    assert "6 lora_linear regions, 0 bottleneck regions, 11 elementwise regions" in row.notes[-1]
     reasons = dict(row.rejections)
     assert "no epilogue rule" in reasons[at + "self_attn.q_proj + view"]
     assert "already fused into " + at + "mlp.gate_proj" in reasons[at + "mlp.up_proj + mul_11"]
     assert "plain GEMM" in reasons["linear_1 @ model.layers.0.self_attn.k_proj"]
-    assert "not convex" in reasons["elementwise@model.layers.0.input_layernorm"]   # the mean sits inside
+    # RMSNorm: the mean (a reduction) splits its pointwise ops into two convex groups
+    elementwise = {r.name: [n.name for n in r.nodes] for r in partition(compiled.module)[0] if r.kind == "elementwise"}
+    norm = "elementwise@model.layers.0.input_layernorm"
+    assert elementwise[norm] == ["to_6", "pow_1"]
+    assert elementwise[norm + "#2"] == ["add_3", "rsqrt", "mul_3", "to_7", "mul_4"]
     recorded = {r["name"]: r for r in compiled.module.meta["surgeon_regions"]}
     assert recorded[at + "mlp.gate_proj"]["epilogue"] == "silu,mul:0"
     assert {r["kind"] for r in recorded.values()} == {"lora_linear", "elementwise"}
@@ -69,7 +74,8 @@ class GatedMLP(nn.Module):
 
     def forward(self, x):
         h = F.gelu(self.gate(x)) * self.up(x)
-        h = h * self.channel
+        h = h * self.channel                  # one value per output: a gain step
+        h = h * x[:, :1]                      # one value per row: broadcast, no rule
         return self.down(h) * 0.5 + x
 
 
@@ -78,11 +84,11 @@ def test_fuse_epilogue_rules_and_broadcast_refusal():
     compiled = surgeon.compile(model, (torch.randn(3, 16),), lora_spec(["gate", "up", "down"]))
     compiled.apply(["fuse"])
     regions = lora_regions(compiled.module)
-    assert regions["lora_linear@gate"].epilogue()[0] == "gelu,mul:0"
+    assert regions["lora_linear@gate"].epilogue()[0] == "gelu,mul:0,gain:1"
     assert regions["lora_linear@down"].epilogue()[0] == "scale:0.5,add:0"
     assert all(r.parts["bias"] is not None for r in regions.values())
     reasons = dict(compiled.report.rows[-1].rejections)
-    assert "broadcast" in reasons["lora_linear@gate + mul_1"]
+    assert "broadcast" in reasons["lora_linear@gate + mul_2"]
 
 
 def test_is_convex_on_a_diamond():
@@ -114,3 +120,56 @@ def test_fuse_is_a_registered_exact_pass():
     from surgeon.passes_table import passes
 
     assert passes()["fuse"] is Fuse
+
+
+FAMILY = {"adapters": [
+    {"name": "d", "type": "dora", "rank": 4, "targets": ["*.q_proj"]},
+    {"name": "i", "type": "ia3", "targets": ["*.gate_proj", "*.k_proj"]},
+    {"name": "b", "type": "bottleneck", "rank": 4, "activation": "gelu", "targets": ["*.down_proj"]},
+    {"name": "p", "type": "parallel-adapter", "rank": 4, "targets": ["*.o_proj"]}], "pipeline": ["insert"]}
+
+
+def test_fuse_dora_ia3_and_bottleneck_sites():
+    model, args = hf_llama(layers=1)
+    compiled = surgeon.compile(model, args, FAMILY, KW)
+    compiled.apply(["fuse"])
+    regions = {r.name: r for r in partition(compiled.module)[0] if r.kind != "elementwise"}
+    at = "model.layers.0."
+    # Before (DoRA): y, A/B linears, (g - 1) * y, y + that, g * lora, add(alpha=s): 8 nodes.
+    # Expected: one lora_linear region, epilogue `gain` (g (x W^T + s B A x)), the gain node an operand.
+    dora = regions[f"lora_linear@{at}self_attn.q_proj"]
+    assert len(dora.nodes) == 8 and dora.epilogue()[0] == "gain:0" and dora.rank == 4
+    assert dora.epilogue()[1][0].target is torch.ops.aten.div.Tensor          # m / ||W + s B A||
+    # IA3: the linear alone seeds the region and y * l grows onto it as a gain (no LoRA operands)
+    k_proj = regions[f"lora_linear@{at}self_attn.k_proj"]
+    assert k_proj.epilogue()[0] == "gain:0" and k_proj.parts["lora_a"] is None and len(k_proj.nodes) == 2
+    assert regions[f"lora_linear@{at}mlp.gate_proj"].epilogue()[0] == "gain:0,silu,mul:1"      # then SwiGLU
+    # bottleneck (serial: reads y) and parallel adapter (reads x), each with the residual add
+    down = regions[f"bottleneck@{at}mlp.down_proj"]
+    assert down.parts["activation"] == "gelu" and down.parts["source"] is down.parts["residual"]
+    assert down.epilogue()[0] == "add:0" and [n.target for n in down.nodes][:3] == [
+        torch.ops.aten.linear.default, torch.ops.aten.gelu.default, torch.ops.aten.linear.default]
+    o_proj = regions[f"bottleneck@{at}self_attn.o_proj"]
+    assert o_proj.parts["activation"] == "relu" and o_proj.parts["source"] is not o_proj.parts["residual"]
+    assert "2 bottleneck regions" in compiled.report.rows[-1].notes[-1]
+
+
+def test_fuse_gpt2_dora_places_the_bias_after_the_gain():
+    model, args = hf_gpt2()
+    spec = {"adapters": [{"name": "d", "type": "dora", "rank": 4, "targets": ["*.c_attn"]}], "pipeline": ["insert"]}
+    compiled = surgeon.compile(model, args, spec, KW)
+    regions = lora_regions(compiled.module)
+    assert len(regions) == 2
+    for region in regions.values():   # y - b is inside the region: g (x W + s x A^T B^T) + b
+        assert region.epilogue()[0] == "gain:0,bias" and len(region.nodes) == 9
+        assert region.weight_layout == "in_out" and region.parts["bias"] is not None
+
+
+def test_a_site_of_another_form_is_reported_with_each_seeds_reason():
+    model, args = hf_llama(layers=1)
+    spec = {"adapters": [{"name": "h", "type": "loha", "rank": 4, "targets": ["*.q_proj"]}], "pipeline": ["insert"]}
+    compiled = surgeon.compile(model, args, spec, KW)
+    regions, rejections = partition(compiled.module)
+    assert not [r for r in regions if r.kind != "elementwise"]
+    why = dict(rejections)["adapter h @ model.layers.0.self_attn.q_proj"]
+    assert all(f"{seed}: " in why for seed in ("lora", "dora", "ia3", "bottleneck"))

@@ -127,3 +127,38 @@ def test_lowered_adapters_refuse_graph_edits_and_kernels_are_saved(tmp_path):
 
     assert main(["show", str(out), "--kernels"]) == 0
     assert (out / "adapters" / "chat" / "adapter.safetensors").is_file()
+
+
+def test_lower_dora_ia3_bottleneck_parallel_and_train():
+    from tests.passes.test_fuse import FAMILY
+
+    model, args = hf_llama(layers=1)
+    compiled = surgeon.compile(model, args, FAMILY, KW)
+    randomize_adapters(compiled.module)
+    unlowered = copy.deepcopy(compiled.module)
+    compiled.apply(["fuse", "lower"])
+    ops = [n.target for n in compiled.module.graph.nodes if n.op == "call_function"]
+    # Before: DoRA's 8 nodes, IA3's mul x2, each bottleneck's down/act/up/add. Expected: 3 lora_linear
+    # calls (DoRA with a gain, two IA3 linears without LoRA), 2 bottleneck calls, no adapter node left.
+    assert ops.count(torch.ops.surgeon.lora_linear.default) == 3
+    assert ops.count(torch.ops.surgeon.bottleneck.default) == 2
+    aten = torch.ops.aten
+    left = {n.target for n in adapter_nodes(compiled.module) if n.op == "call_function"} - \
+        {torch.ops.surgeon.lora_linear.default, torch.ops.surgeon.bottleneck.default}
+    assert left == {aten.mm.default, aten.add.Tensor, aten.linalg_vector_norm.default, aten.detach.default,
+                    aten.div.Tensor}                     # DoRA's gain m / ||W + s B A||, from weights only
+    kernels = compiled.module.meta["surgeon_kernels"]
+    assert "def linear_gain_silu_mul_kernel(" in kernels["lora_linear@model.layers.0.mlp.gate_proj"]
+    assert "def bottleneck_gelu_add_kernel(" in kernels["bottleneck@model.layers.0.mlp.down_proj"]
+    torch.testing.assert_close(logits(compiled.module, args), logits(unlowered, args), rtol=1e-5, atol=1e-5)
+    labels = torch.randint(0, 128, args[0].shape, generator=torch.Generator().manual_seed(5))
+    grads = []
+    for module in (compiled.module, unlowered):
+        loss = torch.nn.functional.cross_entropy(module(*args).logits.flatten(0, 1), labels.flatten())
+        loss.backward()
+        grads.append({n: p.grad for n, p in module.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 3 + 2 + 2 * 2
+    for name in grads[1]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+    exported = torch.export.export(compiled.module, args)
+    torch.testing.assert_close(exported.module()(*args).logits, logits(unlowered, args), rtol=1e-5, atol=1e-5)

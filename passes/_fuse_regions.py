@@ -1,0 +1,285 @@
+"""Regions for fuse/lower: what one kernel replaces, and the seeds that start each kind.
+
+A seed looks at one adapter site's output node and returns the Region its kernel would
+compute, or a string saying why this site does not have that form:
+
+  lora_seed        y + s B(A x)               with y = x W^T (+ b)            -> lora_linear
+  dora_seed        y + (g - 1)(y - b) + s g B(A x), g = m / ||W + s B A||_row  -> lora_linear,
+                   epilogue "gain:g,bias" (the identity: the DoRA output is g (x W^T + s B A x) + b)
+  ia3_seed         y * l                      (l one value per output)         -> lora_linear without
+                                                                                  LoRA, epilogue "gain:l"
+  bottleneck_seed  y + s U act(D src)         src = y (serial) or x (parallel) -> bottleneck
+
+Regions then grow an epilogue in fuse.py. Shapes come from `tensor_meta` (export's meta or the
+parameter) and are compared with sympy where dims are symbolic.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import sympy
+import torch
+import torch.fx as fx
+
+from surgeon.graph import get_tensor, module_path
+
+aten = torch.ops.aten
+BASE_OPS = (aten.linear.default, aten.addmm.default)
+ACTIVATIONS = {aten.relu.default: "relu", aten.silu.default: "silu", aten.gelu.default: "gelu"}
+
+
+@dataclass
+class Region:
+    """Nodes one kernel can replace; for GEMM regions, the parts the kernel call needs."""
+
+    name: str
+    kind: str                                   # "lora_linear" | "bottleneck" | "elementwise"
+    nodes: list[fx.Node]                        # graph order; `nodes[-1]` is the output
+    adapter: str = ""
+    parts: dict[str, Any] = field(default_factory=dict)   # lora_linear: x, weight, bias, lora_a, lora_b;
+    weight_layout: str = "out_in"                         # bottleneck: source, residual, down, up, activation
+    scale: float = 1.0
+    rank: int = 0
+    steps: list[tuple[str, Any, fx.Node]] = field(default_factory=list)  # (rule, operand, graph node)
+    stop: str = ""                              # why the epilogue ends where it does
+
+    @property
+    def output(self) -> fx.Node:
+        return self.nodes[-1]
+
+    def epilogue(self) -> tuple[str, list[fx.Node]]:
+        """The custom op's epilogue string and its tensor operands, e.g. ("silu,mul:0", [up])."""
+        operands: list[fx.Node] = []
+        texts = []
+        for rule, operand, _ in self.steps:
+            if isinstance(operand, fx.Node):
+                if operand not in operands:
+                    operands.append(operand)
+                texts.append(f"{rule}:{operands.index(operand)}")
+            else:
+                texts.append(rule if operand is None else f"{rule}:{operand!r}")
+        return ",".join(texts), operands
+
+    def describe(self) -> str:
+        if self.kind == "elementwise":
+            return f"{self.name}: {len(self.nodes)} pointwise ops ({', '.join(n.name for n in self.nodes)})"
+        chain = [self.head()] + [f"{rule}({_operand_text(op)})" if op is not None else rule
+                                 for rule, op, _ in self.steps]
+        return f"{self.name}: {' -> '.join(chain)} [{len(self.nodes)} nodes, r={self.rank}, s={self.scale:g}]"
+
+    def head(self) -> str:
+        """The region's core before its epilogue, e.g. `linear+bias+lora(chat)`."""
+        if self.kind == "bottleneck":
+            act = self.parts["activation"]
+            return f"bottleneck({self.adapter}: up({act}(down)))" if act != "none" else \
+                f"bottleneck({self.adapter}: up(down))"
+        bias = "+bias" if self.parts.get("bias") is not None and not any(r == "bias" for r, _, _ in self.steps) \
+            else ""
+        lora = f"+lora({self.adapter})" if self.parts.get("lora_a") is not None else ""
+        return f"{self.nodes[0].target.__name__.split('.')[0]}{bias}{lora}"
+
+
+def _operand_text(operand: Any) -> str:
+    return operand.name if isinstance(operand, fx.Node) else repr(operand)
+
+
+def _one_user(*nodes: fx.Node) -> str:
+    for node in nodes:
+        if len(node.users) != 1:
+            return f"{node.name}: used outside the adapter site ({len(node.users)} users)"
+    return ""
+
+
+def base_parts(gm: fx.GraphModule, base: fx.Node) -> "dict | str":
+    """x, weight, bias and weight layout of a linear/addmm node, or why it is not a plain one."""
+    if base.target not in BASE_OPS:
+        return f"{base.name}: the site's base op is {getattr(base.target, '__name__', base.target)}, not a linear"
+    if base.target is aten.addmm.default:
+        if base.kwargs.get("beta", 1) != 1 or base.kwargs.get("alpha", 1) != 1:
+            return f"{base.name}: addmm with beta/alpha != 1"
+        return {"x": base.args[1], "weight": base.args[2], "bias": base.args[0], "layout": "in_out"}
+    return {"x": base.args[0], "weight": base.args[1], "bias": base.args[2] if len(base.args) > 2 else None,
+            "layout": "out_in"}
+
+
+def lora_branch(node: Any) -> "tuple[fx.Node, fx.Node, fx.Node, fx.Node] | None":
+    """(x, A, down, up) when `node` is linear(linear(x, A), B) without biases."""
+    if not _bias_free_linear(node) or not _bias_free_linear(node.args[0]):
+        return None
+    down = node.args[0]
+    return down.args[0], down.args[1], down, node
+
+
+def _bias_free_linear(node: Any) -> bool:
+    return isinstance(node, fx.Node) and node.target is aten.linear.default and \
+        (len(node.args) == 2 or node.args[2] is None)
+
+
+def _gemm_region(gm, name, nodes, adapter, parts, layout, scale, rank) -> "Region | str":
+    tensors = [t for t in (parts["x"], parts["weight"], parts.get("lora_a"), parts.get("lora_b"), parts["bias"])
+               if t is not None]
+    metas = [tensor_meta(gm, t) for t in tensors]
+    if any(m is None for m in metas) or len({m[1] for m in metas}) != 1:
+        return f"{nodes[-1].name}: mixed or unknown dtypes {[None if m is None else str(m[1]) for m in metas]}"
+    return Region(name, "lora_linear", nodes, adapter=adapter, weight_layout=layout, scale=scale, rank=rank,
+                  parts={k: parts[k] for k in ("x", "weight", "bias")} |
+                  {"lora_a": parts.get("lora_a"), "lora_b": parts.get("lora_b")})
+
+
+def lora_seed(gm: fx.GraphModule, add: fx.Node) -> "Region | str":
+    """The region `base + s * B(A x)` ending at an adapter's add, or why the add is not one."""
+    if add.target is not aten.add.Tensor or len(add.args) != 2 or not all(isinstance(a, fx.Node) for a in add.args):
+        return "not an add of two tensors"
+    base, up = add.args
+    branch = lora_branch(up)
+    parts = base_parts(gm, base)
+    if branch is None or isinstance(parts, str):
+        return "not base_op + linear(linear(x, A), B)"
+    x, lora_a, down, _ = branch
+    if x is not parts["x"]:
+        return f"the LoRA branch reads '{x}' but the base op reads '{parts['x']}'"
+    if why := _one_user(base, down, up):
+        return why
+    rank = tensor_meta(gm, lora_a)
+    return _gemm_region(gm, f"lora_linear@{module_path(base)}", [base, down, up, add], add.meta["surgeon_adapter"],
+                        {**parts, "lora_a": lora_a, "lora_b": up.args[1]}, parts["layout"],
+                        float(add.kwargs.get("alpha", 1)), int(rank[0][0]) if rank else 0)
+
+
+def dora_seed(gm: fx.GraphModule, out: fx.Node) -> "Region | str":
+    """DoRA's `y + (g - 1)(y - b) + s g B(A x)` as g (x W^T + s B A x) + b, or why not that form."""
+    def call(node, target, n_args=2):
+        return isinstance(node, fx.Node) and node.target is target and len(node.args) == n_args
+
+    if not call(out, aten.add.Tensor) or not call(out.args[0], aten.add.Tensor) or not call(out.args[1], aten.mul.Tensor):
+        return "not DoRA's add(add(y, (g - 1) * base), g * lora)"
+    first, gained = out.args
+    y, rescaled = first.args
+    gain, up = gained.args
+    branch, parts = lora_branch(up), base_parts(gm, y)
+    if branch is None or isinstance(parts, str) or not call(rescaled, aten.mul.Tensor):
+        return "not DoRA's add(add(y, (g - 1) * base), g * linear(linear(x, A), B))"
+    gain_minus_one, base = rescaled.args
+    if not call(gain_minus_one, aten.sub.Tensor) or gain_minus_one.args != (gain, 1):
+        return f"{rescaled.name}: not (g - 1) * base"
+    bias = parts["bias"]
+    nodes = [y]
+    if bias is not None:
+        if not call(base, aten.sub.Tensor) or base.args != (y, bias):
+            return f"{rescaled.name}: scales '{base}', not y - bias"
+        nodes.append(base)
+    elif base is not y:
+        return f"{rescaled.name}: scales '{base}', not y"
+    x, lora_a, down, _ = branch
+    if x is not parts["x"]:
+        return f"the LoRA branch reads '{x}' but the base op reads '{parts['x']}'"
+    if len(y.users) != 2:               # y feeds `first` and (y - b) or (g - 1) * y only
+        return f"{y.name}: used outside the DoRA site ({len(y.users)} users)"
+    if why := _one_user(*nodes[1:], down, up, gain_minus_one, rescaled, first, gained):
+        return why
+    if not row_vector(gm, gain, y):
+        return f"{gain.name}: the DoRA gain is not one value per output"
+    region = _gemm_region(gm, f"lora_linear@{module_path(y)}",
+                          nodes + [down, up, gain_minus_one, rescaled, first, gained, out],
+                          out.meta["surgeon_adapter"], {**parts, "lora_a": lora_a, "lora_b": up.args[1]},
+                          parts["layout"], float(out.kwargs.get("alpha", 1)), int(tensor_meta(gm, lora_a)[0][0]))
+    if isinstance(region, Region):
+        region.steps = [("gain", gain, gained)] + ([("bias", None, first)] if bias is not None else [])
+    return region
+
+
+def ia3_seed(gm: fx.GraphModule, mul: fx.Node) -> "Region | str":
+    """A linear whose output an adapter scales per output (IA3): the linear, to grow `gain` onto."""
+    if mul.target is not aten.mul.Tensor or len(mul.args) != 2:
+        return "not a per-output scale y * l"
+    y = next((a for a in mul.args if isinstance(a, fx.Node) and a.target in BASE_OPS), None)
+    other = mul.args[1] if y is mul.args[0] else mul.args[0]
+    if y is None or not row_vector(gm, other, y):
+        return "not a per-output scale y * l of a linear's output"
+    parts = base_parts(gm, y)
+    if isinstance(parts, str):
+        return parts
+    if why := _one_user(y):
+        return why
+    return _gemm_region(gm, f"lora_linear@{module_path(y)}", [y], mul.meta["surgeon_adapter"], parts,
+                        parts["layout"], 1.0, 0)
+
+
+def bottleneck_seed(gm: fx.GraphModule, add: fx.Node) -> "Region | str":
+    """`y + s U act(D src)` (bottleneck: src is y; parallel adapter: src is the layer input)."""
+    if add.target is not aten.add.Tensor or len(add.args) != 2 or not all(isinstance(a, fx.Node) for a in add.args):
+        return "not an add of two tensors"
+    residual, up = add.args
+    if not _bias_free_linear(up) or not isinstance(up.args[0], fx.Node):
+        return "not y + linear(act(linear(src, D)), U)"
+    hidden = up.args[0]
+    act = ACTIVATIONS.get(hidden.target, "none")
+    if act == "gelu" and (hidden.kwargs.get("approximate", "none") == "tanh" or hidden.args[1:] == ("tanh",)):
+        act = "gelu_tanh"
+    down = hidden.args[0] if act != "none" else hidden
+    if not _bias_free_linear(down):
+        return "not y + linear(act(linear(src, D)), U)"
+    inner = [down, up] if act == "none" else [down, hidden, up]
+    if why := _one_user(*inner):
+        return why
+    source = down.args[0]
+    metas = [tensor_meta(gm, t) for t in (source, residual, down.args[1], up.args[1])]
+    if any(m is None for m in metas) or len({m[1] for m in metas}) != 1:
+        return f"{add.name}: mixed or unknown dtypes {[None if m is None else str(m[1]) for m in metas]}"
+    return Region(f"bottleneck@{module_path(add)}", "bottleneck", inner + [add], adapter=add.meta["surgeon_adapter"],
+                  parts={"source": source, "residual": residual, "down": down.args[1], "up": up.args[1],
+                         "activation": act},
+                  scale=float(add.kwargs.get("alpha", 1)), rank=int(metas[2][0][0]))
+
+
+SEEDS = (("lora", lora_seed), ("dora", dora_seed), ("ia3", ia3_seed), ("bottleneck", bottleneck_seed))
+
+
+def seed(gm: fx.GraphModule, node: fx.Node) -> "Region | str":
+    """The region an adapter site's output starts, or why none of the seeds applies."""
+    reasons = []
+    for name, make in SEEDS:
+        found = make(gm, node)
+        if isinstance(found, Region):
+            return found
+        reasons.append(f"{name}: {found}")
+    return f"{node.name}: " + "; ".join(reasons)
+
+
+# ---------------------------------------------------------------- shapes
+
+
+def tensor_meta(gm: fx.GraphModule, node: Any) -> tuple[tuple, torch.dtype] | None:
+    """(shape, dtype) of a node's value: from export's meta, a parameter, or the adapter ops' rules."""
+    if not isinstance(node, fx.Node):
+        return None
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return tuple(val.shape), val.dtype
+    if node.op == "get_attr":
+        tensor = get_tensor(gm, node.target)
+        return tuple(tensor.shape), tensor.dtype
+    if node.meta.get("surgeon_adapter") and node.target in (aten.add.Tensor, aten.mul.Tensor):
+        return tensor_meta(gm, node.args[0])    # an adapter's output (no meta of its own) keeps y's shape
+    if node.target is aten.linear.default:
+        x, w = tensor_meta(gm, node.args[0]), tensor_meta(gm, node.args[1])
+        return None if x is None or w is None else ((*x[0][:-1], w[0][0]), x[1])
+    return None
+
+
+def same_meta(a, b) -> bool:
+    """Same dtype and the same shape, comparing symbolic dims as sympy expressions."""
+    if a is None or b is None or a[1] != b[1] or len(a[0]) != len(b[0]):
+        return False
+    return all(sympy.simplify(_expr(p) - _expr(q)) == 0 for p, q in zip(a[0], b[0]))
+
+
+def row_vector(gm: fx.GraphModule, operand: Any, output: fx.Node) -> bool:
+    """Whether `operand` is one value per output feature of `output` (shape (N,), same dtype)."""
+    a, b = tensor_meta(gm, operand), tensor_meta(gm, output)
+    return a is not None and b is not None and len(b[0]) >= 1 and same_meta(a, ((b[0][-1],), b[1]))
+
+
+def _expr(dim) -> sympy.Expr:
+    return dim.node.expr if isinstance(dim, torch.SymInt) else sympy.Integer(int(dim))
