@@ -38,7 +38,8 @@ class Region:
     nodes: list[fx.Node]                        # graph order; `nodes[-1]` is the output
     adapter: str = ""
     parts: dict[str, Any] = field(default_factory=dict)   # lora_linear: x, weight, bias, lora_a, lora_b;
-    weight_layout: str = "out_in"                         # bottleneck: source, residual, down, up, activation
+    weight_layout: str = "out_in"                         # bottleneck: source, residual, down, up, activation;
+                                                          # elementwise: program (kernels/pointwise_program.py)
     scale: float = 1.0
     rank: int = 0
     steps: list[tuple[str, Any, fx.Node]] = field(default_factory=list)  # (rule, operand, graph node)
@@ -63,7 +64,9 @@ class Region:
 
     def describe(self) -> str:
         if self.kind == "elementwise":
-            return f"{self.name}: {len(self.nodes)} pointwise ops ({', '.join(n.name for n in self.nodes)})"
+            outputs = self.parts["program"].output_nodes
+            return (f"{self.name}: {len(self.nodes)} pointwise ops ({', '.join(n.name for n in self.nodes)}) -> "
+                    f"{len(outputs)} output{'s' if len(outputs) > 1 else ''}")
         chain = [self.head()] + [f"{rule}({_operand_text(op)})" if op is not None else rule
                                  for rule, op, _ in self.steps]
         return f"{self.name}: {' -> '.join(chain)} [{len(self.nodes)} nodes, r={self.rank}, s={self.scale:g}]"

@@ -31,15 +31,14 @@ from surgeon.graph import module_path
 from surgeon.kernels.epilogue import match as match_epilogue
 from surgeon.pipeline import Context, PassResult
 
+from surgeon.kernels.pointwise_program import RULES as POINTWISE_RULES, program_from_nodes
+
 from ._fuse_regions import BASE_OPS, Region, row_vector, same_meta, seed, tensor_meta
 
 log = logging.getLogger("surgeon.fuse")
 aten = torch.ops.aten
 __all__ = ["Fuse", "Region", "dependency_graph", "is_convex", "partition", "same_meta"]
-POINTWISE = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.neg.default,
-             aten.silu.default, aten.gelu.default, aten.relu.default, aten.sigmoid.default, aten.tanh.default,
-             aten.rsqrt.default, aten.exp.default, aten.pow.Tensor_Scalar, aten.to.dtype, aten.cos.default,
-             aten.sin.default}
+POINTWISE = POINTWISE_RULES            # an op with a pointwise rule can join an elementwise region
 
 
 def partition(gm: fx.GraphModule) -> tuple[list[Region], list[tuple[str, str]]]:
@@ -155,8 +154,17 @@ def elementwise_regions(gm, graph, order, taken, names, rejections) -> list[Regi
             groups.append([])
         groups[joined].append(node)
         member[node] = joined
-    return [Region(_unique(names, f"elementwise@{module_path(nodes[-1])}"), "elementwise", nodes)
-            for nodes in groups if len(nodes) >= 2]
+    regions = []
+    for nodes in groups:
+        if len(nodes) < 2:
+            continue
+        name = _unique(names, f"elementwise@{module_path(nodes[-1])}")
+        program = program_from_nodes(nodes)
+        if isinstance(program, str):
+            rejections.append((name, program))
+            continue
+        regions.append(Region(name, "elementwise", nodes, parts={"program": program}))
+    return regions
 
 
 def _unique(names: dict[str, int], name: str) -> str:

@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 import torch.fx as fx
 
-from surgeon.graph import call, module_path
+from surgeon.graph import call, module_path, sort_topologically
 from surgeon.pipeline import Context, PassResult
 
 from .fuse import Region, partition
@@ -31,9 +31,10 @@ from .fuse import Region, partition
 class Lower:
     name: ClassVar[str] = "lower"
     check: ClassVar[str] = "close"
+    elementwise: bool = True        # also lower groups of pointwise ops (surgeon::pointwise)
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
-        from surgeon.kernels import bottleneck, registry  # noqa: F401 - registers the custom ops (not at import surgeon)
+        from surgeon.kernels import bottleneck, pointwise, registry  # noqa: F401 - registers the custom ops (not at import surgeon)
 
         regions, rejections = partition(gm)
         # fuse, when it ran just before, has already reported why each candidate was not fused
@@ -42,6 +43,9 @@ class Lower:
         replaced: dict[fx.Node, fx.Node] = {}   # a lowered region's output -> its call (operands of later ones)
         counts = dict.fromkeys(LOWERINGS, 0)
         for region in regions:
+            if region.kind == "elementwise" and not self.elementwise:
+                result.rejections.append((region.name, "elementwise regions are off (lower elementwise: false)"))
+                continue
             found = LOWERINGS[region.kind](gm, region, replaced)
             if isinstance(found, str):
                 result.rejections.append((region.name, found))
@@ -91,8 +95,29 @@ def lower_bottleneck(gm: fx.GraphModule, region: Region, replaced: dict) -> tupl
     return node, bottleneck.render(parts["activation"], epilogue, region.name, replaced_lines(region))
 
 
-def lower_elementwise(gm: fx.GraphModule, region: Region, replaced: dict) -> "tuple[fx.Node, str] | str":
-    return "no template for an elementwise-only region; runs eager"
+def lower_elementwise(gm: fx.GraphModule, region: Region, replaced: dict) -> tuple[fx.Node, str]:
+    """One surgeon::pointwise call for a group of pointwise ops; each output read through getitem."""
+    import operator
+
+    from surgeon.kernels import pointwise
+
+    program = region.parts["program"]
+    inputs = fx.map_arg(list(program.input_nodes), lambda node: replaced.get(node, node))
+    with gm.graph.inserting_before(region.output):
+        fused = call(gm.graph, torch.ops.surgeon.pointwise.default, (inputs, program.encode()),
+                     made_by=Lower.name, path=module_path(region.output))
+        fused.meta["surgeon_region"] = region.name
+        for index, old in enumerate(program.output_nodes):
+            item = call(gm.graph, operator.getitem, (fused, index), made_by=Lower.name, path=module_path(old))
+            item.meta.update({k: old.meta[k] for k in ("val", "tensor_meta", "stack_trace", "nn_module_stack")
+                              if k in old.meta})
+            old.replace_all_uses_with(item)
+            replaced[old] = item
+    for node in reversed(region.nodes):
+        gm.graph.erase_node(node)
+    # an output used by a node placed before the region's last op: pull the call up to its first use
+    sort_topologically(gm.graph)
+    return replaced[region.output], pointwise.render(program, region.name)
 
 
 LOWERINGS = {"lora_linear": lower_lora_linear, "bottleneck": lower_bottleneck, "elementwise": lower_elementwise}

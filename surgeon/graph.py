@@ -66,6 +66,35 @@ def _stamp(node: fx.Node, made_by: str, path: str, adapter: str | None) -> None:
         node.meta["surgeon_adapter"] = adapter
 
 
+def sort_topologically(graph: fx.Graph) -> bool:
+    """Reorder nodes so each comes after its inputs, moving as little as possible; True if any moved.
+
+    A node is kept where it is unless an input of it is defined later; then that input (and its
+    own inputs, depth first) is pulled up to just before it. Placeholders stay first, output last.
+    """
+    order: list[fx.Node] = []
+    done: set[fx.Node] = set()
+    for start in graph.nodes:
+        stack = [(start, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if node in done:
+                continue
+            if expanded:
+                done.add(node)
+                order.append(node)
+                continue
+            stack.append((node, True))
+            stack.extend((inp, False) for inp in reversed(node.all_input_nodes) if inp not in done)
+    if order == list(graph.nodes):
+        return False
+    anchor = graph._root        # the graph's sentinel: appending after it in turn rebuilds the order
+    for node in order:
+        anchor.append(node)
+        anchor = node
+    return True
+
+
 def count_parameters(module: nn.Module) -> tuple[int, int]:
     """(all, trainable) parameter counts, each shared tensor counted once."""
     params = {id(p): p for p in module.parameters()}.values()

@@ -38,9 +38,10 @@ def test_fuse_llama_regions_and_reasons():
     assert gate.epilogue()[1] == [regions[at + "mlp.up_proj"].output]     # the gate operand is up_proj's output
     assert gate.scale == 2.0 and gate.rank == 4 and gate.weight_layout == "out_in"
     row = compiled.report.rows[-1]
-    assert row.name == "fuse" and row.matches == 6 + 11
-    assert "6 lora_linear regions, 0 bottleneck regions, 11 elementwise regions" in row.notes[-1]
+    assert row.name == "fuse" and row.matches == 6 + 10
+    assert "6 lora_linear regions, 0 bottleneck regions, 10 elementwise regions" in row.notes[-1]
     reasons = dict(row.rejections)
+    assert "int64" in reasons["elementwise@model.rotary_emb"]         # positions.to(float): no rule for ints
     assert "no epilogue rule" in reasons[at + "self_attn.q_proj + view"]
     assert "already fused into " + at + "mlp.gate_proj" in reasons[at + "mlp.up_proj + mul_11"]
     assert "plain GEMM" in reasons["linear_1 @ model.layers.0.self_attn.k_proj"]

@@ -6,6 +6,7 @@ lower pass says so in its note); tests/kernels covers the Triton kernel itself.
 from __future__ import annotations
 
 import copy
+import operator
 
 import pytest
 import torch
@@ -18,17 +19,17 @@ KW = {"use_cache": False}
 LLAMA_TARGETS = ["*.q_proj", "*.v_proj", "*.o_proj", "*.gate_proj", "*.up_proj", "*.down_proj"]
 
 
-def lowered_llama(layers=2):
+def lowered_llama(layers=2, elementwise=True):
     model, args = hf_llama(layers=layers)
     compiled = surgeon.compile(model, args, lora_spec(LLAMA_TARGETS, rank=4, alpha=8), KW)
     randomize_adapters(compiled.module)
     unlowered = copy.deepcopy(compiled.module)
-    compiled.apply(["fuse", "lower"])
+    compiled.apply(["fuse", {"lower": {"elementwise": elementwise}}])
     return model, args, compiled, unlowered
 
 
 def test_lower_llama_structure_and_outputs():
-    model, args, compiled, unlowered = lowered_llama()
+    model, args, compiled, unlowered = lowered_llama(elementwise=False)
     before, after = op_counts(unlowered), op_counts(compiled.module)
     # Before: per site linear + 2 LoRA linears + add; SwiGLU's silu and mul; residual adds.
     # Expected: 12 fused calls; the LoRA linears, their adds, silu and the SwiGLU mul are gone.
@@ -41,6 +42,7 @@ def test_lower_llama_structure_and_outputs():
     torch.testing.assert_close(logits(compiled.module, args), logits(unlowered, args), rtol=1e-5, atol=1e-5)
     row = compiled.report.rows[-1]
     assert row.name == "lower" and row.matches == 12 and row.check.startswith("rel err")
+    assert "elementwise regions are off" in dict(row.rejections)["elementwise@model.norm#2"]
     assert "reference" in row.notes[0] and "not Triton" in row.notes[0]
     sources = compiled.module.meta["surgeon_kernels"]
     gate = sources["lora_linear@model.layers.1.mlp.gate_proj"]
@@ -100,9 +102,12 @@ def test_lower_with_nothing_to_lower_changes_nothing():
     model, args = hf_llama(layers=1)
     compiled = surgeon.compile(model, args, {"adapters": []}, KW)
     before = compiled.module.code
-    compiled.apply(["lower"])
+    compiled.apply([{"lower": {"elementwise": False}}])
     assert compiled.module.code == before and compiled.report.rows[-1].matches == 0
     assert compiled.module.meta["surgeon_kernels"] == {}
+    compiled.apply(["lower"])                         # without adapters only the pointwise groups remain
+    assert {n.target for n in compiled.module.graph.nodes if "surgeon" in str(n.target)} == \
+        {torch.ops.surgeon.pointwise.default}
 
 
 def test_op_is_registered_by_lower_not_by_import_surgeon():
@@ -110,19 +115,20 @@ def test_op_is_registered_by_lower_not_by_import_surgeon():
     import sys
 
     code = ("import sys, torch, surgeon; from surgeon.passes_table import passes; passes(); "
-            "print('surgeon.kernels.registry' in sys.modules, hasattr(torch.ops.surgeon, 'lora_linear'))")
+            "print('surgeon.kernels.registry' in sys.modules, hasattr(torch.ops.surgeon, 'lora_linear'), "
+            "hasattr(torch.ops.surgeon, 'bottleneck'), hasattr(torch.ops.surgeon, 'pointwise'))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.stdout.split() == ["False", "False"], result.stderr
+    assert result.stdout.split() == ["False"] * 4, result.stderr
 
 
 def test_lowered_adapters_refuse_graph_edits_and_kernels_are_saved(tmp_path):
     model, args, compiled, _ = lowered_llama(layers=1)
     assert compiled.adapters["chat"].status == "lowered"
-    assert set(compiled.kernels) == set(compiled.module.meta["surgeon_kernels"]) and len(compiled.kernels) == 6
+    assert set(compiled.kernels) == set(compiled.module.meta["surgeon_kernels"]) and len(compiled.kernels) == 6 + 10
     with pytest.raises(surgeon.PassError, match="pass 'merge'.*lowered into kernels"):
         compiled.apply(["merge"])
     out = compiled.save(tmp_path)
-    assert len(list((out / "kernels").glob("*.py"))) == 6
+    assert len(list((out / "kernels").glob("*.py"))) == 6 + 10
     from surgeon.cli import main
 
     assert main(["show", str(out), "--kernels"]) == 0
@@ -162,3 +168,21 @@ def test_lower_dora_ia3_bottleneck_parallel_and_train():
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
     exported = torch.export.export(compiled.module, args)
     torch.testing.assert_close(exported.module()(*args).logits, logits(unlowered, args), rtol=1e-5, atol=1e-5)
+
+
+def test_lower_elementwise_groups_into_pointwise_calls():
+    model, args, compiled, unlowered = lowered_llama(layers=1)
+    pointwise = [n for n in compiled.module.graph.nodes if n.target is torch.ops.surgeon.pointwise.default]
+    # Before: RMSNorm's to/pow | mean | add/rsqrt/mul/to/mul, rotary's cos*scale, sin*scale, q*cos + rot(q)*sin.
+    # Expected (one layer): 3 norms x 2 groups, cos and sin groups, q and k rotary groups; to_2's int64
+    # position input has no rule (reported by fuse); the SwiGLU mul is inside gate_proj's region.
+    assert len(pointwise) == 10
+    norm = next(n for n in pointwise if n.meta["surgeon_region"] == "elementwise@model.norm#2")
+    assert [u.target for u in norm.users] == [operator.getitem]
+    two_outputs = next(n for n in pointwise if n.meta["surgeon_region"] == "elementwise@model.norm")
+    assert sorted(u.args[1] for u in two_outputs.users) == [0, 1]            # x.to(fp32) and its square
+    source = compiled.module.meta["surgeon_kernels"]["elementwise@model.norm#2"]
+    assert "rsqrt" in source and "def pointwise_" in source
+    torch.testing.assert_close(logits(compiled.module, args), logits(unlowered, args), rtol=1e-5, atol=1e-5)
+    exported = torch.export.export(compiled.module, args)
+    assert sum(n.target is torch.ops.surgeon.pointwise.default for n in exported.graph.nodes) == 10

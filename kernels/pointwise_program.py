@@ -1,0 +1,277 @@
+"""The program of a pointwise region: its per-op rule table and the chain in SSA form.
+
+`RULES` maps each aten op a pointwise kernel can compute to one small Rule (its Triton
+expression over fp32 values, its torch reference); `program_from_nodes` turns a list of fx
+nodes into a `Program` (inputs, ops, outputs with dtypes and shapes) that encodes to a string
+for the custom op's `str` argument. Code generation and the op are in kernels/pointwise.py.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+aten = torch.ops.aten
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# ---------------------------------------------------------------- the rule table
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One aten op: how to read a node, its fp32 Triton expression and its torch reference."""
+
+    name: str                          # the op's name in programs and generated code
+    triton: str | Callable[..., str]   # over operands {0}, {1} and params; a callable gets (*operands, **params)
+    torch: Callable[..., torch.Tensor]
+    arity: int = 1                     # how many leading node.args are operands (tensor or scalar)
+    params: Callable[[fx.Node], "dict | str"] = lambda node: {}   # the node's constant attributes, or why not
+
+    def expression(self, operands: list[str], params: dict) -> str:
+        """The Triton expression for operand expressions `operands`."""
+        if callable(self.triton):
+            return self.triton(*operands, **params)
+        return self.triton.format(*operands, **params)
+
+
+def _scalar_tensor(value, like: torch.Tensor) -> torch.Tensor:
+    """A Python scalar as a 0-dim tensor in `like`'s compute dtype (a torch function's first operand)."""
+    dtype = torch.float32 if like.dtype in (torch.float16, torch.bfloat16) else like.dtype
+    return torch.tensor(value, dtype=dtype, device=like.device)
+
+
+def _binary(fn):
+    """A torch binary op that also takes a Python scalar as its first operand."""
+    return lambda a, b, **kw: fn(a if torch.is_tensor(a) else _scalar_tensor(a, b), b, **kw)
+
+
+def _alpha(node: fx.Node) -> dict | str:
+    alpha = node.kwargs.get("alpha", node.args[2] if len(node.args) > 2 else 1)
+    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        return f"alpha={alpha!r}"
+    return {} if alpha == 1 else {"alpha": float(alpha)}
+
+
+def _gelu(node: fx.Node) -> dict | str:
+    approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+    return {"approximate": approximate} if approximate in ("none", "tanh") else f"approximate={approximate!r}"
+
+
+def _exponent(node: fx.Node) -> dict | str:
+    e = node.args[1]
+    if not isinstance(e, (int, float)) or not math.isfinite(e) or e == 0 or (e == int(e) and abs(e) > 4):
+        return f"exponent {e!r} (rules: finite non-integers, and integers 1..4 and -1..-4)"
+    return {"exponent": float(e)}
+
+
+def _dtype_cast(node: fx.Node) -> dict | str:
+    extra = {k: v for k, v in node.kwargs.items() if k not in ("dtype", "copy", "non_blocking") and
+             not (k == "memory_format" and v in (None, torch.preserve_format)) and
+             not (k == "layout" and v in (None, torch.strided)) and
+             not (k == "device" and v in (None, node.args[0].meta.get("val", torch.empty(0)).device))}
+    return f"a cast with {sorted(extra)}" if extra else {}
+
+
+def _pow(x: str, exponent: float) -> str:
+    # x^n = x * ... * x for integer n (torch computes small integer powers by multiplication too);
+    # x^e = 2^(e log2 x) otherwise (nan for x < 0, as torch; 0 and inf at x = 0)
+    if exponent == int(exponent):
+        product = " * ".join([x] * int(abs(exponent)))
+        return product if exponent > 0 else f"1.0 / ({product})"
+    if exponent in (0.5, -0.5):
+        return f"tl.sqrt({x})" if exponent > 0 else f"tl.rsqrt({x})"
+    return f"tl.exp2({exponent!r} * tl.log2({x}))"
+
+
+def _gelu_triton(x: str, approximate: str) -> str:
+    if approximate == "tanh":
+        # 0.5 z (1 + tanh(u)) = z * sigmoid(2u) = z / (1 + exp(-2u)), u = sqrt(2/pi) (z + 0.044715 z^3)
+        return f"{x} / (1.0 + tl.exp(-1.5957691216057308 * ({x} + 0.044715 * {x} * {x} * {x})))"
+    # z Phi(z) = 0.5 z (1 + erf(z / sqrt 2))
+    return f"0.5 * {x} * (1.0 + tl.math.erf({x} * 0.7071067811865476))"
+
+
+# tanh z = sign(z) (1 - e) / (1 + e), e = exp(-2|z|); below |z| = 0.1 its odd Taylor series to z^7
+# instead (1 - e loses bits there; the next term is < 1e-9 relative)
+_TANH = ("tl.where(tl.abs({0}) < 0.1, {0} * (1.0 + {0} * {0} * (-0.3333333333333333 + {0} * {0} * "
+         "(0.13333333333333333 - 0.05396825396825397 * {0} * {0}))), tl.where({0} < 0.0, -1.0, 1.0) * "
+         "(1.0 - tl.exp(-2.0 * tl.abs({0}))) / (1.0 + tl.exp(-2.0 * tl.abs({0}))))")
+
+_ADD = Rule("add", lambda a, b, alpha=1.0: f"{a} + {b}" if alpha == 1 else f"{a} + {alpha!r} * {b}",
+            _binary(torch.add), 2, _alpha)
+_SUB = Rule("sub", lambda a, b, alpha=1.0: f"{a} - {b}" if alpha == 1 else f"{a} - {alpha!r} * {b}",
+            _binary(torch.sub), 2, _alpha)
+_MUL = Rule("mul", "{0} * {1}", _binary(torch.mul), 2)
+_DIV = Rule("div", "{0} / {1}", _binary(torch.div), 2)
+_CAST = Rule("to", "{0}", lambda x: x.clone(), 1, _dtype_cast)   # the rounding after every op is the cast
+
+RULES: dict[Any, Rule] = {
+    aten.add.Tensor: _ADD, aten.add.Scalar: _ADD, aten.sub.Tensor: _SUB, aten.sub.Scalar: _SUB,
+    aten.mul.Tensor: _MUL, aten.mul.Scalar: _MUL, aten.div.Tensor: _DIV, aten.div.Scalar: _DIV,
+    # rsub(x, c, alpha) = c - alpha x
+    aten.rsub.Scalar: Rule("rsub", lambda a, b, alpha=1.0: f"{b} - {a}" if alpha == 1 else f"{b} - {alpha!r} * {a}",
+                           lambda a, b, alpha=1.0: torch.rsub(a, b, alpha=alpha), 2, _alpha),
+    aten.neg.default: Rule("neg", "-{0}", torch.neg),
+    # silu(z) = z sigmoid(z) = z / (1 + exp(-z))
+    aten.silu.default: Rule("silu", "{0} / (1.0 + tl.exp(-{0}))", F.silu),
+    aten.gelu.default: Rule("gelu", _gelu_triton, lambda x, approximate: F.gelu(x, approximate=approximate),
+                            params=_gelu),
+    # relu(z) = 0 where z < 0, else z (nan stays nan, as torch)
+    aten.relu.default: Rule("relu", "tl.where({0} < 0.0, 0.0, {0})", torch.relu),
+    aten.sigmoid.default: Rule("sigmoid", "1.0 / (1.0 + tl.exp(-{0}))", torch.sigmoid),
+    aten.tanh.default: Rule("tanh", _TANH, torch.tanh),
+    aten.rsqrt.default: Rule("rsqrt", "tl.rsqrt({0})", torch.rsqrt),
+    aten.sqrt.default: Rule("sqrt", "tl.sqrt({0})", torch.sqrt),
+    aten.reciprocal.default: Rule("reciprocal", "1.0 / {0}", torch.reciprocal),
+    aten.exp.default: Rule("exp", "tl.exp({0})", torch.exp),
+    aten.cos.default: Rule("cos", "tl.cos({0})", torch.cos),
+    aten.sin.default: Rule("sin", "tl.sin({0})", torch.sin),
+    aten.pow.Tensor_Scalar: Rule("pow", _pow, lambda x, exponent: torch.pow(x, exponent), 1, _exponent),
+    aten.to.dtype: _CAST, aten._to_copy.default: _CAST,
+}
+BY_NAME: dict[str, Rule] = {rule.name: rule for rule in RULES.values()}
+
+
+# ---------------------------------------------------------------- the program
+
+
+@dataclass(frozen=True)
+class Value:
+    """A value's dtype (e.g. "float16") and shape (ints, and strings for symbolic sizes)."""
+
+    dtype: str
+    shape: tuple
+
+
+@dataclass(frozen=True)
+class Op:
+    """One op: its rule, operands ("%3" for value 3, else a number), constant params, result."""
+
+    rule: str
+    args: tuple
+    params: dict
+    value: Value
+
+
+@dataclass(frozen=True)
+class Program:
+    """A pointwise chain: inputs, ops (value ids continue after the inputs) and output value ids."""
+
+    inputs: tuple[Value, ...]
+    ops: tuple[Op, ...]
+    outputs: tuple[int, ...]
+    names: tuple[str, ...] = ()     # per value id, for the generated source's header (not part of the math)
+    # the graph nodes behind inputs and outputs (set by program_from_nodes; never encoded)
+    input_nodes: tuple = field(default=(), compare=False, repr=False)
+    output_nodes: tuple = field(default=(), compare=False, repr=False)
+
+    def values(self) -> list[Value]:
+        """Every value, by id."""
+        return [*self.inputs, *(op.value for op in self.ops)]
+
+    def encode(self) -> str:
+        """The program as a JSON string (the custom op's `program` argument)."""
+        body = dict(inputs=[asdict(v) for v in self.inputs], ops=[asdict(op) for op in self.ops],
+                    outputs=self.outputs, names=self.names)
+        return json.dumps(body, separators=(",", ":"))
+
+    @staticmethod
+    def decode(text: str) -> "Program":
+        """The program an `encode` string describes; ValueError saying why when it is not one."""
+        return _decode(text)
+
+    def __reduce__(self):       # pickles as its encoding (graph nodes do not travel)
+        return Program.decode, (self.encode(),)
+
+    def anonymous(self) -> "Program":
+        """The same math without names (programs that differ only in names share one kernel)."""
+        return replace(self, names=())
+
+
+@lru_cache(maxsize=256)
+def _decode(text: str) -> Program:
+    try:
+        body = json.loads(text)
+        value = lambda v: Value(v["dtype"], tuple(v["shape"]))  # noqa: E731
+        ops = tuple(Op(o["rule"], tuple(o["args"]), o["params"], value(o["value"])) for o in body["ops"])
+        program = Program(tuple(map(value, body["inputs"])), ops, tuple(body["outputs"]), tuple(body["names"]))
+        for op in ops:
+            if op.rule not in BY_NAME:
+                raise ValueError(f"no rule {op.rule!r}")
+            for arg in op.args:
+                if isinstance(arg, str) and not 0 <= int(arg[1:]) < len(program.values()):
+                    raise ValueError(f"{op.rule} reads undefined value {arg}")
+        for dtype in {v.dtype for v in program.values()}:
+            if getattr(torch, dtype, None) not in FLOAT_DTYPES:
+                raise ValueError(f"dtype {dtype!r}")
+        return program
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"surgeon::pointwise: cannot decode program {text[:80]!r}: {err}") from None
+
+
+def program_from_nodes(nodes: list[fx.Node]) -> Program | str:
+    """The Program for call_function nodes in graph order, or the reason there is none.
+
+    Inputs are the nodes outside `nodes` that the ops read, in order of first use
+    (`program.input_nodes`); outputs are the nodes used outside `nodes`, and the last node, in
+    graph order (`program.output_nodes`), each with its own shape.
+    """
+    inside, input_nodes, inputs, parsed = set(nodes), [], [], []
+    for position, node in enumerate(nodes):
+        operands = _operands(node)
+        if isinstance(operands, str):
+            return f"{node.name} ({getattr(node.target, '__name__', node.target)}): {operands}"
+        for arg in operands[0]:
+            if isinstance(arg, fx.Node) and arg in inside and arg not in nodes[:position]:
+                return f"{node.name} reads {arg.name}, which comes later in the list"
+            if isinstance(arg, fx.Node) and arg not in inside and arg not in input_nodes:
+                value = _value(arg)
+                if isinstance(value, str):
+                    return f"{node.name} reads {arg.name}: {value}"
+                input_nodes.append(arg)
+                inputs.append(value)
+        value = _value(node)
+        if isinstance(value, str):
+            return f"{node.name}: {value}"
+        parsed.append((*operands, value))
+    ids = {n: i for i, n in enumerate([*input_nodes, *nodes])}
+    ops = tuple(Op(RULES[n.target].name, tuple(f"%{ids[a]}" if isinstance(a, fx.Node) else a for a in args),
+                   params, value) for n, (args, params, value) in zip(nodes, parsed))
+    outs = tuple(n for n in nodes if n is nodes[-1] or any(u not in inside for u in n.users))
+    return Program(tuple(inputs), ops, tuple(ids[n] for n in outs), tuple(n.name for n in ids),
+                   tuple(input_nodes), outs)
+
+
+def _operands(node: fx.Node) -> tuple[list, dict] | str:
+    """(operands, params) of a node with a rule, or why it has none."""
+    rule = RULES.get(node.target) if node.op == "call_function" else None
+    if rule is None:
+        return "no pointwise rule"
+    if len(node.args) < rule.arity:
+        return f"{len(node.args)} args, the rule reads {rule.arity}"
+    args = list(node.args[:rule.arity])
+    for arg in args:
+        if not isinstance(arg, fx.Node) and not (isinstance(arg, (int, float)) and not isinstance(arg, bool) and
+                                                 math.isfinite(arg)):
+            return f"operand {arg!r} is neither a tensor node nor a finite number"
+    if not any(isinstance(a, fx.Node) for a in args):
+        return "no tensor operand"
+    params = rule.params(node)
+    return params if isinstance(params, str) else (args, params)
+
+
+def _value(node: fx.Node) -> Value | str:
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return "no tensor meta['val']"
+    if val.dtype not in FLOAT_DTYPES:
+        return f"dtype {val.dtype} (the rules take floating tensors)"
+    return Value(str(val.dtype).removeprefix("torch."), tuple(s if isinstance(s, int) else str(s) for s in val.shape))
+
+
