@@ -161,9 +161,12 @@ def tile(case: Case) -> str:
     """The config the launcher's tuner picked for this case, or '-' (cuBLAS path, or no tuning here)."""
     from surgeon.kernels import lora_linear as kernel
 
-    best = [cfg for key, cfg in kernel._BEST.items()
+    best = [found for key, found in kernel._BEST.items()
             if key[:4] == (kernel.triton_next_pow2(case.M), case.N, case.K, case.r) and key[4:6] == (case.dtype, "")]
-    return "x".join(map(str, best[-1][:3])) + f"/w{best[-1][4]}s{best[-1][5]}" if best else "-"
+    if not best:
+        return "-"
+    mode, cfg = best[-1]
+    return ("pre " if mode == "precomputed" else "") + "x".join(map(str, cfg[:3])) + f"/w{cfg[4]}s{cfg[5]}"
 
 
 def linear_row(case: Case, env: Env) -> dict:

@@ -80,7 +80,7 @@ def lower_lora_linear(gm: fx.GraphModule, region: Region, replaced: dict) -> tup
             region.scale, region.weight_layout, epilogue)
     node = replace_region(gm, region, torch.ops.surgeon.lora_linear.default, args, replaced)
     chain = steps(epilogue, parts["bias"] is not None)
-    return node, render(chain, region.name, replaced_lines(region), lora=parts["lora_a"] is not None)
+    return node, render(chain, region.name, replaced_lines(region), mode="fused" if parts["lora_a"] is not None else "none")
 
 
 def lower_bottleneck(gm: fx.GraphModule, region: Region, replaced: dict) -> tuple[fx.Node, str]:

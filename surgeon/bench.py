@@ -7,7 +7,8 @@ figure is the median over rounds of (variant time / eager base time in the same 
 
     surgeon bench [--rounds 30] [--threads 2] [--device cuda --dtype bfloat16] [--json out.json]
 
-With a CUDA device it then runs the kernel table (surgeon.kernels.bench: the generated fused
+With a CUDA device the table has a "surgeon lowered" row (fuse + lower: LoRA, SwiGLU, RMSNorm and
+rotary regions as generated kernels) and it then runs the kernel table (surgeon.kernels.bench: the generated fused
 LoRA linear vs eager vs torch.compile vs the base GEMM); on a CPU it says that kernel timings
 need a GPU.
 """
@@ -50,7 +51,12 @@ def surgeon_variants(model, ids, targets=TARGETS) -> dict:
     merged = surgeon.compile(model, (ids,), spec, {"use_cache": False})
     merged.module.load_state_dict(unmerged.module.state_dict())
     merged.apply(["merge"])
-    return {"surgeon merged": merged.module, "surgeon unmerged": unmerged.module}
+    found = {"surgeon merged": merged.module, "surgeon unmerged": unmerged.module}
+    if ids.is_cuda:     # the generated kernels run on CUDA only (elsewhere lower runs the torch reference)
+        lowered = surgeon.compile(model, (ids,), spec, {"use_cache": False})
+        lowered.module.load_state_dict(unmerged.module.state_dict())
+        found["surgeon lowered"] = lowered.apply(["fuse", "lower"]).module
+    return found
 
 
 def variants(model, ids):
@@ -65,6 +71,7 @@ def variants(model, ids):
         "eager base": lambda: model(ids, use_cache=False),
         "surgeon merged": lambda: merged(ids),
         "surgeon unmerged": lambda: unmerged(ids),
+        **({"surgeon lowered": lambda: ours["surgeon lowered"](ids)} if "surgeon lowered" in ours else {}),
         "PEFT unmerged": lambda: peft_unmerged(ids, use_cache=False),
         "PEFT merged": lambda: peft_merged(ids, use_cache=False),
     }

@@ -85,8 +85,25 @@ def test_gain_vector_and_placed_bias_with_and_without_lora(epilogue, lora, dtype
         args.update(lora_a=None, lora_b=None)
     out = kernel.lora_linear(**args, epilogue=epilogue)
     torch.testing.assert_close(out, kernel.reference(**args, epilogue=epilogue), **TOLERANCE[dtype])
-    source = kernel.render(steps(epilogue, True), lora=lora)
+    source = kernel.render(steps(epilogue, True), mode="fused" if lora else "none")
     assert ("x_lora_a" in source) == lora and "gain0[None, :]" in source
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("M", [1, 7, 129])
+@pytest.mark.parametrize("r", [1, 16])
+def test_precomputed_mode_matches_the_fused_one(M, r, dtype):
+    """x @ A^T computed before the launch (one dot in the K loop) gives the same values as the fused loop."""
+    args = make(M, 70, 40, r, dtype, n_operands=1)
+    fused = kernel.lora_linear(**args, epilogue="gelu,add:0", mode="fused")
+    pre = kernel.lora_linear(**args, epilogue="gelu,add:0", mode="precomputed")
+    torch.testing.assert_close(pre, kernel.reference(**args, epilogue="gelu,add:0"), **TOLERANCE[dtype])
+    torch.testing.assert_close(pre, fused, **TOLERANCE[dtype])
+    source = kernel.render(steps("gelu,add:0", True), mode="precomputed")
+    loop = source.split("for k_start")[1].split("mask_out =")[0]
+    assert loop.count("tl.dot(") == 2 and "a_t_tile" not in source     # the base dot, then h @ B^T after it
+    with pytest.raises(ValueError, match="mode 'none' with LoRA tensors"):
+        kernel.lora_linear(**args, mode="none")
 
 
 def test_reference_of_the_gain_and_no_lora_forms_is_the_unfused_math():
@@ -140,7 +157,8 @@ def test_kernel_body_is_shared_between_regions_with_the_same_steps():
     assert kernel.load_kernel(chain) is kernel.load_kernel(chain)
 
 
-def test_generated_kernel_compiles_for_an_h100_without_a_gpu(monkeypatch):
+@pytest.mark.parametrize("mode", ["fused", "precomputed", "none"])
+def test_generated_kernel_compiles_for_an_h100_without_a_gpu(monkeypatch, mode):
     """Compile to sm_90 machine code (the interpreter checks semantics, not that Triton can lower it)."""
     import triton
     from triton.backends import backends
@@ -151,7 +169,7 @@ def test_generated_kernel_compiles_for_an_h100_without_a_gpu(monkeypatch):
         pytest.skip("this Triton build has no NVIDIA backend")
     monkeypatch.delenv("TRITON_INTERPRET")       # a JIT function, not an interpreted one
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
-    fn = kernel.load_kernel(steps("silu,mul:0", has_bias=True))
+    fn = kernel.load_kernel(steps("silu,mul:0", has_bias=True), mode)
     meta = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, BLOCK_R=16, GROUP_M=8, DOT_PRECISION="tf32")
     signature = {n: "constexpr" if n in meta else "*fp16" if n.endswith("_ptr") else
                  "fp32" if n == "lora_scale" else "i32" for n in fn.arg_names}
