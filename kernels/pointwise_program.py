@@ -111,6 +111,11 @@ _MUL = Rule("mul", "{0} * {1}", _binary(torch.mul), 2)
 _DIV = Rule("div", "{0} / {1}", _binary(torch.div), 2)
 _CAST = Rule("to", "{0}", lambda x: x.clone(), 1, _dtype_cast)   # the rounding after every op is the cast
 
+
+def _eval_dropout(node: fx.Node) -> dict | str:
+    train = node.kwargs.get("train", node.args[2] if len(node.args) > 2 else True)
+    return {} if train is False else "dropout in training mode (random; no rule)"
+
 RULES: dict[Any, Rule] = {
     aten.add.Tensor: _ADD, aten.add.Scalar: _ADD, aten.sub.Tensor: _SUB, aten.sub.Scalar: _SUB,
     aten.mul.Tensor: _MUL, aten.mul.Scalar: _MUL, aten.div.Tensor: _DIV, aten.div.Scalar: _DIV,
@@ -134,6 +139,8 @@ RULES: dict[Any, Rule] = {
     aten.sin.default: Rule("sin", "tl.sin({0})", torch.sin),
     aten.pow.Tensor_Scalar: Rule("pow", _pow, lambda x, exponent: torch.pow(x, exponent), 1, _exponent),
     aten.to.dtype: _CAST, aten._to_copy.default: _CAST,
+    # dropout(x, p, train=False) = x (what an eval-mode capture records)
+    aten.dropout.default: Rule("dropout", "{0}", lambda x: x.clone(), 1, _eval_dropout),
 }
 BY_NAME: dict[str, Rule] = {rule.name: rule for rule in RULES.values()}
 

@@ -69,6 +69,9 @@ class Region:
                     f"{len(outputs)} output{'s' if len(outputs) > 1 else ''}")
         chain = [self.head()] + [f"{rule}({_operand_text(op)})" if op is not None else rule
                                  for rule, op, _ in self.steps]
+        if "view" in self.parts:
+            chain.insert(1 + sum(order_of(n) < order_of(self.parts["view"]) for _, _, n in self.steps),
+                         f"view({self.parts['view'].name})")
         return f"{self.name}: {' -> '.join(chain)} [{len(self.nodes)} nodes, r={self.rank}, s={self.scale:g}]"
 
     def head(self) -> str:
@@ -81,6 +84,14 @@ class Region:
             else ""
         lora = f"+lora({self.adapter})" if self.parts.get("lora_a") is not None else ""
         return f"{self.nodes[0].target.__name__.split('.')[0]}{bias}{lora}"
+
+
+def order_of(node: fx.Node) -> int:
+    """A node's position in its graph, counted from the start (for ordering a region's parts)."""
+    position = 0
+    while node.prev.op != "root":
+        node, position = node.prev, position + 1
+    return position
 
 
 def _operand_text(operand: Any) -> str:

@@ -118,6 +118,14 @@ def grow(gm: fx.GraphModule, region: Region, graph: nx.DiGraph, order: dict, tak
             region.stop = f"{user.name}: already fused into {taken[user]}"
             rejections.append((f"{region.name} + {user.name}", region.stop))
             return
+        if is_eval_dropout(user, value):       # the identity: absorbed, no step
+            region.nodes.append(user)
+            continue
+        if region.kind == "lora_linear" and is_row_view(gm, user, value):
+            region.nodes.append(user)          # the kernel's rows are the view's: it reshapes the output
+            region.parts["view"] = user
+            out_meta = tensor_meta(gm, user)
+            continue
         found = match_epilogue(user, value, lambda other: same_meta(tensor_meta(gm, other), out_meta),
                                lambda other: gains and row_vector(gm, other, value))
         if isinstance(found, str):
@@ -132,10 +140,30 @@ def grow(gm: fx.GraphModule, region: Region, graph: nx.DiGraph, order: dict, tak
         region.steps.append((found[0], found[1], user))
 
 
+VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+
+
+def is_row_view(gm: fx.GraphModule, node: fx.Node, value: fx.Node) -> bool:
+    """Whether `node` views `value` with other leading dims but the same last dim (a free reshape
+    of the kernel's contiguous M x N output, e.g. GPT-2's addmm output back to batch x sequence)."""
+    if node.target not in VIEWS or node.args[0] is not value:
+        return False
+    before, after = tensor_meta(gm, value), tensor_meta(gm, node)
+    return before is not None and after is not None and len(after[0]) >= 1 and \
+        same_meta(((before[0][-1],), before[1]), ((after[0][-1],), after[1]))
+
+
+def is_eval_dropout(node: fx.Node, value: fx.Node) -> bool:
+    """Whether `node` is dropout(value, p, train=False), the identity an eval-mode capture keeps."""
+    return node.target is aten.dropout.default and node.args[0] is value and \
+        node.kwargs.get("train", node.args[2] if len(node.args) > 2 else True) is False
+
+
 def elementwise_regions(gm, graph, order, taken, names, rejections) -> list[Region]:
     """Convex groups (two or more) of pointwise ops outside the GEMM regions, grown in graph order.
 
-    Each pointwise op joins the latest group of one of its producers when the group stays convex
+    Each pointwise op joins (and so merges) its producers' groups when the union stays convex,
+    else the latest group of one of its producers when that group stays convex
     (RMSNorm's `x.pow(2)` and `x * rsqrt(mean + eps)` cannot share a group: the mean, a reduction,
     lies on a path between them), and starts a group otherwise.
     """
@@ -145,6 +173,13 @@ def elementwise_regions(gm, graph, order, taken, names, rejections) -> list[Regi
         if node.op != "call_function" or node.target not in POINTWISE or node in taken:
             continue
         candidates = sorted({member[i] for i in node.all_input_nodes if i in member}, reverse=True)
+        union = set(node for g in candidates for node in groups[g]) | {node}
+        if len(candidates) > 1 and is_convex(graph, order, union):     # the node joins its producers' groups
+            for g in candidates[1:]:
+                groups[candidates[0]] += groups[g]
+                member.update(dict.fromkeys(groups[g], candidates[0]))
+                groups[g] = []
+            groups[candidates[0]].sort(key=order.get)
         joined = next((g for g in candidates if is_convex(graph, order, set(groups[g]) | {node})), None)
         if joined is None:
             if candidates:

@@ -78,7 +78,7 @@ def lower_lora_linear(gm: fx.GraphModule, region: Region, replaced: dict) -> tup
     parts = region.parts
     args = (parts["x"], parts["weight"], parts["bias"], parts["lora_a"], parts["lora_b"], operands,
             region.scale, region.weight_layout, epilogue)
-    node = replace_region(gm, region, torch.ops.surgeon.lora_linear.default, args, replaced)
+    node = replace_region(gm, region, torch.ops.surgeon.lora_linear.default, args, replaced, parts.get("view"))
     chain = steps(epilogue, parts["bias"] is not None)
     return node, render(chain, region.name, replaced_lines(region), mode="fused" if parts["lora_a"] is not None else "none")
 
@@ -123,21 +123,27 @@ def lower_elementwise(gm: fx.GraphModule, region: Region, replaced: dict) -> tup
 LOWERINGS = {"lora_linear": lower_lora_linear, "bottleneck": lower_bottleneck, "elementwise": lower_elementwise}
 
 
-def replace_region(gm: fx.GraphModule, region: Region, op, args: tuple, replaced: dict) -> fx.Node:
-    """Insert `op(*args)` before the region's output, point the output's users at it, erase the region."""
+def replace_region(gm: fx.GraphModule, region: Region, op, args: tuple, replaced: dict,
+                   view: fx.Node | None = None) -> fx.Node:
+    """Insert `op(*args)` before the region's output, point the output's users at it, erase the region.
+
+    A region that grew through a view (same last dim) gets that view again after the call.
+    """
     output = region.output
     args = fx.map_arg(args, lambda node: replaced.get(node, node))
     with gm.graph.inserting_before(output):
         fused = call(gm.graph, op, args, made_by=Lower.name, path=module_path(region.nodes[0]),
                      adapter=region.adapter)
+        result = fused if view is None else call(gm.graph, view.target, (fused, *view.args[1:]), made_by=Lower.name,
+                                                 path=module_path(view))
     for key in ("val", "tensor_meta", "stack_trace", "nn_module_stack"):
         if key in output.meta:
-            fused.meta[key] = output.meta[key]
+            result.meta[key] = output.meta[key]
     fused.meta["surgeon_region"] = region.name
-    output.replace_all_uses_with(fused)
+    output.replace_all_uses_with(result)
     for node in reversed(region.nodes):
         gm.graph.erase_node(node)
-    return fused
+    return result
 
 
 def replaced_lines(region: Region) -> list[str]:

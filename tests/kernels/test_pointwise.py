@@ -299,3 +299,19 @@ def test_custom_op_runs_fp64_through_the_reference_and_gradchecks():
     x, y = rand(2, 3, 13, dtype=torch.float64).requires_grad_(), rand(13, dtype=torch.float64).requires_grad_()
     torch.testing.assert_close(module(x, y), Chain.unfused(x, y), **EXACT)
     assert torch.autograd.gradcheck(module, (x, y))
+
+
+def test_eval_dropout_is_the_identity_and_training_dropout_has_no_rule():
+    """An eval-mode capture keeps dropout(x, p, train=False) nodes (export drops them for F.dropout)."""
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    x.meta["val"] = torch.empty(3, 5)
+    scaled = graph.call_function(aten.mul.Tensor, (x, 3.0))
+    nodes = [scaled] + [graph.call_function(aten.dropout.default, (scaled, 0.1, train)) for train in (False, True)]
+    for node in nodes:
+        node.meta["val"] = torch.empty(3, 5)
+    program = pw.program_from_nodes(nodes[:2])
+    assert [op.rule for op in program.ops] == ["mul", "dropout"]
+    value = rand(3, 5)
+    torch.testing.assert_close(pw.pointwise([value], program.encode())[0], value * 3, **EXACT)
+    assert "training mode" in pw.program_from_nodes([nodes[0], nodes[2]])

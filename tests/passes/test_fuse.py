@@ -162,7 +162,7 @@ def test_fuse_gpt2_dora_places_the_bias_after_the_gain():
     regions = lora_regions(compiled.module)
     assert len(regions) == 2
     for region in regions.values():   # y - b is inside the region: g (x W + s x A^T B^T) + b
-        assert region.epilogue()[0] == "gain:0,bias" and len(region.nodes) == 9
+        assert region.epilogue()[0] == "gain:0,bias" and len(region.nodes) == 9 + 1     # + the row view
         assert region.weight_layout == "in_out" and region.parts["bias"] is not None
 
 
@@ -174,3 +174,21 @@ def test_a_site_of_another_form_is_reported_with_each_seeds_reason():
     assert not [r for r in regions if r.kind != "elementwise"]
     why = dict(rejections)["adapter h @ model.layers.0.self_attn.q_proj"]
     assert all(f"{seed}: " in why for seed in ("lora", "dora", "ia3", "bottleneck"))
+
+
+def test_fuse_gpt2_grows_through_the_row_view_and_eval_dropout():
+    model, args = hf_gpt2()
+    compiled = surgeon.compile(model, args, lora_spec(["*.c_proj", "*.c_fc"]), KW)
+    regions, _ = partition(compiled.module)
+    by_name = {r.name: r for r in regions}
+    # Before: addmm (2-D rows) -> view to (batch, seq, N) -> dropout(train=False) -> residual add.
+    # Expected: the region takes the view and the identity dropout, so the residual add is its epilogue.
+    proj = by_name["lora_linear@transformer.h.0.mlp.c_proj"]
+    assert proj.epilogue()[0] == "add:0" and proj.parts["view"].target is torch.ops.aten.view.default
+    assert [n.target for n in proj.nodes][-3:] == [torch.ops.aten.view.default, torch.ops.aten.dropout.default,
+                                                    torch.ops.aten.add.Tensor]
+    assert "view(view_" in proj.describe()
+    # GPT-2's tanh GELU: 0.5 x (1 + tanh(c (x + 0.044715 x^3))), all eight ops one group (two branches merged)
+    act = by_name["elementwise@transformer.h.0.mlp.act"]
+    assert [n.target.__name__.split(".")[0] for n in act.nodes] == ["mul", "pow", "mul", "add", "mul", "tanh",
+                                                                   "add", "mul"]

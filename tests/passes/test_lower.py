@@ -186,3 +186,18 @@ def test_lower_elementwise_groups_into_pointwise_calls():
     torch.testing.assert_close(logits(compiled.module, args), logits(unlowered, args), rtol=1e-5, atol=1e-5)
     exported = torch.export.export(compiled.module, args)
     assert sum(n.target is torch.ops.surgeon.pointwise.default for n in exported.graph.nodes) == 10
+
+
+def test_lower_gpt2_views_dropouts_and_gelu_groups_keep_the_outputs():
+    model, args = hf_gpt2()
+    compiled = surgeon.compile(model, args, lora_spec(["*.c_proj", "*.c_fc"]), KW)
+    randomize_adapters(compiled.module)
+    unlowered = copy.deepcopy(compiled.module)
+    compiled.apply(["fuse", "lower"])
+    calls = [n for n in compiled.module.graph.nodes if n.target is torch.ops.surgeon.lora_linear.default]
+    # the view a region grew through comes back after the call; the residual add is inside the call
+    assert len(calls) == 6 and all(next(iter(n.users)).target is torch.ops.aten.view.default for n in calls)
+    assert sum(n.args[-1] == "add:0" for n in calls) == 4
+    torch.testing.assert_close(logits(compiled.module, args), logits(unlowered, args), rtol=1e-5, atol=1e-5)
+    exported = torch.export.export(compiled.module, args)
+    torch.testing.assert_close(exported.module()(*args).logits, logits(unlowered, args), rtol=1e-5, atol=1e-5)
