@@ -166,6 +166,8 @@ def tile(case: Case) -> str:
     if not best:
         return "-"
     mode, cfg = best[-1]
+    if mode == "cublas":
+        return "cuBLAS+addmm"
     return ("pre " if mode == "precomputed" else "") + "x".join(map(str, cfg[:3])) + f"/w{cfg[4]}s{cfg[5]}"
 
 
@@ -291,8 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     device = f"{props.name} ({props.multi_processor_count} SMs)"
     print(f"device: {device}, torch {torch.__version__}; s={SCALE}; medians in microseconds; "
           "x/base = variant time / base time")
-    print("fused = surgeon's lora_linear launcher (generated Triton kernel below M=256, cuBLAS GEMM + addmm LoRA "
-          "update from M=256 on for bias-only epilogues); eager = F.linear x3 + add; compile = "
+    print("fused = surgeon's lora_linear launcher (per shape bucket, the fastest the tuner measured of: the "
+          "generated kernel with x A^T in its K loop, the kernel with x A^T precomputed ('pre'), and cuBLAS GEMM + "
+          "addmm LoRA update + torch epilogue; the 'fused tile' column names it); eager = F.linear x3 + add; compile = "
           "torch.compile(eager, dynamic=True); base = F.linear(x, W) alone\n", flush=True)
     env = Env("cuda", gpu_timer, lora_linear, {"lora": torch.compile(unfused, dynamic=True),
                                                "mlp": torch.compile(unfused_mlp, dynamic=True)})

@@ -169,8 +169,12 @@ def load_kernel(activation: str, epilogue: str):
 
 def bottleneck(source: torch.Tensor, residual: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
                operands: list[torch.Tensor], scale: float, activation: str, epilogue: str,
-               config: tuple | None = None) -> torch.Tensor:
-    """Run the generated kernel: check the arguments, allocate the output, launch one grid."""
+               config: tuple | None = None, composed: bool = False) -> torch.Tensor:
+    """Run the generated kernel: check the arguments, allocate the output, launch one grid.
+
+    `composed=True` runs the branch as torch ops instead (`_composed`); on a GPU the tuner times
+    that beside the kernel's configs and runs whichever was faster for the shape bucket.
+    """
     chain = _chain(activation, epilogue)
     M, N, K, R = _check(source, residual, down, up, operands, chain)
     out = torch.empty((M, N), dtype=residual.dtype, device=residual.device)
@@ -178,6 +182,9 @@ def bottleneck(source: torch.Tensor, residual: torch.Tensor, down: torch.Tensor,
         return out.reshape(residual.shape)
     source2, residual2 = source.reshape(M, K), residual.reshape(M, N)
     tiles = as_tiles(chain, operands, (M, N))
+    compose = lambda: _composed(source2, residual2, down, up, tiles, scale, activation, chain)  # noqa: E731
+    if composed:
+        return compose().reshape(residual.shape)
     by_name = {operand_name(s): tiles[s.operand] for s in chain if s.operand is not None}
     extra = [by_name[name] for name, _ in operand_names(chain)]
     args = [source2, residual2, down, up, out, *extra, M, N, K, R, *source2.stride(), *residual2.stride(),
@@ -186,9 +193,20 @@ def bottleneck(source: torch.Tensor, residual: torch.Tensor, down: torch.Tensor,
     block_r = max(16, triton_next_pow2(R))
     precision = "ieee" if source.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
     cfg = config or (INTERPRET_CONFIG if codegen.interpreting() else
-                     _tuned(kernel, args, block_r, precision, (M, N, K, R, source.dtype, str(source.device))))
+                     _tuned(kernel, args, block_r, precision, (M, N, K, R, source.dtype, str(source.device)),
+                            compose))
+    if cfg == "composed":
+        return compose().reshape(residual.shape)
     _launch(kernel, args, M, N, cfg, block_r, precision)
     return out.reshape(residual.shape)
+
+
+def _composed(source2, residual2, down, up, tiles, scale, activation, chain) -> torch.Tensor:
+    """The unfused graph's ops: two skinny GEMMs around the activation, the add with alpha = s, the steps."""
+    hidden = torch.nn.functional.linear(source2, down)
+    hidden = hidden if activation == "none" else RULES[activation].torch(hidden, None)
+    z = torch.add(residual2, torch.nn.functional.linear(hidden, up), alpha=scale)
+    return apply(z, chain, None, tiles)[-1].to(residual2.dtype) if chain else z
 
 
 def _launch(kernel, args: list, M: int, N: int, cfg: tuple, block_r: int, precision: str) -> None:
@@ -205,8 +223,9 @@ def _launch(kernel, args: list, M: int, N: int, cfg: tuple, block_r: int, precis
 _BEST: dict[tuple, tuple] = {}
 
 
-def _tuned(kernel, args: list, block_r: int, precision: str, key: tuple) -> tuple:
-    """The fastest GPU config for this shape bucket (M rounded up to a power of two; benchmarked once)."""
+def _tuned(kernel, args: list, block_r: int, precision: str, key: tuple, compose=None) -> "tuple | str":
+    """The fastest GPU config for this shape bucket (M rounded up to a power of two; benchmarked once),
+    or "composed" when the torch ops (`compose`) were faster than every config."""
     M, N = key[0], key[1]
     bucket = (min(triton_next_pow2(M), 4096), *key[1:], kernel.__name__)
     if bucket not in _BEST:
@@ -221,6 +240,8 @@ def _tuned(kernel, args: list, block_r: int, precision: str, key: tuple) -> tupl
                 continue
         if not timings:
             raise RuntimeError(f"no tile config of {kernel.__name__} launches here for (M, N, K, R) = {key[:4]}")
+        if compose is not None:
+            timings["composed"] = triton.testing.do_bench(compose, warmup=5, rep=20)
         _BEST[bucket] = min(timings, key=timings.get)
     return _BEST[bucket]
 

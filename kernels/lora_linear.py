@@ -119,8 +119,8 @@ INTERPRET_CONFIG = (32, 32, 32, 4, 1, 1)
 
 # where x @ A^T is computed: in the base GEMM's K loop ("fused", one launch, the x tile loaded once),
 # before the launch ("precomputed": a skinny GEMM, then the kernel's loop has one dot), or nowhere
-# ("none": a region without LoRA, e.g. an IA3-scaled linear)
-MODES = ("fused", "precomputed", "none")
+# ("none": a region without LoRA, e.g. an IA3-scaled linear); or no generated kernel at all ("cublas")
+MODES = ("fused", "precomputed", "none", "cublas")   # "cublas": no kernel, torch ops (see _cublas)
 _PREFIX = {"fused": "lora_linear", "precomputed": "lora_linear_precomputed", "none": "linear"}
 
 
@@ -238,63 +238,66 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                 lora_b: torch.Tensor | None, operands: list[torch.Tensor], scale: float,
                 weight_layout: str = "out_in", epilogue: str = "", config: tuple | None = None,
                 mode: str | None = None) -> torch.Tensor:
-    """Run the generated kernel: check the arguments, allocate the output, launch one grid.
+    """Run the region: check the arguments, then the generated kernel (or the cuBLAS composition).
 
     With lora_a = lora_b = None the region has no LoRA branch (an IA3-scaled linear): the
     template is generated without the x @ A^T dot. `mode` (see MODES) and `config` force a
-    variant and a tile config; by default the interpreter runs "fused" and a GPU the fastest
-    (mode, config) measured for this shape bucket.
+    strategy and a tile config; by default the interpreter runs "fused" (or "none") and a GPU
+    the fastest (mode, config) measured for this shape bucket.
     """
     chain = steps(epilogue, bias is not None)
     M, N, K, R = _check(x, weight, bias, lora_a, lora_b, operands, weight_layout, chain)
-    if mode not in (None, *MODES) or (mode == "none") != (lora_a is None) and mode is not None:
+    kernels = ("none",) if lora_a is None else ("fused", "precomputed")
+    if mode not in (None, "cublas", *kernels):
         raise ValueError(f"lora_linear: mode {mode!r} with {'no ' if lora_a is None else ''}LoRA tensors; "
                          f"modes are {MODES} ('none' exactly when lora_a is None)")
     x2 = x.reshape(M, K)
-    if config is None and mode is None and M >= PREFILL_M and x.is_cuda and all(s.rule == "bias" for s in chain):
-        return _prefill_cublas(x2, weight, bias, lora_a, lora_b, scale, weight_layout).reshape(*x.shape[:-1], N)
-    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    tiles = as_tiles(chain, operands, (M, N))
     if M == 0:
-        return out.reshape(*x.shape[:-1], N)
+        return x.new_empty((*x.shape[:-1], N))
     w_strides = weight.stride() if weight_layout == "out_in" else weight.stride()[::-1]
-    tensors = {"bias": bias, **{operand_name(s): operands[s.operand].reshape(M, N) if RULES[s.rule].operand == "tile"
-                                else operands[s.operand] for s in chain if RULES[s.rule].operand in ("tile", "vec")}}
-    extra = [tensors[name] for name, _ in operand_names(chain)]
+    by_name = {"bias": bias, **{operand_name(s): tiles[s.operand] for s in chain
+                                if RULES[s.rule].operand in ("tile", "vec")}}
+    extra = [by_name[name] for name, _ in operand_names(chain)]
     extra_strides = [st for t in extra for st in t.stride()]
 
-    def launch(variant: str, cfg: tuple) -> None:
+    def launch(variant: str, cfg: tuple | None) -> torch.Tensor:
+        if variant == "cublas":
+            return _cublas(x2, weight, bias, lora_a, lora_b, scale, weight_layout, chain, tiles)
         # "precomputed": h = round(x @ A^T) (M x R) in A's slot; "none": the pointers are never read
         a = lora_a if variant == "fused" else (x2 @ lora_a.t()) if variant == "precomputed" else x2
         b = x2 if variant == "none" else lora_b
+        out = torch.empty((M, N), dtype=x.dtype, device=x.device)
         args = [x2, weight, a, b, out, *extra, M, N, K, R, *x2.stride(), *w_strides, *a.stride(),
                 *b.stride(), *out.stride(), *extra_strides, float(scale)]
         _launch(load_kernel(chain, variant), args, M, N, cfg, block_r, precision)
+        return out
 
     block_r = max(16, triton_next_pow2(R))
     precision = "ieee" if x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
-    modes = [mode] if mode else ["none"] if lora_a is None else ["fused", "precomputed"]
-    if codegen.interpreting() or config is not None:
-        variant, cfg = modes[0], config or INTERPRET_CONFIG
+    if mode == "cublas" or codegen.interpreting() or config is not None or not x.is_cuda:
+        variant, cfg = mode or kernels[0], config or INTERPRET_CONFIG
     else:
-        variant, cfg = _tuned(launch, modes, (M, N, K, R, x.dtype, epilogue, bias is None, str(x.device)))
-    launch(variant, cfg)
-    return out.reshape(*x.shape[:-1], N)
+        variant, cfg = _tuned(launch, [mode] if mode else [*kernels, "cublas"],
+                              (M, N, K, R, x.dtype, epilogue, bias is None, str(x.device)))
+    return launch(variant, cfg).reshape(*x.shape[:-1], N)
 
 
-# From this many rows on, a bias-only region runs as cuBLAS's GEMM with the LoRA update added by
-# addmm's accumulate (out += s * (x A^T) B^T, one extra pass over out): measured on an H200 (fp16,
-# K = N = 4096, r = 16, M = 4096) the one-loop kernel took 1.78x the base GEMM, cuBLAS's is
-# compute-optimal there, and the LoRA part is under 1% of the FLOPs.
-PREFILL_M = 256
+def _cublas(x2, weight, bias, lora_a, lora_b, scale, weight_layout, chain, tiles) -> torch.Tensor:
+    """The region as torch ops: cuBLAS's GEMM (with the bias when it comes first), the LoRA update as
+    addmm's accumulate (out += s (x A^T) B^T, one extra pass over out), then the epilogue's steps.
 
-
-def _prefill_cublas(x2, weight, bias, lora_a, lora_b, scale, weight_layout) -> torch.Tensor:
-    """x W^T + b + s (x A^T) B^T with the base GEMM in cuBLAS and the LoRA update as its accumulate."""
+    Measured on an H200 (fp16, K = N = 4096, r = 16, M = 4096) the one-loop kernel took 1.78x the
+    base GEMM where this took 1.28x: cuBLAS's GEMM is compute-optimal there, the LoRA part is under
+    1% of the FLOPs. On a GPU the tuner times it beside the kernels; elsewhere it runs when asked.
+    """
     w = weight if weight_layout == "out_in" else weight.t()
-    out = torch.nn.functional.linear(x2, w, bias)
-    if lora_a is None:
-        return out
-    return out.addmm_(x2 @ lora_a.t(), lora_b.t(), alpha=scale)
+    bias_first = bool(chain) and chain[0].rule == "bias"
+    out = torch.nn.functional.linear(x2, w, bias if bias_first else None)
+    if lora_a is not None:
+        out.addmm_(x2 @ lora_a.t(), lora_b.t(), alpha=scale)
+    rest = chain[1:] if bias_first else chain
+    return apply(out, rest, bias, tiles)[-1].to(x2.dtype) if rest else out
 
 
 def _launch(kernel, args: list, M: int, N: int, cfg: tuple, block_r: int, precision: str) -> None:
@@ -315,7 +318,7 @@ def _tuned(launch, modes: list[str], key: tuple) -> tuple[str, tuple]:
 
     Like triton.autotune, but keyed on M rounded up to a power of two: the token count changes
     on every call of a language model, and retuning for each exact M would stall it. A
-    "precomputed" candidate is timed with its x @ A^T GEMM included.
+    "precomputed" candidate is timed with its x @ A^T GEMM included, "cublas" as a whole.
     """
     M = key[0]
     bucket = (triton_next_pow2(M) if M <= 4096 else 4096,) + key[1:] + tuple(modes)
@@ -324,7 +327,7 @@ def _tuned(launch, modes: list[str], key: tuple) -> tuple[str, tuple]:
 
         limit = next(k for k in (16, 64, None) if k is None or M <= k)
         timings = {}
-        for candidate in ((m, cfg) for m in modes for cfg in GPU_CONFIGS[limit]):
+        for candidate in ((m, cfg) for m in modes for cfg in ([None] if m == "cublas" else GPU_CONFIGS[limit])):
             try:
                 timings[candidate] = triton.testing.do_bench(lambda: launch(*candidate), warmup=5, rep=20)
             except Exception:  # noqa: BLE001 - a config may not fit this GPU (shared memory); try the next
