@@ -158,7 +158,7 @@ def kernel_name(program: Program) -> str:
 def kernel_source(program: Program) -> str:
     """The Triton function for a program (names never appear in it: equal math, equal text)."""
     lay, n_in = layout(program), len(program.inputs)
-    lines = [*_load_lines(program, lay), *_op_lines(program)]
+    lines = [*_load_lines(program, lay), *op_lines(program)]
     for j, value in enumerate(program.outputs):
         spans = lay.spans[value]
         index = index_expr(spans) if any(spans) else "offs * 0"
@@ -184,7 +184,8 @@ def _load_lines(program: Program, lay: Layout) -> list[str]:
     return lines
 
 
-def _op_lines(program: Program) -> list[str]:
+def op_lines(program: Program) -> list[str]:
+    """Per op a comment and one line computing it in fp32, rounded to its dtype (names v0, v1, ..)."""
     lines = []
     for k, op in enumerate(program.ops, start=len(program.inputs)):
         params = "".join(f", {key}={val!r}" for key, val in op.params.items())

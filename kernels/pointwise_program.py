@@ -222,14 +222,19 @@ def _decode(text: str) -> Program:
         raise ValueError(f"surgeon::pointwise: cannot decode program {text[:80]!r}: {err}") from None
 
 
-def program_from_nodes(nodes: list[fx.Node]) -> Program | str:
+def program_from_nodes(nodes: list[fx.Node], first: fx.Node | None = None) -> Program | str:
     """The Program for call_function nodes in graph order, or the reason there is none.
 
-    Inputs are the nodes outside `nodes` that the ops read, in order of first use
-    (`program.input_nodes`); outputs are the nodes used outside `nodes`, and the last node, in
-    graph order (`program.output_nodes`), each with its own shape.
+    Inputs are the nodes outside `nodes` that the ops read, in order of first use (`first`, when
+    given, is input %0: a GEMM epilogue's accumulator) (`program.input_nodes`); outputs are the
+    nodes used outside `nodes`, and the last node, in graph order (`program.output_nodes`).
     """
     inside, input_nodes, inputs, parsed = set(nodes), [], [], []
+    if first is not None:
+        value = _value(first)
+        if isinstance(value, str):
+            return f"{first.name}: {value}"
+        input_nodes, inputs = [first], [value]
     for position, node in enumerate(nodes):
         operands = _operands(node)
         if isinstance(operands, str):

@@ -21,7 +21,10 @@ import torch
 
 from . import codegen
 from .epilogue import RULES, apply, as_tiles, operand_of, steps
-from .lora_linear import KERNEL_DTYPES, compute_dtype, lora_linear as launch_lora_linear, pre_epilogue, reference
+from . import program_epilogue
+from .lora_linear import (KERNEL_DTYPES, compute_dtype, lora_linear as launch_lora_linear, pre_epilogue, reference,
+                          split_operands)
+from .pointwise_program import Program
 
 log = logging.getLogger("surgeon.kernels")
 
@@ -52,28 +55,33 @@ _WARNED: set[tuple] = set()
 @torch.library.custom_op("surgeon::lora_linear", mutates_args=())
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor | None,
                 lora_b: torch.Tensor | None, operands: list[torch.Tensor], scale: float, weight_layout: str,
-                epilogue: str) -> torch.Tensor:
-    """epilogue(x @ W^T + s * (x @ A^T) @ B^T): the fused LoRA linear (see kernels/lora_linear.py)."""
+                epilogue: str, program: str) -> torch.Tensor:
+    """epilogue(x @ W^T + s * (x @ A^T) @ B^T): the fused LoRA linear (see kernels/lora_linear.py).
+
+    `program` is "" or an encoded pointwise Program ending the epilogue (kernels/program_epilogue.py).
+    It has no default: autograd's check wants backward's outputs to match the arguments as passed.
+    """
     which = backend(x.device) if x.dtype in KERNEL_DTYPES else "reference"
     if which == "reference":
         if (x.device.type, x.dtype) not in _WARNED:
             _WARNED.add((x.device.type, x.dtype))
             log.warning("surgeon::lora_linear on %s (%s) runs the torch reference path, not a Triton kernel",
                         x.device.type, x.dtype)
-        return reference(x, weight, bias, lora_a, lora_b, operands, scale, weight_layout, epilogue)
-    return launch_lora_linear(x, weight, bias, lora_a, lora_b, operands, scale, weight_layout, epilogue)
+        return reference(x, weight, bias, lora_a, lora_b, operands, scale, weight_layout, epilogue, program)
+    return launch_lora_linear(x, weight, bias, lora_a, lora_b, operands, scale, weight_layout, epilogue,
+                              program=program)
 
 
 @lora_linear.register_fake
-def _(x, weight, bias, lora_a, lora_b, operands, scale, weight_layout, epilogue):
+def _(x, weight, bias, lora_a, lora_b, operands, scale, weight_layout, epilogue, program):
     out_features = weight.shape[0] if weight_layout == "out_in" else weight.shape[1]
     return x.new_empty((*x.shape[:-1], out_features))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_a, lora_b, operands, scale, weight_layout, epilogue = inputs
+    x, weight, bias, lora_a, lora_b, operands, scale, weight_layout, epilogue, program = inputs
     ctx.save_for_backward(x, weight, bias, lora_a, lora_b, *operands)
-    ctx.meta = (scale, weight_layout, epilogue, len(operands))
+    ctx.meta = (scale, weight_layout, epilogue, program)
     ctx.wants = (x.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad,
                  lora_a is not None and lora_a.requires_grad, lora_b is not None and lora_b.requires_grad,
                  [o.requires_grad for o in operands])
@@ -81,30 +89,44 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     x, weight, bias, lora_a, lora_b, *operands = ctx.saved_tensors
-    scale, weight_layout, epilogue, _ = ctx.meta
+    scale, weight_layout, epilogue, program = ctx.meta
     grads = lora_linear_backward(grad, x, weight, bias, lora_a, lora_b, operands, scale, weight_layout,
-                                 epilogue, ctx.wants)
-    return (*grads, None, None, None)
+                                 epilogue, ctx.wants, program)
+    return (*grads, None, None, None, None)
 
 
 lora_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
+def program_vjp(grad, z_out, extra: list, program: str) -> tuple:
+    """(dL/d z_out, dL/d each extra input) through a program epilogue (identity when there is none)."""
+    if not program:
+        return grad, ()
+    leaves = [z_out.detach().requires_grad_(), *(t.detach().requires_grad_() for t in extra)]
+    with torch.enable_grad():
+        out = program_epilogue.reference(leaves[0], leaves[1:], Program.decode(program))
+        grads = torch.autograd.grad(out, leaves, grad.to(out.dtype), allow_unused=True)
+    return (grads[0] if grads[0] is not None else torch.zeros_like(z_out)), grads[1:]
+
+
 def lora_linear_backward(grad, x, weight, bias, lora_a, lora_b, operands, scale, weight_layout, epilogue,
-                         wants) -> tuple:
+                         wants, program: str = "") -> tuple:
     """Gradients of every tensor input (None where not wanted), from the torch reference math.
 
     With g = dL/dz (z before the epilogue) and h = x @ A^T:
       dx = g W + s (g B) A,  dW = g^T x,  db and operand grads from each step's vjp,
       dA = s (g B)^T x,  dB = s g^T h.
+    A program epilogue's gradients come from autograd through its torch reference.
     """
     chain = steps(epilogue, bias is not None)
     dtype = compute_dtype(x.dtype)
     z, h = pre_epilogue(x, weight, lora_a, lora_b, scale, weight_layout)
-    tiles = as_tiles(chain, operands, z.shape)
+    step_operands, extra = split_operands(chain, operands, program)
+    tiles = as_tiles(chain, step_operands, z.shape)
     values = apply(z, chain, bias, tiles)
-    g = grad.reshape(z.shape).to(dtype)
-    operand_grads: list = [None] * len(operands)
+    g, extra_grads = program_vjp(grad.reshape(z.shape), values[-1].to(x.dtype), extra, program)
+    g = g.to(dtype)
+    operand_grads: list = [None] * len(step_operands) + list(extra_grads)
     bias_grad = None
     for step, value in zip(reversed(chain), reversed(values[:-1])):
         operand = operand_of(step, bias, tiles)

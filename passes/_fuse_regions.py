@@ -69,6 +69,8 @@ class Region:
                     f"{len(outputs)} output{'s' if len(outputs) > 1 else ''}")
         chain = [self.head()] + [f"{rule}({_operand_text(op)})" if op is not None else rule
                                  for rule, op, _ in self.steps]
+        if "program" in self.parts:
+            chain.append(f"program({len(self.parts['program'].ops)} pointwise ops)")
         if "view" in self.parts:
             chain.insert(1 + sum(order_of(n) < order_of(self.parts["view"]) for _, _, n in self.steps),
                          f"view({self.parts['view'].name})")

@@ -64,7 +64,8 @@ def partition(gm: fx.GraphModule) -> tuple[list[Region], list[tuple[str, str]]]:
         if node.target in BASE_OPS and node not in taken and not node.meta.get("surgeon_adapter"):
             rejections.append((f"{node.name} @ {module_path(node)}", "no adapter: a plain GEMM is left to the "
                                                                      "eager op (no template for it)"))
-    regions += elementwise_regions(gm, graph, order, taken, names, rejections)
+    groups = elementwise_regions(gm, graph, order, taken, names, rejections)
+    regions += [g for g in groups if not absorb_program(gm, graph, order, regions, g, rejections)]
     regions.sort(key=lambda r: order[r.output])
     for where, why in rejections:
         log.info("not fused: %s: %s", where, why)
@@ -200,6 +201,55 @@ def elementwise_regions(gm, graph, order, taken, names, rejections) -> list[Regi
             continue
         regions.append(Region(name, "elementwise", nodes, parts={"program": program}))
     return regions
+
+
+def absorb_program(gm, graph, order, regions: list[Region], group: Region, rejections: list) -> bool:
+    """Make a pointwise group the end of a lora_linear region's epilogue when it reads that region's
+    output (all its uses) and otherwise only tiles, per-column vectors and scalars; True if it did."""
+    for region in regions:
+        value = region.output
+        if region.kind != "lora_linear" or "program" in region.parts or not value.users or \
+                not set(value.users) <= set(group.nodes):
+            continue
+        why = program_refusal(gm, value, group)
+        if isinstance(why, str):
+            rejections.append((f"{region.name} + {group.name}", why))
+            return False
+        if not is_convex(graph, order, set(region.nodes) | set(group.nodes)):
+            rejections.append((f"{region.name} + {group.name}", "the two would make a non-convex region"))
+            return False
+        program, kinds = why
+        rejections[:] = [r for r in rejections if not r[0].startswith(f"{region.name} + ")]
+        region.nodes = sorted(region.nodes + group.nodes, key=order.get)
+        region.parts.update(program=program, program_kinds=kinds)
+        region.stop = f"its epilogue ends with {group.name}'s {len(group.nodes)} pointwise ops"
+        return True
+    return False
+
+
+def program_refusal(gm, value: fx.Node, group: Region) -> "tuple | str":
+    """(program with `value` as %0, its other inputs' kinds), or why the group cannot end the epilogue."""
+    program = program_from_nodes(group.nodes, first=value)
+    if isinstance(program, str):
+        return program
+    if len(program.outputs) != 1:
+        return f"{group.name} has {len(program.outputs)} outputs (an epilogue stores one)"
+    out, result = tensor_meta(gm, value), tensor_meta(gm, program.output_nodes[0])
+    if out is None or result is None or not same_meta((out[0], None), (result[0], None)):
+        return f"{group.name}'s output is not shaped as {value.name} (it broadcasts)"
+    kinds = []
+    for node in program.input_nodes[1:]:
+        meta = tensor_meta(gm, node)
+        shape = () if meta is None else (1,) * (len(out[0]) - len(meta[0])) + tuple(meta[0])
+        ones = all(isinstance(d, int) and d == 1 for d in shape[:-1])
+        if meta is None or len(shape) != len(out[0]):
+            return f"input {node.name} has no known shape or more dims than {value.name}"
+        kinds.append("scalar" if ones and shape[-1:] in ((1,), ()) else "vec" if ones and
+                     same_meta(((shape[-1],), None), ((out[0][-1],), None)) else
+                     "tile" if same_meta((shape, None), (out[0], None)) else None)
+        if kinds[-1] is None:
+            return f"input {node.name} {list(shape)} is neither a tile, one value per column nor one value"
+    return program, tuple(kinds)
 
 
 def _unique(names: dict[str, int], name: str) -> str:

@@ -76,11 +76,14 @@ def lower_lora_linear(gm: fx.GraphModule, region: Region, replaced: dict) -> tup
 
     epilogue, operands = region.epilogue()
     parts = region.parts
-    args = (parts["x"], parts["weight"], parts["bias"], parts["lora_a"], parts["lora_b"], operands,
-            region.scale, region.weight_layout, epilogue)
+    program = parts.get("program")
+    args = (parts["x"], parts["weight"], parts["bias"], parts["lora_a"], parts["lora_b"],
+            operands + (list(program.input_nodes[1:]) if program else []), region.scale, region.weight_layout,
+            epilogue, program.encode() if program else "")
     node = replace_region(gm, region, torch.ops.surgeon.lora_linear.default, args, replaced, parts.get("view"))
     chain = steps(epilogue, parts["bias"] is not None)
-    return node, render(chain, region.name, replaced_lines(region), mode="fused" if parts["lora_a"] is not None else "none")
+    return node, render(chain, region.name, replaced_lines(region), mode="fused" if parts["lora_a"] is not None else "none",
+                        program=program, input_kinds=parts.get("program_kinds", ()))
 
 
 def lower_bottleneck(gm: fx.GraphModule, region: Region, replaced: dict) -> tuple[fx.Node, str]:

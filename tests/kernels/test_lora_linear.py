@@ -210,14 +210,14 @@ def op():
 def test_custom_op_runs_the_interpreted_kernel_and_has_a_fake(op):
     assert op.backend("cpu") == "triton-interpreter"
     args = make(7, 70, 40, 4, torch.float32, n_operands=1)
-    out = torch.ops.surgeon.lora_linear(*args.values(), "silu,mul:0")
+    out = torch.ops.surgeon.lora_linear(*args.values(), "silu,mul:0", "")
     torch.testing.assert_close(out, kernel.reference(**args, epilogue="silu,mul:0"), **TOLERANCE[torch.float32])
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode() as mode:
         fake = torch.ops.surgeon.lora_linear(*(mode.from_tensor(t) if torch.is_tensor(t) else
                                                [mode.from_tensor(o) for o in t] if isinstance(t, list) else t
-                                               for t in args.values()), "silu,mul:0")
+                                               for t in args.values()), "silu,mul:0", "")
     assert fake.shape == (7, 40) and fake.dtype == torch.float32
 
 
@@ -230,7 +230,7 @@ class Fused(torch.nn.Module):
 
     def forward(self, x, gate):
         return torch.ops.surgeon.lora_linear(x, self.weight, self.bias, self.lora_a, self.lora_b, [gate], 2.0,
-                                             "out_in", "gelu,mul:0")
+                                             "out_in", "gelu,mul:0", "")
 
     def unfused(self, x, gate):
         z = torch.nn.functional.linear(x, self.weight, self.bias) + 2.0 * (x @ self.lora_a.T) @ self.lora_b.T
@@ -264,14 +264,14 @@ def test_custom_op_gradcheck_on_the_reference_path(op, monkeypatch):
     t = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64, requires_grad=True)  # noqa: E731
     x, w, b, a, bb, g, res = t(2, 3, 5), t(5, 6), t(6), t(2, 5), t(6, 2), t(2, 3, 6), t(2, 3, 6)
     f = lambda x, w, b, a, bb, g, res: torch.ops.surgeon.lora_linear(  # noqa: E731
-        x, w, b, a, bb, [g, res], 1.7, "in_out", "gelu_tanh,mul:0,relu,add:1,scale:0.5")
+        x, w, b, a, bb, [g, res], 1.7, "in_out", "gelu_tanh,mul:0,relu,add:1,scale:0.5", "")
     assert torch.autograd.gradcheck(f, (x, w, b, a, bb, g, res))
     gain = t(6)
     dora = lambda x, w, b, a, bb, gain: torch.ops.surgeon.lora_linear(  # noqa: E731
-        x, w, b, a, bb, [gain], 1.7, "in_out", "gain:0,bias,silu")
+        x, w, b, a, bb, [gain], 1.7, "in_out", "gain:0,bias,silu", "")
     assert torch.autograd.gradcheck(dora, (x, w, b, a, bb, gain))
     ia3 = lambda x, w, b, gain: torch.ops.surgeon.lora_linear(  # noqa: E731
-        x, w, b, None, None, [gain], 1.0, "in_out", "gain:0")
+        x, w, b, None, None, [gain], 1.0, "in_out", "gain:0", "")
     assert torch.autograd.gradcheck(ia3, (x, w, b, gain))
 
 

@@ -178,7 +178,7 @@ def test_a_site_of_another_form_is_reported_with_each_seeds_reason():
 
 def test_fuse_gpt2_grows_through_the_row_view_and_eval_dropout():
     model, args = hf_gpt2()
-    compiled = surgeon.compile(model, args, lora_spec(["*.c_proj", "*.c_fc"]), KW)
+    compiled = surgeon.compile(model, args, lora_spec(["*.c_proj"]), KW)     # c_fc plain: its GELU stands alone
     regions, _ = partition(compiled.module)
     by_name = {r.name: r for r in regions}
     # Before: addmm (2-D rows) -> view to (batch, seq, N) -> dropout(train=False) -> residual add.
@@ -192,3 +192,37 @@ def test_fuse_gpt2_grows_through_the_row_view_and_eval_dropout():
     act = by_name["elementwise@transformer.h.0.mlp.act"]
     assert [n.target.__name__.split(".")[0] for n in act.nodes] == ["mul", "pow", "mul", "add", "mul", "tanh",
                                                                    "add", "mul"]
+
+
+def test_fuse_ends_a_lora_region_with_the_pointwise_group_that_uses_its_output():
+    model, args = hf_gpt2()
+    compiled = surgeon.compile(model, args, lora_spec(["*.c_fc"]), KW)
+    compiled.apply(["fuse"])
+    regions, rejections = partition(compiled.module)
+    # Before: c_fc's region stops at its view (3 users: the GELU reads x three times); the GELU is
+    # its own elementwise group. Expected: the group is the end of c_fc's epilogue, x is its %0.
+    c_fc = {r.name: r for r in regions}["lora_linear@transformer.h.0.mlp.c_fc"]
+    assert c_fc.parts["program"].input_nodes == (c_fc.parts["view"],) and c_fc.parts["program_kinds"] == ()
+    assert [op.rule for op in c_fc.parts["program"].ops] == ["mul", "pow", "mul", "add", "mul", "tanh", "add", "mul"]
+    assert "program(8 pointwise ops)" in c_fc.describe() and len(c_fc.nodes) == 5 + 8
+    assert not any(r.name.startswith("elementwise@transformer.h.0.mlp.act") for r in regions)
+    assert not any(where.startswith(c_fc.name + " + ") for where, _ in rejections)
+
+
+class BroadcastTail(nn.Module):
+    """A LoRA linear whose output meets a per-row value (a broadcast no epilogue input may be)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(16, 8)
+
+    def forward(self, x, row):
+        return torch.sigmoid(self.proj(x)) * row.tanh()
+
+
+def test_a_group_reading_a_per_row_value_stays_its_own_region():
+    compiled = surgeon.compile(BroadcastTail().eval(), (torch.randn(3, 16), torch.randn(3, 1)), lora_spec(["proj"]))
+    regions, rejections = partition(compiled.module)
+    assert "program" not in {r.name: r for r in regions}["lora_linear@proj"].parts
+    why = dict(rejections)
+    assert any("is neither a tile, one value per column nor one value" in v for v in why.values()), why
