@@ -24,18 +24,17 @@ sizes and strides are runtime arguments. Importing this module registers `surgeo
 """
 from __future__ import annotations
 
-import logging
 import math
 import re
 
 import torch
 
 from . import codegen
+from .dispatch import runs_kernel
 from .epilogue import RULES, Step, apply, as_tiles, operand_of, parse
 from .lora_linear import (KERNEL_DTYPES, compute_dtype, epilogue_source, formula as lora_formula, operand_name,
                           operand_names, triton_cdiv, triton_next_pow2)
 
-log = logging.getLogger("surgeon.kernels")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "none")
 
 _KERNEL = '''@triton.jit
@@ -294,21 +293,11 @@ def pre_epilogue(source, residual, down, up, scale, activation):
 
 # ---------------------------------------------------------------- the custom op
 
-_WARNED: set[tuple] = set()
-
-
 @torch.library.custom_op("surgeon::bottleneck", mutates_args=())
 def bottleneck_op(source: torch.Tensor, residual: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
                   operands: list[torch.Tensor], scale: float, activation: str, epilogue: str) -> torch.Tensor:
     """epilogue(y + s * act(source @ D^T) @ U^T): the fused adapter branch (per-call backend as lora_linear)."""
-    from .registry import backend
-
-    which = backend(source.device) if source.dtype in KERNEL_DTYPES else "reference"
-    if which == "reference":
-        if (source.device.type, source.dtype) not in _WARNED:
-            _WARNED.add((source.device.type, source.dtype))
-            log.warning("surgeon::bottleneck on %s (%s) runs the torch reference path, not a Triton kernel",
-                        source.device.type, source.dtype)
+    if not runs_kernel("bottleneck", source.device, {source.dtype}):
         return reference(source, residual, down, up, operands, scale, activation, epilogue)
     return bottleneck(source, residual, down, up, operands, scale, activation, epilogue)
 

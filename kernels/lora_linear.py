@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from . import codegen, program_epilogue
+from .dispatch import KERNEL_DTYPES
 from .pointwise_program import Program
 from .epilogue import RULES, Step, apply, as_tiles, steps
 
@@ -113,7 +114,6 @@ GPU_CONFIGS = {
            (128, 256, 32, 8, 8, 3), (64, 256, 32, 8, 4, 4), (128, 256, 64, 8, 8, 3), (128, 128, 64, 8, 8, 4),
            (256, 128, 64, 8, 8, 3), (128, 128, 64, 8, 4, 5), (128, 128, 128, 8, 8, 3)],
 }
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)   # fp64 runs the reference
 # under TRITON_INTERPRET=1 each program instance runs as Python over numpy: few, wide tiles
 INTERPRET_CONFIG = (32, 32, 32, 4, 1, 1)
 

@@ -22,7 +22,6 @@ op list in torch; the op's gradient is the reference's, recomputed in backward.
 """
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 
@@ -31,14 +30,13 @@ import torch
 from sympy.printing.str import StrPrinter
 
 from . import codegen
+from .dispatch import runs_kernel
 from .pointwise_program import BY_NAME, RULES, Op, Program, Value, program_from_nodes
 
 __all__ = ["BY_NAME", "RULES", "Op", "Program", "Value", "program_from_nodes", "pointwise", "reference", "render", "load_kernel",
            "index_expr", "layout"]
 
 aten = torch.ops.aten
-log = logging.getLogger("surgeon.kernels")
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)   # fp64 runs the reference
 BLOCK = 1024          # offsets per program instance (GPU and interpreter alike: few instances in tests)
 NUM_WARPS = 4
 
@@ -291,22 +289,12 @@ def reference(inputs: list[torch.Tensor], program: "str | Program") -> list[torc
 
 # ---------------------------------------------------------------- the custom op
 
-_WARNED: set[tuple] = set()
-
-
 @torch.library.custom_op("surgeon::pointwise", mutates_args=())
 def pointwise_op(inputs: list[torch.Tensor], program: str) -> list[torch.Tensor]:
     """A pointwise chain (see the module docstring): the generated kernel, or the reference where none runs."""
-    from .registry import backend
-
     decoded = Program.decode(program)
     dtypes = {t.dtype for t in inputs} | {getattr(torch, v.dtype) for v in decoded.values()}
-    which = backend(inputs[0].device) if dtypes <= set(KERNEL_DTYPES) else "reference"
-    if which == "reference":
-        if (inputs[0].device.type, tuple(sorted(map(str, dtypes)))) not in _WARNED:
-            _WARNED.add((inputs[0].device.type, tuple(sorted(map(str, dtypes)))))
-            log.warning("surgeon::pointwise on %s (%s) runs the torch reference path, not a Triton kernel",
-                        inputs[0].device.type, ", ".join(sorted(map(str, dtypes))))
+    if not runs_kernel("pointwise", inputs[0].device, dtypes):
         return [out.contiguous() for out in reference(inputs, decoded)]
     return pointwise(inputs, decoded)
 

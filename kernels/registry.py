@@ -4,52 +4,18 @@ Registration happens when this module is imported (by the lower pass), never at
 `import surgeon`. The op has a fake implementation, so a lowered module still exports
 (torch.export) and traces under torch.compile, and an autograd formula written with the
 torch reference math (kernels/lora_linear.py, kernels/epilogue.py), so training through a
-lowered module gives the gradients of the unlowered graph.
-
-Which implementation runs is decided per call, from the inputs' device (`backend`):
-  "triton"              CUDA tensors and Triton importable: the generated kernel;
-  "triton-interpreter"  TRITON_INTERPRET=1: the generated kernel on the CPU, through Triton's
-                        interpreter (slow; for tests);
-  "reference"           otherwise (no GPU): the torch reference math; `lower` says so.
+lowered module gives the gradients of the unlowered graph. Which implementation runs is
+decided per call (kernels/dispatch.py: `backend`, re-exported here).
 """
 from __future__ import annotations
 
-import logging
-from functools import lru_cache
-
 import torch
 
-from . import codegen
-from .epilogue import RULES, apply, as_tiles, operand_of, steps
 from . import program_epilogue
-from .lora_linear import (KERNEL_DTYPES, compute_dtype, lora_linear as launch_lora_linear, pre_epilogue, reference,
-                          split_operands)
+from .dispatch import backend, runs_kernel, triton_available  # noqa: F401 - re-exported
+from .epilogue import RULES, apply, as_tiles, operand_of, steps
+from .lora_linear import compute_dtype, lora_linear as launch_lora_linear, pre_epilogue, reference, split_operands
 from .pointwise_program import Program
-
-log = logging.getLogger("surgeon.kernels")
-
-
-@lru_cache(maxsize=None)
-def triton_available() -> bool:
-    """Whether Triton imports here."""
-    try:
-        import triton  # noqa: F401
-    except Exception:  # noqa: BLE001 - any import failure means: no Triton path
-        return False
-    return True
-
-
-def backend(device: torch.device | str) -> str:
-    """Which implementation a call with tensors on `device` runs (see the module docstring)."""
-    device = torch.device(device)
-    if not triton_available():
-        return "reference"
-    if codegen.interpreting():
-        return "triton-interpreter" if device.type == "cpu" else "reference"
-    return "triton" if device.type == "cuda" else "reference"
-
-
-_WARNED: set[tuple] = set()
 
 
 @torch.library.custom_op("surgeon::lora_linear", mutates_args=())
@@ -61,12 +27,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     `program` is "" or an encoded pointwise Program ending the epilogue (kernels/program_epilogue.py).
     It has no default: autograd's check wants backward's outputs to match the arguments as passed.
     """
-    which = backend(x.device) if x.dtype in KERNEL_DTYPES else "reference"
-    if which == "reference":
-        if (x.device.type, x.dtype) not in _WARNED:
-            _WARNED.add((x.device.type, x.dtype))
-            log.warning("surgeon::lora_linear on %s (%s) runs the torch reference path, not a Triton kernel",
-                        x.device.type, x.dtype)
+    if not runs_kernel("lora_linear", x.device, {x.dtype}):
         return reference(x, weight, bias, lora_a, lora_b, operands, scale, weight_layout, epilogue, program)
     return launch_lora_linear(x, weight, bias, lora_a, lora_b, operands, scale, weight_layout, epilogue,
                               program=program)

@@ -7,16 +7,13 @@ custom-op tests cover export, torch.compile, autograd and the fp64 reference pat
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from surgeon.kernels import bottleneck as kernel
+from tests.kernels.golden_files import assert_matches_golden
 
-GOLDEN = Path(__file__).parent / "golden"
 # kernel vs reference, both fp32 accumulation with the same roundings: fp32 differs by summation
 # order (~K eps relative); fp16 by a flip of a rounding of h (act(round(source @ D^T)) and its
 # rounding, where erf/exp differ from aten's in the last bit) carried through U, or of the final
@@ -122,11 +119,7 @@ def test_generated_source_matches_golden():
                           "gelu            aten.gelu.default    model.layers.0.mlp.down_proj.adapter_act",
                           "linear_1        aten.linear.default  model.layers.0.mlp.down_proj.adapter_up",
                           "add             aten.add.Tensor      model.layers.0.mlp.down_proj"])
-    golden = GOLDEN / "bottleneck_gelu_add_scale.py"
-    if os.environ.get("SURGEON_UPDATE_GOLDEN"):
-        golden.write_text(text)
-    assert text == golden.read_text(), "generated source changed; rerun with SURGEON_UPDATE_GOLDEN=1 if intended"
-    compile(text, str(golden), "exec")
+    assert_matches_golden(text, "bottleneck_gelu_add_scale.py")
 
 
 def test_kernel_is_cached_per_activation_and_steps():

@@ -6,16 +6,13 @@ pins the generated source; the custom-op tests cover export, torch.compile and a
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 import torch
 
 from surgeon.kernels import lora_linear as kernel
 from surgeon.kernels.epilogue import parse, steps
+from tests.kernels.golden_files import assert_matches_golden
 
-GOLDEN = Path(__file__).parent / "golden"
 # kernel vs reference, both fp32 accumulation then one rounding to the output dtype: they differ
 # by summation order (fp32: ~K eps relative) and for fp16 by at most a flip of the final rounding
 # (2^-10 relative per ulp; 2 ulp allowed)
@@ -162,11 +159,7 @@ def test_generated_source_matches_golden():
     text = kernel.render(chain, "lora_linear@model.layers.0.mlp.gate_proj",
                          ["linear          aten.linear.default  model.layers.0.mlp.gate_proj",
                           "silu            aten.silu.default    model.layers.0.mlp.act_fn"])
-    golden = GOLDEN / "lora_linear_bias_silu_mul_add.py"
-    if os.environ.get("SURGEON_UPDATE_GOLDEN"):
-        golden.write_text(text)
-    assert text == golden.read_text(), "generated source changed; rerun with SURGEON_UPDATE_GOLDEN=1 if intended"
-    compile(text, str(golden), "exec")     # and it is valid Python
+    assert_matches_golden(text, "lora_linear_bias_silu_mul_add.py")
 
 
 def test_kernel_body_is_shared_between_regions_with_the_same_steps():

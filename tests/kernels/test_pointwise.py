@@ -8,18 +8,15 @@ the same ops); the kernel matches it within the table below.
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from surgeon.kernels import pointwise as pw
+from tests.kernels.golden_files import assert_matches_golden
 
 aten = torch.ops.aten
-GOLDEN = Path(__file__).parent / "golden"
 # kernel vs reference: fp32 differs by the kernel's formulas (silu as z / (1 + exp(-z)), tanh via exp,
 # x^e as 2^(e log2 x)) against torch's vectorized ones, a few ulp per op over a short chain; fp16
 # rounds after every op as eager does, so the only differences are flips of a rounding when the fp32
@@ -224,11 +221,7 @@ GOLDEN_PROGRAM = pw.Program(
 
 def test_generated_source_matches_golden():
     text = pw.render(GOLDEN_PROGRAM, "pointwise@model.layers.0.input_layernorm")
-    golden = GOLDEN / "pointwise_rms_norm_tail.py"
-    if os.environ.get("SURGEON_UPDATE_GOLDEN"):
-        golden.write_text(text)
-    assert text == golden.read_text(), "generated source changed; rerun with SURGEON_UPDATE_GOLDEN=1 if intended"
-    compile(text, str(golden), "exec")
+    assert_matches_golden(text, "pointwise_rms_norm_tail.py")
 
 
 def test_kernels_are_shared_between_programs_that_differ_only_in_names():

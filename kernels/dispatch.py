@@ -1,0 +1,54 @@
+"""Which implementation a surgeon custom op runs, decided per call from its inputs.
+
+  "triton"              CUDA tensors and Triton importable: the generated kernel;
+  "triton-interpreter"  TRITON_INTERPRET=1: the generated kernel on the CPU, through Triton's
+                        interpreter (slow; for tests);
+  "reference"           otherwise (no GPU), or a dtype no kernel takes (fp64): the torch
+                        reference math; a warning says so once per op, device and dtypes.
+"""
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+
+import torch
+
+from . import codegen
+
+log = logging.getLogger("surgeon.kernels")
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """Whether Triton imports here."""
+    try:
+        import triton  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means: no Triton path
+        return False
+    return True
+
+
+def backend(device: torch.device | str) -> str:
+    """Which implementation a call with tensors on `device` runs (see the module docstring)."""
+    device = torch.device(device)
+    if not triton_available():
+        return "reference"
+    if codegen.interpreting():
+        return "triton-interpreter" if device.type == "cpu" else "reference"
+    return "triton" if device.type == "cuda" else "reference"
+
+
+_WARNED: set[tuple] = set()
+
+
+def runs_kernel(op: str, device: torch.device, dtypes: set[torch.dtype]) -> bool:
+    """Whether a call of `op` runs its generated kernel; when not, warn once that it runs the reference."""
+    if dtypes <= set(KERNEL_DTYPES) and backend(device) != "reference":
+        return True
+    key = (op, device.type, tuple(sorted(map(str, dtypes))))
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning("surgeon::%s on %s (%s) runs the torch reference path, not a Triton kernel",
+                    op, device.type, ", ".join(key[2]))
+    return False
