@@ -120,3 +120,24 @@ def test_lowered_gpt2_runs_its_gelu_inside_the_c_fc_kernels():
     assert "tanh" in compiled.kernels["lora_linear@transformer.h.0.mlp.c_fc"]
     with torch.no_grad():
         torch.testing.assert_close(compiled.module(*args).logits, unlowered(*args).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_program_epilogue_kernel_compiles_for_an_h100_without_a_gpu(monkeypatch):
+    """sm_90 machine code for the GELU-program kernel (the interpreter checks semantics, not lowering)."""
+    import triton
+    from triton.backends import backends
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if "nvidia" not in backends:
+        pytest.skip("this Triton build has no NVIDIA backend")
+    _, program, extra, _ = case(7, torch.float16)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
+    fn = kernel.load_kernel(kernel.steps("", True), "precomputed", program, program_epilogue.kinds(extra, 7, 40))
+    meta = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, BLOCK_R=16, GROUP_M=8, DOT_PRECISION="tf32")
+    signature = {n: "constexpr" if n in meta else "*fp16" if n.endswith("_ptr") else
+                 "fp32" if n == "lora_scale" else "i32" for n in fn.arg_names}
+    source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in meta.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
+    assert compiled.asm["cubin"]
