@@ -118,6 +118,7 @@ def attach(gm: fx.GraphModule, state: AdapterState, site: SiteState, calls: list
             with gm.graph.inserting_before(node):
                 branch = _branch(gm, state, site, node, made_by)
                 new_x = kind.forward_input(branch, x, _refs(gm, branch, site, made_by, name), site.options)
+            _drop_unread(gm, branch)
             if site.op in CALL_SITE_OPS:
                 _rewrite_call(node, site.op, new_x, branch.created, name)
             elif new_x is not x:   # a kind may leave the input alone for some options
@@ -129,6 +130,7 @@ def attach(gm: fx.GraphModule, state: AdapterState, site: SiteState, calls: list
             with gm.graph.inserting_before(node.next):
                 branch = _branch(gm, state, site, node, made_by)
                 new_y = kind.forward(branch, x, node, _refs(gm, branch, site, made_by, name), site.options)
+            _drop_unread(gm, branch)
             for user in node.users:   # where the branch reads the base output (a later adapter may rewire it)
                 if user in branch.created:
                     user.meta["surgeon_base_args"] = [i for i, a in enumerate(user.args) if a is node]
@@ -173,6 +175,13 @@ def _rewrite_call(node: fx.Node, op: str, changes: dict, created: list[fx.Node],
 
 def _arg(node: fx.Node, index: int):
     return node.args[index] if len(node.args) > index else node.kwargs.get("bias")
+
+
+def _drop_unread(gm: fx.GraphModule, branch: Branch) -> None:
+    """Erase the parameter reads a half did not use (e.g. IA3's l in the half its `on` option skips)."""
+    for node in [n for n in branch.created if n.op == "get_attr" and not n.users]:
+        gm.graph.erase_node(node)
+        branch.created.remove(node)
 
 
 def _refs(gm: fx.GraphModule, branch: Branch, site: SiteState, made_by: str, name: str) -> dict[str, fx.Node]:

@@ -70,3 +70,11 @@ def test_param_count_matches_formula():
     assert compiled.adapters["chat"].param_count == 2 * per_layer
     assert sum(p.numel() for p in compiled.module.parameters() if p.requires_grad) == 2 * per_layer
     assert f"{2 * per_layer:,}" in str(compiled.report)
+
+
+def test_insert_leaves_no_unread_parameter_reads():
+    """A kind with two halves reads its parameters only in the half its options use (IA3 `on: output`)."""
+    model, args = hf_llama(layers=1)
+    spec = {"adapters": [{"name": "i", "type": "ia3", "targets": ["*.k_proj"]}], "pipeline": ["insert"]}
+    compiled = surgeon.compile(model, args, spec, KW)
+    assert not [n.name for n in compiled.module.graph.nodes if n.op == "get_attr" and not n.users]
