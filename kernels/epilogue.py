@@ -12,7 +12,8 @@ its single store. Each rule says, for one op:
   vjp      its backward: (grad, value before the op, operand) -> (grad of value, grad of operand).
 
 An epilogue is written as a string for the custom op, e.g. "silu,mul:0,add:1,scale:0.5"
-(`mul:0` multiplies by operand 0). Bias is a row operand passed on its own; `steps()` puts its
+(`mul:0` multiplies by operand 0); a prologue "x_gain:i|" before it scales x's columns by
+operand i inside the GEMM's K loop (IA3 on a linear's input). Bias is a row operand passed on its own; `steps()` puts its
 step first when a bias is present, unless the string places it ("gain:0,bias": DoRA scales the
 GEMM result per output before its bias is added).
 """
@@ -115,9 +116,23 @@ def _parse(epilogue: str) -> tuple[Step, ...]:
     return tuple(steps)
 
 
+def x_gain(epilogue: str) -> int | None:
+    """The operand index of a prologue gain on x ("x_gain:i|..." scales x's K columns by operand i
+    before the GEMM: IA3 on a linear's input), or None."""
+    if "|" not in epilogue:
+        return None
+    head, _, _ = epilogue.partition("|")
+    name, _, arg = head.strip().partition(":")
+    if name != "x_gain" or not arg.strip().isdigit():
+        raise ValueError(f"epilogue {epilogue!r}: before '|' only 'x_gain:<operand>' may stand")
+    return int(arg)
+
+
 def steps(epilogue: str, has_bias: bool) -> tuple[Step, ...]:
-    """The full step list of a fused op: bias first (when present and not placed) then the epilogue."""
-    chain = parse(epilogue)
+    """The full step list of a fused op: bias first (when present and not placed) then the epilogue
+    (after the prologue, when the string has one)."""
+    x_gain(epilogue)                       # validates a prologue
+    chain = parse(epilogue.rpartition("|")[2])
     placed = sum(step.rule == "bias" for step in chain)
     if placed > 1 or (placed and not has_bias):
         raise ValueError(f"epilogue {epilogue!r} places the bias {placed} times, with "
@@ -132,9 +147,9 @@ def operand_of(step: Step, bias: torch.Tensor | None, operands: list[torch.Tenso
 
 
 def as_tiles(chain: tuple[Step, ...], operands: list[torch.Tensor], shape: tuple[int, int]) -> list[torch.Tensor]:
-    """The operands as the steps read them: tile operands as (M, N), gain vectors as they are (N,)."""
-    vec = {s.operand for s in chain if RULES[s.rule].operand == "vec"}
-    return [op if i in vec else op.reshape(shape) for i, op in enumerate(operands)]
+    """The operands as the steps read them: tile operands as (M, N), the others as they are."""
+    tile = {s.operand for s in chain if RULES[s.rule].operand == "tile"}
+    return [op.reshape(shape) if i in tile else op for i, op in enumerate(operands)]
 
 
 def apply(value: torch.Tensor, chain: tuple[Step, ...], bias, operands) -> list[torch.Tensor]:

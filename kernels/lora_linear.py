@@ -29,7 +29,7 @@ import torch
 from . import codegen, program_epilogue
 from .dispatch import KERNEL_DTYPES
 from .pointwise_program import Program
-from .epilogue import RULES, Step, apply, as_tiles, steps
+from .epilogue import RULES, Step, apply, as_tiles, steps, x_gain as x_gain_operand
 
 _KERNEL = '''@triton.jit
 def {name}(
@@ -69,7 +69,7 @@ def {name}(
         mask_k = offs_k < K
         x_tile = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                          mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w_t_tile = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+{x_prologue}        w_t_tile = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
                            mask=mask_k[:, None] & mask_n[None, :], other=0.0)
 {lora_load}        acc = tl.dot(x_tile, w_t_tile, acc, input_precision=DOT_PRECISION)
 {lora_dot}
@@ -78,6 +78,11 @@ def {name}(
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
              acc.to(out_ptr.dtype.element_ty), mask=mask_out)
 '''
+
+# a prologue gain on x (IA3 on the input): x's K columns scaled as they are loaded, rounded as eager's mul
+_X_GAIN = """        x_gain = tl.load(x_gain_ptr + offs_k * stride_x_gain_k, mask=mask_k, other=0.0)
+        x_tile = x_tile * x_gain[None, :]
+"""
 
 # the LoRA parts of the template (left out for a region with no LoRA branch, e.g. IA3 alone)
 _LORA_INIT = "    x_lora_a = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)   # x @ A^T, from the same x tiles\n"
@@ -125,9 +130,11 @@ MODES = ("fused", "precomputed", "none", "cublas")   # "cublas": no kernel, torc
 _PREFIX = {"fused": "lora_linear", "precomputed": "lora_linear_precomputed", "none": "linear"}
 
 
-def kernel_name(chain: tuple[Step, ...], mode: str = "fused", program: Program | None = None) -> str:
+def kernel_name(chain: tuple[Step, ...], mode: str = "fused", program: Program | None = None,
+                x_gain: bool = False) -> str:
     """The kernel's name: the template and its steps, e.g. lora_linear_bias_silu_mul_kernel."""
-    return "_".join([_PREFIX[mode], *(s.rule for s in chain), *(["pointwise"] if program else []), "kernel"])
+    return "_".join([_PREFIX[mode], *(["xgain"] if x_gain else []), *(s.rule for s in chain),
+                     *(["pointwise"] if program else []), "kernel"])
 
 
 def operand_name(step: Step) -> str:
@@ -148,10 +155,12 @@ def operand_names(chain: tuple[Step, ...]) -> list[tuple[str, str]]:
     return names
 
 
-def formula(chain: tuple[Step, ...], mode: str = "fused", program: Program | None = None) -> str:
+def formula(chain: tuple[Step, ...], mode: str = "fused", program: Program | None = None,
+            x_gain: bool = False) -> str:
     """The math the kernel computes, e.g. silu(x @ W^T + s * (x @ A^T) @ B^T + bias)."""
     value = {"fused": "x @ W^T + s * (x @ A^T) @ B^T", "precomputed": "x @ W^T + s * h @ B^T",
              "none": "x @ W^T"}[mode]
+    value = value.replace("x @", "(x * x_gain[k]) @") if x_gain else value
     for step in chain:
         rule = RULES[step.rule]
         operand = operand_name(step)
@@ -195,22 +204,24 @@ def epilogue_source(chain: tuple[Step, ...], indent: str = "    ") -> str:
 
 
 def kernel_source(chain: tuple[Step, ...], mode: str = "fused", program: Program | None = None,
-                  input_kinds: tuple[str, ...] = ()) -> str:
+                  input_kinds: tuple[str, ...] = (), x_gain: bool = False) -> str:
     """The Triton function for a step list (the same text for every region with these steps).
 
-    `program` (with its extra inputs' kinds) ends the epilogue: see kernels/program_epilogue.py.
+    `program` (with its extra inputs' kinds) ends the epilogue: see kernels/program_epilogue.py;
+    `x_gain` scales x's columns in the K loop.
     """
-    ptrs = "".join(f" {name}_ptr," for name, _ in operand_names(chain))
+    ptrs = "".join(f" {name}_ptr," for name, _ in operand_names(chain)) + (" x_gain_ptr," if x_gain else "")
     strides = "".join(f" stride_{name}_m, stride_{name}_n," if kind == "tile" else f" stride_{name}_n,"
-                      for name, kind in operand_names(chain))
+                      for name, kind in operand_names(chain)) + (" stride_x_gain_k," if x_gain else "")
     epilogue = epilogue_source(chain)
     if program is not None:
         more_ptrs, more_strides = program_epilogue.arguments(input_kinds)
         ptrs, strides = ptrs + more_ptrs, strides + more_strides
         epilogue += program_epilogue.source(program, input_kinds)
     fused = mode == "fused"
-    return _KERNEL.format(name=kernel_name(chain, mode, program), operand_ptrs=ptrs, operand_strides=strides,
-                          math=formula(chain, mode, program), epilogue=epilogue,
+    return _KERNEL.format(name=kernel_name(chain, mode, program, x_gain), operand_ptrs=ptrs,
+                          operand_strides=strides, math=formula(chain, mode, program, x_gain), epilogue=epilogue,
+                          x_prologue=_X_GAIN if x_gain else "",
                           lora_init=_LORA_INIT if fused else "", lora_load=_LORA_LOAD if fused else "",
                           lora_dot=_LORA_DOT if fused else "",
                           lora_up={"fused": _LORA_UP, "precomputed": _LORA_UP_PRECOMPUTED + _LORA_UP,
@@ -218,29 +229,30 @@ def kernel_source(chain: tuple[Step, ...], mode: str = "fused", program: Program
 
 
 def render(chain: tuple[Step, ...], region: str = "", fused: list[str] | tuple[str, ...] = (),
-           mode: str = "fused", program: Program | None = None, input_kinds: tuple[str, ...] = ()) -> str:
+           mode: str = "fused", program: Program | None = None, input_kinds: tuple[str, ...] = (),
+           x_gain: bool = False) -> str:
     """A whole module: a header (region name, graph nodes it replaces), imports and the kernel."""
     title = f"region `{region}`" if region else "a fused linear" if mode == "none" else "a fused LoRA linear"
     header = [f'"""Generated by surgeon (kernels/lora_linear.py) for {title}.', "",
-              f"out = {formula(chain, mode, program)}"]
+              f"out = {formula(chain, mode, program, x_gain)}"]
     if fused:
         header += ["", "graph nodes replaced, in order:"] + [f"    {line}" for line in fused]
     header.append('"""')
-    return "\n".join(header) + "\nimport triton\nimport triton.language as tl\n\n\n" + kernel_source(chain, mode, program, input_kinds)
+    return "\n".join(header) + "\nimport triton\nimport triton.language as tl\n\n\n" + kernel_source(chain, mode, program, input_kinds, x_gain)
 
 
 _KERNELS: dict[tuple, object] = {}
 
 
 def load_kernel(chain: tuple[Step, ...], mode: str = "fused", program: Program | None = None,
-                input_kinds: tuple[str, ...] = ()):
+                input_kinds: tuple[str, ...] = (), x_gain: bool = False):
     """The compiled-on-demand Triton function for a step list and mode (cached, per interpreter flag)."""
     anonymous = None if program is None else program.anonymous()
-    key = (chain, mode, anonymous and anonymous.encode(), input_kinds, codegen.interpreting())
+    key = (chain, mode, anonymous and anonymous.encode(), input_kinds, x_gain, codegen.interpreting())
     if key not in _KERNELS:      # cached here too: rendering and hashing the source costs per call
-        name = kernel_name(chain, mode, program)
-        _KERNELS[key] = getattr(codegen.load(render(chain, mode=mode, program=anonymous, input_kinds=input_kinds),
-                                             name), name)
+        name = kernel_name(chain, mode, program, x_gain)
+        source = render(chain, mode=mode, program=anonymous, input_kinds=input_kinds, x_gain=x_gain)
+        _KERNELS[key] = getattr(codegen.load(source, name), name)
     return _KERNELS[key]
 
 
@@ -259,10 +271,11 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     the fastest (mode, config) measured for this shape bucket. `program` (an encoded pointwise
     Program) ends the epilogue; its inputs after %0 are the operands after the steps' own.
     """
-    chain = steps(epilogue, bias is not None)
-    operands, extra_inputs = split_operands(chain, operands, program)
-    M, N, K, R = _check(x, weight, bias, lora_a, lora_b, operands, weight_layout, chain)
+    chain, gain_index = steps(epilogue, bias is not None), x_gain_operand(epilogue)
+    operands, extra_inputs = split_operands(chain, operands, program, gain_index)
+    M, N, K, R = _check(x, weight, bias, lora_a, lora_b, operands, weight_layout, chain, gain_index)
     parsed = _program(program, extra_inputs, M, N)
+    gain = None if gain_index is None else operands[gain_index]
     input_kinds = () if parsed is None else program_epilogue.kinds(extra_inputs, M, N)
     kernels = ("none",) if lora_a is None else ("fused", "precomputed")
     if mode not in (None, "cublas", *kernels):
@@ -277,21 +290,26 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                                 if RULES[s.rule].operand in ("tile", "vec")}}
     extra = [by_name[name] for name, _ in operand_names(chain)]
     extra_strides = [st for t in extra for st in t.stride()]
+    if gain is not None:
+        extra, extra_strides = extra + [gain], extra_strides + [gain.stride(0)]
     if parsed is not None:
         more, more_strides = program_epilogue.launch_tensors(extra_inputs, input_kinds, M, N)
         extra, extra_strides = extra + more, extra_strides + more_strides
 
     def launch(variant: str, cfg: tuple | None) -> torch.Tensor:
         if variant == "cublas":
-            out = _cublas(x2, weight, bias, lora_a, lora_b, scale, weight_layout, chain, tiles)
+            scaled = x2 if gain is None else x2 * gain
+            out = _cublas(scaled, weight, bias, lora_a, lora_b, scale, weight_layout, chain, tiles)
             return out if parsed is None else program_epilogue.reference(out, extra_inputs, parsed)
         # "precomputed": h = round(x @ A^T) (M x R) in A's slot; "none": the pointers are never read
-        a = lora_a if variant == "fused" else (x2 @ lora_a.t()) if variant == "precomputed" else x2
+        a = lora_a if variant == "fused" else \
+            ((x2 if gain is None else x2 * gain) @ lora_a.t()) if variant == "precomputed" else x2
         b = x2 if variant == "none" else lora_b
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
         args = [x2, weight, a, b, out, *extra, M, N, K, R, *x2.stride(), *w_strides, *a.stride(),
                 *b.stride(), *out.stride(), *extra_strides, float(scale)]
-        _launch(load_kernel(chain, variant, parsed, input_kinds), args, M, N, cfg, block_r, precision)
+        _launch(load_kernel(chain, variant, parsed, input_kinds, gain is not None), args, M, N, cfg, block_r,
+                precision)
         return out
 
     block_r = max(16, triton_next_pow2(R))
@@ -360,7 +378,8 @@ def _tuned(launch, modes: list[str], key: tuple) -> tuple[str, tuple]:
     return _BEST[bucket]
 
 
-def _check(x, weight, bias, lora_a, lora_b, operands, weight_layout, chain) -> tuple[int, int, int, int]:
+def _check(x, weight, bias, lora_a, lora_b, operands, weight_layout, chain,
+           gain_index: int | None = None) -> tuple[int, int, int, int]:
     if x.dtype not in KERNEL_DTYPES:
         raise ValueError(f"lora_linear: the kernel takes {[str(d) for d in KERNEL_DTYPES]}, not {x.dtype}")
     if weight_layout not in ("out_in", "in_out"):
@@ -379,7 +398,8 @@ def _check(x, weight, bias, lora_a, lora_b, operands, weight_layout, chain) -> t
     for i, op in enumerate(operands):
         # a tile may have the leading dims of a view the region grew through: same rows, same N
         same_rows = op.dim() >= 1 and op.shape[-1] == N and op.numel() == x.numel() // max(K, 1) * N
-        expect[f"operands[{i}]"] = (op, (N,) if i in vec else tuple(op.shape) if same_rows else (*x.shape[:-1], N))
+        expect[f"operands[{i}]"] = (op, (K,) if i == gain_index else (N,) if i in vec else
+                                    tuple(op.shape) if same_rows else (*x.shape[:-1], N))
     for name, (tensor, shape) in expect.items():
         if tuple(tensor.shape) != tuple(shape) or tensor.dtype != x.dtype or tensor.device != x.device:
             raise ValueError(f"lora_linear: {name} is {tensor.dtype}{list(tensor.shape)} on {tensor.device}, "
@@ -410,8 +430,10 @@ def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
               lora_b: torch.Tensor, operands: list[torch.Tensor], scale: float, weight_layout: str = "out_in",
               epilogue: str = "", program: str = "") -> torch.Tensor:
     """The kernel's math in torch, in the kernel's precision (the no-GPU path and the test oracle)."""
-    chain = steps(epilogue, bias is not None)
-    operands, extra_inputs = split_operands(chain, operands, program)
+    chain, gain_index = steps(epilogue, bias is not None), x_gain_operand(epilogue)
+    operands, extra_inputs = split_operands(chain, operands, program, gain_index)
+    if gain_index is not None:
+        x = x * operands[gain_index]       # in x's dtype, as the graph's mul rounds it
     z, _ = pre_epilogue(x, weight, lora_a, lora_b, scale, weight_layout)
     tiles = as_tiles(chain, operands, z.shape)
     out = apply(z, chain, bias, tiles)[-1].to(x.dtype)
@@ -421,12 +443,14 @@ def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     return out.reshape(*x.shape[:-1], z.shape[-1])
 
 
-def split_operands(chain: tuple[Step, ...], operands: list, program: str = "") -> tuple[list, list]:
-    """(the steps' operands, a program epilogue's extra inputs): with a program, the steps read
-    operands 0..n-1 and the program's inputs %1.. are the rest; without one, all are the steps'."""
+def split_operands(chain: tuple[Step, ...], operands: list, program: str = "",
+                   gain_index: int | None = None) -> tuple[list, list]:
+    """(the steps' operands, a program epilogue's extra inputs): with a program, the steps (and an
+    x gain) read operands 0..n-1 and the program's inputs %1.. are the rest; else all are the steps'."""
     if not program:
         return list(operands), []
-    n = 1 + max((s.operand for s in chain if s.operand is not None), default=-1)
+    used = [s.operand for s in chain if s.operand is not None] + ([gain_index] if gain_index is not None else [])
+    n = 1 + max(used, default=-1)
     return list(operands[:n]), list(operands[n:])
 
 

@@ -13,7 +13,7 @@ import torch
 
 from . import program_epilogue
 from .dispatch import backend, runs_kernel, triton_available  # noqa: F401 - re-exported
-from .epilogue import RULES, apply, as_tiles, operand_of, steps
+from .epilogue import RULES, apply, as_tiles, operand_of, steps, x_gain
 from .lora_linear import compute_dtype, lora_linear as launch_lora_linear, pre_epilogue, reference, split_operands
 from .pointwise_program import Program
 
@@ -77,12 +77,15 @@ def lora_linear_backward(grad, x, weight, bias, lora_a, lora_b, operands, scale,
     With g = dL/dz (z before the epilogue) and h = x @ A^T:
       dx = g W + s (g B) A,  dW = g^T x,  db and operand grads from each step's vjp,
       dA = s (g B)^T x,  dB = s g^T h.
-    A program epilogue's gradients come from autograd through its torch reference.
+    A program epilogue's gradients come from autograd through its torch reference. With an x gain
+    l (x' = x * l feeds the GEMMs): dx = dx' * l and dl = sum over rows of dx' * x.
     """
-    chain = steps(epilogue, bias is not None)
+    chain, gain_index = steps(epilogue, bias is not None), x_gain(epilogue)
     dtype = compute_dtype(x.dtype)
+    x_in, gain = x, None if gain_index is None else operands[gain_index]
+    x = x if gain is None else x * gain
     z, h = pre_epilogue(x, weight, lora_a, lora_b, scale, weight_layout)
-    step_operands, extra = split_operands(chain, operands, program)
+    step_operands, extra = split_operands(chain, operands, program, gain_index)
     tiles = as_tiles(chain, step_operands, z.shape)
     values = apply(z, chain, bias, tiles)
     g, extra_grads = program_vjp(grad.reshape(z.shape), values[-1].to(x.dtype), extra, program)
@@ -102,9 +105,12 @@ def lora_linear_backward(grad, x, weight, bias, lora_a, lora_b, operands, scale,
     g_b = None if lora_b is None else g @ lora_b.to(dtype)
     want_x, want_w, want_bias, want_a, want_b, want_ops = wants
     dx = None
-    if want_x:
+    if want_x or (gain is not None and want_ops[gain_index]):
         dx = g @ w if g_b is None else g @ w + scale * (g_b @ lora_a.to(dtype))
-        dx = dx.to(x.dtype).reshape(x.shape)
+        if gain is not None:
+            operand_grads[gain_index] = (dx * x_in.reshape(dx.shape).to(dtype)).sum(0)
+            dx = dx * gain.to(dtype)
+        dx = dx.to(x.dtype).reshape(x.shape) if want_x else None
     dw = None
     if want_w:
         dw = g.t() @ x2

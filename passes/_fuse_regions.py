@@ -8,6 +8,8 @@ compute, or a string saying why this site does not have that form:
                    epilogue "gain:g,bias" (the identity: the DoRA output is g (x W^T + s B A x) + b)
   ia3_seed         y * l                      (l one value per output)         -> lora_linear without
                                                                                   LoRA, epilogue "gain:l"
+  ia3_input_seed   linear(x * l)              (l one value per input feature)  -> lora_linear without
+                                                                                  LoRA, prologue "x_gain:l|"
   bottleneck_seed  y + s U act(D src)         src = y (serial) or x (parallel) -> bottleneck
 
 Regions then grow an epilogue in fuse.py. Shapes come from `tensor_meta` (export's meta or the
@@ -51,7 +53,8 @@ class Region:
 
     def epilogue(self) -> tuple[str, list[fx.Node]]:
         """The custom op's epilogue string and its tensor operands, e.g. ("silu,mul:0", [up])."""
-        operands: list[fx.Node] = []
+        operands: list[fx.Node] = [self.parts["x_gain"]] if self.parts.get("x_gain") is not None else []
+        prologue = "x_gain:0|" if operands else ""
         texts = []
         for rule, operand, _ in self.steps:
             if isinstance(operand, fx.Node):
@@ -60,7 +63,7 @@ class Region:
                 texts.append(f"{rule}:{operands.index(operand)}")
             else:
                 texts.append(rule if operand is None else f"{rule}:{operand!r}")
-        return ",".join(texts), operands
+        return prologue + ",".join(texts), operands
 
     def describe(self) -> str:
         if self.kind == "elementwise":
@@ -85,7 +88,9 @@ class Region:
         bias = "+bias" if self.parts.get("bias") is not None and not any(r == "bias" for r, _, _ in self.steps) \
             else ""
         lora = f"+lora({self.adapter})" if self.parts.get("lora_a") is not None else ""
-        return f"{self.nodes[0].target.__name__.split('.')[0]}{bias}{lora}"
+        gain = "(x*gain)" if self.parts.get("x_gain") is not None else ""
+        base = next(n for n in self.nodes if n.target in BASE_OPS)
+        return f"{base.target.__name__.split('.')[0]}{gain}{bias}{lora}"
 
 
 def order_of(node: fx.Node) -> int:
@@ -222,6 +227,27 @@ def ia3_seed(gm: fx.GraphModule, mul: fx.Node) -> "Region | str":
                         parts["layout"], 1.0, 0)
 
 
+def ia3_input_seed(gm: fx.GraphModule, mul: fx.Node) -> "Region | str":
+    """x * l feeding a linear (IA3 on the input, l one value per input feature): x's columns scaled
+    in the kernel's K loop (identity: (x * l) W^T computed from x tiles times l[k])."""
+    if mul.target is not aten.mul.Tensor or len(mul.args) != 2 or len(mul.users) != 1:
+        return "not an input scale x * l with one user"
+    base = next(iter(mul.users))
+    parts = base_parts(gm, base)
+    if isinstance(parts, str) or parts["x"] is not mul:
+        return "not an input scale x * l read by a linear as its input"
+    x, gain = mul.args if isinstance(mul.args[0], fx.Node) and row_vector(gm, mul.args[1], mul) else mul.args[::-1]
+    if not isinstance(x, fx.Node) or not row_vector(gm, gain, mul):
+        return f"{mul.name}: l is not one value per input feature"
+    if why := _one_user(base):
+        return why
+    region = _gemm_region(gm, f"lora_linear@{module_path(base)}", [mul, base], mul.meta["surgeon_adapter"],
+                          {**parts, "x": x}, parts["layout"], 1.0, 0)
+    if isinstance(region, Region):
+        region.parts["x_gain"] = gain
+    return region
+
+
 def bottleneck_seed(gm: fx.GraphModule, add: fx.Node) -> "Region | str":
     """`y + s U act(D src)` (bottleneck: src is y; parallel adapter: src is the layer input)."""
     if add.target is not aten.add.Tensor or len(add.args) != 2 or not all(isinstance(a, fx.Node) for a in add.args):
@@ -249,7 +275,8 @@ def bottleneck_seed(gm: fx.GraphModule, add: fx.Node) -> "Region | str":
                   scale=float(add.kwargs.get("alpha", 1)), rank=int(metas[2][0][0]))
 
 
-SEEDS = (("lora", lora_seed), ("dora", dora_seed), ("ia3", ia3_seed), ("bottleneck", bottleneck_seed))
+SEEDS = (("lora", lora_seed), ("dora", dora_seed), ("ia3", ia3_seed), ("ia3-input", ia3_input_seed),
+         ("bottleneck", bottleneck_seed))
 
 
 def seed(gm: fx.GraphModule, node: fx.Node) -> "Region | str":

@@ -83,7 +83,8 @@ def lower_lora_linear(gm: fx.GraphModule, region: Region, replaced: dict) -> tup
     node = replace_region(gm, region, torch.ops.surgeon.lora_linear.default, args, replaced, parts.get("view"))
     chain = steps(epilogue, parts["bias"] is not None)
     return node, render(chain, region.name, replaced_lines(region), mode="fused" if parts["lora_a"] is not None else "none",
-                        program=program, input_kinds=parts.get("program_kinds", ()))
+                        program=program, input_kinds=parts.get("program_kinds", ()),
+                        x_gain=parts.get("x_gain") is not None)
 
 
 def lower_bottleneck(gm: fx.GraphModule, region: Region, replaced: dict) -> tuple[fx.Node, str]:

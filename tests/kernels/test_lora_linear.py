@@ -122,6 +122,25 @@ def test_cublas_composition_matches_the_reference(epilogue, lora, dtype, monkeyp
     torch.testing.assert_close(out, kernel.reference(**args, epilogue=epilogue), **CUBLAS_TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("mode", ["fused", "precomputed", "cublas", "none"])
+def test_x_gain_prologue_scales_the_input_columns(mode, dtype):
+    """IA3 on a linear's input: x's K columns scaled by l inside the K loop ("x_gain:0|...")."""
+    args = make(7, 70, 40, 4, dtype, n_operands=2)
+    args["operands"][0] = (torch.rand(70, generator=torch.Generator().manual_seed(9)) + 0.5).to(dtype)
+    if mode == "none":
+        args.update(lora_a=None, lora_b=None)
+    epilogue = "x_gain:0|silu,mul:1"
+    out = kernel.lora_linear(**args, epilogue=epilogue, mode=mode)
+    tolerance = CUBLAS_TOLERANCE if mode == "cublas" else TOLERANCE
+    torch.testing.assert_close(out, kernel.reference(**args, epilogue=epilogue), **tolerance[dtype])
+    scaled = dict(args, x=args["x"] * args["operands"][0], operands=[args["operands"][1]])
+    torch.testing.assert_close(kernel.reference(**args, epilogue=epilogue),
+                               kernel.reference(**scaled, epilogue="silu,mul:0"), rtol=0, atol=0)
+    source = kernel.render(steps(epilogue, True), mode=mode if mode != "cublas" else "fused", x_gain=True)
+    assert "x_tile = x_tile * x_gain[None, :]" in source and "(x * x_gain[k]) @ W^T" in source
+
+
 def test_reference_of_the_gain_and_no_lora_forms_is_the_unfused_math():
     a = make(5, 24, 12, 4, torch.float64, n_operands=1)
     x, w, b, g = a["x"], a["weight"], a["bias"], a["operands"][0][0]
@@ -266,6 +285,10 @@ def test_custom_op_gradcheck_on_the_reference_path(op, monkeypatch):
     ia3 = lambda x, w, b, gain: torch.ops.surgeon.lora_linear(  # noqa: E731
         x, w, b, None, None, [gain], 1.0, "in_out", "gain:0", "")
     assert torch.autograd.gradcheck(ia3, (x, w, b, gain))
+    x_gain = t(5)
+    ia3_input = lambda x, w, b, a, bb, x_gain, g: torch.ops.surgeon.lora_linear(  # noqa: E731
+        x, w, b, a, bb, [x_gain, g], 1.7, "in_out", "x_gain:0|silu,mul:1", "")
+    assert torch.autograd.gradcheck(ia3_input, (x, w, b, a, bb, x_gain, g))
 
 
 def test_custom_op_under_torch_compile(op):
@@ -314,3 +337,21 @@ def test_gpu_tuner_times_every_strategy_and_keeps_the_fastest(monkeypatch):
     assert launched.count(("cublas", None)) == 1 and len(launched) == 2 * len(kernel.GPU_CONFIGS[16]) + 1
     assert kernel._tuned(launch, ["fused", "precomputed", "cublas"], (4, *key[1:])) == best   # same bucket
     assert len(launched) == 2 * len(kernel.GPU_CONFIGS[16]) + 1
+
+
+def test_lowered_llama_with_ia3_on_inputs_and_outputs_runs_the_generated_kernels(op):
+    """IA3 as PEFT applies it (k/v outputs, down_proj input): the kernels through the interpreter."""
+    import copy
+
+    import surgeon
+    from tests.conftest import hf_llama, randomize_adapters
+    from tests.passes.test_fuse import IA3
+
+    model, args = hf_llama(layers=1)
+    compiled = surgeon.compile(model, args, IA3, {"use_cache": False})
+    randomize_adapters(compiled.module)
+    unlowered = copy.deepcopy(compiled.module)
+    compiled.apply(["fuse", "lower"])
+    assert "3 lora_linear regions" in compiled.report.rows[-1].notes[0]
+    with torch.no_grad():
+        torch.testing.assert_close(compiled.module(*args).logits, unlowered(*args).logits, rtol=1e-5, atol=1e-5)

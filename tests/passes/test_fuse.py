@@ -226,3 +226,21 @@ def test_a_group_reading_a_per_row_value_stays_its_own_region():
     assert "program" not in {r.name: r for r in regions}["lora_linear@proj"].parts
     why = dict(rejections)
     assert any("is neither a tile, one value per column nor one value" in v for v in why.values()), why
+
+
+IA3 = {"adapters": [{"name": "i", "type": "ia3", "targets": ["*.k_proj", "*.v_proj"]},
+                    {"name": "f", "type": "ia3", "on": "input", "targets": ["*.down_proj"]}], "pipeline": ["insert"]}
+
+
+def test_fuse_ia3_on_the_input_is_a_prologue_of_the_linear():
+    """PEFT's IA3 recipe: k/v outputs scaled, the FFN's down_proj input scaled (x * l before the GEMM)."""
+    model, args = hf_llama(layers=1)
+    compiled = surgeon.compile(model, args, IA3, KW)
+    regions = lora_regions(compiled.module)
+    down = regions["lora_linear@model.layers.0.mlp.down_proj"]
+    # Before: mul(x, l) -> linear -> residual add. Expected: one region, the scale as prologue operand 0.
+    assert [n.target for n in down.nodes] == [torch.ops.aten.mul.Tensor, torch.ops.aten.linear.default,
+                                              torch.ops.aten.add.Tensor]
+    assert down.epilogue()[0] == "x_gain:0|add:1" and down.parts["x"] is not down.nodes[0]
+    assert down.epilogue()[1][0] is down.parts["x_gain"] and "linear(x*gain)" in down.describe()
+    assert regions["lora_linear@model.layers.0.self_attn.k_proj"].epilogue()[0] == "gain:0"

@@ -201,3 +201,27 @@ def test_lower_gpt2_views_dropouts_and_gelu_groups_keep_the_outputs():
     torch.testing.assert_close(logits(compiled.module, args), logits(unlowered, args), rtol=1e-5, atol=1e-5)
     exported = torch.export.export(compiled.module, args)
     torch.testing.assert_close(exported.module()(*args).logits, logits(unlowered, args), rtol=1e-5, atol=1e-5)
+
+
+def test_lower_ia3_input_and_output_scales_and_train():
+    from tests.passes.test_fuse import IA3
+
+    model, args = hf_llama(layers=1)
+    compiled = surgeon.compile(model, args, IA3, KW)
+    randomize_adapters(compiled.module)
+    unlowered = copy.deepcopy(compiled.module)
+    compiled.apply(["fuse", "lower"])
+    calls = [n for n in compiled.module.graph.nodes if n.target is torch.ops.surgeon.lora_linear.default]
+    assert sorted(n.args[8] for n in calls) == ["gain:0", "gain:0", "x_gain:0|add:1"]
+    assert not [n for n in adapter_nodes(compiled.module) if n.target is torch.ops.aten.mul.Tensor]
+    assert "def linear_xgain_add_kernel(" in compiled.kernels["lora_linear@model.layers.0.mlp.down_proj"]
+    torch.testing.assert_close(logits(compiled.module, args), logits(unlowered, args), rtol=1e-5, atol=1e-5)
+    labels = torch.randint(0, 128, args[0].shape, generator=torch.Generator().manual_seed(5))
+    grads = []
+    for module in (compiled.module, unlowered):
+        loss = torch.nn.functional.cross_entropy(module(*args).logits.flatten(0, 1), labels.flatten())
+        loss.backward()
+        grads.append({n: p.grad for n, p in module.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 3
+    for name in grads[1]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
