@@ -127,10 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         print(f"{name:<18}" + "".join(f"{rows[label][name]:>15.2f}x" for label in rows))
     if ns.device.startswith("cuda"):
-        from surgeon.kernels import bench as kernel_bench
+        from surgeon.kernels import bench as kernel_bench, bench_family
 
         print()
         kernel_bench.main([])
+        print()
+        bench_family.main([])
     else:
         print("\nkernel timings (the generated Triton LoRA kernels) need a CUDA GPU: run `surgeon bench` there.")
     if ns.json:
