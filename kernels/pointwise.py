@@ -31,7 +31,7 @@ from sympy.printing.str import StrPrinter
 
 from . import codegen
 from .dispatch import runs_kernel
-from .pointwise_program import BY_NAME, RULES, Op, Program, Value, program_from_nodes
+from .pointwise_program import BY_NAME, RULES, Op, Program, Value, broadcast_shape, program_from_nodes
 
 __all__ = ["BY_NAME", "RULES", "Op", "Program", "Value", "program_from_nodes", "pointwise", "reference", "render", "load_kernel",
            "index_expr", "layout"]
@@ -54,14 +54,10 @@ class Layout:
 
 
 def _broadcast(shapes: list[tuple]) -> tuple:
-    rank = max((len(s) for s in shapes), default=0)
-    full = [1] * rank
-    for shape in shapes:
-        for d, size in enumerate(shape, start=rank - len(shape)):
-            if size != 1 and full[d] not in (1, size):
-                raise ValueError(f"shapes {shapes} do not broadcast at dim {d}")
-            full[d] = size if size != 1 else full[d]
-    return tuple(full)
+    full = broadcast_shape(shapes)
+    if full is None:
+        raise ValueError(f"shapes {shapes} do not broadcast to one shape")
+    return full
 
 
 def layout(program: Program) -> Layout:

@@ -222,6 +222,18 @@ def _decode(text: str) -> Program:
         raise ValueError(f"surgeon::pointwise: cannot decode program {text[:80]!r}: {err}") from None
 
 
+def broadcast_shape(shapes: list[tuple]) -> tuple | None:
+    """The shape every one of `shapes` broadcasts to (sizes are ints or symbolic names), or None."""
+    rank = max((len(s) for s in shapes), default=0)
+    full: list = [1] * rank
+    for shape in shapes:
+        for d, size in enumerate(shape, start=rank - len(shape)):
+            if size != 1 and full[d] not in (1, size):
+                return None
+            full[d] = size if size != 1 else full[d]
+    return tuple(full)
+
+
 def program_from_nodes(nodes: list[fx.Node], first: fx.Node | None = None) -> Program | str:
     """The Program for call_function nodes in graph order, or the reason there is none.
 
@@ -256,6 +268,9 @@ def program_from_nodes(nodes: list[fx.Node], first: fx.Node | None = None) -> Pr
     ops = tuple(Op(RULES[n.target].name, tuple(f"%{ids[a]}" if isinstance(a, fx.Node) else a for a in args),
                    params, value) for n, (args, params, value) in zip(nodes, parsed))
     outs = tuple(n for n in nodes if n is nodes[-1] or any(u not in inside for u in n.users))
+    shapes = [v.shape for v in inputs] + [op.value.shape for op in ops]
+    if broadcast_shape(shapes) is None:
+        return f"its values' shapes {sorted(set(shapes), key=str)} do not broadcast to one shape (one kernel grid)"
     return Program(tuple(inputs), ops, tuple(ids[n] for n in outs), tuple(n.name for n in ids),
                    tuple(input_nodes), outs)
 

@@ -31,7 +31,7 @@ from surgeon.graph import module_path
 from surgeon.kernels.epilogue import match as match_epilogue
 from surgeon.pipeline import Context, PassResult
 
-from surgeon.kernels.pointwise_program import RULES as POINTWISE_RULES, program_from_nodes
+from surgeon.kernels.pointwise_program import RULES as POINTWISE_RULES, broadcast_shape, program_from_nodes
 
 from ._fuse_regions import BASE_OPS, Region, row_vector, same_meta, seed, tensor_meta
 
@@ -173,9 +173,10 @@ def elementwise_regions(gm, graph, order, taken, names, rejections) -> list[Regi
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in POINTWISE or node in taken:
             continue
-        candidates = sorted({member[i] for i in node.all_input_nodes if i in member}, reverse=True)
+        candidates = sorted({member[i] for i in node.all_input_nodes if i in member
+                             if one_grid(gm, groups[member[i]] + [node])}, reverse=True)
         union = set(node for g in candidates for node in groups[g]) | {node}
-        if len(candidates) > 1 and is_convex(graph, order, union):     # the node joins its producers' groups
+        if len(candidates) > 1 and is_convex(graph, order, union) and one_grid(gm, list(union)):
             for g in candidates[1:]:
                 groups[candidates[0]] += groups[g]
                 member.update(dict.fromkeys(groups[g], candidates[0]))
@@ -250,6 +251,13 @@ def program_refusal(gm, value: fx.Node, group: Region) -> "tuple | str":
         if kinds[-1] is None:
             return f"input {node.name} {list(shape)} is neither a tile, one value per column nor one value"
     return program, tuple(kinds)
+
+
+def one_grid(gm: fx.GraphModule, nodes: list[fx.Node]) -> bool:
+    """Whether the nodes' values broadcast to one shape (one pointwise kernel's grid covers them):
+    Llama's q and k rotary, with 4 and 2 heads, share cos and sin but not a grid."""
+    shapes = [tuple(str(d) for d in meta[0]) for meta in map(lambda n: tensor_meta(gm, n), nodes) if meta]
+    return broadcast_shape([tuple(1 if d == "1" else d for d in s) for s in shapes]) is not None
 
 
 def _unique(names: dict[str, int], name: str) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,13 +87,25 @@ def load_spec(spec: "str | Path | dict | Spec") -> Spec:
                 raise SpecError("<spec>", f"not valid TOML: {error}", source=source) from error
         else:
             try:
-                data = yaml.safe_load(text)
-                lines = _yaml_lines(yaml.compose(text))
+                data = yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+                lines = _yaml_lines(yaml.compose(text, Loader=_Yaml12Loader))
             except yaml.YAMLError as error:
                 mark = getattr(error, "problem_mark", None)
                 raise SpecError("<spec>", f"not valid YAML: {error}", mark.line + 1 if mark else None,
                                 source) from error
     return _validate(data, source, lines)
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML as YAML 1.2 reads booleans: only true/false. PyYAML's 1.1 rules turn `on`, `off`,
+    `yes` and `no` into booleans, so IA3's `on: input` would arrive as the key True."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
 
 
 def _read_text(spec: "str | Path") -> tuple[str, str | None]:

@@ -105,6 +105,15 @@ def test_yaml_and_toml_and_dict_give_the_same_spec(tmp_path):
     assert specs[0].pipeline == specs[1].pipeline == specs[2].pipeline
 
 
+def test_yaml_reads_on_and_yes_as_words_not_booleans():
+    """YAML 1.1 (PyYAML's default) turns `on:` into the key True; IA3's option is named `on`."""
+    spec = surgeon.load_spec("adapters:\n  - {name: s, type: ia3, targets: ['*.o_proj'], on: input}\n"
+                             "pipeline: [insert, {lower: {elementwise: false}}]\n")
+    assert spec.adapters[0].options["on"] == "input"
+    assert spec.pipeline[1].options == {"elementwise": False}
+    assert surgeon.load_spec("adapters: []\npipeline: [insert]\nseed: 3\n").pipeline[0].name == "insert"
+
+
 def test_target_module_without_linear_op_is_a_spec_error(model_and_args):
     model, args = model_and_args
     with pytest.raises(surgeon.SpecError, match="select no linear/addmm/conv2d op"):

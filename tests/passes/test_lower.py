@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import surgeon
+from surgeon.kernels.pointwise_program import Program, broadcast_shape
 from tests.conftest import hf_gpt2, hf_llama, lora_spec, randomize_adapters
 from tests.passes.helpers import adapter_nodes, logits, op_counts
 
@@ -225,3 +226,18 @@ def test_lower_ia3_input_and_output_scales_and_train():
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 3
     for name in grads[1]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_lower_keeps_q_and_k_rotary_apart_when_their_head_counts_differ():
+    """surgeon's TinyLlama (GQA 4/2 heads) shares cos and sin between q's and k's rotary ops; one
+    pointwise grid cannot cover both (shapes (2, 4, T, D) and (2, 2, T, D) do not broadcast)."""
+    from surgeon.models import tiny_llama
+
+    model, args, *rest = tiny_llama()
+    compiled = surgeon.compile(model, args, lora_spec(["*.q_proj", "*.v_proj"]), *rest)
+    expected = compiled.module(*args)
+    compiled.apply(["fuse", "lower"])
+    programs = [Program.decode(n.args[1]) for n in compiled.module.graph.nodes
+                if n.target is torch.ops.surgeon.pointwise.default]
+    assert programs and all(broadcast_shape([v.shape for v in p.values()]) for p in programs)
+    torch.testing.assert_close(compiled.module(*args), expected, rtol=1e-5, atol=1e-5)
