@@ -241,3 +241,33 @@ def test_lower_keeps_q_and_k_rotary_apart_when_their_head_counts_differ():
                 if n.target is torch.ops.surgeon.pointwise.default]
     assert programs and all(broadcast_shape([v.shape for v in p.values()]) for p in programs)
     torch.testing.assert_close(compiled.module(*args), expected, rtol=1e-5, atol=1e-5)
+
+
+# every adapter kind: minimal options and the GEMM regions its sites become (None: its sites stay
+# eager, reported; its model's pointwise groups are still lowered)
+KIND_REGIONS = {
+    "lora": ({"rank": 4}, "lora_linear"), "dora": ({"rank": 4}, "lora_linear"), "ia3": ({}, "lora_linear"),
+    "bottleneck": ({"rank": 4}, "bottleneck"), "parallel-adapter": ({"rank": 4}, "bottleneck"),
+    "lora-xs": ({"rank": 4}, "bottleneck"), "loha": ({"rank": 2}, None), "lokr": ({"rank": 2}, None),
+    "vera": ({"rank": 4}, None), "oft": ({"block_size": 4}, None), "boft": ({"block_size": 4}, "lora_linear"),
+    "hra": ({"rank": 4}, None), "shira": ({"rank": 4}, None), "hydra": ({"rank": 4}, None), "delta": ({}, None),
+    "prefix": ({"num_virtual_tokens": 2}, None), "s2ft": ({"columns": 4}, None),
+}
+
+
+def test_every_adapter_kind_lowers_and_keeps_the_function():
+    from surgeon.adapters import kinds
+
+    assert set(KIND_REGIONS) == set(kinds())
+    for kind, (options, region) in KIND_REGIONS.items():
+        model, args = hf_llama(layers=1)
+        targets = ["*.self_attn"] if kind == "prefix" else ["*.q_proj", "*.down_proj"]
+        spec = {"adapters": [{"name": "a", "type": kind, "targets": targets, **options}], "pipeline": ["insert"]}
+        compiled = surgeon.compile(model, args, spec, KW)
+        randomize_adapters(compiled.module)
+        expected = logits(compiled.module, args)
+        compiled.apply(["fuse", "lower"])
+        counts = {k: sum(n.target is op for n in compiled.module.graph.nodes) for k, op in (
+            ("lora_linear", torch.ops.surgeon.lora_linear.default), ("bottleneck", torch.ops.surgeon.bottleneck.default))}
+        assert counts == {k: 2 if k == region else 0 for k in counts}, (kind, counts)
+        torch.testing.assert_close(logits(compiled.module, args), expected, rtol=1e-5, atol=1e-5, msg=kind)
