@@ -271,3 +271,20 @@ def test_every_adapter_kind_lowers_and_keeps_the_function():
             ("lora_linear", torch.ops.surgeon.lora_linear.default), ("bottleneck", torch.ops.surgeon.bottleneck.default))}
         assert counts == {k: 2 if k == region else 0 for k in counts}, (kind, counts)
         torch.testing.assert_close(logits(compiled.module, args), expected, rtol=1e-5, atol=1e-5, msg=kind)
+
+
+def test_lowered_module_runs_under_torch_compile():
+    """All three custom ops (fake implementations, list outputs) trace in one graph under torch.compile."""
+    from tests.passes.test_fuse import FAMILY
+
+    model, args = hf_llama(layers=1)
+    compiled = surgeon.compile(model, args, FAMILY, KW)
+    randomize_adapters(compiled.module)
+    compiled.apply(["fuse", "lower"])
+    ops = {n.target for n in compiled.module.graph.nodes}
+    assert {torch.ops.surgeon.lora_linear.default, torch.ops.surgeon.bottleneck.default,
+            torch.ops.surgeon.pointwise.default} <= ops
+    expected = logits(compiled.module, args)
+    fast = torch.compile(compiled.module, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(*args).logits, expected, rtol=1e-5, atol=1e-5)
