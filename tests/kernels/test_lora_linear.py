@@ -300,10 +300,11 @@ def test_custom_op_under_torch_compile(op):
     assert module.lora_b.grad is not None and module.lora_b.grad.abs().sum() > 0
 
 
-def test_lowered_llama_runs_the_generated_kernels(op):
-    """fuse + lower on a LoRA Llama, then run every region's kernel through the interpreter."""
+def test_lowered_llama_runs_the_generated_kernels_and_equals_peft(op, tmp_path):
+    """fuse + lower on a LoRA Llama, every region's kernel run through the interpreter, against PEFT."""
     import copy
 
+    peft = pytest.importorskip("peft")
     import surgeon
     from tests.conftest import hf_llama, lora_spec, randomize_adapters
 
@@ -314,8 +315,12 @@ def test_lowered_llama_runs_the_generated_kernels(op):
     unlowered = copy.deepcopy(compiled.module)
     compiled.apply(["fuse", "lower"])                 # the pipeline's own check runs the kernels once
     assert "triton-interpreter" in compiled.report.rows[-1].notes[0]
+    compiled.save_adapter("chat", tmp_path, format="peft")
+    reference = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path).eval()
     with torch.no_grad():
-        torch.testing.assert_close(compiled.module(*args).logits, unlowered(*args).logits, rtol=1e-5, atol=1e-5)
+        out = compiled.module(*args).logits
+        torch.testing.assert_close(out, unlowered(*args).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out, reference(*args, use_cache=False).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_gpu_tuner_times_every_strategy_and_keeps_the_fastest(monkeypatch):
