@@ -64,20 +64,34 @@ def {name}(
     mask_r = offs_r < R
 
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)        # x @ W^T
-{lora_init}    for k_start in range(0, K, BLOCK_K):
+{tma_setup}{lora_init}    for k_start in range(0, K, BLOCK_K):
         offs_k = k_start + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        x_tile = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-{x_prologue}        w_t_tile = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                           mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-{lora_load}        acc = tl.dot(x_tile, w_t_tile, acc, input_precision=DOT_PRECISION)
+{x_load}{x_prologue}{w_load}{lora_load}        acc = tl.dot(x_tile, w_t_tile, acc, input_precision=DOT_PRECISION)
 {lora_dot}
 {lora_up}    mask_out = mask_m[:, None] & mask_n[None, :]
 {epilogue}
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
              acc.to(out_ptr.dtype.element_ty), mask=mask_out)
 '''
+
+# tile loads: masked pointer loads, or (sm_90+, "+tma" modes) tensor descriptors, whose bulk
+# copies (TMA) feed the tensor cores and read rows past an edge as zeros
+_X_LOAD = """        x_tile = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+"""
+_W_LOAD = """        w_t_tile = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                           mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+"""
+_TMA_SETUP = """    # TMA descriptors: x (M x K), W (N x K) and A (R x K), rows contiguous and 16-byte aligned
+    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
+"""
+_TMA_SETUP_A = """    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[R, K], strides=[stride_ar, 1], block_shape=[BLOCK_R, BLOCK_K])
+"""
+_X_LOAD_TMA = "        x_tile = x_desc.load([pid_m * BLOCK_M, k_start])\n"
+_W_LOAD_TMA = "        w_t_tile = w_desc.load([pid_n * BLOCK_N, k_start]).T\n"
+_LORA_LOAD_TMA = "        a_t_tile = a_desc.load([0, k_start]).T\n"
 
 # a prologue gain on x (IA3 on the input): x's K columns scaled as they are loaded, rounded as eager's mul
 _X_GAIN = """        x_gain = tl.load(x_gain_ptr + offs_k * stride_x_gain_k, mask=mask_k, other=0.0)
@@ -126,15 +140,17 @@ INTERPRET_CONFIG = (32, 32, 32, 4, 1, 1)
 # where x @ A^T is computed: in the base GEMM's K loop ("fused", one launch, the x tile loaded once),
 # before the launch ("precomputed": a skinny GEMM, then the kernel's loop has one dot), or nowhere
 # ("none": a region without LoRA, e.g. an IA3-scaled linear); or no generated kernel at all ("cublas")
-MODES = ("fused", "precomputed", "none", "cublas")   # "cublas": no kernel, torch ops (see _cublas)
+MODES = ("fused", "precomputed", "none", "cublas")   # "cublas": no kernel, torch ops (see _cublas); the kernel
+                                                      # modes also as "<mode>+tma" (descriptor loads, sm_90+)
 _PREFIX = {"fused": "lora_linear", "precomputed": "lora_linear_precomputed", "none": "linear"}
 
 
 def kernel_name(chain: tuple[Step, ...], mode: str = "fused", program: Program | None = None,
                 x_gain: bool = False) -> str:
     """The kernel's name: the template and its steps, e.g. lora_linear_bias_silu_mul_kernel."""
-    return "_".join([_PREFIX[mode], *(["xgain"] if x_gain else []), *(s.rule for s in chain),
-                     *(["pointwise"] if program else []), "kernel"])
+    return "_".join([_PREFIX[mode.removesuffix("+tma")], *(["tma"] if mode.endswith("+tma") else []),
+                     *(["xgain"] if x_gain else []), *(s.rule for s in chain), *(["pointwise"] if program else []),
+                     "kernel"])
 
 
 def operand_name(step: Step) -> str:
@@ -218,23 +234,27 @@ def kernel_source(chain: tuple[Step, ...], mode: str = "fused", program: Program
         more_ptrs, more_strides = program_epilogue.arguments(input_kinds)
         ptrs, strides = ptrs + more_ptrs, strides + more_strides
         epilogue += program_epilogue.source(program, input_kinds)
-    fused = mode == "fused"
+    lora_mode, tma = mode.removesuffix("+tma"), mode.endswith("+tma")
+    fused = lora_mode == "fused"
     return _KERNEL.format(name=kernel_name(chain, mode, program, x_gain), operand_ptrs=ptrs,
-                          operand_strides=strides, math=formula(chain, mode, program, x_gain), epilogue=epilogue,
-                          x_prologue=_X_GAIN if x_gain else "",
-                          lora_init=_LORA_INIT if fused else "", lora_load=_LORA_LOAD if fused else "",
+                          operand_strides=strides, math=formula(chain, lora_mode, program, x_gain),
+                          epilogue=epilogue, x_prologue=_X_GAIN if x_gain else "",
+                          tma_setup=(_TMA_SETUP + (_TMA_SETUP_A if fused else "")) if tma else "",
+                          x_load=_X_LOAD_TMA if tma else _X_LOAD, w_load=_W_LOAD_TMA if tma else _W_LOAD,
+                          lora_init=_LORA_INIT if fused else "",
+                          lora_load=(_LORA_LOAD_TMA if tma else _LORA_LOAD) if fused else "",
                           lora_dot=_LORA_DOT if fused else "",
                           lora_up={"fused": _LORA_UP, "precomputed": _LORA_UP_PRECOMPUTED + _LORA_UP,
-                                   "none": ""}[mode])
+                                   "none": ""}[lora_mode])
 
 
 def render(chain: tuple[Step, ...], region: str = "", fused: list[str] | tuple[str, ...] = (),
            mode: str = "fused", program: Program | None = None, input_kinds: tuple[str, ...] = (),
            x_gain: bool = False) -> str:
     """A whole module: a header (region name, graph nodes it replaces), imports and the kernel."""
-    title = f"region `{region}`" if region else "a fused linear" if mode == "none" else "a fused LoRA linear"
+    title = f"region `{region}`" if region else "a fused linear" if mode.startswith("none") else "a fused LoRA linear"
     header = [f'"""Generated by surgeon (kernels/lora_linear.py) for {title}.', "",
-              f"out = {formula(chain, mode, program, x_gain)}"]
+              f"out = {formula(chain, mode.removesuffix('+tma'), program, x_gain)}"]
     if fused:
         header += ["", "graph nodes replaced, in order:"] + [f"    {line}" for line in fused]
     header.append('"""')
@@ -278,10 +298,14 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     gain = None if gain_index is None else operands[gain_index]
     input_kinds = () if parsed is None else program_epilogue.kinds(extra_inputs, M, N)
     kernels = ("none",) if lora_a is None else ("fused", "precomputed")
-    if mode not in (None, "cublas", *kernels):
-        raise ValueError(f"lora_linear: mode {mode!r} with {'no ' if lora_a is None else ''}LoRA tensors; "
-                         f"modes are {MODES} ('none' exactly when lora_a is None)")
     x2 = x.reshape(M, K)
+    tma = tma_ready(x2, weight, lora_a, weight_layout)
+    if mode not in (None, "cublas", *kernels, *(f"{k}+tma" for k in kernels)) or \
+            (mode or "").endswith("+tma") and not tma:
+        raise ValueError(f"lora_linear: mode {mode!r} with {'no ' if lora_a is None else ''}LoRA tensors"
+                         f"{'' if tma else ' and tensors TMA cannot read'}; modes are {MODES}, a kernel mode "
+                         f"with '+tma' where rows are contiguous and 16-byte aligned ('none' exactly when "
+                         f"lora_a is None)")
     tiles = as_tiles(chain, operands, (M, N))
     if M == 0:
         return x.new_empty((*x.shape[:-1], N))
@@ -302,9 +326,12 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
             out = _cublas(scaled, weight, bias, lora_a, lora_b, scale, weight_layout, chain, tiles)
             return out if parsed is None else program_epilogue.reference(out, extra_inputs, parsed)
         # "precomputed": h = round(x @ A^T) (M x R) in A's slot; "none": the pointers are never read
-        a = lora_a if variant == "fused" else \
-            ((x2 if gain is None else x2 * gain) @ lora_a.t()) if variant == "precomputed" else x2
-        b = x2 if variant == "none" else lora_b
+        lora_mode = variant.removesuffix("+tma")
+        a = lora_a if lora_mode == "fused" else \
+            ((x2 if gain is None else x2 * gain) @ lora_a.t()) if lora_mode == "precomputed" else x2
+        b = x2 if lora_mode == "none" else lora_b
+        if variant.endswith("+tma"):
+            _tma_scratch(x2.device)
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
         args = [x2, weight, a, b, out, *extra, M, N, K, R, *x2.stride(), *w_strides, *a.stride(),
                 *b.stride(), *out.stride(), *extra_strides, float(scale)]
@@ -317,9 +344,31 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if mode == "cublas" or codegen.interpreting() or config is not None or not x.is_cuda:
         variant, cfg = mode or kernels[0], config or INTERPRET_CONFIG
     else:
-        variant, cfg = _tuned(launch, [mode] if mode else [*kernels, "cublas"],
+        tma_kernels = [f"{k}+tma" for k in kernels] if tma and torch.cuda.get_device_capability(x.device)[0] >= 9 \
+            else []
+        variant, cfg = _tuned(launch, [mode] if mode else [*kernels, *tma_kernels, "cublas"],
                               (M, N, K, R, x.dtype, epilogue, bias is None, str(x.device), program, input_kinds))
     return launch(variant, cfg).reshape(*x.shape[:-1], N)
+
+
+def tma_ready(x2: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor | None, weight_layout: str) -> bool:
+    """Whether the "+tma" kernels may read x, W and A: rows contiguous, row strides and base addresses
+    16-byte aligned (what a TMA descriptor requires), W stored N x K."""
+    tensors = [x2, weight] + ([lora_a] if lora_a is not None else [])
+    return weight_layout == "out_in" and all(
+        t.stride(-1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0 for t in tensors)
+
+
+_SCRATCH_SET: set[str] = set()
+
+
+def _tma_scratch(device: torch.device) -> None:
+    """Give Triton an allocator for the descriptors kernels build on the device (once per device type)."""
+    if device.type not in _SCRATCH_SET:
+        import triton
+
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
+        _SCRATCH_SET.add(device.type)
 
 
 def _cublas(x2, weight, bias, lora_a, lora_b, scale, weight_layout, chain, tiles) -> torch.Tensor:

@@ -141,6 +141,30 @@ def test_x_gain_prologue_scales_the_input_columns(mode, dtype):
     assert "x_tile = x_tile * x_gain[None, :]" in source and "(x * x_gain[k]) @ W^T" in source
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("mode", ["fused+tma", "precomputed+tma", "none+tma"])
+@pytest.mark.parametrize("M", [1, 7, 129])
+def test_tma_modes_match_the_reference(M, mode, dtype):
+    """Descriptor (TMA) loads: edge tiles read zeros past M, N, K and R as the masked loads do.
+    K = 72 and N = 40: rows 16-byte aligned in fp16 and fp32, neither a multiple of the 32-wide tile."""
+    args = make(M, 72, 40, 4, dtype, n_operands=1)
+    if mode == "none+tma":
+        args.update(lora_a=None, lora_b=None)
+    out = kernel.lora_linear(**args, epilogue="silu,add:0", mode=mode)
+    torch.testing.assert_close(out, kernel.reference(**args, epilogue="silu,add:0"), **TOLERANCE[dtype])
+    source = kernel.render(steps("silu,add:0", True), mode=mode)
+    assert "x_desc.load([pid_m * BLOCK_M, k_start])" in source and ("a_desc" in source) == (mode == "fused+tma")
+
+
+def test_tma_modes_are_refused_where_rows_are_not_aligned():
+    args = make(7, 70, 40, 4, torch.float16)                  # a row of 70 halves is 140 bytes
+    assert not kernel.tma_ready(args["x"], args["weight"], args["lora_a"], "out_in")
+    with pytest.raises(ValueError, match="TMA cannot read"):
+        kernel.lora_linear(**args, mode="fused+tma")
+    aligned = make(7, 72, 40, 4, torch.float16, layout="in_out")
+    assert not kernel.tma_ready(aligned["x"], aligned["weight"], aligned["lora_a"], "in_out")
+
+
 def test_reference_of_the_gain_and_no_lora_forms_is_the_unfused_math():
     a = make(5, 24, 12, 4, torch.float64, n_operands=1)
     x, w, b, g = a["x"], a["weight"], a["bias"], a["operands"][0][0]
@@ -188,7 +212,7 @@ def test_kernel_body_is_shared_between_regions_with_the_same_steps():
     assert kernel.load_kernel(chain) is kernel.load_kernel(chain)
 
 
-@pytest.mark.parametrize("mode", ["fused", "precomputed", "none"])
+@pytest.mark.parametrize("mode", ["fused", "precomputed", "none", "fused+tma", "precomputed+tma", "none+tma"])
 def test_generated_kernel_compiles_for_an_h100_without_a_gpu(monkeypatch, mode):
     """Compile to sm_90 machine code (the interpreter checks semantics, not that Triton can lower it)."""
     import triton
