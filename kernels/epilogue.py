@@ -13,7 +13,8 @@ its single store. Each rule says, for one op:
 
 An epilogue is written as a string for the custom op, e.g. "silu,mul:0,add:1,scale:0.5"
 (`mul:0` multiplies by operand 0); a prologue "x_gain:i|" before it scales x's columns by
-operand i inside the GEMM's K loop (IA3 on a linear's input). Bias is a row operand passed on its own; `steps()` puts its
+operand i inside the GEMM's K loop (IA3 on a linear's input). Bias is a row operand passed on its
+own; `steps()` puts its
 step first when a bias is present, unless the string places it ("gain:0,bias": DoRA scales the
 GEMM result per output before its bias is added).
 """

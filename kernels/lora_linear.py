@@ -87,7 +87,8 @@ _TMA_SETUP = """    # TMA descriptors: x (M x K), W (N x K) and A (R x K), rows 
     x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, BLOCK_K])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
 """
-_TMA_SETUP_A = """    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[R, K], strides=[stride_ar, 1], block_shape=[BLOCK_R, BLOCK_K])
+_TMA_SETUP_A = """    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[R, K], strides=[stride_ar, 1],
+                                       block_shape=[BLOCK_R, BLOCK_K])
 """
 _X_LOAD_TMA = "        x_tile = x_desc.load([pid_m * BLOCK_M, k_start])\n"
 _W_LOAD_TMA = "        w_t_tile = w_desc.load([pid_n * BLOCK_N, k_start]).T\n"
@@ -104,8 +105,8 @@ _LORA_LOAD = """        a_t_tile = tl.load(a_ptr + offs_k[:, None] * stride_ak +
                            mask=mask_k[:, None] & mask_r[None, :], other=0.0)
 """
 _LORA_DOT = "        x_lora_a = tl.dot(x_tile, a_t_tile, x_lora_a, input_precision=DOT_PRECISION)\n"
-_LORA_UP_PRECOMPUTED = """    # h = round(x @ A^T) was computed before the launch (M x R; it sits in A's slot: stride_ar steps
-    # its rows m, stride_ak its columns r), so the K loop above has the base GEMM's one dot only
+_LORA_UP_PRECOMPUTED = """    # h = round(x @ A^T) was computed before the launch (M x R; it sits in A's slot:
+    # stride_ar steps its rows m, stride_ak its columns r), so the K loop above has the base GEMM's one dot only
     x_lora_a = tl.load(a_ptr + offs_m[:, None] * stride_ar + offs_r[None, :] * stride_ak,
                        mask=mask_m[:, None] & mask_r[None, :], other=0.0)
 """
@@ -258,7 +259,8 @@ def render(chain: tuple[Step, ...], region: str = "", fused: list[str] | tuple[s
     if fused:
         header += ["", "graph nodes replaced, in order:"] + [f"    {line}" for line in fused]
     header.append('"""')
-    return "\n".join(header) + "\nimport triton\nimport triton.language as tl\n\n\n" + kernel_source(chain, mode, program, input_kinds, x_gain)
+    return "\n".join(header) + "\nimport triton\nimport triton.language as tl\n\n\n" + \
+        kernel_source(chain, mode, program, input_kinds, x_gain)
 
 
 _KERNELS: dict[tuple, object] = {}

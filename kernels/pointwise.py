@@ -33,8 +33,8 @@ from . import codegen
 from .dispatch import runs_kernel
 from .pointwise_program import BY_NAME, RULES, Op, Program, Value, broadcast_shape, program_from_nodes
 
-__all__ = ["BY_NAME", "RULES", "Op", "Program", "Value", "program_from_nodes", "pointwise", "reference", "render", "load_kernel",
-           "index_expr", "layout"]
+__all__ = ["BY_NAME", "RULES", "Op", "Program", "Value", "program_from_nodes", "pointwise", "reference", "render",
+           "load_kernel", "index_expr", "layout"]
 
 aten = torch.ops.aten
 BLOCK = 1024          # offsets per program instance (GPU and interpreter alike: few instances in tests)

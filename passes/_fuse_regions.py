@@ -173,7 +173,8 @@ def dora_seed(gm: fx.GraphModule, out: fx.Node) -> "Region | str":
     def call(node, target, n_args=2):
         return isinstance(node, fx.Node) and node.target is target and len(node.args) == n_args
 
-    if not call(out, aten.add.Tensor) or not call(out.args[0], aten.add.Tensor) or not call(out.args[1], aten.mul.Tensor):
+    if not (call(out, aten.add.Tensor) and call(out.args[0], aten.add.Tensor) and
+            call(out.args[1], aten.mul.Tensor)):
         return "not DoRA's add(add(y, (g - 1) * base), g * lora)"
     first, gained = out.args
     y, rescaled = first.args

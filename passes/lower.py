@@ -34,7 +34,8 @@ class Lower:
     elementwise: bool = True        # also lower groups of pointwise ops (surgeon::pointwise)
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
-        from surgeon.kernels import bottleneck, pointwise, registry  # noqa: F401 - registers the custom ops (not at import surgeon)
+        # importing the kernel modules registers the custom ops (never at `import surgeon`)
+        from surgeon.kernels import bottleneck, pointwise, registry  # noqa: F401
 
         regions, rejections = partition(gm)
         # fuse, when it ran just before, has already reported why each candidate was not fused
@@ -46,12 +47,7 @@ class Lower:
             if region.kind == "elementwise" and not self.elementwise:
                 result.rejections.append((region.name, "elementwise regions are off (lower elementwise: false)"))
                 continue
-            found = LOWERINGS[region.kind](gm, region, replaced)
-            if isinstance(found, str):
-                result.rejections.append((region.name, found))
-                continue
-            call_node, kernels[region.name] = found
-            replaced[region.output] = call_node
+            replaced[region.output], kernels[region.name] = LOWERINGS[region.kind](gm, region, replaced)
             counts[region.kind] += 1
         result.matches = sum(counts.values())
         present = {n.name for n in gm.graph.nodes}
@@ -82,7 +78,8 @@ def lower_lora_linear(gm: fx.GraphModule, region: Region, replaced: dict) -> tup
             epilogue, program.encode() if program else "")
     node = replace_region(gm, region, torch.ops.surgeon.lora_linear.default, args, replaced, parts.get("view"))
     chain = steps(epilogue, parts["bias"] is not None)
-    return node, render(chain, region.name, replaced_lines(region), mode="fused" if parts["lora_a"] is not None else "none",
+    mode = "fused" if parts["lora_a"] is not None else "none"
+    return node, render(chain, region.name, replaced_lines(region), mode=mode,
                         program=program, input_kinds=parts.get("program_kinds", ()),
                         x_gain=parts.get("x_gain") is not None)
 

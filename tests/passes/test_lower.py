@@ -267,8 +267,9 @@ def test_every_adapter_kind_lowers_and_keeps_the_function():
         randomize_adapters(compiled.module)
         expected = logits(compiled.module, args)
         compiled.apply(["fuse", "lower"])
-        counts = {k: sum(n.target is op for n in compiled.module.graph.nodes) for k, op in (
-            ("lora_linear", torch.ops.surgeon.lora_linear.default), ("bottleneck", torch.ops.surgeon.bottleneck.default))}
+        ops = (("lora_linear", torch.ops.surgeon.lora_linear.default),
+               ("bottleneck", torch.ops.surgeon.bottleneck.default))
+        counts = {k: sum(n.target is op for n in compiled.module.graph.nodes) for k, op in ops}
         assert counts == {k: 2 if k == region else 0 for k in counts}, (kind, counts)
         torch.testing.assert_close(logits(compiled.module, args), expected, rtol=1e-5, atol=1e-5, msg=kind)
 
