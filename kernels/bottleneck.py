@@ -30,10 +30,10 @@ import re
 import torch
 
 from . import codegen
-from .dispatch import runs_kernel
+from .dispatch import KERNEL_DTYPES, runs_kernel
 from .epilogue import RULES, Step, apply, as_tiles, operand_of, parse
-from .lora_linear import (KERNEL_DTYPES, compute_dtype, epilogue_source, formula as lora_formula, operand_name,
-                          operand_names, triton_cdiv, triton_next_pow2)
+from .lora_linear import compute_dtype, triton_cdiv, triton_next_pow2
+from .lora_linear_source import epilogue_source, formula as lora_formula, operand_name, operand_names
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "none")
 

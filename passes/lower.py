@@ -68,7 +68,7 @@ OPS = {"lora_linear": "lora_linear", "bottleneck": "bottleneck", "elementwise": 
 def lower_lora_linear(gm: fx.GraphModule, region: Region, replaced: dict) -> tuple[fx.Node, str]:
     """One surgeon::lora_linear call for a LoRA / DoRA / IA3 linear region, and its kernel source."""
     from surgeon.kernels.epilogue import steps
-    from surgeon.kernels.lora_linear import render
+    from surgeon.kernels.lora_linear_source import render
 
     epilogue, operands = region.epilogue()
     parts = region.parts

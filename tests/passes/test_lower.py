@@ -20,13 +20,27 @@ KW = {"use_cache": False}
 LLAMA_TARGETS = ["*.q_proj", "*.v_proj", "*.o_proj", "*.gate_proj", "*.up_proj", "*.down_proj"]
 
 
-def lowered_llama(layers=2, elementwise=True):
+def lowered_llama(layers=2, elementwise=True, spec=None):
+    """(model, args, compiled after fuse + lower, a copy of the module before them), adapters randomized."""
     model, args = hf_llama(layers=layers)
-    compiled = surgeon.compile(model, args, lora_spec(LLAMA_TARGETS, rank=4, alpha=8), KW)
+    compiled = surgeon.compile(model, args, spec or lora_spec(LLAMA_TARGETS, rank=4, alpha=8), KW)
     randomize_adapters(compiled.module)
     unlowered = copy.deepcopy(compiled.module)
     compiled.apply(["fuse", {"lower": {"elementwise": elementwise}}])
     return model, args, compiled, unlowered
+
+
+def assert_same_gradients(lowered, unlowered, args, count):
+    """One loss, backward through both modules: the same `count` trainable gradients."""
+    labels = torch.randint(0, 128, args[0].shape, generator=torch.Generator().manual_seed(5))
+    grads = []
+    for module in (lowered, unlowered):
+        loss = torch.nn.functional.cross_entropy(module(*args).logits.flatten(0, 1), labels.flatten())
+        loss.backward()
+        grads.append({n: p.grad for n, p in module.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == count
+    for name in grads[1]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_lower_llama_structure_and_outputs():
@@ -139,11 +153,7 @@ def test_lowered_adapters_refuse_graph_edits_and_kernels_are_saved(tmp_path):
 def test_lower_dora_ia3_bottleneck_parallel_and_train():
     from tests.passes.test_fuse import FAMILY
 
-    model, args = hf_llama(layers=1)
-    compiled = surgeon.compile(model, args, FAMILY, KW)
-    randomize_adapters(compiled.module)
-    unlowered = copy.deepcopy(compiled.module)
-    compiled.apply(["fuse", "lower"])
+    _, args, compiled, unlowered = lowered_llama(layers=1, spec=FAMILY)
     ops = [n.target for n in compiled.module.graph.nodes if n.op == "call_function"]
     # Before: DoRA's 8 nodes, IA3's mul x2, each bottleneck's down/act/up/add. Expected: 3 lora_linear
     # calls (DoRA with a gain, two IA3 linears without LoRA), 2 bottleneck calls, no adapter node left.
@@ -158,15 +168,7 @@ def test_lower_dora_ia3_bottleneck_parallel_and_train():
     assert "def linear_gain_silu_mul_kernel(" in kernels["lora_linear@model.layers.0.mlp.gate_proj"]
     assert "def bottleneck_gelu_add_kernel(" in kernels["bottleneck@model.layers.0.mlp.down_proj"]
     torch.testing.assert_close(logits(compiled.module, args), logits(unlowered, args), rtol=1e-5, atol=1e-5)
-    labels = torch.randint(0, 128, args[0].shape, generator=torch.Generator().manual_seed(5))
-    grads = []
-    for module in (compiled.module, unlowered):
-        loss = torch.nn.functional.cross_entropy(module(*args).logits.flatten(0, 1), labels.flatten())
-        loss.backward()
-        grads.append({n: p.grad for n, p in module.named_parameters() if p.requires_grad})
-    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 3 + 2 + 2 * 2
-    for name in grads[1]:
-        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_gradients(compiled.module, unlowered, args, 3 + 2 + 2 * 2)
     exported = torch.export.export(compiled.module, args)
     torch.testing.assert_close(exported.module()(*args).logits, logits(unlowered, args), rtol=1e-5, atol=1e-5)
 
@@ -207,25 +209,13 @@ def test_lower_gpt2_views_dropouts_and_gelu_groups_keep_the_outputs():
 def test_lower_ia3_input_and_output_scales_and_train():
     from tests.passes.test_fuse import IA3
 
-    model, args = hf_llama(layers=1)
-    compiled = surgeon.compile(model, args, IA3, KW)
-    randomize_adapters(compiled.module)
-    unlowered = copy.deepcopy(compiled.module)
-    compiled.apply(["fuse", "lower"])
+    _, args, compiled, unlowered = lowered_llama(layers=1, spec=IA3)
     calls = [n for n in compiled.module.graph.nodes if n.target is torch.ops.surgeon.lora_linear.default]
     assert sorted(n.args[8] for n in calls) == ["gain:0", "gain:0", "x_gain:0|add:1"]
     assert not [n for n in adapter_nodes(compiled.module) if n.target is torch.ops.aten.mul.Tensor]
     assert "def linear_xgain_add_kernel(" in compiled.kernels["lora_linear@model.layers.0.mlp.down_proj"]
     torch.testing.assert_close(logits(compiled.module, args), logits(unlowered, args), rtol=1e-5, atol=1e-5)
-    labels = torch.randint(0, 128, args[0].shape, generator=torch.Generator().manual_seed(5))
-    grads = []
-    for module in (compiled.module, unlowered):
-        loss = torch.nn.functional.cross_entropy(module(*args).logits.flatten(0, 1), labels.flatten())
-        loss.backward()
-        grads.append({n: p.grad for n, p in module.named_parameters() if p.requires_grad})
-    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 3
-    for name in grads[1]:
-        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_gradients(compiled.module, unlowered, args, 3)
 
 
 def test_lower_keeps_q_and_k_rotary_apart_when_their_head_counts_differ():
@@ -278,10 +268,7 @@ def test_lowered_module_runs_under_torch_compile():
     """All three custom ops (fake implementations, list outputs) trace in one graph under torch.compile."""
     from tests.passes.test_fuse import FAMILY
 
-    model, args = hf_llama(layers=1)
-    compiled = surgeon.compile(model, args, FAMILY, KW)
-    randomize_adapters(compiled.module)
-    compiled.apply(["fuse", "lower"])
+    _, args, compiled, _ = lowered_llama(layers=1, spec=FAMILY)
     ops = {n.target for n in compiled.module.graph.nodes}
     assert {torch.ops.surgeon.lora_linear.default, torch.ops.surgeon.bottleneck.default,
             torch.ops.surgeon.pointwise.default} <= ops

@@ -1,0 +1,247 @@
+"""The source of the fused LoRA linear kernel: the template, its snippets, and code generation.
+
+`kernel_source(chain, mode, ...)` fills `_KERNEL` with one snippet per part: the tile loads
+(masked pointer loads, or TMA tensor descriptors in the "+tma" modes), the LoRA dot (in the K
+loop, precomputed, or none), an x gain prologue, the epilogue steps (kernels/epilogue.py) and a
+pointwise program epilogue (kernels/program_epilogue.py). The kernel body depends only on
+those choices, never on a region's names, so regions with the same steps share one compiled
+kernel; `render` adds a region's header naming the graph nodes it replaces. The launcher, the
+tuner and the torch reference are in kernels/lora_linear.py.
+"""
+from __future__ import annotations
+
+from . import codegen, program_epilogue
+from .epilogue import RULES, Step
+from .pointwise_program import Program
+
+_KERNEL = '''@triton.jit
+def {name}(
+    # pointers
+    x_ptr, w_ptr, a_ptr, b_ptr, out_ptr,{operand_ptrs}
+    # sizes: x is M x K, W is N x K (read through its strides), A is R x K, B is N x R
+    M, N, K, R,
+    # strides, in elements
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+    stride_om, stride_on,{operand_strides}
+    # scalars
+    lora_scale,
+    # meta
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """out = {math}"""
+    # tile order: GROUP_M row tiles walk the column tiles together, so W tiles stay in L2
+    pid = tl.program_id(0)
+    tiles_m = (M + BLOCK_M - 1) // BLOCK_M
+    tiles_n = (N + BLOCK_N - 1) // BLOCK_N
+    group_first_m = (pid // (GROUP_M * tiles_n)) * GROUP_M
+    group_rows = min(tiles_m - group_first_m, GROUP_M)
+    pid_m = group_first_m + (pid % (GROUP_M * tiles_n)) % group_rows
+    pid_n = (pid % (GROUP_M * tiles_n)) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    mask_r = offs_r < R
+
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)        # x @ W^T
+{tma_setup}{lora_init}    for k_start in range(0, K, BLOCK_K):
+        offs_k = k_start + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+{x_load}{x_prologue}{w_load}{lora_load}        acc = tl.dot(x_tile, w_t_tile, acc, input_precision=DOT_PRECISION)
+{lora_dot}
+{lora_up}    mask_out = mask_m[:, None] & mask_n[None, :]
+{epilogue}
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=mask_out)
+'''
+
+# tile loads: masked pointer loads, or (sm_90+, "+tma" modes) tensor descriptors, whose bulk
+# copies (TMA) feed the tensor cores and read rows past an edge as zeros
+_X_LOAD = """        x_tile = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+"""
+_W_LOAD = """        w_t_tile = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                           mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+"""
+_TMA_SETUP = """    # TMA descriptors: x (M x K), W (N x K) and A (R x K), rows contiguous and 16-byte aligned
+    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
+"""
+_TMA_SETUP_A = """    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[R, K], strides=[stride_ar, 1],
+                                       block_shape=[BLOCK_R, BLOCK_K])
+"""
+_X_LOAD_TMA = "        x_tile = x_desc.load([pid_m * BLOCK_M, k_start])\n"
+_W_LOAD_TMA = "        w_t_tile = w_desc.load([pid_n * BLOCK_N, k_start]).T\n"
+_LORA_LOAD_TMA = "        a_t_tile = a_desc.load([0, k_start]).T\n"
+
+# a prologue gain on x (IA3 on the input): x's K columns scaled as they are loaded, rounded as eager's mul
+_X_GAIN = """        x_gain = tl.load(x_gain_ptr + offs_k * stride_x_gain_k, mask=mask_k, other=0.0)
+        x_tile = x_tile * x_gain[None, :]
+"""
+
+# the LoRA parts of the template (left out for a region with no LoRA branch, e.g. IA3 alone)
+_LORA_INIT = "    x_lora_a = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)   # x @ A^T, from the same x tiles\n"
+_LORA_LOAD = """        a_t_tile = tl.load(a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
+                           mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+"""
+_LORA_DOT = "        x_lora_a = tl.dot(x_tile, a_t_tile, x_lora_a, input_precision=DOT_PRECISION)\n"
+_LORA_UP_PRECOMPUTED = """    # h = round(x @ A^T) was computed before the launch (M x R; it sits in A's slot:
+    # stride_ar steps its rows m, stride_ak its columns r), so the K loop above has the base GEMM's one dot only
+    x_lora_a = tl.load(a_ptr + offs_m[:, None] * stride_ar + offs_r[None, :] * stride_ak,
+                       mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+"""
+_LORA_UP = """    # LoRA up-projection: z = x @ W^T + s * round(x @ A^T) @ B^T
+    b_t_tile = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
+                       mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+    lora_up = tl.dot(x_lora_a.to(b_t_tile.dtype), b_t_tile, input_precision=DOT_PRECISION)
+    acc = acc + lora_scale * lora_up
+"""
+
+_LOAD_ROW = ("    {name} = tl.load({name}_ptr + offs_n * stride_{name}_n, mask=mask_n, other=0.0)"
+             ".to(tl.float32)\n")
+_LOAD_TILE = ("    {name} = tl.load(\n"
+              "        {name}_ptr + offs_m[:, None] * stride_{name}_m + offs_n[None, :] * stride_{name}_n,\n"
+              "        mask=mask_out, other=0.0).to(tl.float32)\n")
+
+
+# where x @ A^T is computed: in the base GEMM's K loop ("fused", one launch, the x tile loaded once),
+# before the launch ("precomputed": a skinny GEMM, then the kernel's loop has one dot), or nowhere
+# ("none": a region without LoRA, e.g. an IA3-scaled linear); or no generated kernel at all ("cublas")
+MODES = ("fused", "precomputed", "none", "cublas")   # "cublas": no kernel, torch ops (see _cublas); the kernel
+                                                      # modes also as "<mode>+tma" (descriptor loads, sm_90+)
+_PREFIX = {"fused": "lora_linear", "precomputed": "lora_linear_precomputed", "none": "linear"}
+
+
+def kernel_name(chain: tuple[Step, ...], mode: str = "fused", program: Program | None = None,
+                x_gain: bool = False) -> str:
+    """The kernel's name: the template and its steps, e.g. lora_linear_bias_silu_mul_kernel."""
+    return "_".join([_PREFIX[mode.removesuffix("+tma")], *(["tma"] if mode.endswith("+tma") else []),
+                     *(["xgain"] if x_gain else []), *(s.rule for s in chain), *(["pointwise"] if program else []),
+                     "kernel"])
+
+
+def operand_name(step: Step) -> str:
+    """The kernel's name for what a step reads: `bias`, or role + operand index (`gate0`, `gain1`)."""
+    rule = RULES[step.rule]
+    return rule.role if rule.operand == "row" else f"{rule.role}{step.operand}"
+
+
+def operand_names(chain: tuple[Step, ...]) -> list[tuple[str, str]]:
+    """(kernel argument name, 'row' | 'vec' | 'tile') for each distinct tensor a step reads."""
+    names = []
+    for step in chain:
+        rule = RULES[step.rule]
+        if rule.operand in ("row", "vec", "tile"):
+            entry = (operand_name(step), rule.operand)
+            if entry not in names:
+                names.append(entry)
+    return names
+
+
+def formula(chain: tuple[Step, ...], mode: str = "fused", program: Program | None = None,
+            x_gain: bool = False) -> str:
+    """The math the kernel computes, e.g. silu(x @ W^T + s * (x @ A^T) @ B^T + bias)."""
+    value = {"fused": "x @ W^T + s * (x @ A^T) @ B^T", "precomputed": "x @ W^T + s * h @ B^T",
+             "none": "x @ W^T"}[mode]
+    value = value.replace("x @", "(x * x_gain[k]) @") if x_gain else value
+    for step in chain:
+        rule = RULES[step.rule]
+        operand = operand_name(step)
+        if "({value})" in rule.math and not _is_sum(value):
+            rule_math = rule.math.replace("({value})", "{value}")
+        else:
+            rule_math = rule.math
+        value = rule_math.format(value=value, operand=operand, const=step.const)
+    return value if program is None else program_epilogue.math(program, value)
+
+
+def _is_sum(expr: str) -> bool:
+    """Whether `expr` has a + outside parentheses (and so needs them before a product)."""
+    depth = 0
+    for char in expr:
+        depth += (char == "(") - (char == ")")
+        if char == "+" and depth == 0:
+            return True
+    return False
+
+
+def epilogue_source(chain: tuple[Step, ...], indent: str = "    ") -> str:
+    """The epilogue's lines over `acc`: per step a comment, its operand load and its rule's line.
+
+    Shared with other GEMM templates (kernels/bottleneck.py): they need `acc`, `offs_m`, `offs_n`,
+    `mask_n`, `mask_out` and each operand's `<name>_ptr` and strides in scope.
+    """
+    lines = []
+    for index, step in enumerate(chain):
+        rule = RULES[step.rule]
+        name = operand_name(step)
+        what = {"row": f", adds {name}[n] to each row", "vec": f", times {name}[n] per column",
+                "tile": f" with {name}[m, n]", "const": f" by {step.const!r}"}
+        lines.append(f"    # epilogue step {index}: {step.rule}{what.get(rule.operand, '')}\n")
+        if rule.operand in ("row", "vec", "tile"):
+            lines.append((_LOAD_TILE if rule.operand == "tile" else _LOAD_ROW).format(name=name))
+        lines.append("    " + rule.triton.format(operand=name, const=step.const) + "\n")
+    text = "".join(lines)
+    return text if indent == "    " else "".join(indent + line[4:] if line.strip() else line
+                                               for line in text.splitlines(keepends=True))
+
+
+def kernel_source(chain: tuple[Step, ...], mode: str = "fused", program: Program | None = None,
+                  input_kinds: tuple[str, ...] = (), x_gain: bool = False) -> str:
+    """The Triton function for a step list (the same text for every region with these steps).
+
+    `program` (with its extra inputs' kinds) ends the epilogue: see kernels/program_epilogue.py;
+    `x_gain` scales x's columns in the K loop.
+    """
+    ptrs = "".join(f" {name}_ptr," for name, _ in operand_names(chain)) + (" x_gain_ptr," if x_gain else "")
+    strides = "".join(f" stride_{name}_m, stride_{name}_n," if kind == "tile" else f" stride_{name}_n,"
+                      for name, kind in operand_names(chain)) + (" stride_x_gain_k," if x_gain else "")
+    epilogue = epilogue_source(chain)
+    if program is not None:
+        more_ptrs, more_strides = program_epilogue.arguments(input_kinds)
+        ptrs, strides = ptrs + more_ptrs, strides + more_strides
+        epilogue += program_epilogue.source(program, input_kinds)
+    lora_mode, tma = mode.removesuffix("+tma"), mode.endswith("+tma")
+    fused = lora_mode == "fused"
+    return _KERNEL.format(name=kernel_name(chain, mode, program, x_gain), operand_ptrs=ptrs,
+                          operand_strides=strides, math=formula(chain, lora_mode, program, x_gain),
+                          epilogue=epilogue, x_prologue=_X_GAIN if x_gain else "",
+                          tma_setup=(_TMA_SETUP + (_TMA_SETUP_A if fused else "")) if tma else "",
+                          x_load=_X_LOAD_TMA if tma else _X_LOAD, w_load=_W_LOAD_TMA if tma else _W_LOAD,
+                          lora_init=_LORA_INIT if fused else "",
+                          lora_load=(_LORA_LOAD_TMA if tma else _LORA_LOAD) if fused else "",
+                          lora_dot=_LORA_DOT if fused else "",
+                          lora_up={"fused": _LORA_UP, "precomputed": _LORA_UP_PRECOMPUTED + _LORA_UP,
+                                   "none": ""}[lora_mode])
+
+
+def render(chain: tuple[Step, ...], region: str = "", fused: list[str] | tuple[str, ...] = (),
+           mode: str = "fused", program: Program | None = None, input_kinds: tuple[str, ...] = (),
+           x_gain: bool = False) -> str:
+    """A whole module: a header (region name, graph nodes it replaces), imports and the kernel."""
+    title = f"region `{region}`" if region else "a fused linear" if mode.startswith("none") else "a fused LoRA linear"
+    header = [f'"""Generated by surgeon (kernels/lora_linear.py) for {title}.', "",
+              f"out = {formula(chain, mode.removesuffix('+tma'), program, x_gain)}"]
+    if fused:
+        header += ["", "graph nodes replaced, in order:"] + [f"    {line}" for line in fused]
+    header.append('"""')
+    return "\n".join(header) + "\nimport triton\nimport triton.language as tl\n\n\n" + \
+        kernel_source(chain, mode, program, input_kinds, x_gain)
+
+
+_KERNELS: dict[tuple, object] = {}
+
+
+def load_kernel(chain: tuple[Step, ...], mode: str = "fused", program: Program | None = None,
+                input_kinds: tuple[str, ...] = (), x_gain: bool = False):
+    """The compiled-on-demand Triton function for a step list and mode (cached, per interpreter flag)."""
+    anonymous = None if program is None else program.anonymous()
+    key = (chain, mode, anonymous and anonymous.encode(), input_kinds, x_gain, codegen.interpreting())
+    if key not in _KERNELS:      # cached here too: rendering and hashing the source costs per call
+        name = kernel_name(chain, mode, program, x_gain)
+        source = render(chain, mode=mode, program=anonymous, input_kinds=input_kinds, x_gain=x_gain)
+        _KERNELS[key] = getattr(codegen.load(source, name), name)
+    return _KERNELS[key]
