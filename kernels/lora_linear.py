@@ -78,25 +78,12 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     kernels = ("none",) if lora_a is None else ("fused", "precomputed")
     x2 = x.reshape(M, K)
     tma = tma_ready(x2, weight, lora_a, weight_layout)
-    if mode not in (None, "cublas", *kernels, *(f"{k}+tma" for k in kernels)) or \
-            (mode or "").endswith("+tma") and not tma:
-        raise ValueError(f"lora_linear: mode {mode!r} with {'no ' if lora_a is None else ''}LoRA tensors"
-                         f"{'' if tma else ' and tensors TMA cannot read'}; modes are {MODES}, a kernel mode "
-                         f"with '+tma' where rows are contiguous and 16-byte aligned ('none' exactly when "
-                         f"lora_a is None)")
+    _check_mode(mode, kernels, tma, lora_a is None)
     tiles = as_tiles(chain, operands, (M, N))
     if M == 0:
         return x.new_empty((*x.shape[:-1], N))
     w_strides = weight.stride() if weight_layout == "out_in" else weight.stride()[::-1]
-    by_name = {"bias": bias, **{operand_name(s): tiles[s.operand] for s in chain
-                                if RULES[s.rule].operand in ("tile", "vec")}}
-    extra = [by_name[name] for name, _ in operand_names(chain)]
-    extra_strides = [st for t in extra for st in t.stride()]
-    if gain is not None:
-        extra, extra_strides = extra + [gain], extra_strides + [gain.stride(0)]
-    if parsed is not None:
-        more, more_strides = program_epilogue.launch_tensors(extra_inputs, input_kinds, M, N)
-        extra, extra_strides = extra + more, extra_strides + more_strides
+    extra, extra_strides = _epilogue_arguments(chain, bias, tiles, gain, parsed, extra_inputs, input_kinds, M, N)
 
     def launch(variant: str, cfg: tuple | None) -> torch.Tensor:
         if variant == "cublas":
@@ -127,6 +114,29 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         variant, cfg = _tuned(launch, [mode] if mode else [*kernels, *tma_kernels, "cublas"],
                               (M, N, K, R, x.dtype, epilogue, bias is None, str(x.device), program, input_kinds))
     return launch(variant, cfg).reshape(*x.shape[:-1], N)
+
+
+def _check_mode(mode: str | None, kernels: tuple[str, ...], tma: bool, no_lora: bool) -> None:
+    if mode in (None, "cublas", *kernels) or mode in (f"{k}+tma" for k in kernels) and tma:
+        return
+    raise ValueError(f"lora_linear: mode {mode!r} with {'no ' if no_lora else ''}LoRA tensors"
+                     f"{'' if tma else ' and tensors TMA cannot read'}; modes are {MODES}, a kernel mode with "
+                     f"'+tma' where rows are contiguous and 16-byte aligned ('none' exactly when lora_a is None)")
+
+
+def _epilogue_arguments(chain, bias, tiles, gain, program, program_inputs, input_kinds, M, N) -> tuple[list, list]:
+    """The kernel's tensors after out, and their strides, in its signature's order: the steps'
+    operands, an x gain, a program epilogue's inputs."""
+    by_name = {"bias": bias, **{operand_name(s): tiles[s.operand] for s in chain
+                                if RULES[s.rule].operand in ("tile", "vec")}}
+    extra = [by_name[name] for name, _ in operand_names(chain)]
+    strides = [st for t in extra for st in t.stride()]
+    if gain is not None:
+        extra, strides = extra + [gain], strides + [gain.stride(0)]
+    if program is not None:
+        more, more_strides = program_epilogue.launch_tensors(program_inputs, input_kinds, M, N)
+        extra, strides = extra + more, strides + more_strides
+    return extra, strides
 
 
 def tma_ready(x2: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor | None, weight_layout: str) -> bool:
