@@ -29,7 +29,7 @@ import re
 
 import torch
 
-from . import codegen
+from . import codegen, tuning
 from .dispatch import KERNEL_DTYPES, runs_kernel
 from .epilogue import RULES, Step, apply, as_tiles, operand_of, parse
 from .lora_linear import compute_dtype, triton_cdiv, triton_next_pow2
@@ -225,24 +225,19 @@ _BEST: dict[tuple, tuple] = {}
 def _tuned(kernel, args: list, block_r: int, precision: str, key: tuple, compose=None) -> "tuple | str":
     """The fastest GPU config for this shape bucket (M rounded up to a power of two; benchmarked once),
     or "composed" when the torch ops (`compose`) were faster than every config."""
-    M, N = key[0], key[1]
-    bucket = (min(triton_next_pow2(M), 4096), *key[1:], kernel.__name__)
-    if bucket not in _BEST:
-        import triton.testing
+    import triton.testing
 
-        timings = {}
-        for cfg in GPU_CONFIGS[next(k for k in (16, 256, None) if k is None or M <= k)]:
-            try:
-                run = lambda: _launch(kernel, args, M, N, cfg, block_r, precision)  # noqa: E731
-                timings[cfg] = triton.testing.do_bench(run, warmup=5, rep=20)
-            except Exception:  # noqa: BLE001 - a config may not fit this GPU (shared memory); try the next
-                continue
-        if not timings:
-            raise RuntimeError(f"no tile config of {kernel.__name__} launches here for (M, N, K, R) = {key[:4]}")
-        if compose is not None:
-            timings["composed"] = triton.testing.do_bench(compose, warmup=5, rep=20)
-        _BEST[bucket] = min(timings, key=timings.get)
-    return _BEST[bucket]
+    M, N = key[0], key[1]
+    bucket = (min(triton_next_pow2(M), 4096), *key[1:], kernel.__name__, compose is not None)
+    candidates = GPU_CONFIGS[next(k for k in (16, 256, None) if k is None or M <= k)] + \
+        (["composed"] if compose is not None else [])
+
+    def time_one(candidate) -> float:
+        run = compose if candidate == "composed" else lambda: _launch(kernel, args, M, N, candidate, block_r,
+                                                                      precision)
+        return triton.testing.do_bench(run, warmup=5, rep=20)
+
+    return tuning.fastest(_BEST, "bottleneck", bucket, candidates, time_one)
 
 
 def _vec(chain: tuple[Step, ...]) -> set[int]:

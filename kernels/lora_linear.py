@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from . import codegen, program_epilogue
+from . import codegen, program_epilogue, tuning
 from .dispatch import KERNEL_DTYPES
 from .epilogue import RULES, Step, apply, as_tiles, steps, x_gain as x_gain_operand
 from .lora_linear_source import MODES, load_kernel, operand_name, operand_names, render
@@ -196,23 +196,14 @@ def _tuned(launch, modes: list[str], key: tuple) -> tuple[str, tuple]:
     on every call of a language model, and retuning for each exact M would stall it. A
     "precomputed" candidate is timed with its x @ A^T GEMM included, "cublas" as a whole.
     """
+    import triton.testing
+
     M = key[0]
     bucket = (triton_next_pow2(M) if M <= 4096 else 4096,) + key[1:] + tuple(modes)
-    if bucket not in _BEST:
-        import triton.testing
-
-        limit = next(k for k in (16, 64, None) if k is None or M <= k)
-        timings = {}
-        for candidate in ((m, cfg) for m in modes for cfg in ([None] if m == "cublas" else GPU_CONFIGS[limit])):
-            try:
-                timings[candidate] = triton.testing.do_bench(lambda: launch(*candidate), warmup=5, rep=20)
-            except Exception:  # noqa: BLE001 - a config may not fit this GPU (shared memory); try the next
-                continue
-        if not timings:
-            raise RuntimeError(f"no tile config of lora_linear ({modes}) launches on this device for "
-                               f"(M, N, K, R) = {key[:4]}")
-        _BEST[bucket] = min(timings, key=timings.get)
-    return _BEST[bucket]
+    limit = next(k for k in (16, 64, None) if k is None or M <= k)
+    candidates = [(m, cfg) for m in modes for cfg in ([None] if m == "cublas" else GPU_CONFIGS[limit])]
+    return tuning.fastest(_BEST, "lora_linear", bucket, candidates,
+                          lambda c: triton.testing.do_bench(lambda: launch(*c), warmup=5, rep=20))
 
 
 def _check(x, weight, bias, lora_a, lora_b, operands, weight_layout, chain,

@@ -13,6 +13,7 @@ import pytest
 
 
 @pytest.fixture(autouse=True)
-def triton_interpreter(monkeypatch):
+def triton_interpreter(monkeypatch, tmp_path):
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("SURGEON_TUNE_CACHE", str(tmp_path / "tuning.json"))   # tuner tests start from nothing

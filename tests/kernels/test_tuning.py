@@ -1,0 +1,37 @@
+"""The tuning table: measured once per bucket, then read from memory, then from disk in a new process."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from surgeon.kernels import tuning
+
+
+def test_fastest_measures_once_and_reuses_the_disk_cache():
+    calls = []
+
+    def time_one(candidate):
+        calls.append(candidate)
+        if candidate == (256, 256):
+            raise RuntimeError("out of shared memory")     # skipped, as a config that does not fit
+        return {(64, 64): 2.0, (128, 64): 1.0}[candidate]
+
+    candidates = [(64, 64), (128, 64), (256, 256)]
+    table = {}
+    assert tuning.fastest(table, "op", (16, "bf16"), candidates, time_one) == (128, 64)
+    assert tuning.fastest(table, "op", (16, "bf16"), candidates, time_one) == (128, 64)
+    assert len(calls) == 3
+    stored = json.loads(tuning.cache_path().read_text())
+    assert list(stored.values()) == ["[128, 64]"] and "| op | (16, 'bf16')" in next(iter(stored))
+    fresh = {}                                                # a new process: nothing in memory
+    assert tuning.fastest(fresh, "op", (16, "bf16"), candidates, time_one) == (128, 64) and len(calls) == 3
+    assert tuning.fastest(fresh, "op", (16, "bf16"), [(64, 64)], time_one) == (128, 64)   # memory first
+    assert tuning.fastest({}, "op", (16, "bf16"), [(64, 64)], time_one) == (64, 64)       # stored: not a candidate
+
+
+def test_no_candidate_launches_is_an_error_and_a_broken_cache_is_retuned():
+    tuning.cache_path().write_text("{not json")
+    with pytest.raises(RuntimeError, match="op: no candidate launches"):
+        tuning.fastest({}, "op", (1,), ["a"], lambda c: 1 / 0)
+    assert tuning.fastest({}, "op", (1,), ["a", "b"], lambda c: {"a": 2.0, "b": 1.0}[c]) == "b"
