@@ -81,13 +81,30 @@ def cmd_demo(ns) -> int:
     _progress(f"trained {len(trainable)} adapter tensors for {ns.steps} steps: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     compiled.save_adapter("demo", out / "adapter")
     compiled.save_adapter("demo", out / "adapter_peft", format="peft")
+    lowered = _demo_lowered(model, ids, compiled, out)
     compiled.apply(["merge"], progress=_progress)
     print(compiled.report)
     print(f"\ntraining loss {losses[0]:.4f} -> {losses[-1]:.4f} over {ns.steps} steps (adapter only)")
     compiled.save(out)
+    print(f"\nserving copy (unmerged, fuse + lower): {lowered}")
     print(f"wrote {out}/: report.txt/json, spec.yaml, graph.py, graph.html, graph.dot, nodes*.json, groups.json, "
-          "adapters/, adapter/ (surgeon format), adapter_peft/ (PEFT format)")
+          "adapters/, adapter/ (surgeon format), adapter_peft/ (PEFT format), lowered/ (its kernels/ and graph)")
     return 0
+
+
+def _demo_lowered(model, ids, trained, out: Path) -> str:
+    """The trained, unmerged module again with its regions lowered to generated kernels; saved to out/lowered."""
+    import torch
+
+    import surgeon
+
+    lowered = surgeon.compile(model, (ids,), out / "demo_spec.yaml")
+    lowered.module.load_state_dict(trained.module.state_dict())
+    lowered.apply(["fuse", "lower"], progress=_progress)
+    with torch.no_grad():
+        error = (lowered.module(ids) - trained.module(ids)).abs().max().item()
+    lowered.save(out / "lowered")
+    return f"{lowered.report.rows[-1].notes[0]}; max |lowered - trained| = {error:.1e}"
 
 
 def cmd_show(ns) -> int:

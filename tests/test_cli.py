@@ -9,12 +9,13 @@ from surgeon.cli import main
 def test_demo_writes_artifacts_and_merges(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--steps", "5"]) == 0
     out = capsys.readouterr().out
-    assert "merge" in out and "training loss" in out
+    assert "merge" in out and "training loss" in out and "lora_linear regions -> surgeon::lora_linear" in out
     for name in ("report.txt", "graph.py", "nodes.json", "adapter/adapter.safetensors",
-                 "adapter_peft/adapter_model.safetensors", "demo_spec.yaml"):
+                 "adapter_peft/adapter_model.safetensors", "demo_spec.yaml", "lowered/nodes.json"):
         assert (tmp_path / name).is_file(), name
     report = (tmp_path / "report.txt").read_text()
     assert "insert" in report and "exact" in report and "merged" in report
+    assert list((tmp_path / "lowered" / "kernels").glob("lora_linear@*.py"))
 
 
 def test_compile_and_show(tmp_path, capsys):
