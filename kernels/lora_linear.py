@@ -151,12 +151,14 @@ _SCRATCH_SET: set[str] = set()
 
 
 def _tma_scratch(device: torch.device) -> None:
-    """Give Triton an allocator for the descriptors kernels build on the device (once per device type)."""
+    """Give Triton an allocator for the descriptors kernels build on the device (once per device type;
+    "cuda" allocates on the current device, the one the kernel launches on)."""
     if device.type not in _SCRATCH_SET:
         import triton
 
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
-        _SCRATCH_SET.add(device.type)
+        kind = device.type
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=kind))
+        _SCRATCH_SET.add(kind)
 
 
 def _cublas(x2, weight, bias, lora_a, lora_b, scale, weight_layout, chain, tiles) -> torch.Tensor:
