@@ -51,7 +51,9 @@ class Lower:
             counts[region.kind] += 1
         result.matches = sum(counts.values())
         present = {n.name for n in gm.graph.nodes}
-        for state in ctx.select(None, ("inserted",)):   # their branches now live inside kernels
+        # their branches now live inside kernels (adapters lowered before are left as they are: a
+        # second `lower` finds nothing new to replace)
+        for state in (a for a in ctx.adapters.values() if a.status == "inserted"):
             if any(node not in present for site in state.sites for node in site.nodes):
                 state.status = "lowered"
         devices = sorted({p.device.type for p in gm.parameters()}) or ["cpu"]

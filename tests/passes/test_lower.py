@@ -276,3 +276,11 @@ def test_lowered_module_runs_under_torch_compile():
     fast = torch.compile(compiled.module, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(fast(*args).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_lower_and_fuse_again_change_nothing():
+    _, args, compiled, _ = lowered_llama(layers=1)
+    code = compiled.module.code
+    compiled.apply(["lower", "fuse"])
+    assert [row.matches for row in compiled.report.rows[-2:]] == [0, 0] and compiled.module.code == code
+    assert compiled.adapters["chat"].status == "lowered"
