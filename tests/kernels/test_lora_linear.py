@@ -384,3 +384,25 @@ def test_lowered_llama_with_ia3_on_inputs_and_outputs_runs_the_generated_kernels
     assert "3 lora_linear regions" in compiled.report.rows[-1].notes[0]
     with torch.no_grad():
         torch.testing.assert_close(compiled.module(*args).logits, unlowered(*args).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_lowered_llama_with_dynamic_dims_serves_other_shapes_through_the_kernels(op):
+    """Sizes are kernel arguments and broadcast indices sympy expressions over them: a module captured
+    with symbolic batch and sequence runs its kernels at a shape it was not captured at."""
+    import copy
+
+    from torch.export import Dim
+
+    import surgeon
+    from tests.conftest import hf_llama, lora_spec, randomize_adapters
+
+    model, args = hf_llama(layers=1)
+    dynamic = {"input_ids": {0: Dim("batch", max=16), 1: Dim("seq", max=64)}}
+    compiled = surgeon.compile(model, args, lora_spec(["*.q_proj", "*.gate_proj", "*.up_proj", "*.down_proj"]),
+                               {"use_cache": False}, dynamic_shapes=dynamic)
+    randomize_adapters(compiled.module)
+    unlowered = copy.deepcopy(compiled.module)
+    compiled.apply(["fuse", "lower"])
+    ids = torch.randint(0, 128, (3, 11), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled.module(ids).logits, unlowered(ids).logits, rtol=1e-5, atol=1e-5)
