@@ -31,7 +31,7 @@ import torch
 
 from . import codegen, tuning
 from .dispatch import KERNEL_DTYPES, runs_kernel
-from .epilogue import RULES, Step, apply, as_tiles, operand_of, parse
+from .epilogue import RULES, Step, apply, as_tiles, operand_of, parse, tile_shape
 from .lora_linear import compute_dtype, triton_cdiv, triton_next_pow2
 from .lora_linear_source import epilogue_source, formula as lora_formula, operand_name, operand_names
 
@@ -253,7 +253,8 @@ def _check(source, residual, down, up, operands, chain) -> tuple[int, int, int, 
     K, N, R = source.shape[-1], residual.shape[-1], down.shape[0]
     lead = tuple(source.shape[:-1])
     expect = {"residual": (residual, (*lead, N)), "down": (down, (R, K)), "up": (up, (N, R)),
-              **{f"operands[{i}]": (op, (N,) if i in _vec(chain) else (*lead, N)) for i, op in enumerate(operands)}}
+              **{f"operands[{i}]": (op, (N,) if i in _vec(chain) else tile_shape(op, lead, N))
+                 for i, op in enumerate(operands)}}
     for name, (tensor, shape) in expect.items():
         if tuple(tensor.shape) != shape or tensor.dtype != source.dtype or tensor.device != source.device:
             raise ValueError(f"bottleneck: {name} is {tensor.dtype}{list(tensor.shape)} on {tensor.device}, "

@@ -147,6 +147,15 @@ def operand_of(step: Step, bias: torch.Tensor | None, operands: list[torch.Tenso
     return bias if kind == "row" else operands[step.operand] if kind in ("tile", "vec") else step.const
 
 
+def tile_shape(operand: torch.Tensor, lead: tuple, N: int) -> tuple:
+    """The shape a tile operand must have: the output's (lead + (N,)), or any with the same rows and N
+    (the leading dims of a view the region grew through)."""
+    rows = math.prod(lead)
+    if operand.dim() >= 1 and operand.shape[-1] == N and operand.numel() == rows * N:
+        return tuple(operand.shape)
+    return (*lead, N)
+
+
 def as_tiles(chain: tuple[Step, ...], operands: list[torch.Tensor], shape: tuple[int, int]) -> list[torch.Tensor]:
     """The operands as the steps read them: tile operands as (M, N), the others as they are."""
     tile = {s.operand for s in chain if RULES[s.rule].operand == "tile"}

@@ -30,7 +30,7 @@ import torch
 
 from . import codegen, program_epilogue, tuning
 from .dispatch import KERNEL_DTYPES
-from .epilogue import RULES, Step, apply, as_tiles, steps, x_gain as x_gain_operand
+from .epilogue import RULES, Step, apply, as_tiles, steps, tile_shape, x_gain as x_gain_operand
 from .lora_linear_source import MODES, load_kernel, operand_name, operand_names, render
 
 __all__ = ["GPU_CONFIGS", "MODES", "lora_linear", "load_kernel", "reference", "render", "tma_ready"]
@@ -226,10 +226,8 @@ def _check(x, weight, bias, lora_a, lora_b, operands, weight_layout, chain,
         expect["bias"] = (bias, (N,))
     vec = {s.operand for s in chain if RULES[s.rule].operand == "vec"}
     for i, op in enumerate(operands):
-        # a tile may have the leading dims of a view the region grew through: same rows, same N
-        same_rows = op.dim() >= 1 and op.shape[-1] == N and op.numel() == x.numel() // max(K, 1) * N
         expect[f"operands[{i}]"] = (op, (K,) if i == gain_index else (N,) if i in vec else
-                                    tuple(op.shape) if same_rows else (*x.shape[:-1], N))
+                                    tile_shape(op, tuple(x.shape[:-1]), N))
     for name, (tensor, shape) in expect.items():
         if tuple(tensor.shape) != tuple(shape) or tensor.dtype != x.dtype or tensor.device != x.device:
             raise ValueError(f"lora_linear: {name} is {tensor.dtype}{list(tensor.shape)} on {tensor.device}, "

@@ -122,7 +122,7 @@ def grow(gm: fx.GraphModule, region: Region, graph: nx.DiGraph, order: dict, tak
         if is_eval_dropout(user, value):       # the identity: absorbed, no step
             region.nodes.append(user)
             continue
-        if region.kind == "lora_linear" and is_row_view(gm, user, value):
+        if is_row_view(gm, user, value):
             region.nodes.append(user)          # the kernel's rows are the view's: it reshapes the output
             region.parts["view"] = user
             out_meta = tensor_meta(gm, user)

@@ -94,7 +94,7 @@ def lower_bottleneck(gm: fx.GraphModule, region: Region, replaced: dict) -> tupl
     parts = region.parts
     args = (parts["source"], parts["residual"], parts["down"], parts["up"], operands, region.scale,
             parts["activation"], epilogue)
-    node = replace_region(gm, region, torch.ops.surgeon.bottleneck.default, args, replaced)
+    node = replace_region(gm, region, torch.ops.surgeon.bottleneck.default, args, replaced, parts.get("view"))
     return node, bottleneck.render(parts["activation"], epilogue, region.name, replaced_lines(region))
 
 

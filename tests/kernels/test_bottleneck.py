@@ -286,3 +286,23 @@ def test_gpu_tuner_weighs_the_composed_ops_against_the_configs(monkeypatch):
     assert kernel._tuned(fn, [], 16, "tf32", (8, 40, 40, 4, torch.float16, "cuda:0"), compose) == "composed"
     # without composed ops (another bucket): the first of equally fast configs
     assert kernel._tuned(fn, [], 16, "tf32", (300, 40, 40, 4, torch.float16, "cuda:0")) == kernel.GPU_CONFIGS[None][0]
+
+
+def test_lowered_gpt2_bottlenecks_through_views_run_the_generated_kernels():
+    """GPT-2's c_proj: 2-D rows in the kernel, the residual add (3-D) in its epilogue, the view after it."""
+    import copy
+
+    import surgeon
+    from tests.conftest import hf_gpt2, randomize_adapters
+
+    model, args = hf_gpt2()
+    spec = {"adapters": [{"name": "b", "type": "bottleneck", "rank": 4, "targets": ["*.c_proj"]}],
+            "pipeline": ["insert"]}
+    compiled = surgeon.compile(model, args, spec, {"use_cache": False})
+    randomize_adapters(compiled.module)
+    unlowered = copy.deepcopy(compiled.module)
+    compiled.apply(["fuse", "lower"])
+    calls = [n for n in compiled.module.graph.nodes if n.target is torch.ops.surgeon.bottleneck.default]
+    assert len(calls) == 4 and all(n.args[7] == "add:0" for n in calls)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled.module(*args).logits, unlowered(*args).logits, rtol=1e-5, atol=1e-5)

@@ -244,3 +244,16 @@ def test_fuse_ia3_on_the_input_is_a_prologue_of_the_linear():
     assert down.epilogue()[0] == "x_gain:0|add:1" and down.parts["x"] is not down.nodes[0]
     assert down.epilogue()[1][0] is down.parts["x_gain"] and "linear(x*gain)" in down.describe()
     assert regions["lora_linear@model.layers.0.self_attn.k_proj"].epilogue()[0] == "gain:0"
+
+
+def test_fuse_gpt2_bottleneck_grows_through_the_row_view_too():
+    model, args = hf_gpt2()
+    spec = {"adapters": [{"name": "b", "type": "bottleneck", "rank": 4, "targets": ["*.c_proj"]}],
+            "pipeline": ["insert"]}
+    compiled = surgeon.compile(model, args, spec, KW)
+    regions = {r.name: r for r in partition(compiled.module)[0] if r.kind == "bottleneck"}
+    # Before: y = addmm (2-D rows), the branch on y, add, view, dropout, residual add.
+    # Expected: one region; the residual add is its epilogue through the view and the identity dropout.
+    mlp = regions["bottleneck@transformer.h.0.mlp.c_proj"]
+    assert mlp.epilogue()[0] == "add:0" and mlp.parts["view"].target is torch.ops.aten.view.default
+    assert "view(view_" in mlp.describe() and len(regions) == 4
