@@ -212,8 +212,9 @@ def test_kernel_body_is_shared_between_regions_with_the_same_steps():
     assert kernel.load_kernel(chain) is kernel.load_kernel(chain)
 
 
+@pytest.mark.parametrize("x_gain", [False, True], ids=["", "xgain"])
 @pytest.mark.parametrize("mode", ["fused", "precomputed", "none", "fused+tma", "precomputed+tma", "none+tma"])
-def test_generated_kernel_compiles_for_an_h100_without_a_gpu(monkeypatch, mode):
+def test_generated_kernel_compiles_for_an_h100_without_a_gpu(monkeypatch, mode, x_gain):
     """Compile to sm_90 machine code (the interpreter checks semantics, not that Triton can lower it)."""
     import triton
     from triton.backends import backends
@@ -224,7 +225,7 @@ def test_generated_kernel_compiles_for_an_h100_without_a_gpu(monkeypatch, mode):
         pytest.skip("this Triton build has no NVIDIA backend")
     monkeypatch.delenv("TRITON_INTERPRET")       # a JIT function, not an interpreted one
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
-    fn = kernel.load_kernel(steps("silu,mul:0", has_bias=True), mode)
+    fn = kernel.load_kernel(steps("silu,mul:0", has_bias=True), mode, x_gain=x_gain)
     meta = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, BLOCK_R=16, GROUP_M=8, DOT_PRECISION="tf32")
     signature = {n: "constexpr" if n in meta else "*fp16" if n.endswith("_ptr") else
                  "fp32" if n == "lora_scale" else "i32" for n in fn.arg_names}
