@@ -103,7 +103,6 @@ def is_site_output(node: fx.Node) -> bool:
 def grow(gm: fx.GraphModule, region: Region, graph: nx.DiGraph, order: dict, taken: dict, rejections: list) -> None:
     """Extend the region's epilogue while its output's one user has a rule, is free and stays convex."""
     out_meta = tensor_meta(gm, region.output)
-    gains = region.kind in ("lora_linear", "bottleneck")    # a per-output gain: a row operand of the template
     while True:
         value = region.output
         if len(value.users) != 1:
@@ -128,7 +127,7 @@ def grow(gm: fx.GraphModule, region: Region, graph: nx.DiGraph, order: dict, tak
             out_meta = tensor_meta(gm, user)
             continue
         found = match_epilogue(user, value, lambda other: same_meta(tensor_meta(gm, other), out_meta),
-                               lambda other: gains and row_vector(gm, other, value))
+                               lambda other: row_vector(gm, other, value))
         if isinstance(found, str):
             region.stop = found
             rejections.append((f"{region.name} + {user.name}", found))
