@@ -117,22 +117,36 @@ def _parse(epilogue: str) -> tuple[Step, ...]:
     return tuple(steps)
 
 
-def x_gain(epilogue: str) -> int | None:
-    """The operand index of a prologue gain on x ("x_gain:i|..." scales x's K columns by operand i
-    before the GEMM: IA3 on a linear's input), or None."""
+PROLOGUE = {
+    "x_gain": "scales x's K columns before the GEMM (IA3 on a linear's input)",
+    "vera_d": "scales x @ A^T's R columns before the up-projection (VeRA's d)",
+    "vera_b": "scales the up-projection's N columns before it is added (VeRA's b)",
+}
+
+
+def prologue(epilogue: str) -> dict[str, int]:
+    """The operand index of each vector named before '|' (e.g. "x_gain:0|silu"; see PROLOGUE)."""
     if "|" not in epilogue:
-        return None
-    head, _, _ = epilogue.partition("|")
-    name, _, arg = head.strip().partition(":")
-    if name != "x_gain" or not arg.strip().isdigit():
-        raise ValueError(f"epilogue {epilogue!r}: before '|' only 'x_gain:<operand>' may stand")
-    return int(arg)
+        return {}
+    found = {}
+    for item in filter(None, (t.strip() for t in epilogue.partition("|")[0].split(","))):
+        name, _, arg = item.partition(":")
+        if name not in PROLOGUE or not arg.strip().isdigit():
+            raise ValueError(f"epilogue {epilogue!r}: before '|' only {sorted(PROLOGUE)} with an operand index "
+                             f"may stand, not {item!r}")
+        found[name] = int(arg)
+    return found
+
+
+def x_gain(epilogue: str) -> int | None:
+    """The operand index of a prologue gain on x ("x_gain:i|..."), or None."""
+    return prologue(epilogue).get("x_gain")
 
 
 def steps(epilogue: str, has_bias: bool) -> tuple[Step, ...]:
     """The full step list of a fused op: bias first (when present and not placed) then the epilogue
     (after the prologue, when the string has one)."""
-    x_gain(epilogue)                       # validates a prologue
+    prologue(epilogue)                     # validates a prologue
     chain = parse(epilogue.rpartition("|")[2])
     placed = sum(step.rule == "bias" for step in chain)
     if placed > 1 or (placed and not has_bias):

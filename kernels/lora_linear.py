@@ -30,8 +30,8 @@ import torch
 
 from . import codegen, program_epilogue, tuning
 from .dispatch import KERNEL_DTYPES
-from .epilogue import RULES, Step, apply, as_tiles, steps, tile_shape, x_gain as x_gain_operand
-from .lora_linear_source import MODES, load_kernel, operand_name, operand_names, render
+from .epilogue import RULES, Step, apply, as_tiles, prologue, steps, tile_shape
+from .lora_linear_source import MODES, VECTORS, load_kernel, operand_name, operand_names, render
 
 __all__ = ["GPU_CONFIGS", "MODES", "lora_linear", "load_kernel", "reference", "render", "tma_ready"]
 from .pointwise_program import Program
@@ -69,11 +69,12 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     the fastest (mode, config) measured for this shape bucket. `program` (an encoded pointwise
     Program) ends the epilogue; its inputs after %0 are the operands after the steps' own.
     """
-    chain, gain_index = steps(epilogue, bias is not None), x_gain_operand(epilogue)
-    operands, extra_inputs = split_operands(chain, operands, program, gain_index)
-    M, N, K, R = _check(x, weight, bias, lora_a, lora_b, operands, weight_layout, chain, gain_index)
+    chain, where = steps(epilogue, bias is not None), prologue(epilogue)
+    operands, extra_inputs = split_operands(chain, operands, program, where)
+    M, N, K, R = _check(x, weight, bias, lora_a, lora_b, operands, weight_layout, chain, where)
     parsed = _program(program, extra_inputs, M, N)
-    gain = None if gain_index is None else operands[gain_index]
+    vectors = {name: operands[i] for name, i in where.items()}
+    gain = vectors.get("x_gain")
     input_kinds = () if parsed is None else program_epilogue.kinds(extra_inputs, M, N)
     kernels = ("none",) if lora_a is None else ("fused", "precomputed")
     x2 = x.reshape(M, K)
@@ -83,12 +84,12 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if M == 0:
         return x.new_empty((*x.shape[:-1], N))
     w_strides = weight.stride() if weight_layout == "out_in" else weight.stride()[::-1]
-    extra, extra_strides = _epilogue_arguments(chain, bias, tiles, gain, parsed, extra_inputs, input_kinds, M, N)
+    extra, extra_strides = _epilogue_arguments(chain, bias, tiles, vectors, parsed, extra_inputs, input_kinds, M, N)
 
     def launch(variant: str, cfg: tuple | None) -> torch.Tensor:
         if variant == "cublas":
             scaled = x2 if gain is None else x2 * gain
-            out = _cublas(scaled, weight, bias, lora_a, lora_b, scale, weight_layout, chain, tiles)
+            out = _cublas(scaled, weight, bias, lora_a, lora_b, scale, weight_layout, chain, tiles, vectors)
             return out if parsed is None else program_epilogue.reference(out, extra_inputs, parsed)
         # "precomputed": h = round(x @ A^T) (M x R) in A's slot; "none": the pointers are never read
         lora_mode = variant.removesuffix("+tma")
@@ -100,7 +101,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
         args = [x2, weight, a, b, out, *extra, M, N, K, R, *x2.stride(), *w_strides, *a.stride(),
                 *b.stride(), *out.stride(), *extra_strides, float(scale)]
-        _launch(load_kernel(chain, variant, parsed, input_kinds, gain is not None), args, M, N, cfg, block_r,
+        _launch(load_kernel(chain, variant, parsed, input_kinds, tuple(vectors)), args, M, N, cfg, block_r,
                 precision)
         return out
 
@@ -124,15 +125,15 @@ def _check_mode(mode: str | None, kernels: tuple[str, ...], tma: bool, no_lora: 
                      f"'+tma' where rows are contiguous and 16-byte aligned ('none' exactly when lora_a is None)")
 
 
-def _epilogue_arguments(chain, bias, tiles, gain, program, program_inputs, input_kinds, M, N) -> tuple[list, list]:
+def _epilogue_arguments(chain, bias, tiles, vectors, program, program_inputs, input_kinds, M, N) -> tuple[list, list]:
     """The kernel's tensors after out, and their strides, in its signature's order: the steps'
-    operands, an x gain, a program epilogue's inputs."""
+    operands, the prologue vectors (VECTORS order), a program epilogue's inputs."""
     by_name = {"bias": bias, **{operand_name(s): tiles[s.operand] for s in chain
                                 if RULES[s.rule].operand in ("tile", "vec")}}
     extra = [by_name[name] for name, _ in operand_names(chain)]
     strides = [st for t in extra for st in t.stride()]
-    if gain is not None:
-        extra, strides = extra + [gain], strides + [gain.stride(0)]
+    for name in (v for v in VECTORS if v in vectors):
+        extra, strides = extra + [vectors[name]], strides + [vectors[name].stride(0)]
     if program is not None:
         more, more_strides = program_epilogue.launch_tensors(program_inputs, input_kinds, M, N)
         extra, strides = extra + more, strides + more_strides
@@ -161,7 +162,7 @@ def _tma_scratch(device: torch.device) -> None:
         _SCRATCH_SET.add(kind)
 
 
-def _cublas(x2, weight, bias, lora_a, lora_b, scale, weight_layout, chain, tiles) -> torch.Tensor:
+def _cublas(x2, weight, bias, lora_a, lora_b, scale, weight_layout, chain, tiles, vectors=None) -> torch.Tensor:
     """The region as torch ops: cuBLAS's GEMM (with the bias when it comes first), the LoRA update as
     addmm's accumulate (out += s (x A^T) B^T, one extra pass over out), then the epilogue's steps.
 
@@ -172,8 +173,13 @@ def _cublas(x2, weight, bias, lora_a, lora_b, scale, weight_layout, chain, tiles
     w = weight if weight_layout == "out_in" else weight.t()
     bias_first = bool(chain) and chain[0].rule == "bias"
     out = torch.nn.functional.linear(x2, w, bias if bias_first else None)
-    if lora_a is not None:
+    vectors = vectors or {}
+    if lora_a is not None and not {"vera_d", "vera_b"} & set(vectors):
         out.addmm_(x2 @ lora_a.t(), lora_b.t(), alpha=scale)
+    elif lora_a is not None:      # VeRA: round(h * d) @ B^T, rounded, times b, as the graph stores each
+        h = x2 @ lora_a.t()
+        up = (h * vectors["vera_d"] if "vera_d" in vectors else h) @ lora_b.t()
+        out.add_(up * vectors["vera_b"] if "vera_b" in vectors else up, alpha=scale)
     rest = chain[1:] if bias_first else chain
     return apply(out, rest, bias, tiles)[-1].to(x2.dtype) if rest else out
 
@@ -209,7 +215,7 @@ def _tuned(launch, modes: list[str], key: tuple) -> tuple[str, tuple]:
 
 
 def _check(x, weight, bias, lora_a, lora_b, operands, weight_layout, chain,
-           gain_index: int | None = None) -> tuple[int, int, int, int]:
+           where: dict | None = None) -> tuple[int, int, int, int]:
     if x.dtype not in KERNEL_DTYPES:
         raise ValueError(f"lora_linear: the kernel takes {[str(d) for d in KERNEL_DTYPES]}, not {x.dtype}")
     if weight_layout not in ("out_in", "in_out"):
@@ -225,8 +231,9 @@ def _check(x, weight, bias, lora_a, lora_b, operands, weight_layout, chain,
     if bias is not None:
         expect["bias"] = (bias, (N,))
     vec = {s.operand for s in chain if RULES[s.rule].operand == "vec"}
+    sizes = {i: {"x_gain": K, "vera_d": R, "vera_b": N}[name] for name, i in (where or {}).items()}
     for i, op in enumerate(operands):
-        expect[f"operands[{i}]"] = (op, (K,) if i == gain_index else (N,) if i in vec else
+        expect[f"operands[{i}]"] = (op, (sizes[i],) if i in sizes else (N,) if i in vec else
                                     tile_shape(op, tuple(x.shape[:-1]), N))
     for name, (tensor, shape) in expect.items():
         if tuple(tensor.shape) != tuple(shape) or tensor.dtype != x.dtype or tensor.device != x.device:
@@ -258,11 +265,12 @@ def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
               lora_b: torch.Tensor, operands: list[torch.Tensor], scale: float, weight_layout: str = "out_in",
               epilogue: str = "", program: str = "") -> torch.Tensor:
     """The kernel's math in torch, in the kernel's precision (the no-GPU path and the test oracle)."""
-    chain, gain_index = steps(epilogue, bias is not None), x_gain_operand(epilogue)
-    operands, extra_inputs = split_operands(chain, operands, program, gain_index)
-    if gain_index is not None:
-        x = x * operands[gain_index]       # in x's dtype, as the graph's mul rounds it
-    z, _ = pre_epilogue(x, weight, lora_a, lora_b, scale, weight_layout)
+    chain, where = steps(epilogue, bias is not None), prologue(epilogue)
+    operands, extra_inputs = split_operands(chain, operands, program, where)
+    vectors = {name: operands[i] for name, i in where.items()}
+    if "x_gain" in vectors:
+        x = x * vectors["x_gain"]         # in x's dtype, as the graph's mul rounds it
+    z, _ = pre_epilogue(x, weight, lora_a, lora_b, scale, weight_layout, vectors)
     tiles = as_tiles(chain, operands, z.shape)
     out = apply(z, chain, bias, tiles)[-1].to(x.dtype)
     parsed = _program(program, extra_inputs, *z.shape)
@@ -272,12 +280,13 @@ def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
 
 
 def split_operands(chain: tuple[Step, ...], operands: list, program: str = "",
-                   gain_index: int | None = None) -> tuple[list, list]:
-    """(the steps' operands, a program epilogue's extra inputs): with a program, the steps (and an
-    x gain) read operands 0..n-1 and the program's inputs %1.. are the rest; else all are the steps'."""
+                   where: dict | None = None) -> tuple[list, list]:
+    """(the steps' operands, a program epilogue's extra inputs): with a program, the steps (and the
+    prologue vectors) read operands 0..n-1 and the program's inputs %1.. are the rest; else all are
+    the steps'."""
     if not program:
         return list(operands), []
-    used = [s.operand for s in chain if s.operand is not None] + ([gain_index] if gain_index is not None else [])
+    used = [s.operand for s in chain if s.operand is not None] + list((where or {}).values())
     n = 1 + max(used, default=-1)
     return list(operands[:n]), list(operands[n:])
 
@@ -293,15 +302,20 @@ def _program(program: str, extra_inputs: list, M: int, N: int) -> "Program | Non
     return parsed
 
 
-def pre_epilogue(x, weight, lora_a, lora_b, scale, weight_layout):
+def pre_epilogue(x, weight, lora_a, lora_b, scale, weight_layout, vectors=None):
     """(z, x @ A^T) as 2-D compute-dtype tensors; x @ A^T is rounded to x's dtype as stored eagerly.
 
-    With no LoRA branch (lora_a None) z is x @ W^T and x @ A^T is None.
+    With no LoRA branch (lora_a None) z is x @ W^T and x @ A^T is None. VeRA's vectors (`vera_d`,
+    `vera_b`) scale x @ A^T and the up-projection, each product rounded as the graph stores it.
     """
-    dtype = compute_dtype(x.dtype)
+    dtype, vectors = compute_dtype(x.dtype), vectors or {}
     x2 = x.reshape(-1, x.shape[-1]).to(dtype)
     w = weight.to(dtype) if weight_layout == "out_in" else weight.to(dtype).t()
     if lora_a is None:
         return x2 @ w.t(), None
-    x_lora_a = (x2 @ lora_a.to(dtype).t()).to(x.dtype).to(dtype)
-    return x2 @ w.t() + scale * (x_lora_a @ lora_b.to(dtype).t()), x_lora_a
+    round_ = lambda t: t.to(x.dtype).to(dtype)  # noqa: E731
+    x_lora_a = round_(x2 @ lora_a.to(dtype).t())
+    hidden = round_(x_lora_a * vectors["vera_d"].to(dtype)) if "vera_d" in vectors else x_lora_a
+    up = hidden @ lora_b.to(dtype).t()
+    up = round_(round_(up) * vectors["vera_b"].to(dtype)) if "vera_b" in vectors else up
+    return x2 @ w.t() + scale * up, x_lora_a

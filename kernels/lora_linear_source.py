@@ -81,13 +81,22 @@ _LORA_LOAD_TMA = "        a_t_tile = a_desc.load([0, k_start]).T\n"
 _X_GAIN = """        x_gain = tl.load(x_gain_ptr + offs_k * stride_x_gain_k, mask=mask_k, other=0.0)
         x_tile = x_tile * x_gain[None, :]
 """
+# VeRA's vectors on the LoRA branch: h = round(x @ A^T) * d[r] (rounded), u = round(h @ B^T) * b[n]
+_VERA_D = """    vera_d = tl.load(vera_d_ptr + offs_r * stride_vera_d_r, mask=mask_r, other=0.0)
+    x_lora_a = x_lora_a.to(vera_d.dtype) * vera_d[None, :]
+"""
+_VERA_B = """    vera_b = tl.load(vera_b_ptr + offs_n * stride_vera_b_n, mask=mask_n, other=0.0)
+    lora_up = (lora_up.to(vera_b.dtype) * vera_b[None, :]).to(tl.float32)
+"""
+VECTORS = ("x_gain", "vera_d", "vera_b")      # the order of their pointers in the kernel's signature
+_VECTOR_STRIDE = {"x_gain": "stride_x_gain_k", "vera_d": "stride_vera_d_r", "vera_b": "stride_vera_b_n"}
 
 # the LoRA parts of the template (left out for a region with no LoRA branch, e.g. IA3 alone)
 _LORA_INIT = "    x_lora_a = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)   # x @ A^T, from the same x tiles\n"
 _LORA_LOAD = """        a_t_tile = tl.load(a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
                            mask=mask_k[:, None] & mask_r[None, :], other=0.0)
 """
-_LORA_DOT = "        x_lora_a = tl.dot(x_tile, a_t_tile, x_lora_a, input_precision=DOT_PRECISION)\n"
+_VERA_DOT = "        x_lora_a = tl.dot(x_tile, a_t_tile, x_lora_a, input_precision=DOT_PRECISION)\n"
 _LORA_UP_PRECOMPUTED = """    # h = round(x @ A^T) was computed before the launch (M x R; it sits in A's slot:
     # stride_ar steps its rows m, stride_ak its columns r), so the K loop above has the base GEMM's one dot only
     x_lora_a = tl.load(a_ptr + offs_m[:, None] * stride_ar + offs_r[None, :] * stride_ak,
@@ -96,8 +105,8 @@ _LORA_UP_PRECOMPUTED = """    # h = round(x @ A^T) was computed before the launc
 _LORA_UP = """    # LoRA up-projection: z = x @ W^T + s * round(x @ A^T) @ B^T
     b_t_tile = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
                        mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-    lora_up = tl.dot(x_lora_a.to(b_t_tile.dtype), b_t_tile, input_precision=DOT_PRECISION)
-    acc = acc + lora_scale * lora_up
+{vera_d}    lora_up = tl.dot(x_lora_a.to(b_t_tile.dtype), b_t_tile, input_precision=DOT_PRECISION)
+{vera_b}    acc = acc + lora_scale * lora_up
 """
 
 _LOAD_ROW = ("    {name} = tl.load({name}_ptr + offs_n * stride_{name}_n, mask=mask_n, other=0.0)"
@@ -116,11 +125,11 @@ _PREFIX = {"fused": "lora_linear", "precomputed": "lora_linear_precomputed", "no
 
 
 def kernel_name(chain: tuple[Step, ...], mode: str = "fused", program: Program | None = None,
-                x_gain: bool = False) -> str:
+                vectors: tuple[str, ...] = ()) -> str:
     """The kernel's name: the template and its steps, e.g. lora_linear_bias_silu_mul_kernel."""
     return "_".join([_PREFIX[mode.removesuffix("+tma")], *(["tma"] if mode.endswith("+tma") else []),
-                     *(["xgain"] if x_gain else []), *(s.rule for s in chain), *(["pointwise"] if program else []),
-                     "kernel"])
+                     *(v.replace("_", "") for v in VECTORS if v in vectors), *(s.rule for s in chain),
+                     *(["pointwise"] if program else []), "kernel"])
 
 
 def operand_name(step: Step) -> str:
@@ -142,11 +151,13 @@ def operand_names(chain: tuple[Step, ...]) -> list[tuple[str, str]]:
 
 
 def formula(chain: tuple[Step, ...], mode: str = "fused", program: Program | None = None,
-            x_gain: bool = False) -> str:
+            vectors: tuple[str, ...] = ()) -> str:
     """The math the kernel computes, e.g. silu(x @ W^T + s * (x @ A^T) @ B^T + bias)."""
     value = {"fused": "x @ W^T + s * (x @ A^T) @ B^T", "precomputed": "x @ W^T + s * h @ B^T",
              "none": "x @ W^T"}[mode]
-    value = value.replace("x @", "(x * x_gain[k]) @") if x_gain else value
+    value = value.replace("(x @ A^T)", "((x @ A^T) * d[r])") if "vera_d" in vectors else value
+    value = value.replace("@ B^T", "@ B^T * b[n]") if "vera_b" in vectors else value
+    value = value.replace("x @", "(x * x_gain[k]) @") if "x_gain" in vectors else value
     for step in chain:
         rule = RULES[step.rule]
         operand = operand_name(step)
@@ -190,15 +201,16 @@ def epilogue_source(chain: tuple[Step, ...], indent: str = "    ") -> str:
 
 
 def kernel_source(chain: tuple[Step, ...], mode: str = "fused", program: Program | None = None,
-                  input_kinds: tuple[str, ...] = (), x_gain: bool = False) -> str:
+                  input_kinds: tuple[str, ...] = (), vectors: tuple[str, ...] = ()) -> str:
     """The Triton function for a step list (the same text for every region with these steps).
 
     `program` (with its extra inputs' kinds) ends the epilogue: see kernels/program_epilogue.py;
-    `x_gain` scales x's columns in the K loop.
+    `vectors` names the prologue vectors present (VECTORS; kernels/epilogue.PROLOGUE).
     """
-    ptrs = "".join(f" {name}_ptr," for name, _ in operand_names(chain)) + (" x_gain_ptr," if x_gain else "")
+    present = [v for v in VECTORS if v in vectors]
+    ptrs = "".join(f" {name}_ptr," for name, _ in operand_names(chain)) + "".join(f" {v}_ptr," for v in present)
     strides = "".join(f" stride_{name}_m, stride_{name}_n," if kind == "tile" else f" stride_{name}_n,"
-                      for name, kind in operand_names(chain)) + (" stride_x_gain_k," if x_gain else "")
+                      for name, kind in operand_names(chain)) + "".join(f" {_VECTOR_STRIDE[v]}," for v in present)
     epilogue = epilogue_source(chain)
     if program is not None:
         more_ptrs, more_strides = program_epilogue.arguments(input_kinds)
@@ -206,42 +218,43 @@ def kernel_source(chain: tuple[Step, ...], mode: str = "fused", program: Program
         epilogue += program_epilogue.source(program, input_kinds)
     lora_mode, tma = mode.removesuffix("+tma"), mode.endswith("+tma")
     fused = lora_mode == "fused"
-    return _KERNEL.format(name=kernel_name(chain, mode, program, x_gain), operand_ptrs=ptrs,
-                          operand_strides=strides, math=formula(chain, lora_mode, program, x_gain),
-                          epilogue=epilogue, x_prologue=_X_GAIN if x_gain else "",
+    up = _LORA_UP.format(vera_d=_VERA_D if "vera_d" in vectors else "", vera_b=_VERA_B if "vera_b" in vectors else "")
+    return _KERNEL.format(name=kernel_name(chain, mode, program, vectors), operand_ptrs=ptrs,
+                          operand_strides=strides, math=formula(chain, lora_mode, program, vectors),
+                          epilogue=epilogue, x_prologue=_X_GAIN if "x_gain" in vectors else "",
                           tma_setup=(_TMA_SETUP + (_TMA_SETUP_A if fused else "")) if tma else "",
                           x_load=_X_LOAD_TMA if tma else _X_LOAD, w_load=_W_LOAD_TMA if tma else _W_LOAD,
                           lora_init=_LORA_INIT if fused else "",
                           lora_load=(_LORA_LOAD_TMA if tma else _LORA_LOAD) if fused else "",
-                          lora_dot=_LORA_DOT if fused else "",
-                          lora_up={"fused": _LORA_UP, "precomputed": _LORA_UP_PRECOMPUTED + _LORA_UP,
-                                   "none": ""}[lora_mode])
+                          lora_dot=_VERA_DOT if fused else "",
+                          lora_up={"fused": up, "precomputed": _LORA_UP_PRECOMPUTED + up, "none": ""}[lora_mode])
 
 
 def render(chain: tuple[Step, ...], region: str = "", fused: list[str] | tuple[str, ...] = (),
            mode: str = "fused", program: Program | None = None, input_kinds: tuple[str, ...] = (),
-           x_gain: bool = False) -> str:
+           vectors: tuple[str, ...] = ()) -> str:
     """A whole module: a header (region name, graph nodes it replaces), imports and the kernel."""
     title = f"region `{region}`" if region else "a fused linear" if mode.startswith("none") else "a fused LoRA linear"
     header = [f'"""Generated by surgeon (kernels/lora_linear.py) for {title}.', "",
-              f"out = {formula(chain, mode.removesuffix('+tma'), program, x_gain)}"]
+              f"out = {formula(chain, mode.removesuffix('+tma'), program, vectors)}"]
     if fused:
         header += ["", "graph nodes replaced, in order:"] + [f"    {line}" for line in fused]
     header.append('"""')
     return "\n".join(header) + "\nimport triton\nimport triton.language as tl\n\n\n" + \
-        kernel_source(chain, mode, program, input_kinds, x_gain)
+        kernel_source(chain, mode, program, input_kinds, vectors)
 
 
 _KERNELS: dict[tuple, object] = {}
 
 
 def load_kernel(chain: tuple[Step, ...], mode: str = "fused", program: Program | None = None,
-                input_kinds: tuple[str, ...] = (), x_gain: bool = False):
+                input_kinds: tuple[str, ...] = (), vectors: tuple[str, ...] = ()):
     """The compiled-on-demand Triton function for a step list and mode (cached, per interpreter flag)."""
     anonymous = None if program is None else program.anonymous()
-    key = (chain, mode, anonymous and anonymous.encode(), input_kinds, x_gain, codegen.interpreting())
+    vectors = tuple(v for v in VECTORS if v in vectors)
+    key = (chain, mode, anonymous and anonymous.encode(), input_kinds, vectors, codegen.interpreting())
     if key not in _KERNELS:      # cached here too: rendering and hashing the source costs per call
-        name = kernel_name(chain, mode, program, x_gain)
-        source = render(chain, mode=mode, program=anonymous, input_kinds=input_kinds, x_gain=x_gain)
+        name = kernel_name(chain, mode, program, vectors)
+        source = render(chain, mode=mode, program=anonymous, input_kinds=input_kinds, vectors=vectors)
         _KERNELS[key] = getattr(codegen.load(source, name), name)
     return _KERNELS[key]

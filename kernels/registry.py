@@ -13,7 +13,7 @@ import torch
 
 from . import program_epilogue
 from .dispatch import backend, runs_kernel, triton_available  # noqa: F401 - re-exported
-from .epilogue import RULES, apply, as_tiles, operand_of, steps, x_gain
+from .epilogue import RULES, apply, as_tiles, operand_of, prologue, steps
 from .lora_linear import compute_dtype, lora_linear as launch_lora_linear, pre_epilogue, reference, split_operands
 from .pointwise_program import Program
 
@@ -74,18 +74,21 @@ def lora_linear_backward(grad, x, weight, bias, lora_a, lora_b, operands, scale,
                          wants, program: str = "") -> tuple:
     """Gradients of every tensor input (None where not wanted), from the torch reference math.
 
-    With g = dL/dz (z before the epilogue) and h = x @ A^T:
-      dx = g W + s (g B) A,  dW = g^T x,  db and operand grads from each step's vjp,
-      dA = s (g B)^T x,  dB = s g^T h.
-    A program epilogue's gradients come from autograd through its torch reference. With an x gain
-    l (x' = x * l feeds the GEMMs): dx = dx' * l and dl = sum over rows of dx' * x.
+    With g = dL/dz (z before the epilogue), h = x @ A^T, and VeRA's vectors d (on h) and b (on
+    the up-projection; absent means ones): g_u = s g b, g_h = (g_u B) d, and
+      dx = g W + g_h A,  dW = g^T x,  dA = g_h^T x,  dB = g_u^T (h d),
+      dd = sum over rows of (g_u B) h,  db = s sum over rows of g (h d) B^T,
+    the bias and operand grads from each step's vjp. A program epilogue's gradients come from
+    autograd through its torch reference. With an x gain l (x' = x * l feeds the GEMMs):
+    dx = dx' * l and dl = sum over rows of dx' * x.
     """
-    chain, gain_index = steps(epilogue, bias is not None), x_gain(epilogue)
+    chain, where = steps(epilogue, bias is not None), prologue(epilogue)
     dtype = compute_dtype(x.dtype)
-    x_in, gain = x, None if gain_index is None else operands[gain_index]
+    vectors = {name: operands[i] for name, i in where.items()}
+    x_in, gain = x, vectors.get("x_gain")
     x = x if gain is None else x * gain
-    z, h = pre_epilogue(x, weight, lora_a, lora_b, scale, weight_layout)
-    step_operands, extra = split_operands(chain, operands, program, gain_index)
+    z, h = pre_epilogue(x, weight, lora_a, lora_b, scale, weight_layout, vectors)
+    step_operands, extra = split_operands(chain, operands, program, where)
     tiles = as_tiles(chain, step_operands, z.shape)
     values = apply(z, chain, bias, tiles)
     g, extra_grads = program_vjp(grad.reshape(z.shape), values[-1].to(x.dtype), extra, program)
@@ -102,21 +105,31 @@ def lora_linear_backward(grad, x, weight, bias, lora_a, lora_b, operands, scale,
             operand_grads[step.operand] = g_operand if prev is None else prev + g_operand
     x2 = x.reshape(z.shape[0], -1).to(dtype)
     w = weight.to(dtype) if weight_layout == "out_in" else weight.to(dtype).t()
-    g_b = None if lora_b is None else g @ lora_b.to(dtype)
     want_x, want_w, want_bias, want_a, want_b, want_ops = wants
+    g_h = da = db = None
+    if lora_a is not None:
+        vec = {k: v.to(dtype) for k, v in vectors.items()}
+        hidden = h * vec["vera_d"] if "vera_d" in vec else h
+        g_u = scale * g * vec["vera_b"] if "vera_b" in vec else scale * g
+        g_hidden = g_u @ lora_b.to(dtype)
+        g_h = g_hidden * vec["vera_d"] if "vera_d" in vec else g_hidden
+        if "vera_d" in where:
+            operand_grads[where["vera_d"]] = (g_hidden * h).sum(0)
+        if "vera_b" in where:
+            operand_grads[where["vera_b"]] = (scale * g * (hidden @ lora_b.to(dtype).t())).sum(0)
+        da = (g_h.t() @ x2).to(lora_a.dtype) if want_a else None
+        db = (g_u.t() @ hidden).to(lora_b.dtype) if want_b else None
     dx = None
-    if want_x or (gain is not None and want_ops[gain_index]):
-        dx = g @ w if g_b is None else g @ w + scale * (g_b @ lora_a.to(dtype))
+    if want_x or (gain is not None and want_ops[where["x_gain"]]):
+        dx = g @ w if g_h is None else g @ w + g_h @ lora_a.to(dtype)
         if gain is not None:
-            operand_grads[gain_index] = (dx * x_in.reshape(dx.shape).to(dtype)).sum(0)
+            operand_grads[where["x_gain"]] = (dx * x_in.reshape(dx.shape).to(dtype)).sum(0)
             dx = dx * gain.to(dtype)
         dx = dx.to(x.dtype).reshape(x.shape) if want_x else None
     dw = None
     if want_w:
         dw = g.t() @ x2
         dw = (dw if weight_layout == "out_in" else dw.t()).to(weight.dtype)
-    da = (scale * g_b.t() @ x2).to(lora_a.dtype) if want_a else None
-    db = (scale * g.t() @ h).to(lora_b.dtype) if want_b else None
     dbias = bias_grad.to(bias.dtype) if want_bias and bias_grad is not None else None
     dops = [gr.to(op.dtype).reshape(op.shape) if (want and gr is not None) else None
             for gr, op, want in zip(operand_grads, operands, want_ops)]

@@ -6,6 +6,8 @@ compute, or a string saying why this site does not have that form:
   lora_seed        y + s B(A x)               with y = x W^T (+ b)            -> lora_linear
   dora_seed        y + (g - 1)(y - b) + s g B(A x), g = m / ||W + s B A||_row  -> lora_linear,
                    epilogue "gain:g,bias" (the identity: the DoRA output is g (x W^T + s B A x) + b)
+  vera_seed        y + ((x A^T) d) B^T b      (d, b trained vectors)           -> lora_linear, prologue
+                                                                                  "vera_d:i,vera_b:j|"
   ia3_seed         y * l                      (l one value per output)         -> lora_linear without
                                                                                   LoRA, epilogue "gain:l"
   ia3_input_seed   linear(x * l)              (l one value per input feature)  -> lora_linear without
@@ -53,8 +55,9 @@ class Region:
 
     def epilogue(self) -> tuple[str, list[fx.Node]]:
         """The custom op's epilogue string and its tensor operands, e.g. ("silu,mul:0", [up])."""
-        operands: list[fx.Node] = [self.parts["x_gain"]] if self.parts.get("x_gain") is not None else []
-        prologue = "x_gain:0|" if operands else ""
+        vectors = [name for name in ("x_gain", "vera_d", "vera_b") if self.parts.get(name) is not None]
+        operands: list[fx.Node] = [self.parts[name] for name in vectors]
+        prologue = ",".join(f"{name}:{i}" for i, name in enumerate(vectors)) + "|" if vectors else ""
         texts = []
         for rule, operand, _ in self.steps:
             if isinstance(operand, fx.Node):
@@ -87,7 +90,8 @@ class Region:
                 f"bottleneck({self.adapter}: up(down))"
         bias = "+bias" if self.parts.get("bias") is not None and not any(r == "bias" for r, _, _ in self.steps) \
             else ""
-        lora = f"+lora({self.adapter})" if self.parts.get("lora_a") is not None else ""
+        branch = "vera" if self.parts.get("vera_d") is not None else "lora"
+        lora = f"+{branch}({self.adapter})" if self.parts.get("lora_a") is not None else ""
         gain = "(x*gain)" if self.parts.get("x_gain") is not None else ""
         base = next(n for n in self.nodes if n.target in BASE_OPS)
         return f"{base.target.__name__.split('.')[0]}{gain}{bias}{lora}"
@@ -249,6 +253,37 @@ def ia3_input_seed(gm: fx.GraphModule, mul: fx.Node) -> "Region | str":
     return region
 
 
+def vera_seed(gm: fx.GraphModule, add: fx.Node) -> "Region | str":
+    """VeRA's `y + ((x A^T) * d) B^T * b` (A, B shared and frozen, d and b trained vectors)."""
+    def mul_by_vector(node: Any) -> "tuple[fx.Node, fx.Node] | None":
+        if not isinstance(node, fx.Node) or node.target is not aten.mul.Tensor or len(node.args) != 2:
+            return None
+        value, vector = node.args
+        return (value, vector) if isinstance(value, fx.Node) and row_vector(gm, vector, value) else None
+
+    if add.target is not aten.add.Tensor or len(add.args) != 2 or add.kwargs.get("alpha", 1) != 1:
+        return "not y + (...) * b"
+    base, scaled_up = add.args
+    outer = mul_by_vector(scaled_up)
+    up = outer and outer[0]
+    inner = mul_by_vector(up.args[0]) if _bias_free_linear(up) else None
+    down = inner and inner[0]
+    parts = base_parts(gm, base) if isinstance(base, fx.Node) else "no base op"
+    if not inner or not _bias_free_linear(down) or isinstance(parts, str):
+        return "not y + linear(linear(x, A) * d, B) * b"
+    if down.args[0] is not parts["x"]:
+        return f"the VeRA branch reads '{down.args[0]}' but the base op reads '{parts['x']}'"
+    if why := _one_user(base, down, up.args[0], up, scaled_up):
+        return why
+    rank = tensor_meta(gm, down.args[1])
+    region = _gemm_region(gm, f"lora_linear@{module_path(base)}", [base, down, up.args[0], up, scaled_up, add],
+                          add.meta["surgeon_adapter"], {**parts, "lora_a": down.args[1], "lora_b": up.args[1]},
+                          parts["layout"], 1.0, int(rank[0][0]) if rank else 0)
+    if isinstance(region, Region):
+        region.parts.update(vera_d=inner[1], vera_b=outer[1])
+    return region
+
+
 def bottleneck_seed(gm: fx.GraphModule, add: fx.Node) -> "Region | str":
     """`y + s U act(D src)` (bottleneck: src is y; parallel adapter: src is the layer input)."""
     if add.target is not aten.add.Tensor or len(add.args) != 2 or not all(isinstance(a, fx.Node) for a in add.args):
@@ -276,8 +311,8 @@ def bottleneck_seed(gm: fx.GraphModule, add: fx.Node) -> "Region | str":
                   scale=float(add.kwargs.get("alpha", 1)), rank=int(metas[2][0][0]))
 
 
-SEEDS = (("lora", lora_seed), ("dora", dora_seed), ("ia3", ia3_seed), ("ia3-input", ia3_input_seed),
-         ("bottleneck", bottleneck_seed))
+SEEDS = (("lora", lora_seed), ("dora", dora_seed), ("vera", vera_seed), ("ia3", ia3_seed),
+         ("ia3-input", ia3_input_seed), ("bottleneck", bottleneck_seed))
 
 
 def seed(gm: fx.GraphModule, node: fx.Node) -> "Region | str":

@@ -70,7 +70,7 @@ OPS = {"lora_linear": "lora_linear", "bottleneck": "bottleneck", "elementwise": 
 def lower_lora_linear(gm: fx.GraphModule, region: Region, replaced: dict) -> tuple[fx.Node, str]:
     """One surgeon::lora_linear call for a LoRA / DoRA / IA3 linear region, and its kernel source."""
     from surgeon.kernels.epilogue import steps
-    from surgeon.kernels.lora_linear_source import render
+    from surgeon.kernels.lora_linear_source import VECTORS, render
 
     epilogue, operands = region.epilogue()
     parts = region.parts
@@ -83,7 +83,7 @@ def lower_lora_linear(gm: fx.GraphModule, region: Region, replaced: dict) -> tup
     mode = "fused" if parts["lora_a"] is not None else "none"
     return node, render(chain, region.name, replaced_lines(region), mode=mode,
                         program=program, input_kinds=parts.get("program_kinds", ()),
-                        x_gain=parts.get("x_gain") is not None)
+                        vectors=tuple(name for name in VECTORS if parts.get(name) is not None))
 
 
 def lower_bottleneck(gm: fx.GraphModule, region: Region, replaced: dict) -> tuple[fx.Node, str]:

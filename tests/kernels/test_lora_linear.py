@@ -137,7 +137,8 @@ def test_x_gain_prologue_scales_the_input_columns(mode, dtype):
     scaled = dict(args, x=args["x"] * args["operands"][0], operands=[args["operands"][1]])
     torch.testing.assert_close(kernel.reference(**args, epilogue=epilogue),
                                kernel.reference(**scaled, epilogue="silu,mul:0"), rtol=0, atol=0)
-    source = kernel.render(steps(epilogue, True), mode=mode if mode != "cublas" else "fused", x_gain=True)
+    source = kernel.render(steps(epilogue, True), mode=mode if mode != "cublas" else "fused",
+                           vectors=("x_gain",))
     assert "x_tile = x_tile * x_gain[None, :]" in source and "(x * x_gain[k]) @ W^T" in source
 
 
@@ -163,6 +164,34 @@ def test_tma_modes_are_refused_where_rows_are_not_aligned():
         kernel.lora_linear(**args, mode="fused+tma")
     aligned = make(7, 72, 40, 4, torch.float16, layout="in_out")
     assert not kernel.tma_ready(aligned["x"], aligned["weight"], aligned["lora_a"], "in_out")
+
+
+def vera_args(M, dtype, r=4):
+    """A LoRA call plus VeRA's vectors: operand 0 is d (r values), operand 1 is b (N values)."""
+    args = make(M, 72, 40, r, dtype)
+    gen = torch.Generator().manual_seed(11)
+    args["operands"] = [(torch.rand(r, generator=gen) + 0.5).to(dtype), (torch.rand(40, generator=gen) + 0.5).to(dtype)]
+    return args
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("mode", ["fused", "precomputed", "cublas", "fused+tma"])
+def test_vera_vectors_scale_the_lora_branch(mode, dtype):
+    """VeRA: z = x W^T + ((x A^T) * d) B^T * b, the vectors in a prologue "vera_d:0,vera_b:1|"."""
+    args = vera_args(7, dtype)
+    epilogue = "vera_d:0,vera_b:1|silu"
+    out = kernel.lora_linear(**args, epilogue=epilogue, mode=mode)
+    tolerance = CUBLAS_TOLERANCE if mode == "cublas" else TOLERANCE
+    torch.testing.assert_close(out, kernel.reference(**args, epilogue=epilogue), **tolerance[dtype])
+    assert "((x @ A^T) * d[r]) @ B^T * b[n]" in kernel.render(steps(epilogue, True), vectors=("vera_d", "vera_b"))
+
+
+def test_reference_of_the_vera_form_is_the_unfused_math():
+    a = vera_args(5, torch.float64)
+    x, w, b = a["x"], a["weight"], a["bias"]
+    d, bvec = a["operands"]
+    vera = x @ w.T + b + a["scale"] * (((x @ a["lora_a"].T) * d) @ a["lora_b"].T) * bvec
+    torch.testing.assert_close(kernel.reference(**a, epilogue="vera_d:0,vera_b:1|"), vera)
 
 
 def test_reference_of_the_gain_and_no_lora_forms_is_the_unfused_math():
@@ -212,9 +241,9 @@ def test_kernel_body_is_shared_between_regions_with_the_same_steps():
     assert kernel.load_kernel(chain) is kernel.load_kernel(chain)
 
 
-@pytest.mark.parametrize("x_gain", [False, True], ids=["", "xgain"])
+@pytest.mark.parametrize("vectors", [(), ("x_gain", "vera_d", "vera_b")], ids=["", "vectors"])
 @pytest.mark.parametrize("mode", ["fused", "precomputed", "none", "fused+tma", "precomputed+tma", "none+tma"])
-def test_generated_kernel_compiles_for_an_h100_without_a_gpu(monkeypatch, mode, x_gain):
+def test_generated_kernel_compiles_for_an_h100_without_a_gpu(monkeypatch, mode, vectors):
     """Compile to sm_90 machine code (the interpreter checks semantics, not that Triton can lower it)."""
     import triton
     from triton.backends import backends
@@ -225,7 +254,7 @@ def test_generated_kernel_compiles_for_an_h100_without_a_gpu(monkeypatch, mode, 
         pytest.skip("this Triton build has no NVIDIA backend")
     monkeypatch.delenv("TRITON_INTERPRET")       # a JIT function, not an interpreted one
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
-    fn = kernel.load_kernel(steps("silu,mul:0", has_bias=True), mode, x_gain=x_gain)
+    fn = kernel.load_kernel(steps("silu,mul:0", has_bias=True), mode, vectors=vectors)
     meta = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, BLOCK_R=16, GROUP_M=8, DOT_PRECISION="tf32")
     signature = {n: "constexpr" if n in meta else "*fp16" if n.endswith("_ptr") else
                  "fp32" if n == "lora_scale" else "i32" for n in fn.arg_names}
@@ -314,6 +343,10 @@ def test_custom_op_gradcheck_on_the_reference_path(op, monkeypatch):
     ia3_input = lambda x, w, b, a, bb, x_gain, g: torch.ops.surgeon.lora_linear(  # noqa: E731
         x, w, b, a, bb, [x_gain, g], 1.7, "in_out", "x_gain:0|silu,mul:1", "")
     assert torch.autograd.gradcheck(ia3_input, (x, w, b, a, bb, x_gain, g))
+    vera_d, vera_b = t(2), t(6)
+    vera = lambda x, w, b, a, bb, vera_d, vera_b, x_gain: torch.ops.surgeon.lora_linear(  # noqa: E731
+        x, w, b, a, bb, [vera_d, vera_b, x_gain], 1.7, "in_out", "vera_d:0,vera_b:1,x_gain:2|gelu", "")
+    assert torch.autograd.gradcheck(vera, (x, w, b, a, bb, vera_d, vera_b, x_gain))
 
 
 def test_custom_op_under_torch_compile(op):
@@ -407,3 +440,22 @@ def test_lowered_llama_with_dynamic_dims_serves_other_shapes_through_the_kernels
     ids = torch.randint(0, 128, (3, 11), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         torch.testing.assert_close(compiled.module(ids).logits, unlowered(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_lowered_llama_with_vera_runs_the_generated_kernels(op):
+    """VeRA sites (shared A and B sliced per site, trained d and b) through the interpreted kernels."""
+    import copy
+
+    import surgeon
+    from tests.conftest import hf_llama, randomize_adapters
+
+    model, args = hf_llama(layers=1)
+    spec = {"adapters": [{"name": "v", "type": "vera", "rank": 4, "targets": ["*.q_proj", "*.gate_proj"]}],
+            "pipeline": ["insert"]}
+    compiled = surgeon.compile(model, args, spec, {"use_cache": False})
+    randomize_adapters(compiled.module)
+    unlowered = copy.deepcopy(compiled.module)
+    compiled.apply(["fuse", "lower"])
+    assert "2 lora_linear regions" in compiled.report.rows[-1].notes[0]
+    with torch.no_grad():
+        torch.testing.assert_close(compiled.module(*args).logits, unlowered(*args).logits, rtol=1e-5, atol=1e-5)

@@ -257,3 +257,17 @@ def test_fuse_gpt2_bottleneck_grows_through_the_row_view_too():
     mlp = regions["bottleneck@transformer.h.0.mlp.c_proj"]
     assert mlp.epilogue()[0] == "add:0" and mlp.parts["view"].target is torch.ops.aten.view.default
     assert "view(view_" in mlp.describe() and len(regions) == 4
+
+
+def test_fuse_vera_sites_are_lora_regions_with_their_vectors_as_a_prologue():
+    model, args = hf_llama(layers=1)
+    spec = {"adapters": [{"name": "v", "type": "vera", "rank": 4, "targets": ["*.q_proj", "*.gate_proj"]}],
+            "pipeline": ["insert"]}
+    compiled = surgeon.compile(model, args, spec, KW)
+    regions = lora_regions(compiled.module)
+    # Before: y, A x (A a slice of the shared vera_A), * d, B (.), * b, add. Expected: one region each;
+    # d and b are the prologue's operands, the slices of the shared matrices its A and B.
+    q = regions["lora_linear@model.layers.0.self_attn.q_proj"]
+    assert q.epilogue()[0] == "vera_d:0,vera_b:1|" and len(q.nodes) == 6 and q.rank == 4
+    assert q.parts["lora_a"].target is torch.ops.aten.slice.Tensor and "+vera(v)" in q.describe()
+    assert regions["lora_linear@model.layers.0.mlp.gate_proj"].epilogue()[0] == "vera_d:0,vera_b:1|silu,mul:2"
