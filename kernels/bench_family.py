@@ -12,7 +12,7 @@ One row per (region, M), bf16, hidden 4096, r = 16, M in (16, 4096); median micr
   dora        g (x W^T + s B A x), g one value per output (the weight-side norm is not timed)
   ia3-input   (x * l) W^T, l one value per input feature (PEFT's IA3 on down_proj)
   bottleneck  y = x W^T, then y + U relu(D y)
-  rmsnorm     w * (x * rsqrt(mean(x^2) + eps)): the pointwise tail after the mean as one kernel
+  rmsnorm     w * (x * rsqrt(mean(x^2) + eps)): one row kernel (the mean inside it)
   gelu-fc     0.5 z (1 + tanh(c (z + 0.044715 z^3))), z = x W^T + b + s B A x (GPT-2's c_fc)
 
 Decode rows (M <= 64) replay a CUDA graph. The table infrastructure is kernels/bench.py's.
@@ -70,17 +70,19 @@ def gelu_program(z: torch.Tensor) -> str:
     return program_from_nodes([n for n in gm.graph.nodes if n.op == "call_function"], first=first).encode()
 
 
-def rms_tail_program(x32: torch.Tensor, variance: torch.Tensor, weight: torch.Tensor) -> tuple[str, list[int]]:
-    """RMSNorm's tail after the mean (add, rsqrt, mul, to, mul) as a Program, and the order its
-    inputs take (positions in (x32, variance, weight))."""
+def rms_norm(x, weight):
+    """LLaMA's RMSNorm as its graph holds it: to, pow, mean (last dim), add, rsqrt, mul, to, mul."""
+    x32 = x.to(torch.float32)
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(weight.dtype)
+
+
+def rms_program(x: torch.Tensor, weight: torch.Tensor) -> tuple[str, list[int]]:
+    """RMSNorm as one row Program (what `lower` emits), and the order its inputs take in (x, weight)."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from .pointwise_program import program_from_nodes
 
-    def tail(x32, variance, weight):
-        return weight * (x32 * torch.rsqrt(variance + 1e-6)).to(weight.dtype)
-
-    gm = make_fx(tail)(x32, variance, weight)
+    gm = make_fx(rms_norm)(x, weight)
     program = program_from_nodes([n for n in gm.graph.nodes if n.op == "call_function"])
     position = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
     return program.encode(), [position[n] for n in program.input_nodes]
@@ -117,18 +119,9 @@ def variants(row: Row, device: str) -> tuple[dict, str, str]:
             return torch.add(y, F.linear(F.relu(F.linear(y, d)), u))
     elif row.kind == "rmsnorm":
         weight = rand(row.K)
-
-        def eager():
-            x32 = x.to(torch.float32)
-            return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(weight.dtype)
-
-        x32 = x.to(torch.float32)
-        program, order = rms_tail_program(x32, x32.pow(2).mean(-1, keepdim=True), weight)
-
-        def fused():
-            x32 = x.to(torch.float32)
-            inputs = (x32, x32.pow(2).mean(-1, keepdim=True), weight)
-            return pointwise([inputs[i] for i in order], program)[0]
+        program, order = rms_program(x, weight)
+        eager = lambda: rms_norm(x, weight)  # noqa: E731
+        fused = lambda: pointwise([(x, weight)[i] for i in order], program)[0]  # noqa: E731
         base = eager
     else:   # gelu-fc
         bias = rand(row.N)

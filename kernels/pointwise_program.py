@@ -112,6 +112,17 @@ _DIV = Rule("div", "{0} / {1}", _binary(torch.div), 2)
 _CAST = Rule("to", "{0}", lambda x: x.clone(), 1, _dtype_cast)   # the rounding after every op is the cast
 
 
+def _last_dim_mean(node: fx.Node) -> dict | str:
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    val = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+    rank = val.dim() if isinstance(val, torch.Tensor) else None
+    if node.kwargs.get("dtype") is not None or not keepdim or rank is None or \
+            list(dims or []) not in ([-1], [rank - 1]):
+        return "a mean over other dims than the last (kept), or with a dtype (the row rule takes the last)"
+    return {}
+
+
 def _eval_dropout(node: fx.Node) -> dict | str:
     train = node.kwargs.get("train", node.args[2] if len(node.args) > 2 else True)
     return {} if train is False else "dropout in training mode (random; no rule)"
@@ -141,7 +152,13 @@ RULES: dict[Any, Rule] = {
     aten.to.dtype: _CAST, aten._to_copy.default: _CAST,
     # dropout(x, p, train=False) = x (what an eval-mode capture records)
     aten.dropout.default: Rule("dropout", "{0}", lambda x: x.clone(), 1, _eval_dropout),
+    # mean over the last dim, kept: a row reduction (kernels/pointwise_rows.py defines `mask`, `N` and
+    # `_row_add`; tl.reduce with a combine function of the generated module, not tl.sum, a @jit helper
+    # fixed as compiled or interpreted when triton is imported)
+    aten.mean.dim: Rule("mean_last", "tl.reduce(tl.where(mask, {0}, 0.0), 0, _row_add) / N",
+                        lambda x: x.mean(-1, keepdim=True), 1, _last_dim_mean),
 }
+REDUCTIONS = {"mean_last"}
 BY_NAME: dict[str, Rule] = {rule.name: rule for rule in RULES.values()}
 
 
@@ -196,6 +213,11 @@ class Program:
     def __reduce__(self):       # pickles as its encoding (graph nodes do not travel)
         return Program.decode, (self.encode(),)
 
+    @property
+    def has_reduction(self) -> bool:
+        """Whether an op reduces a row (the program then runs as one row per program instance)."""
+        return any(op.rule in REDUCTIONS for op in self.ops)
+
     def anonymous(self) -> "Program":
         """The same math without names (programs that differ only in names share one kernel)."""
         return replace(self, names=())
@@ -232,6 +254,34 @@ def broadcast_shape(shapes: list[tuple]) -> tuple | None:
                 return None
             full[d] = size if size != 1 else full[d]
     return tuple(full)
+
+
+def row_kinds(program: Program) -> "tuple[tuple[str, ...], tuple[str, ...]] | str":
+    """For a program with a row reduction: each input's and output's kind against the full shape F,
+    ("row": F itself, "col": one value per last-dim position, "rowscalar": one value per row,
+    "scalar": one value), or why one is none of them (a row kernel reads no other broadcast)."""
+    full = broadcast_shape([v.shape for v in program.values()])
+    if not full:
+        return "no full shape with a last dim to reduce"
+
+    def kind(shape: tuple) -> str | None:
+        shape = (1,) * (len(full) - len(shape)) + tuple(shape)
+        lead_full, lead_one = shape[:-1] == full[:-1], all(d == 1 for d in shape[:-1])
+        if shape == full:
+            return "row"
+        if lead_one and shape[-1] == full[-1]:
+            return "col"
+        if shape[-1] == 1 and (lead_full or lead_one):
+            return "rowscalar" if lead_full and not lead_one else "scalar"
+        return None
+
+    values = program.values()
+    ins = tuple(kind(v.shape) for v in program.inputs)
+    outs = tuple(kind(values[o].shape) for o in program.outputs)
+    if None in ins + outs or "col" in outs or ("scalar" in outs and full[:-1] != (1,) * (len(full) - 1)):
+        return f"shapes {[v.shape for v in values]} against {full}: a row kernel reads and writes only rows, " \
+               f"per-column vectors, per-row scalars and scalars"
+    return ins, outs
 
 
 def program_from_nodes(nodes: list[fx.Node], first: fx.Node | None = None) -> Program | str:
@@ -271,8 +321,10 @@ def program_from_nodes(nodes: list[fx.Node], first: fx.Node | None = None) -> Pr
     shapes = [v.shape for v in inputs] + [op.value.shape for op in ops]
     if broadcast_shape(shapes) is None:
         return f"its values' shapes {sorted(set(shapes), key=str)} do not broadcast to one shape (one kernel grid)"
-    return Program(tuple(inputs), ops, tuple(ids[n] for n in outs), tuple(n.name for n in ids),
-                   tuple(input_nodes), outs)
+    program = Program(tuple(inputs), ops, tuple(ids[n] for n in outs), tuple(n.name for n in ids),
+                      tuple(input_nodes), outs)
+    why = row_kinds(program) if program.has_reduction else None
+    return why if isinstance(why, str) else program
 
 
 def _operands(node: fx.Node) -> tuple[list, dict] | str:

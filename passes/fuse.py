@@ -9,7 +9,7 @@ then grows an epilogue: the longest chain of single-user ops with a rule in kern
 (silu/gelu/relu, a gate multiply such as SwiGLU's, a residual add, a constant scale, a
 per-output gain). Outside those regions:
   elementwise   connected chains of pointwise ops (two or more) with a rule in
-                kernels/pointwise.py.
+                kernels/pointwise_program.py, and means over the last dim among them (row kernels).
 Each growth step keeps the region convex (no path leaves it and comes back), checked on a
 networkx view of the graph, so it can be contracted into one node. Shapes of operands are
 compared with sympy where export recorded symbolic dims.
@@ -31,7 +31,8 @@ from surgeon.graph import module_path
 from surgeon.kernels.epilogue import match as match_epilogue
 from surgeon.pipeline import Context, PassResult
 
-from surgeon.kernels.pointwise_program import RULES as POINTWISE_RULES, broadcast_shape, program_from_nodes
+from surgeon.kernels.pointwise_program import (REDUCTIONS, RULES as POINTWISE_RULES, broadcast_shape,
+                                               program_from_nodes)
 
 from ._fuse_regions import BASE_OPS, Region, row_vector, same_meta, seed, tensor_meta
 
@@ -162,16 +163,42 @@ def is_eval_dropout(node: fx.Node, value: fx.Node) -> bool:
 def elementwise_regions(gm, graph, order, taken, names, rejections) -> list[Region]:
     """Convex groups (two or more) of pointwise ops outside the GEMM regions, grown in graph order.
 
-    Each pointwise op joins (and so merges) its producers' groups when the union stays convex,
-    else the latest group of one of its producers when that group stays convex
-    (RMSNorm's `x.pow(2)` and `x * rsqrt(mean + eps)` cannot share a group: the mean, a reduction,
-    lies on a path between them), and starts a group otherwise.
+    A mean over the last dim joins like a pointwise op (the group then runs one row per program,
+    kernels/pointwise_rows.py: RMSNorm's to/pow/mean/add/rsqrt/mul/to/mul is one kernel). A group
+    whose program has no kernel because of a reduction (another dim, a broadcast a row kernel does
+    not read) is grouped again without its reductions, and the reason is reported.
     """
+    candidates = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in POINTWISE and n not in taken]
+    return _group_regions(gm, graph, order, candidates, names, rejections)
+
+
+def _group_regions(gm, graph, order, nodes: list[fx.Node], names, rejections) -> list[Region]:
+    regions = []
+    for group in pointwise_groups(gm, graph, order, nodes, rejections):
+        if len(group) < 2:
+            continue
+        program = program_from_nodes(group)
+        reductions = [n for n in group if POINTWISE[n.target].name in REDUCTIONS]
+        if isinstance(program, str) and reductions:
+            rejections.append((f"row group at {module_path(group[-1])}", f"{program}; grouped again without "
+                                                                           f"{', '.join(n.name for n in reductions)}"))
+            regions += _group_regions(gm, graph, order, [n for n in group if n not in reductions], names, rejections)
+            continue
+        name = _unique(names, f"elementwise@{module_path(group[-1])}")
+        if isinstance(program, str):
+            rejections.append((name, program))
+            continue
+        regions.append(Region(name, "elementwise", group, parts={"program": program}))
+    return regions
+
+
+def pointwise_groups(gm, graph, order, nodes: list[fx.Node], rejections) -> list[list[fx.Node]]:
+    """`nodes` (in graph order) grouped: each joins (and so merges) its producers' groups when the
+    union stays convex and on one grid, else the latest group of one of its producers that stays
+    convex, and starts a group otherwise."""
     groups: list[list[fx.Node]] = []
     member: dict[fx.Node, int] = {}
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target not in POINTWISE or node in taken:
-            continue
+    for node in nodes:
         candidates = sorted({member[i] for i in node.all_input_nodes if i in member
                              if one_grid(gm, groups[member[i]] + [node])}, reverse=True)
         union = set(node for g in candidates for node in groups[g]) | {node}
@@ -190,17 +217,7 @@ def elementwise_regions(gm, graph, order, taken, names, rejections) -> list[Regi
             groups.append([])
         groups[joined].append(node)
         member[node] = joined
-    regions = []
-    for nodes in groups:
-        if len(nodes) < 2:
-            continue
-        name = _unique(names, f"elementwise@{module_path(nodes[-1])}")
-        program = program_from_nodes(nodes)
-        if isinstance(program, str):
-            rejections.append((name, program))
-            continue
-        regions.append(Region(name, "elementwise", nodes, parts={"program": program}))
-    return regions
+    return [g for g in groups if g]
 
 
 def absorb_program(gm, graph, order, regions: list[Region], group: Region, rejections: list) -> bool:
@@ -234,6 +251,8 @@ def program_refusal(gm, value: fx.Node, group: Region) -> "tuple | str":
         return program
     if len(program.outputs) != 1:
         return f"{group.name} has {len(program.outputs)} outputs (an epilogue stores one)"
+    if program.has_reduction:
+        return f"{group.name} reduces rows (an epilogue tile holds only part of a row)"
     out, result = tensor_meta(gm, value), tensor_meta(gm, program.output_nodes[0])
     if out is None or result is None or not same_meta((out[0], None), (result[0], None)):
         return f"{group.name}'s output is not shaped as {value.name} (it broadcasts)"

@@ -57,7 +57,7 @@ def test_lower_llama_structure_and_outputs():
     torch.testing.assert_close(logits(compiled.module, args), logits(unlowered, args), rtol=1e-5, atol=1e-5)
     row = compiled.report.rows[-1]
     assert row.name == "lower" and row.matches == 12 and row.check.startswith("rel err")
-    assert "elementwise regions are off" in dict(row.rejections)["elementwise@model.norm#2"]
+    assert "elementwise regions are off" in dict(row.rejections)["elementwise@model.norm"]
     assert "reference" in row.notes[0] and "not Triton" in row.notes[0]
     sources = compiled.module.meta["surgeon_kernels"]
     gate = sources["lora_linear@model.layers.1.mlp.gate_proj"]
@@ -139,11 +139,11 @@ def test_op_is_registered_by_lower_not_by_import_surgeon():
 def test_lowered_adapters_refuse_graph_edits_and_kernels_are_saved(tmp_path):
     model, args, compiled, _ = lowered_llama(layers=1)
     assert compiled.adapters["chat"].status == "lowered"
-    assert set(compiled.kernels) == set(compiled.module.meta["surgeon_kernels"]) and len(compiled.kernels) == 6 + 10
+    assert set(compiled.kernels) == set(compiled.module.meta["surgeon_kernels"]) and len(compiled.kernels) == 6 + 7
     with pytest.raises(surgeon.PassError, match="pass 'merge'.*lowered into kernels"):
         compiled.apply(["merge"])
     out = compiled.save(tmp_path)
-    assert len(list((out / "kernels").glob("*.py"))) == 6 + 10
+    assert len(list((out / "kernels").glob("*.py"))) == 6 + 7
     from surgeon.cli import main
 
     assert main(["show", str(out), "--kernels"]) == 0
@@ -176,19 +176,22 @@ def test_lower_dora_ia3_bottleneck_parallel_and_train():
 def test_lower_elementwise_groups_into_pointwise_calls():
     model, args, compiled, unlowered = lowered_llama(layers=1)
     pointwise = [n for n in compiled.module.graph.nodes if n.target is torch.ops.surgeon.pointwise.default]
-    # Before: RMSNorm's to/pow | mean | add/rsqrt/mul/to/mul, rotary's cos*scale, sin*scale, q*cos + rot(q)*sin.
-    # Expected (one layer): 3 norms x 2 groups, cos and sin groups, q and k rotary groups; to_2's int64
-    # position input has no rule (reported by fuse); the SwiGLU mul is inside gate_proj's region.
-    assert len(pointwise) == 10
-    norm = next(n for n in pointwise if n.meta["surgeon_region"] == "elementwise@model.norm#2")
+    # Before: RMSNorm's to/pow/mean/add/rsqrt/mul/to/mul, rotary's cos*scale, sin*scale, q*cos + rot(q)*sin.
+    # Expected (one layer): each of the 3 norms one row kernel (the mean over the last dim inside it),
+    # cos and sin groups, q and k rotary groups; to_2's int64 position input has no rule (reported by
+    # fuse); the SwiGLU mul is inside gate_proj's region.
+    assert len(pointwise) == 7
+    norm = next(n for n in pointwise if n.meta["surgeon_region"] == "elementwise@model.norm")
     assert [u.target for u in norm.users] == [operator.getitem]
-    two_outputs = next(n for n in pointwise if n.meta["surgeon_region"] == "elementwise@model.norm")
-    assert sorted(u.args[1] for u in two_outputs.users) == [0, 1]            # x.to(fp32) and its square
-    source = compiled.module.meta["surgeon_kernels"]["elementwise@model.norm#2"]
-    assert "rsqrt" in source and "def pointwise_" in source
+    layer_norm = next(n for n in pointwise if n.meta["surgeon_region"] == "elementwise@model.layers.0.input_layernorm")
+    assert sorted(u.args[1] for u in layer_norm.users) == [0, 1]      # x in fp32 (the residual reads it), the norm
+    source = compiled.module.meta["surgeon_kernels"]["elementwise@model.norm"]
+    assert "rsqrt" in source and "def rows_" in source and "tl.reduce(" in source
+    rotary = compiled.module.meta["surgeon_kernels"]["elementwise@model.layers.0.self_attn"]
+    assert "def pointwise_" in rotary
     torch.testing.assert_close(logits(compiled.module, args), logits(unlowered, args), rtol=1e-5, atol=1e-5)
     exported = torch.export.export(compiled.module, args)
-    assert sum(n.target is torch.ops.surgeon.pointwise.default for n in exported.graph.nodes) == 10
+    assert sum(n.target is torch.ops.surgeon.pointwise.default for n in exported.graph.nodes) == 7
 
 
 def test_lower_gpt2_views_dropouts_and_gelu_groups_keep_the_outputs():
