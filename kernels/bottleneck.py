@@ -30,7 +30,7 @@ import re
 import torch
 
 from . import codegen, tuning
-from .dispatch import KERNEL_DTYPES, runs_kernel
+from .dispatch import KERNEL_DTYPES, on_device, runs_kernel
 from .epilogue import RULES, Step, apply, as_tiles, operand_of, parse, tile_shape
 from .lora_linear import compute_dtype, triton_cdiv, triton_next_pow2
 from .lora_linear_source import epilogue_source, formula as lora_formula, operand_name, operand_names
@@ -295,7 +295,8 @@ def bottleneck_op(source: torch.Tensor, residual: torch.Tensor, down: torch.Tens
     """epilogue(y + s * act(source @ D^T) @ U^T): the fused adapter branch (per-call backend as lora_linear)."""
     if not runs_kernel("bottleneck", source.device, {source.dtype}):
         return reference(source, residual, down, up, operands, scale, activation, epilogue)
-    return bottleneck(source, residual, down, up, operands, scale, activation, epilogue)
+    with on_device(source.device):
+        return bottleneck(source, residual, down, up, operands, scale, activation, epilogue)
 
 
 @bottleneck_op.register_fake

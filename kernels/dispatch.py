@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from functools import lru_cache
 
@@ -37,6 +38,11 @@ def backend(device: torch.device | str) -> str:
     if codegen.interpreting():
         return "triton-interpreter" if device.type == "cpu" else "reference"
     return "triton" if device.type == "cuda" else "reference"
+
+
+def on_device(device: torch.device):
+    """A context that makes `device` current for a launch (Triton launches on the current CUDA device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 _WARNED: set[tuple] = set()

@@ -30,7 +30,7 @@ import torch
 from sympy.printing.str import StrPrinter
 
 from . import codegen
-from .dispatch import runs_kernel
+from .dispatch import on_device, runs_kernel
 from . import pointwise_rows
 from .pointwise_program import BY_NAME, REDUCTIONS, RULES, Op, Program, Value, broadcast_shape, program_from_nodes
 
@@ -299,7 +299,8 @@ def pointwise_op(inputs: list[torch.Tensor], program: str) -> list[torch.Tensor]
     dtypes = {t.dtype for t in inputs} | {getattr(torch, v.dtype) for v in decoded.values()}
     if not runs_kernel("pointwise", inputs[0].device, dtypes):
         return [out.contiguous() for out in reference(inputs, decoded)]
-    return pointwise(inputs, decoded)
+    with on_device(inputs[0].device):
+        return pointwise(inputs, decoded)
 
 
 @pointwise_op.register_fake

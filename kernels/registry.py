@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import program_epilogue
-from .dispatch import backend, runs_kernel, triton_available  # noqa: F401 - re-exported
+from .dispatch import backend, on_device, runs_kernel, triton_available  # noqa: F401 - re-exported
 from .epilogue import RULES, apply, as_tiles, operand_of, prologue, steps
 from .lora_linear import compute_dtype, lora_linear as launch_lora_linear, pre_epilogue, reference, split_operands
 from .pointwise_program import Program
@@ -29,8 +29,9 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """
     if not runs_kernel("lora_linear", x.device, {x.dtype}):
         return reference(x, weight, bias, lora_a, lora_b, operands, scale, weight_layout, epilogue, program)
-    return launch_lora_linear(x, weight, bias, lora_a, lora_b, operands, scale, weight_layout, epilogue,
-                              program=program)
+    with on_device(x.device):
+        return launch_lora_linear(x, weight, bias, lora_a, lora_b, operands, scale, weight_layout, epilogue,
+                                  program=program)
 
 
 @lora_linear.register_fake
