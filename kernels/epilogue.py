@@ -121,6 +121,7 @@ PROLOGUE = {
     "x_gain": "scales x's K columns before the GEMM (IA3 on a linear's input)",
     "vera_d": "scales x @ A^T's R columns before the up-projection (VeRA's d)",
     "vera_b": "scales the up-projection's N columns before it is added (VeRA's b)",
+    "xs_r": "an R x R matrix between A and B: (x A^T) R^T (LoRA-XS's R)",
 }
 
 

@@ -133,7 +133,7 @@ def _epilogue_arguments(chain, bias, tiles, vectors, program, program_inputs, in
     extra = [by_name[name] for name, _ in operand_names(chain)]
     strides = [st for t in extra for st in t.stride()]
     for name in (v for v in VECTORS if v in vectors):
-        extra, strides = extra + [vectors[name]], strides + [vectors[name].stride(0)]
+        extra, strides = extra + [vectors[name]], strides + list(vectors[name].stride())
     if program is not None:
         more, more_strides = program_epilogue.launch_tensors(program_inputs, input_kinds, M, N)
         extra, strides = extra + more, strides + more_strides
@@ -174,10 +174,11 @@ def _cublas(x2, weight, bias, lora_a, lora_b, scale, weight_layout, chain, tiles
     bias_first = bool(chain) and chain[0].rule == "bias"
     out = torch.nn.functional.linear(x2, w, bias if bias_first else None)
     vectors = vectors or {}
-    if lora_a is not None and not {"vera_d", "vera_b"} & set(vectors):
+    if lora_a is not None and not {"vera_d", "vera_b", "xs_r"} & set(vectors):
         out.addmm_(x2 @ lora_a.t(), lora_b.t(), alpha=scale)
-    elif lora_a is not None:      # VeRA: round(h * d) @ B^T, rounded, times b, as the graph stores each
+    elif lora_a is not None:      # LoRA-XS's R, VeRA's d and b: each product rounded as the graph stores it
         h = x2 @ lora_a.t()
+        h = h @ vectors["xs_r"].t() if "xs_r" in vectors else h
         up = (h * vectors["vera_d"] if "vera_d" in vectors else h) @ lora_b.t()
         out.add_(up * vectors["vera_b"] if "vera_b" in vectors else up, alpha=scale)
     rest = chain[1:] if bias_first else chain
@@ -231,9 +232,10 @@ def _check(x, weight, bias, lora_a, lora_b, operands, weight_layout, chain,
     if bias is not None:
         expect["bias"] = (bias, (N,))
     vec = {s.operand for s in chain if RULES[s.rule].operand == "vec"}
-    sizes = {i: {"x_gain": K, "vera_d": R, "vera_b": N}[name] for name, i in (where or {}).items()}
+    sizes = {i: {"x_gain": (K,), "vera_d": (R,), "vera_b": (N,), "xs_r": (R, R)}[name]
+             for name, i in (where or {}).items()}
     for i, op in enumerate(operands):
-        expect[f"operands[{i}]"] = (op, (sizes[i],) if i in sizes else (N,) if i in vec else
+        expect[f"operands[{i}]"] = (op, sizes[i] if i in sizes else (N,) if i in vec else
                                     tile_shape(op, tuple(x.shape[:-1]), N))
     for name, (tensor, shape) in expect.items():
         if tuple(tensor.shape) != tuple(shape) or tensor.dtype != x.dtype or tensor.device != x.device:
@@ -305,8 +307,9 @@ def _program(program: str, extra_inputs: list, M: int, N: int) -> "Program | Non
 def pre_epilogue(x, weight, lora_a, lora_b, scale, weight_layout, vectors=None):
     """(z, x @ A^T) as 2-D compute-dtype tensors; x @ A^T is rounded to x's dtype as stored eagerly.
 
-    With no LoRA branch (lora_a None) z is x @ W^T and x @ A^T is None. VeRA's vectors (`vera_d`,
-    `vera_b`) scale x @ A^T and the up-projection, each product rounded as the graph stores it.
+    With no LoRA branch (lora_a None) z is x @ W^T and x @ A^T is None. LoRA-XS's `xs_r` multiplies
+    x @ A^T by R^T, VeRA's vectors (`vera_d`, `vera_b`) scale x @ A^T and the up-projection, each
+    product rounded as the graph stores it.
     """
     dtype, vectors = compute_dtype(x.dtype), vectors or {}
     x2 = x.reshape(-1, x.shape[-1]).to(dtype)
@@ -315,7 +318,8 @@ def pre_epilogue(x, weight, lora_a, lora_b, scale, weight_layout, vectors=None):
         return x2 @ w.t(), None
     round_ = lambda t: t.to(x.dtype).to(dtype)  # noqa: E731
     x_lora_a = round_(x2 @ lora_a.to(dtype).t())
-    hidden = round_(x_lora_a * vectors["vera_d"].to(dtype)) if "vera_d" in vectors else x_lora_a
+    middle = round_(x_lora_a @ vectors["xs_r"].to(dtype).t()) if "xs_r" in vectors else x_lora_a
+    hidden = round_(middle * vectors["vera_d"].to(dtype)) if "vera_d" in vectors else middle
     up = hidden @ lora_b.to(dtype).t()
     up = round_(round_(up) * vectors["vera_b"].to(dtype)) if "vera_b" in vectors else up
     return x2 @ w.t() + scale * up, x_lora_a

@@ -88,8 +88,14 @@ _VERA_D = """    vera_d = tl.load(vera_d_ptr + offs_r * stride_vera_d_r, mask=ma
 _VERA_B = """    vera_b = tl.load(vera_b_ptr + offs_n * stride_vera_b_n, mask=mask_n, other=0.0)
     lora_up = (lora_up.to(vera_b.dtype) * vera_b[None, :]).to(tl.float32)
 """
-VECTORS = ("x_gain", "vera_d", "vera_b")      # the order of their pointers in the kernel's signature
-_VECTOR_STRIDE = {"x_gain": "stride_x_gain_k", "vera_d": "stride_vera_d_r", "vera_b": "stride_vera_b_n"}
+# LoRA-XS's R (R x R, out x in like a linear's weight) between A and B: h = round(round(x @ A^T) @ R^T)
+_XS_R = """    xs_r_t = tl.load(xs_r_ptr + offs_r[:, None] * stride_xs_r_in + offs_r[None, :] * stride_xs_r_out,
+                     mask=mask_r[:, None] & mask_r[None, :], other=0.0)
+    x_lora_a = tl.dot(x_lora_a.to(xs_r_t.dtype), xs_r_t, input_precision=DOT_PRECISION).to(xs_r_t.dtype)
+"""
+VECTORS = ("x_gain", "vera_d", "vera_b", "xs_r")   # the order of their pointers in the kernel's signature
+_VECTOR_STRIDE = {"x_gain": "stride_x_gain_k", "vera_d": "stride_vera_d_r", "vera_b": "stride_vera_b_n",
+                  "xs_r": "stride_xs_r_out, stride_xs_r_in"}
 
 # the LoRA parts of the template (left out for a region with no LoRA branch, e.g. IA3 alone)
 _LORA_INIT = "    x_lora_a = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)   # x @ A^T, from the same x tiles\n"
@@ -105,7 +111,7 @@ _LORA_UP_PRECOMPUTED = """    # h = round(x @ A^T) was computed before the launc
 _LORA_UP = """    # LoRA up-projection: z = x @ W^T + s * round(x @ A^T) @ B^T
     b_t_tile = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
                        mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-{vera_d}    lora_up = tl.dot(x_lora_a.to(b_t_tile.dtype), b_t_tile, input_precision=DOT_PRECISION)
+{xs_r}{vera_d}    lora_up = tl.dot(x_lora_a.to(b_t_tile.dtype), b_t_tile, input_precision=DOT_PRECISION)
 {vera_b}    acc = acc + lora_scale * lora_up
 """
 
@@ -155,6 +161,7 @@ def formula(chain: tuple[Step, ...], mode: str = "fused", program: Program | Non
     """The math the kernel computes, e.g. silu(x @ W^T + s * (x @ A^T) @ B^T + bias)."""
     value = {"fused": "x @ W^T + s * (x @ A^T) @ B^T", "precomputed": "x @ W^T + s * h @ B^T",
              "none": "x @ W^T"}[mode]
+    value = value.replace("(x @ A^T)", "((x @ A^T) @ R^T)") if "xs_r" in vectors else value
     value = value.replace("(x @ A^T)", "((x @ A^T) * d[r])") if "vera_d" in vectors else value
     value = value.replace("@ B^T", "@ B^T * b[n]") if "vera_b" in vectors else value
     value = value.replace("x @", "(x * x_gain[k]) @") if "x_gain" in vectors else value
@@ -218,7 +225,8 @@ def kernel_source(chain: tuple[Step, ...], mode: str = "fused", program: Program
         epilogue += program_epilogue.source(program, input_kinds)
     lora_mode, tma = mode.removesuffix("+tma"), mode.endswith("+tma")
     fused = lora_mode == "fused"
-    up = _LORA_UP.format(vera_d=_VERA_D if "vera_d" in vectors else "", vera_b=_VERA_B if "vera_b" in vectors else "")
+    up = _LORA_UP.format(xs_r=_XS_R if "xs_r" in vectors else "", vera_d=_VERA_D if "vera_d" in vectors else "",
+                         vera_b=_VERA_B if "vera_b" in vectors else "")
     return _KERNEL.format(name=kernel_name(chain, mode, program, vectors), operand_ptrs=ptrs,
                           operand_strides=strides, math=formula(chain, lora_mode, program, vectors),
                           epilogue=epilogue, x_prologue=_X_GAIN if "x_gain" in vectors else "",

@@ -75,10 +75,11 @@ def lora_linear_backward(grad, x, weight, bias, lora_a, lora_b, operands, scale,
                          wants, program: str = "") -> tuple:
     """Gradients of every tensor input (None where not wanted), from the torch reference math.
 
-    With g = dL/dz (z before the epilogue), h = x @ A^T, and VeRA's vectors d (on h) and b (on
-    the up-projection; absent means ones): g_u = s g b, g_h = (g_u B) d, and
-      dx = g W + g_h A,  dW = g^T x,  dA = g_h^T x,  dB = g_u^T (h d),
-      dd = sum over rows of (g_u B) h,  db = s sum over rows of g (h d) B^T,
+    With g = dL/dz (z before the epilogue), h = x @ A^T, LoRA-XS's R (m = h R^T; absent: m = h)
+    and VeRA's vectors d (on m) and b (on the up-projection; absent means ones): g_u = s g b,
+    g_m = (g_u B) d, g_h = g_m R, and
+      dx = g W + g_h A,  dW = g^T x,  dA = g_h^T x,  dB = g_u^T (m d),  dR = g_m^T h,
+      dd = sum over rows of (g_u B) m,  db = s sum over rows of g (m d) B^T,
     the bias and operand grads from each step's vjp. A program epilogue's gradients come from
     autograd through its torch reference. With an x gain l (x' = x * l feeds the GEMMs):
     dx = dx' * l and dl = sum over rows of dx' * x.
@@ -110,12 +111,16 @@ def lora_linear_backward(grad, x, weight, bias, lora_a, lora_b, operands, scale,
     g_h = da = db = None
     if lora_a is not None:
         vec = {k: v.to(dtype) for k, v in vectors.items()}
-        hidden = h * vec["vera_d"] if "vera_d" in vec else h
+        middle = (h @ vec["xs_r"].t()).to(x.dtype).to(dtype) if "xs_r" in vec else h
+        hidden = middle * vec["vera_d"] if "vera_d" in vec else middle
         g_u = scale * g * vec["vera_b"] if "vera_b" in vec else scale * g
         g_hidden = g_u @ lora_b.to(dtype)
-        g_h = g_hidden * vec["vera_d"] if "vera_d" in vec else g_hidden
+        g_middle = g_hidden * vec["vera_d"] if "vera_d" in vec else g_hidden
+        g_h = g_middle @ vec["xs_r"] if "xs_r" in vec else g_middle
+        if "xs_r" in where:
+            operand_grads[where["xs_r"]] = g_middle.t() @ h
         if "vera_d" in where:
-            operand_grads[where["vera_d"]] = (g_hidden * h).sum(0)
+            operand_grads[where["vera_d"]] = (g_hidden * middle).sum(0)
         if "vera_b" in where:
             operand_grads[where["vera_b"]] = (scale * g * (hidden @ lora_b.to(dtype).t())).sum(0)
         da = (g_h.t() @ x2).to(lora_a.dtype) if want_a else None

@@ -8,6 +8,8 @@ compute, or a string saying why this site does not have that form:
                    epilogue "gain:g,bias" (the identity: the DoRA output is g (x W^T + s B A x) + b)
   vera_seed        y + ((x A^T) d) B^T b      (d, b trained vectors)           -> lora_linear, prologue
                                                                                   "vera_d:i,vera_b:j|"
+  lora_xs_seed     y + s B(R(A x))            (R r x r between A and B)        -> lora_linear, prologue
+                                                                                  "xs_r:i|"
   ia3_seed         y * l                      (l one value per output)         -> lora_linear without
                                                                                   LoRA, epilogue "gain:l"
   ia3_input_seed   linear(x * l)              (l one value per input feature)  -> lora_linear without
@@ -55,7 +57,7 @@ class Region:
 
     def epilogue(self) -> tuple[str, list[fx.Node]]:
         """The custom op's epilogue string and its tensor operands, e.g. ("silu,mul:0", [up])."""
-        vectors = [name for name in ("x_gain", "vera_d", "vera_b") if self.parts.get(name) is not None]
+        vectors = [name for name in ("x_gain", "vera_d", "vera_b", "xs_r") if self.parts.get(name) is not None]
         operands: list[fx.Node] = [self.parts[name] for name in vectors]
         prologue = ",".join(f"{name}:{i}" for i, name in enumerate(vectors)) + "|" if vectors else ""
         texts = []
@@ -90,7 +92,8 @@ class Region:
                 f"bottleneck({self.adapter}: up(down))"
         bias = "+bias" if self.parts.get("bias") is not None and not any(r == "bias" for r, _, _ in self.steps) \
             else ""
-        branch = "vera" if self.parts.get("vera_d") is not None else "lora"
+        branch = "vera" if self.parts.get("vera_d") is not None else \
+            "lora-xs" if "xs_r" in self.parts else "lora"
         lora = f"+{branch}({self.adapter})" if self.parts.get("lora_a") is not None else ""
         gain = "(x*gain)" if self.parts.get("x_gain") is not None else ""
         base = next(n for n in self.nodes if n.target in BASE_OPS)
@@ -253,6 +256,29 @@ def ia3_input_seed(gm: fx.GraphModule, mul: fx.Node) -> "Region | str":
     return region
 
 
+def lora_xs_seed(gm: fx.GraphModule, add: fx.Node) -> "Region | str":
+    """LoRA-XS's `y + s B(R(A x))` (R a small r x r matrix between the frozen A and B)."""
+    if add.target is not aten.add.Tensor or len(add.args) != 2 or not all(isinstance(a, fx.Node) for a in add.args):
+        return "not an add of two tensors"
+    base, up = add.args
+    middle = up.args[0] if _bias_free_linear(up) else None
+    down = middle.args[0] if _bias_free_linear(middle) else None
+    parts = base_parts(gm, base)
+    if not _bias_free_linear(down) or isinstance(parts, str):
+        return "not base_op + linear(linear(linear(x, A), R), B)"
+    if down.args[0] is not parts["x"]:
+        return f"the LoRA-XS branch reads '{down.args[0]}' but the base op reads '{parts['x']}'"
+    if why := _one_user(base, down, middle, up):
+        return why
+    rank = tensor_meta(gm, down.args[1])
+    region = _gemm_region(gm, f"lora_linear@{module_path(base)}", [base, down, middle, up, add],
+                          add.meta["surgeon_adapter"], {**parts, "lora_a": down.args[1], "lora_b": up.args[1]},
+                          parts["layout"], float(add.kwargs.get("alpha", 1)), int(rank[0][0]) if rank else 0)
+    if isinstance(region, Region):
+        region.parts["xs_r"] = middle.args[1]
+    return region
+
+
 def vera_seed(gm: fx.GraphModule, add: fx.Node) -> "Region | str":
     """VeRA's `y + ((x A^T) * d) B^T * b` (A, B shared and frozen, d and b trained vectors)."""
     def mul_by_vector(node: Any) -> "tuple[fx.Node, fx.Node] | None":
@@ -311,8 +337,8 @@ def bottleneck_seed(gm: fx.GraphModule, add: fx.Node) -> "Region | str":
                   scale=float(add.kwargs.get("alpha", 1)), rank=int(metas[2][0][0]))
 
 
-SEEDS = (("lora", lora_seed), ("dora", dora_seed), ("vera", vera_seed), ("ia3", ia3_seed),
-         ("ia3-input", ia3_input_seed), ("bottleneck", bottleneck_seed))
+SEEDS = (("lora", lora_seed), ("dora", dora_seed), ("vera", vera_seed), ("lora-xs", lora_xs_seed),
+         ("ia3", ia3_seed), ("ia3-input", ia3_input_seed), ("bottleneck", bottleneck_seed))
 
 
 def seed(gm: fx.GraphModule, node: fx.Node) -> "Region | str":

@@ -186,6 +186,24 @@ def test_vera_vectors_scale_the_lora_branch(mode, dtype):
     assert "((x @ A^T) * d[r]) @ B^T * b[n]" in kernel.render(steps(epilogue, True), vectors=("vera_d", "vera_b"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("mode", ["fused", "precomputed", "cublas", "precomputed+tma"])
+@pytest.mark.parametrize("r", [1, 16])
+def test_lora_xs_middle_matrix(r, mode, dtype):
+    """LoRA-XS: z = x W^T + s ((x A^T) R^T) B^T, R (r x r) as prologue operand "xs_r:0|"."""
+    args = make(7, 72, 40, r, dtype)
+    args["operands"] = [(torch.randn(r, r, generator=torch.Generator().manual_seed(5)) * r ** -0.5).to(dtype)]
+    out = kernel.lora_linear(**args, epilogue="xs_r:0|relu", mode=mode)
+    tolerance = CUBLAS_TOLERANCE if mode == "cublas" else TOLERANCE
+    torch.testing.assert_close(out, kernel.reference(**args, epilogue="xs_r:0|relu"), **tolerance[dtype])
+    double = {k: v.double() if torch.is_tensor(v) else [o.double() for o in v] if isinstance(v, list) else v
+              for k, v in args.items()}
+    x, a = double["x"], double["lora_a"]
+    unfused = x @ double["weight"].T + double["bias"] + \
+        args["scale"] * ((x @ a.T) @ double["operands"][0].T) @ double["lora_b"].T
+    torch.testing.assert_close(kernel.reference(**double, epilogue="xs_r:0|"), unfused)
+
+
 def test_reference_of_the_vera_form_is_the_unfused_math():
     a = vera_args(5, torch.float64)
     x, w, b = a["x"], a["weight"], a["bias"]
@@ -347,6 +365,10 @@ def test_custom_op_gradcheck_on_the_reference_path(op, monkeypatch):
     vera = lambda x, w, b, a, bb, vera_d, vera_b, x_gain: torch.ops.surgeon.lora_linear(  # noqa: E731
         x, w, b, a, bb, [vera_d, vera_b, x_gain], 1.7, "in_out", "vera_d:0,vera_b:1,x_gain:2|gelu", "")
     assert torch.autograd.gradcheck(vera, (x, w, b, a, bb, vera_d, vera_b, x_gain))
+    xs_r = t(2, 2)
+    lora_xs = lambda x, w, b, a, bb, xs_r: torch.ops.surgeon.lora_linear(  # noqa: E731
+        x, w, b, a, bb, [xs_r], 1.7, "in_out", "xs_r:0|silu", "")
+    assert torch.autograd.gradcheck(lora_xs, (x, w, b, a, bb, xs_r))
 
 
 def test_custom_op_under_torch_compile(op):
@@ -442,15 +464,17 @@ def test_lowered_llama_with_dynamic_dims_serves_other_shapes_through_the_kernels
         torch.testing.assert_close(compiled.module(ids).logits, unlowered(ids).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_lowered_llama_with_vera_runs_the_generated_kernels(op):
-    """VeRA sites (shared A and B sliced per site, trained d and b) through the interpreted kernels."""
+def test_lowered_llama_with_vera_and_lora_xs_runs_the_generated_kernels(op):
+    """VeRA (shared A and B sliced per site, trained d and b) and LoRA-XS (a trained R between frozen
+    A and B) sites through the interpreted kernels."""
     import copy
 
     import surgeon
     from tests.conftest import hf_llama, randomize_adapters
 
     model, args = hf_llama(layers=1)
-    spec = {"adapters": [{"name": "v", "type": "vera", "rank": 4, "targets": ["*.q_proj", "*.gate_proj"]}],
+    spec = {"adapters": [{"name": "v", "type": "vera", "rank": 4, "targets": ["*.q_proj"]},
+                         {"name": "x", "type": "lora-xs", "rank": 4, "targets": ["*.gate_proj"]}],
             "pipeline": ["insert"]}
     compiled = surgeon.compile(model, args, spec, {"use_cache": False})
     randomize_adapters(compiled.module)

@@ -241,7 +241,7 @@ def test_lower_keeps_q_and_k_rotary_apart_when_their_head_counts_differ():
 KIND_REGIONS = {
     "lora": ({"rank": 4}, "lora_linear"), "dora": ({"rank": 4}, "lora_linear"), "ia3": ({}, "lora_linear"),
     "bottleneck": ({"rank": 4}, "bottleneck"), "parallel-adapter": ({"rank": 4}, "bottleneck"),
-    "lora-xs": ({"rank": 4}, "bottleneck"), "loha": ({"rank": 2}, None), "lokr": ({"rank": 2}, None),
+    "lora-xs": ({"rank": 4}, "lora_linear"), "loha": ({"rank": 2}, None), "lokr": ({"rank": 2}, None),
     "vera": ({"rank": 4}, "lora_linear"), "oft": ({"block_size": 4}, None), "boft": ({"block_size": 4}, "lora_linear"),
     "hra": ({"rank": 4}, None), "shira": ({"rank": 4}, None), "hydra": ({"rank": 4}, None), "delta": ({}, None),
     "prefix": ({"num_virtual_tokens": 2}, None), "s2ft": ({"columns": 4}, None),
@@ -298,3 +298,15 @@ def test_lower_vera_and_train():
     assert "def lora_linear_verad_verab_" in compiled.kernels["lora_linear@model.layers.0.mlp.down_proj"]
     torch.testing.assert_close(logits(compiled.module, args), logits(unlowered, args), rtol=1e-5, atol=1e-5)
     assert_same_gradients(compiled.module, unlowered, args, 2 * 2)      # d and b per site (A, B frozen)
+
+
+def test_lower_lora_xs_and_train():
+    spec = {"adapters": [{"name": "x", "type": "lora-xs", "rank": 4, "targets": ["*.q_proj", "*.down_proj"]}],
+            "pipeline": ["insert"]}
+    _, args, compiled, unlowered = lowered_llama(layers=1, spec=spec)
+    calls = [n for n in compiled.module.graph.nodes if n.target is torch.ops.surgeon.lora_linear.default]
+    # Before: y, A x, R (A x), B (.), add(alpha=s). Expected: one call per site, R as prologue operand 0.
+    assert len(calls) == 2 and all(n.args[8].startswith("xs_r:0|") for n in calls)
+    assert "((x @ A^T) @ R^T) @ B^T" in compiled.kernels["lora_linear@model.layers.0.self_attn.q_proj"]
+    torch.testing.assert_close(logits(compiled.module, args), logits(unlowered, args), rtol=1e-5, atol=1e-5)
+    assert_same_gradients(compiled.module, unlowered, args, 2)          # R per site (A, B frozen)
