@@ -63,15 +63,13 @@ def test_row_kernel_compiles_for_an_h100_without_a_gpu(monkeypatch):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from surgeon.kernels import pointwise_rows
-
     if "nvidia" not in backends:
         pytest.skip("this Triton build has no NVIDIA backend")
     x, weight = torch.randn(4, 64).half(), torch.rand(64).half()
     program, _ = program_for(rms_norm, x, weight)
     monkeypatch.delenv("TRITON_INTERPRET")
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
-    fn = pointwise_rows.load_kernel(program)
+    fn = pw.load_kernel(program)
     signature = {n: "constexpr" if n == "BLOCK_N" else "*fp16" if n.startswith(("in", "out")) and n.endswith("_ptr")
                  else "i32" for n in fn.arg_names}
     signature.update(in0_ptr="*fp16", in1_ptr="*fp16", out0_ptr="*fp32", out1_ptr="*fp16")
