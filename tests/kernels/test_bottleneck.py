@@ -242,35 +242,10 @@ def test_custom_op_under_torch_compile():
 
 def test_lowered_llama_with_dora_ia3_and_bottlenecks_runs_the_generated_kernels():
     """fuse + lower on a Llama with DoRA, IA3, bottleneck and parallel adapters; kernels interpreted."""
-    import copy
-
-    import surgeon
-    from tests.conftest import hf_llama, randomize_adapters
+    from tests.kernels.test_lora_linear import lowered_llama_matches_unlowered
     from tests.passes.test_fuse import FAMILY
 
-    model, args = hf_llama(layers=1)
-    compiled = surgeon.compile(model, args, FAMILY, {"use_cache": False})
-    randomize_adapters(compiled.module)
-    unlowered = copy.deepcopy(compiled.module)
-    compiled.apply(["fuse", "lower"])
-    note = compiled.report.rows[-1].notes[0]
-    assert "3 lora_linear regions" in note and "2 bottleneck regions" in note and "triton-interpreter" in note
-    with torch.no_grad():
-        torch.testing.assert_close(compiled.module(*args).logits, unlowered(*args).logits, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("activation", ["gelu", "none"])
-def test_composed_torch_ops_match_the_reference(activation, dtype):
-    """The torch-op strategy the GPU tuner weighs against the kernel's configs (plain torch here)."""
-    gen = torch.Generator().manual_seed(0)
-    y, d, u, res = (torch.randn(*shape, generator=gen).to(dtype) * 0.5 for shape in ((7, 40), (4, 40), (40, 4),
-                                                                                     (7, 40)))
-    out = kernel.bottleneck(y, y, d, u, [res], 1.5, activation, "add:0,scale:0.5", composed=True)
-    # the composition rounds to fp16 after each of its 4-5 ops where the reference rounds h once and z once
-    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2.5e-3, atol=2.5e-3)
-    torch.testing.assert_close(out, kernel.reference(y, y, d, u, [res], 1.5, activation, "add:0,scale:0.5"),
-                               **tolerance)
+    lowered_llama_matches_unlowered(FAMILY, "3 lora_linear regions -> surgeon::lora_linear, 2 bottleneck regions")
 
 
 def test_gpu_tuner_weighs_the_composed_ops_against_the_configs(monkeypatch):

@@ -424,22 +424,29 @@ def test_gpu_tuner_times_every_strategy_and_keeps_the_fastest(monkeypatch):
     assert len(launched) == 2 * len(kernel.GPU_CONFIGS[16]) + 1
 
 
-def test_lowered_llama_with_ia3_on_inputs_and_outputs_runs_the_generated_kernels(op):
-    """IA3 as PEFT applies it (k/v outputs, down_proj input): the kernels through the interpreter."""
+def lowered_llama_matches_unlowered(spec: dict, regions: str) -> None:
+    """fuse + lower on a one-layer Llama with `spec`'s adapters (randomized): the lower row names
+    `regions` and the interpreted kernels give the unlowered module's logits."""
     import copy
 
     import surgeon
     from tests.conftest import hf_llama, randomize_adapters
-    from tests.passes.test_fuse import IA3
 
     model, args = hf_llama(layers=1)
-    compiled = surgeon.compile(model, args, IA3, {"use_cache": False})
+    compiled = surgeon.compile(model, args, spec, {"use_cache": False})
     randomize_adapters(compiled.module)
     unlowered = copy.deepcopy(compiled.module)
     compiled.apply(["fuse", "lower"])
-    assert "3 lora_linear regions" in compiled.report.rows[-1].notes[0]
+    assert regions in compiled.report.rows[-1].notes[0] and "triton-interpreter" in compiled.report.rows[-1].notes[0]
     with torch.no_grad():
         torch.testing.assert_close(compiled.module(*args).logits, unlowered(*args).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_lowered_llama_with_ia3_on_inputs_and_outputs_runs_the_generated_kernels(op):
+    """IA3 as PEFT applies it (k/v outputs, down_proj input): the kernels through the interpreter."""
+    from tests.passes.test_fuse import IA3
+
+    lowered_llama_matches_unlowered(IA3, "3 lora_linear regions")
 
 
 def test_lowered_llama_with_dynamic_dims_serves_other_shapes_through_the_kernels(op):
@@ -467,19 +474,7 @@ def test_lowered_llama_with_dynamic_dims_serves_other_shapes_through_the_kernels
 def test_lowered_llama_with_vera_and_lora_xs_runs_the_generated_kernels(op):
     """VeRA (shared A and B sliced per site, trained d and b) and LoRA-XS (a trained R between frozen
     A and B) sites through the interpreted kernels."""
-    import copy
-
-    import surgeon
-    from tests.conftest import hf_llama, randomize_adapters
-
-    model, args = hf_llama(layers=1)
     spec = {"adapters": [{"name": "v", "type": "vera", "rank": 4, "targets": ["*.q_proj"]},
                          {"name": "x", "type": "lora-xs", "rank": 4, "targets": ["*.gate_proj"]}],
             "pipeline": ["insert"]}
-    compiled = surgeon.compile(model, args, spec, {"use_cache": False})
-    randomize_adapters(compiled.module)
-    unlowered = copy.deepcopy(compiled.module)
-    compiled.apply(["fuse", "lower"])
-    assert "2 lora_linear regions" in compiled.report.rows[-1].notes[0]
-    with torch.no_grad():
-        torch.testing.assert_close(compiled.module(*args).logits, unlowered(*args).logits, rtol=1e-5, atol=1e-5)
+    lowered_llama_matches_unlowered(spec, "2 lora_linear regions")
