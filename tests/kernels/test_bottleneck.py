@@ -248,6 +248,20 @@ def test_lowered_llama_with_dora_ia3_and_bottlenecks_runs_the_generated_kernels(
     lowered_llama_matches_unlowered(FAMILY, "3 lora_linear regions -> surgeon::lora_linear, 2 bottleneck regions")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("activation", ["gelu", "none"])
+def test_composed_torch_ops_match_the_reference(activation, dtype):
+    """The torch-op strategy the GPU tuner weighs against the kernel's configs (plain torch here)."""
+    gen = torch.Generator().manual_seed(0)
+    y, d, u, res = (torch.randn(*shape, generator=gen).to(dtype) * 0.5 for shape in ((7, 40), (4, 40), (40, 4),
+                                                                                     (7, 40)))
+    out = kernel.bottleneck(y, y, d, u, [res], 1.5, activation, "add:0,scale:0.5", composed=True)
+    # the composition rounds to fp16 after each of its 4-5 ops where the reference rounds h once and z once
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2.5e-3, atol=2.5e-3)
+    torch.testing.assert_close(out, kernel.reference(y, y, d, u, [res], 1.5, activation, "add:0,scale:0.5"),
+                               **tolerance)
+
+
 def test_gpu_tuner_weighs_the_composed_ops_against_the_configs(monkeypatch):
     """Bookkeeping only (do_bench replaced by a table): the composed ops win when they are faster."""
     import triton.testing
