@@ -12,11 +12,11 @@ its single store. Each rule says, for one op:
   vjp      its backward: (grad, value before the op, operand) -> (grad of value, grad of operand).
 
 An epilogue is written as a string for the custom op, e.g. "silu,mul:0,add:1,scale:0.5"
-(`mul:0` multiplies by operand 0); a prologue "x_gain:i|" before it scales x's columns by
-operand i inside the GEMM's K loop (IA3 on a linear's input). Bias is a row operand passed on its
-own; `steps()` puts its
-step first when a bias is present, unless the string places it ("gain:0,bias": DoRA scales the
-GEMM result per output before its bias is added).
+(`mul:0` multiplies by operand 0). A prologue before '|' names operands the GEMM itself reads
+(PROLOGUE: "x_gain:0|" scales x's columns in the K loop for IA3 on the input; VeRA's "vera_d",
+"vera_b" and LoRA-XS's "xs_r" act on the LoRA branch). Bias is a row operand passed on its own;
+`steps()` puts its step first when a bias is present, unless the string places it ("gain:0,bias":
+DoRA scales the GEMM result per output before its bias is added).
 """
 from __future__ import annotations
 

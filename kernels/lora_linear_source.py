@@ -2,8 +2,9 @@
 
 `kernel_source(chain, mode, ...)` fills `_KERNEL` with one snippet per part: the tile loads
 (masked pointer loads, or TMA tensor descriptors in the "+tma" modes), the LoRA dot (in the K
-loop, precomputed, or none), an x gain prologue, the epilogue steps (kernels/epilogue.py) and a
-pointwise program epilogue (kernels/program_epilogue.py). The kernel body depends only on
+loop, precomputed, or none), the prologue operands (an x gain; VeRA's vectors and LoRA-XS's R
+on the LoRA branch), the epilogue steps (kernels/epilogue.py) and a pointwise program epilogue
+(kernels/program_epilogue.py). The kernel body depends only on
 those choices, never on a region's names, so regions with the same steps share one compiled
 kernel; `render` adds a region's header naming the graph nodes it replaces. The launcher, the
 tuner and the torch reference are in kernels/lora_linear.py.
