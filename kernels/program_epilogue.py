@@ -20,9 +20,7 @@ from __future__ import annotations
 import torch
 
 from .pointwise import formula as program_formula, op_lines, reference as program_reference
-from .pointwise_program import BY_NAME, Program
-
-KINDS = ("tile", "vec", "scalar")
+from .pointwise_program import Program
 
 
 def kinds(inputs: list[torch.Tensor], M: int, N: int) -> tuple[str, ...]:
@@ -42,13 +40,13 @@ def kinds(inputs: list[torch.Tensor], M: int, N: int) -> tuple[str, ...]:
 
 
 def check(program: Program) -> None:
-    """ValueError unless the program has one output and at least its accumulator input."""
+    """ValueError unless the program has one output, reads its accumulator and reduces no row
+    (a tile holds only part of a row). Program.decode has already checked every op's rule."""
     if len(program.outputs) != 1 or not program.inputs:
         raise ValueError(f"an epilogue program has one output and reads %0 (the tile); this one has "
                          f"{len(program.inputs)} inputs and {len(program.outputs)} outputs")
-    for op in program.ops:
-        if op.rule not in BY_NAME:
-            raise ValueError(f"epilogue program: no rule {op.rule!r}")
+    if program.has_reduction:
+        raise ValueError("an epilogue program reduces no row: a GEMM tile holds only part of one")
 
 
 def arguments(input_kinds: tuple[str, ...]) -> tuple[str, str]:

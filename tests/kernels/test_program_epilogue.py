@@ -98,6 +98,9 @@ def test_bad_program_inputs_are_refused():
     args, program, extra, _ = case(7, torch.float32)
     with pytest.raises(ValueError, match="reads 3 inputs after %0, got 2"):
         kernel.lora_linear(**dict(args, operands=extra[:2], program=program.encode()))
+    rows = program_for(lambda y: y * y.mean(-1, keepdim=True), torch.randn(7, 40))[0]
+    with pytest.raises(ValueError, match="reduces no row"):
+        kernel.lora_linear(**dict(args, operands=[], program=rows.encode()))
     with pytest.raises(ValueError, match=r"input %1 has shape \[7, 3\]"):
         kernel.lora_linear(**dict(args, operands=[torch.ones(7, 3), *extra[1:]], program=program.encode()))
 
