@@ -168,7 +168,8 @@ def tile(case: Case) -> str:
     mode, cfg = best[-1]
     if mode == "cublas":
         return "cuBLAS+addmm"
-    tags = ("pre " if mode.startswith("precomputed") else "") + ("tma " if mode.endswith("+tma") else "")
+    tags = ("pre " if mode.startswith("precomputed") else "") + ("tma " if mode.endswith("+tma") else "") + \
+        (f"splitk{cfg[6]} " if mode.endswith("+splitk") else "")
     return tags + "x".join(map(str, cfg[:3])) + f"/w{cfg[4]}s{cfg[5]}"
 
 
@@ -296,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
           "x/base = variant time / base time")
     print("fused = surgeon's lora_linear launcher (per shape bucket, the fastest the tuner measured of: the "
           "generated kernel with x A^T in its K loop, the kernel with x A^T precomputed ('pre'), either with TMA "
-          "descriptor loads ('tma', sm_90+), and cuBLAS GEMM + "
+          "descriptor loads ('tma', sm_90+) or, for M <= 64, its K loop split over N programs per tile ('splitkN'), "
+          "and cuBLAS GEMM + "
           "addmm LoRA update + torch epilogue; the 'fused tile' column names it); eager = F.linear x3 + add; compile = "
           "torch.compile(eager, dynamic=True); base = F.linear(x, W) alone\n", flush=True)
     env = Env("cuda", gpu_timer, lora_linear, {"lora": torch.compile(unfused, dynamic=True),

@@ -18,8 +18,10 @@ work R / BLOCK_N of the base GEMM.
 The source is generated in kernels/lora_linear_source.py (template, snippets, `render`); this
 file holds the launcher (checks, strategy choice, launch), the GPU tuner and the torch reference.
 On a GPU the launcher times, once per shape bucket, the kernel with x @ A^T in its K loop, with
-x @ A^T computed first, both with TMA loads on sm_90+, and the cuBLAS composition, and keeps
-the fastest.
+x @ A^T computed first, both with TMA loads on sm_90+, both with the K loop split over SPLIT_K
+programs per tile (for M <= 64, decode shapes, where M x N alone makes too few tiles; the last
+program of a tile sums the slices' fp32 partials in a fixed order and runs the epilogue), and the
+cuBLAS composition, and keeps the fastest of those whose output agrees with the cuBLAS one's.
 
 Shapes never appear in generated source: sizes and strides are runtime arguments, so dynamic
 (symbolic) batch and sequence dims need no symbolic index algebra here.
@@ -31,9 +33,9 @@ import torch
 from . import codegen, program_epilogue, tuning
 from .dispatch import KERNEL_DTYPES
 from .epilogue import RULES, Step, apply, as_tiles, prologue, steps, tile_shape
-from .lora_linear_source import MODES, VECTORS, load_kernel, operand_name, operand_names, render
+from .lora_linear_source import MODES, VECTORS, load_kernel, operand_name, operand_names, render, split_mode
 
-__all__ = ["GPU_CONFIGS", "MODES", "lora_linear", "load_kernel", "reference", "render", "tma_ready"]
+__all__ = ["GPU_CONFIGS", "MODES", "SPLITK_CONFIGS", "lora_linear", "load_kernel", "reference", "render", "tma_ready"]
 from .pointwise_program import Program
 
 
@@ -49,8 +51,17 @@ GPU_CONFIGS = {
            (128, 256, 32, 8, 8, 3), (64, 256, 32, 8, 4, 4), (128, 256, 64, 8, 8, 3), (128, 128, 64, 8, 8, 4),
            (256, 128, 64, 8, 8, 3), (128, 128, 64, 8, 4, 5), (128, 128, 128, 8, 8, 3)],
 }
+# "+splitk" configs, the last entry SPLIT_K: for M <= 64 the row tiles are one or two, so the column
+# tiles alone give too few programs; cutting K over SPLIT_K programs per tile gives the SMs enough, and
+# wide column tiles re-read A (R x K, fused mode) fewer times: A's extra bytes are R / BLOCK_N of W's
+SPLITK_CONFIGS = {
+    16: [(16, 64, 128, 1, 4, 4, 4), (16, 128, 128, 1, 4, 4, 4), (16, 128, 128, 1, 4, 4, 8),
+         (16, 256, 64, 1, 4, 4, 8), (16, 128, 64, 1, 4, 4, 16), (16, 64, 256, 1, 4, 3, 8)],
+    64: [(64, 64, 64, 1, 4, 4, 4), (32, 128, 64, 1, 4, 4, 4), (64, 128, 64, 1, 4, 3, 8), (32, 64, 128, 1, 4, 4, 8)],
+}
 # under TRITON_INTERPRET=1 each program instance runs as Python over numpy: few, wide tiles
 INTERPRET_CONFIG = (32, 32, 32, 4, 1, 1)
+INTERPRET_SPLITK_CONFIG = (*INTERPRET_CONFIG, 2)
 
 
 
@@ -92,14 +103,15 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
             out = _cublas(scaled, weight, bias, lora_a, lora_b, scale, weight_layout, chain, tiles, vectors)
             return out if parsed is None else program_epilogue.reference(out, extra_inputs, parsed)
         # "precomputed": h = round(x @ A^T) (M x R) in A's slot; "none": the pointers are never read
-        lora_mode = variant.removesuffix("+tma")
+        lora_mode, suffix = split_mode(variant)
         a = lora_a if lora_mode == "fused" else \
             ((x2 if gain is None else x2 * gain) @ lora_a.t()) if lora_mode == "precomputed" else x2
         b = x2 if lora_mode == "none" else lora_b
-        if variant.endswith("+tma"):
+        if suffix == "tma":
             _tma_scratch(x2.device)
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-        args = [x2, weight, a, b, out, *extra, M, N, K, R, *x2.stride(), *w_strides, *a.stride(),
+        split = list(_split_buffers(x2.device, M, N, cfg, block_r)) if suffix == "splitk" else []
+        args = [x2, weight, a, b, out, *split, *extra, M, N, K, R, *x2.stride(), *w_strides, *a.stride(),
                 *b.stride(), *out.stride(), *extra_strides, float(scale)]
         _launch(load_kernel(chain, variant, parsed, input_kinds, tuple(vectors)), args, M, N, cfg, block_r,
                 precision)
@@ -108,21 +120,65 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     block_r = max(16, triton_next_pow2(R))
     precision = "ieee" if x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
     if mode == "cublas" or codegen.interpreting() or config is not None or not x.is_cuda:
-        variant, cfg = mode or kernels[0], config or INTERPRET_CONFIG
+        variant = mode or kernels[0]
+        cfg = config or (INTERPRET_SPLITK_CONFIG if variant.endswith("+splitk") else INTERPRET_CONFIG)
     else:
         tma_kernels = [f"{k}+tma" for k in kernels] if tma and torch.cuda.get_device_capability(x.device)[0] >= 9 \
             else []
-        variant, cfg = _tuned(launch, [mode] if mode else [*kernels, *tma_kernels, "cublas"],
-                              (M, N, K, R, x.dtype, epilogue, bias is None, str(x.device), program, input_kinds))
+        split_kernels = [f"{k}+splitk" for k in kernels] if M <= max(SPLITK_CONFIGS) else []
+
+        expected = []
+
+        def agrees(candidate) -> bool:    # a candidate that launches but computes something else is not a choice
+            expected[:] = expected or [launch("cublas", None)]
+            return _agrees(launch(*candidate), expected[0])
+
+        variant, cfg = _tuned(launch, [mode] if mode else [*kernels, *tma_kernels, *split_kernels, "cublas"],
+                              (M, N, K, R, x.dtype, epilogue, bias is None, str(x.device), program, input_kinds),
+                              agrees)
     return launch(variant, cfg).reshape(*x.shape[:-1], N)
 
 
 def _check_mode(mode: str | None, kernels: tuple[str, ...], tma: bool, no_lora: bool) -> None:
-    if mode in (None, "cublas", *kernels) or mode in (f"{k}+tma" for k in kernels) and tma:
+    if mode in (None, "cublas", *kernels, *(f"{k}+splitk" for k in kernels)) or \
+            mode in (f"{k}+tma" for k in kernels) and tma:
         return
     raise ValueError(f"lora_linear: mode {mode!r} with {'no ' if no_lora else ''}LoRA tensors"
                      f"{'' if tma else ' and tensors TMA cannot read'}; modes are {MODES}, a kernel mode with "
-                     f"'+tma' where rows are contiguous and 16-byte aligned ('none' exactly when lora_a is None)")
+                     f"'+splitk', or with '+tma' where rows are contiguous and 16-byte aligned ('none' exactly "
+                     f"when lora_a is None)")
+
+
+def _agrees(out: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Whether a tuning candidate's output is the cuBLAS composition's up to rounding: within 5% of
+    the output's largest magnitude (16-bit and tf32 rounding differ by far less; a split-K slice lost
+    to a race, or a wrong tile, by far more)."""
+    scale = expected.float().abs().max().item()
+    return bool(torch.isfinite(out).all()) and (out.float() - expected.float()).abs().max().item() <= 0.05 * scale
+
+
+# split-K workspaces per (device, stream): fp32 partial-sum slots, rewritten by every launch, and
+# arrival counters, zero between launches (the last program of each tile resets its own)
+_SPLIT_BUFFERS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _split_buffers(device: torch.device, M: int, N: int, cfg: tuple, block_r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(workspace, counters) for a "+splitk" launch with tile config `cfg` (its last entry SPLIT_K)."""
+    block_m, block_n, split = cfg[0], cfg[1], cfg[6]
+    tiles = triton_cdiv(M, block_m) * triton_cdiv(N, block_n)
+    need = (tiles * split * block_m * (block_n + block_r), tiles)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # inside a CUDA graph capture: buffers of the graph's own (the counters' zeroing is captured too)
+        return torch.empty(need[0], dtype=torch.float32, device=device), torch.zeros(need[1], dtype=torch.int32,
+                                                                                    device=device)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    have = _SPLIT_BUFFERS.get(key)
+    if have is None or have[0].numel() < need[0] or have[1].numel() < need[1]:
+        size = need if have is None else (max(need[0], have[0].numel()), max(need[1], have[1].numel()))
+        have = _SPLIT_BUFFERS[key] = (torch.empty(size[0], dtype=torch.float32, device=device),
+                                      torch.zeros(size[1], dtype=torch.int32, device=device))
+    return have
 
 
 def _epilogue_arguments(chain, bias, tiles, vectors, program, program_inputs, input_kinds, M, N) -> tuple[list, list]:
@@ -186,10 +242,10 @@ def _cublas(x2, weight, bias, lora_a, lora_b, scale, weight_layout, chain, tiles
 
 
 def _launch(kernel, args: list, M: int, N: int, cfg: tuple, block_r: int, precision: str) -> None:
-    block_m, block_n, block_k, group_m, warps, stages = cfg
-    grid = (triton_cdiv(M, block_m) * triton_cdiv(N, block_n),)
+    block_m, block_n, block_k, group_m, warps, stages = cfg[:6]
+    grid = (triton_cdiv(M, block_m) * triton_cdiv(N, block_n),) + tuple(cfg[6:])    # (tiles, SPLIT_K) split
     meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, GROUP_M=group_m,
-                DOT_PRECISION=precision)
+                DOT_PRECISION=precision, **({"SPLIT_K": cfg[6]} if len(cfg) > 6 else {}))
     if not codegen.interpreting():
         meta.update(num_warps=warps, num_stages=stages)
     kernel[grid](*args, **meta)
@@ -198,7 +254,7 @@ def _launch(kernel, args: list, M: int, N: int, cfg: tuple, block_r: int, precis
 _BEST: dict[tuple, tuple[str, tuple]] = {}
 
 
-def _tuned(launch, modes: list[str], key: tuple) -> tuple[str, tuple]:
+def _tuned(launch, modes: list[str], key: tuple, agrees=None) -> tuple[str, tuple]:
     """The fastest (mode, tile config) for this shape bucket on the GPU (benchmarked once per bucket).
 
     Like triton.autotune, but keyed on M rounded up to a power of two: the token count changes
@@ -210,9 +266,11 @@ def _tuned(launch, modes: list[str], key: tuple) -> tuple[str, tuple]:
     M = key[0]
     bucket = (triton_next_pow2(M) if M <= 4096 else 4096,) + key[1:] + tuple(modes)
     limit = next(k for k in (16, 64, None) if k is None or M <= k)
-    candidates = [(m, cfg) for m in modes for cfg in ([None] if m == "cublas" else GPU_CONFIGS[limit])]
+    candidates = [(m, cfg) for m in modes for cfg in ([None] if m == "cublas" else
+                                                      SPLITK_CONFIGS[limit or 64] if m.endswith("+splitk") else
+                                                      GPU_CONFIGS[limit])]
     return tuning.fastest(_BEST, "lora_linear", bucket, candidates,
-                          lambda c: triton.testing.do_bench(lambda: launch(*c), warmup=5, rep=20))
+                          lambda c: triton.testing.do_bench(lambda: launch(*c), warmup=5, rep=20), agrees)
 
 
 def _check(x, weight, bias, lora_a, lora_b, operands, weight_layout, chain,

@@ -18,7 +18,7 @@ from .pointwise_program import Program
 _KERNEL = '''@triton.jit
 def {name}(
     # pointers
-    x_ptr, w_ptr, a_ptr, b_ptr, out_ptr,{operand_ptrs}
+    x_ptr, w_ptr, a_ptr, b_ptr, out_ptr,{split_ptrs}{operand_ptrs}
     # sizes: x is M x K, W is N x K (read through its strides), A is R x K, B is N x R
     M, N, K, R,
     # strides, in elements
@@ -28,7 +28,7 @@ def {name}(
     lora_scale,
     # meta
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,{split_meta}
 ):
     """out = {math}"""
     # tile order: GROUP_M row tiles walk the column tiles together, so W tiles stay in L2
@@ -48,16 +48,49 @@ def {name}(
     mask_r = offs_r < R
 
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)        # x @ W^T
-{tma_setup}{lora_init}    for k_start in range(0, K, BLOCK_K):
+{tma_setup}{lora_init}{k_range}    for k_start in range({k_bounds}, BLOCK_K):
         offs_k = k_start + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
 {x_load}{x_prologue}{w_load}{lora_load}        acc = tl.dot(x_tile, w_t_tile, acc, input_precision=DOT_PRECISION)
 {lora_dot}
-{lora_up}    mask_out = mask_m[:, None] & mask_n[None, :]
+{tail}'''
+# after the K loop: the LoRA up-projection, the epilogue and the one store (in the "+splitk" modes
+# run by the last of a tile's programs only, so indented one level more)
+_TAIL = '''{lora_up}    mask_out = mask_m[:, None] & mask_n[None, :]
 {epilogue}
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
              acc.to(out_ptr.dtype.element_ty), mask=mask_out)
 '''
+# split-K ("+splitk", for few rows: M x N alone gives too few tiles to spread W's bytes over the
+# SMs): the grid's second axis cuts the K loop into SPLIT_K slices. Each program stores its fp32
+# partial sums in a workspace slot of its own; the last of a tile's programs to arrive (a counter
+# per tile, acq_rel atomics) adds the slots up in slot order, so the result does not depend on
+# arrival order, resets the counter for the next launch, and runs the tail
+_K_RANGE_SPLIT = """    split = tl.program_id(1)
+    k_step = ((K + BLOCK_K - 1) // BLOCK_K + SPLIT_K - 1) // SPLIT_K * BLOCK_K
+    k_first = split * k_step
+    k_last = min(K, k_first + k_step)
+"""
+_SPLIT_PUBLISH = """    # split-K: publish this slice's partial sums, then count the arrivals of this tile's programs
+    slots = tiles_m * tiles_n * SPLIT_K
+    slot = pid * SPLIT_K + split
+    tile_offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    tl.store(ws_ptr + slot * (BLOCK_M * BLOCK_N) + tile_offs, acc)
+{lora_publish}    tl.debug_barrier()
+    arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel", scope="gpu")
+    if arrived == SPLIT_K - 1:      # the last slice: sum the slots in order, reset the counter, finish the tile
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+{lora_reset}        for part in range(0, SPLIT_K):
+            acc += tl.load(ws_ptr + (pid * SPLIT_K + part) * (BLOCK_M * BLOCK_N) + tile_offs, cache_modifier=".cg")
+{lora_gather}        tl.atomic_xchg(count_ptr + pid, 0)
+"""
+_SPLIT_LORA_PUBLISH = """    h_offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_R + tl.arange(0, BLOCK_R)[None, :]
+    h_ws = ws_ptr + slots * (BLOCK_M * BLOCK_N)      # x @ A^T partials after the tiles' slots
+    tl.store(h_ws + slot * (BLOCK_M * BLOCK_R) + h_offs, x_lora_a)
+"""
+_SPLIT_LORA_RESET = "        x_lora_a = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)\n"
+_SPLIT_LORA_GATHER = """            x_lora_a += tl.load(h_ws + (pid * SPLIT_K + part) * (BLOCK_M * BLOCK_R) + h_offs, cache_modifier=".cg")
+"""
 
 # tile loads: masked pointer loads, or (sm_90+, "+tma" modes) tensor descriptors, whose bulk
 # copies (TMA) feed the tensor cores and read rows past an edge as zeros
@@ -84,7 +117,7 @@ _X_GAIN = """        x_gain = tl.load(x_gain_ptr + offs_k * stride_x_gain_k, mas
 """
 # VeRA's vectors on the LoRA branch: h = round(x @ A^T) * d[r] (rounded), u = round(h @ B^T) * b[n]
 _VERA_D = """    vera_d = tl.load(vera_d_ptr + offs_r * stride_vera_d_r, mask=mask_r, other=0.0)
-    x_lora_a = x_lora_a.to(vera_d.dtype) * vera_d[None, :]
+    x_lora_a = (x_lora_a.to(vera_d.dtype) * vera_d[None, :]).to(tl.float32)
 """
 _VERA_B = """    vera_b = tl.load(vera_b_ptr + offs_n * stride_vera_b_n, mask=mask_n, other=0.0)
     lora_up = (lora_up.to(vera_b.dtype) * vera_b[None, :]).to(tl.float32)
@@ -92,7 +125,8 @@ _VERA_B = """    vera_b = tl.load(vera_b_ptr + offs_n * stride_vera_b_n, mask=ma
 # LoRA-XS's R (R x R, out x in like a linear's weight) between A and B: h = round(round(x @ A^T) @ R^T)
 _XS_R = """    xs_r_t = tl.load(xs_r_ptr + offs_r[:, None] * stride_xs_r_in + offs_r[None, :] * stride_xs_r_out,
                      mask=mask_r[:, None] & mask_r[None, :], other=0.0)
-    x_lora_a = tl.dot(x_lora_a.to(xs_r_t.dtype), xs_r_t, input_precision=DOT_PRECISION).to(xs_r_t.dtype)
+    x_lora_a = tl.dot(x_lora_a.to(xs_r_t.dtype), xs_r_t, input_precision=DOT_PRECISION)
+    x_lora_a = x_lora_a.to(xs_r_t.dtype).to(tl.float32)     # rounded as stored; fp32 as declared
 """
 VECTORS = ("x_gain", "vera_d", "vera_b", "xs_r")   # the order of their pointers in the kernel's signature
 _VECTOR_STRIDE = {"x_gain": "stride_x_gain_k", "vera_d": "stride_vera_d_r", "vera_b": "stride_vera_b_n",
@@ -128,13 +162,22 @@ _LOAD_TILE = ("    {name} = tl.load(\n"
 # ("none": a region without LoRA, e.g. an IA3-scaled linear); or no generated kernel at all ("cublas")
 MODES = ("fused", "precomputed", "none", "cublas")   # "cublas": no kernel, torch ops (see _cublas); the kernel
                                                       # modes also as "<mode>+tma" (descriptor loads, sm_90+)
+                                                      # and "<mode>+splitk" (the K loop cut over a 2-D grid)
+SUFFIXES = ("tma", "splitk")
+
+
+def split_mode(mode: str) -> tuple[str, str]:
+    """("fused" | "precomputed" | "none" | "cublas", "" | "tma" | "splitk") for a mode string."""
+    base, _, suffix = mode.partition("+")
+    return base, suffix
 _PREFIX = {"fused": "lora_linear", "precomputed": "lora_linear_precomputed", "none": "linear"}
 
 
 def kernel_name(chain: tuple[Step, ...], mode: str = "fused", program: Program | None = None,
                 vectors: tuple[str, ...] = ()) -> str:
     """The kernel's name: the template and its steps, e.g. lora_linear_bias_silu_mul_kernel."""
-    return "_".join([_PREFIX[mode.removesuffix("+tma")], *(["tma"] if mode.endswith("+tma") else []),
+    base, suffix = split_mode(mode)
+    return "_".join([_PREFIX[base], *([suffix] if suffix else []),
                      *(v.replace("_", "") for v in VECTORS if v in vectors), *(s.rule for s in chain),
                      *(["pointwise"] if program else []), "kernel"])
 
@@ -224,19 +267,29 @@ def kernel_source(chain: tuple[Step, ...], mode: str = "fused", program: Program
         more_ptrs, more_strides = program_epilogue.arguments(input_kinds)
         ptrs, strides = ptrs + more_ptrs, strides + more_strides
         epilogue += program_epilogue.source(program, input_kinds)
-    lora_mode, tma = mode.removesuffix("+tma"), mode.endswith("+tma")
-    fused = lora_mode == "fused"
+    lora_mode, suffix = split_mode(mode)
+    tma, split, fused = suffix == "tma", suffix == "splitk", lora_mode == "fused"
     up = _LORA_UP.format(xs_r=_XS_R if "xs_r" in vectors else "", vera_d=_VERA_D if "vera_d" in vectors else "",
                          vera_b=_VERA_B if "vera_b" in vectors else "")
+    tail = _TAIL.format(epilogue=epilogue,
+                        lora_up={"fused": up, "precomputed": _LORA_UP_PRECOMPUTED + up, "none": ""}[lora_mode])
+    if split:
+        publish = _SPLIT_PUBLISH.format(lora_publish=_SPLIT_LORA_PUBLISH if fused else "",
+                                        lora_reset=_SPLIT_LORA_RESET if fused else "",
+                                        lora_gather=_SPLIT_LORA_GATHER if fused else "")
+        tail = publish + "".join("    " + line if line.strip() else line for line in tail.splitlines(keepends=True))
     return _KERNEL.format(name=kernel_name(chain, mode, program, vectors), operand_ptrs=ptrs,
                           operand_strides=strides, math=formula(chain, lora_mode, program, vectors),
-                          epilogue=epilogue, x_prologue=_X_GAIN if "x_gain" in vectors else "",
+                          split_ptrs=" ws_ptr, count_ptr," if split else "",
+                          split_meta=" SPLIT_K: tl.constexpr," if split else "",
+                          k_range=_K_RANGE_SPLIT if split else "", tail=tail,
+                          k_bounds="k_first, k_last" if split else "0, K",
+                          x_prologue=_X_GAIN if "x_gain" in vectors else "",
                           tma_setup=(_TMA_SETUP + (_TMA_SETUP_A if fused else "")) if tma else "",
                           x_load=_X_LOAD_TMA if tma else _X_LOAD, w_load=_W_LOAD_TMA if tma else _W_LOAD,
                           lora_init=_LORA_INIT if fused else "",
                           lora_load=(_LORA_LOAD_TMA if tma else _LORA_LOAD) if fused else "",
-                          lora_dot=_VERA_DOT if fused else "",
-                          lora_up={"fused": up, "precomputed": _LORA_UP_PRECOMPUTED + up, "none": ""}[lora_mode])
+                          lora_dot=_VERA_DOT if fused else "")
 
 
 def render(chain: tuple[Step, ...], region: str = "", fused: list[str] | tuple[str, ...] = (),
@@ -245,7 +298,7 @@ def render(chain: tuple[Step, ...], region: str = "", fused: list[str] | tuple[s
     """A whole module: a header (region name, graph nodes it replaces), imports and the kernel."""
     title = f"region `{region}`" if region else "a fused linear" if mode.startswith("none") else "a fused LoRA linear"
     header = [f'"""Generated by surgeon (kernels/lora_linear.py) for {title}.', "",
-              f"out = {formula(chain, mode.removesuffix('+tma'), program, vectors)}"]
+              f"out = {formula(chain, split_mode(mode)[0], program, vectors)}"]
     if fused:
         header += ["", "graph nodes replaced, in order:"] + [f"    {line}" for line in fused]
     header.append('"""')

@@ -13,15 +13,23 @@ a stored choice is used only when it is still one of the caller's candidates.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Callable
 
 from . import codegen
 
+_log = logging.getLogger(__name__)
 
-def fastest(table: dict, op: str, bucket: tuple, candidates: list, time_one: Callable[[Any], float]) -> Any:
-    """The candidate that ran fastest for `bucket` (measured here once, or read from the disk cache)."""
+
+def fastest(table: dict, op: str, bucket: tuple, candidates: list, time_one: Callable[[Any], float],
+            check: Callable[[Any], bool] | None = None) -> Any:
+    """The candidate that ran fastest for `bucket` (measured here once, or read from the disk cache).
+
+    With `check`, a candidate is timed only when check(candidate) holds (e.g. its output agrees with
+    a reference): one that computes something else is skipped like one that fails to launch.
+    """
     if bucket in table:
         return table[bucket]
     key = _key(op, bucket)
@@ -31,6 +39,9 @@ def fastest(table: dict, op: str, bucket: tuple, candidates: list, time_one: Cal
         timings = {}
         for candidate in candidates:
             try:
+                if check is not None and not check(candidate):
+                    _log.warning("%s: candidate %r disagrees with the reference for %r; skipped", op, candidate, bucket)
+                    continue
                 timings[candidate] = time_one(candidate)
             except Exception:  # noqa: BLE001 - a candidate may not launch on this device; try the next
                 continue

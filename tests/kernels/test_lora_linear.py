@@ -166,6 +166,41 @@ def test_tma_modes_are_refused_where_rows_are_not_aligned():
     assert not kernel.tma_ready(aligned["x"], aligned["weight"], aligned["lora_a"], "in_out")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("mode", ["fused+splitk", "precomputed+splitk", "none+splitk"])
+@pytest.mark.parametrize("M,split", [(1, 2), (7, 4), (129, 2)])
+def test_splitk_modes_match_the_reference(M, split, mode, dtype):
+    """Split-K: K = 70 is three 32-wide steps, so 2 slices take two steps and one, 4 slices leave one
+    empty. The last program of each tile sums the slices in order and resets its counter: a second
+    launch on the same workspace is right too, and every counter is back at zero."""
+    args = make(M, 70, 40, 4, dtype, n_operands=1)
+    if mode == "none+splitk":
+        args.update(lora_a=None, lora_b=None)
+    expected = kernel.reference(**args, epilogue="silu,add:0")
+    config = (*kernel.INTERPRET_CONFIG, split)
+    for _ in range(2):
+        out = kernel.lora_linear(**args, epilogue="silu,add:0", mode=mode, config=config)
+        torch.testing.assert_close(out, expected, **TOLERANCE[dtype])
+    counters = kernel._SPLIT_BUFFERS[("cpu", 0)][1]
+    assert counters.abs().sum() == 0 and counters.numel() >= kernel.triton_cdiv(M, 32) * 2
+    source = kernel.render(steps("silu,add:0", True), mode=mode)
+    assert "range(k_first, k_last, BLOCK_K)" in source and "if arrived == SPLIT_K - 1:" in source
+    assert ("x_lora_a += tl.load(h_ws" in source) == (mode == "fused+splitk")
+
+
+@pytest.mark.parametrize("mode", ["fused+splitk", "precomputed+splitk"])
+def test_splitk_with_prologue_vectors(mode):
+    """IA3 on x (inside the split loop), VeRA's d and b, LoRA-XS's R (after the slices are summed)."""
+    gen = torch.Generator().manual_seed(4)
+    for epilogue, extra in [("x_gain:0|relu", [torch.rand(70, generator=gen) + 0.5]),
+                            ("vera_d:0,vera_b:1|silu", [torch.rand(4, generator=gen) + 0.5,
+                                                        torch.rand(40, generator=gen) + 0.5]),
+                            ("xs_r:0|", [torch.randn(4, 4, generator=gen) * 0.5])]:
+        args = dict(make(7, 70, 40, 4, torch.float32), operands=extra)
+        out = kernel.lora_linear(**args, epilogue=epilogue, mode=mode)
+        torch.testing.assert_close(out, kernel.reference(**args, epilogue=epilogue), **TOLERANCE[torch.float32])
+
+
 def vera_args(M, dtype, r=4):
     """A LoRA call plus VeRA's vectors: operand 0 is d (r values), operand 1 is b (N values)."""
     args = make(M, 72, 40, r, dtype)
@@ -260,7 +295,8 @@ def test_kernel_body_is_shared_between_regions_with_the_same_steps():
 
 
 @pytest.mark.parametrize("vectors", [(), ("x_gain", "vera_d", "vera_b")], ids=["", "vectors"])
-@pytest.mark.parametrize("mode", ["fused", "precomputed", "none", "fused+tma", "precomputed+tma", "none+tma"])
+@pytest.mark.parametrize("mode", ["fused", "precomputed", "none", "fused+tma", "precomputed+tma", "none+tma",
+                                  "fused+splitk", "none+splitk"])
 def test_generated_kernel_compiles_for_an_h100_without_a_gpu(monkeypatch, mode, vectors):
     """Compile to sm_90 machine code (the interpreter checks semantics, not that Triton can lower it)."""
     import triton
@@ -273,8 +309,10 @@ def test_generated_kernel_compiles_for_an_h100_without_a_gpu(monkeypatch, mode, 
     monkeypatch.delenv("TRITON_INTERPRET")       # a JIT function, not an interpreted one
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
     fn = kernel.load_kernel(steps("silu,mul:0", has_bias=True), mode, vectors=vectors)
-    meta = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, BLOCK_R=16, GROUP_M=8, DOT_PRECISION="tf32")
-    signature = {n: "constexpr" if n in meta else "*fp16" if n.endswith("_ptr") else
+    meta = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, BLOCK_R=16, GROUP_M=8, DOT_PRECISION="tf32",
+                **({"SPLIT_K": 4} if mode.endswith("+splitk") else {}))
+    pointer = {"ws_ptr": "*fp32", "count_ptr": "*i32"}
+    signature = {n: "constexpr" if n in meta else pointer.get(n, "*fp16") if n.endswith("_ptr") else
                  "fp32" if n == "lora_scale" else "i32" for n in fn.arg_names}
     source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in meta.items()})
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
@@ -416,12 +454,28 @@ def test_gpu_tuner_times_every_strategy_and_keeps_the_fastest(monkeypatch):
         launched.append((mode, cfg))
         return fake_ms(mode, cfg)
 
+    modes = ["fused", "precomputed", "fused+splitk", "cublas"]
     key = (3, 4096, 4096, 16, torch.bfloat16, "", True, "cuda:0")
-    best = kernel._tuned(launch, ["fused", "precomputed", "cublas"], key)
+    best = kernel._tuned(launch, modes, key)
     assert best == ("precomputed", kernel.GPU_CONFIGS[16][2])
-    assert launched.count(("cublas", None)) == 1 and len(launched) == 2 * len(kernel.GPU_CONFIGS[16]) + 1
-    assert kernel._tuned(launch, ["fused", "precomputed", "cublas"], (4, *key[1:])) == best   # same bucket
-    assert len(launched) == 2 * len(kernel.GPU_CONFIGS[16]) + 1
+    n = 2 * len(kernel.GPU_CONFIGS[16]) + len(kernel.SPLITK_CONFIGS[16]) + 1
+    assert launched.count(("cublas", None)) == 1 and len(launched) == n
+    assert {cfg for mode, cfg in launched if mode == "fused+splitk"} == set(kernel.SPLITK_CONFIGS[16])
+    assert kernel._tuned(launch, modes, (4, *key[1:])) == best   # same bucket
+    assert len(launched) == n
+    # a candidate whose output disagrees with the cuBLAS composition's is never timed nor chosen
+    best = kernel._tuned(launch, modes, (40, *key[1:]), agrees=lambda c: c[0] != "precomputed")
+    assert best[0] != "precomputed" and not any(mode == "precomputed" for mode, _ in launched[n:])
+
+
+def test_tuner_agreement_check_catches_a_lost_split():
+    """What the GPU tuner's check tells apart: rounding differences pass, a split-K slice missing fails."""
+    args = make(7, 70, 40, 4, torch.float16)
+    expected = kernel.lora_linear(**args, mode="cublas")
+    assert kernel._agrees(kernel.lora_linear(**args, mode="fused+splitk"), expected)
+    lost = kernel.lora_linear(**dict(args, x=torch.cat([args["x"][:, :32], 0 * args["x"][:, 32:]], 1)))
+    assert not kernel._agrees(lost, expected)
+    assert not kernel._agrees(torch.full_like(expected, float("nan")), expected)
 
 
 def lowered_llama_matches_unlowered(spec: dict, regions: str) -> None:

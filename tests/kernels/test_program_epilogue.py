@@ -66,6 +66,8 @@ def test_program_epilogue_kernel_matches_reference_and_eager(M, dtype):
     torch.testing.assert_close(reference, eager, rtol=0, atol=0)     # the reference is the graph's op-by-op math
     torch.testing.assert_close(out, reference, **PROGRAM_TOLERANCE[dtype])
     torch.testing.assert_close(kernel.lora_linear(**call, mode="cublas"), reference, **PROGRAM_TOLERANCE[dtype])
+    # split-K: the program runs in the tile's last program, after the slices are summed
+    torch.testing.assert_close(kernel.lora_linear(**call, mode="fused+splitk"), reference, **PROGRAM_TOLERANCE[dtype])
 
 
 def test_generated_source_runs_the_program_on_the_accumulator():
@@ -125,7 +127,8 @@ def test_lowered_gpt2_runs_its_gelu_inside_the_c_fc_kernels():
         torch.testing.assert_close(compiled.module(*args).logits, unlowered(*args).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_program_epilogue_kernel_compiles_for_an_h100_without_a_gpu(monkeypatch):
+@pytest.mark.parametrize("mode", ["precomputed", "fused+splitk"])
+def test_program_epilogue_kernel_compiles_for_an_h100_without_a_gpu(monkeypatch, mode):
     """sm_90 machine code for the GELU-program kernel (the interpreter checks semantics, not lowering)."""
     import triton
     from triton.backends import backends
@@ -137,9 +140,11 @@ def test_program_epilogue_kernel_compiles_for_an_h100_without_a_gpu(monkeypatch)
     _, program, extra, _ = case(7, torch.float16)
     monkeypatch.delenv("TRITON_INTERPRET")
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
-    fn = kernel.load_kernel(kernel.steps("", True), "precomputed", program, program_epilogue.kinds(extra, 7, 40))
-    meta = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, BLOCK_R=16, GROUP_M=8, DOT_PRECISION="tf32")
-    signature = {n: "constexpr" if n in meta else "*fp16" if n.endswith("_ptr") else
+    fn = kernel.load_kernel(kernel.steps("", True), mode, program, program_epilogue.kinds(extra, 7, 40))
+    meta = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, BLOCK_R=16, GROUP_M=8, DOT_PRECISION="tf32",
+                **({"SPLIT_K": 4} if mode.endswith("+splitk") else {}))
+    pointer = {"ws_ptr": "*fp32", "count_ptr": "*i32"}
+    signature = {n: "constexpr" if n in meta else pointer.get(n, "*fp16") if n.endswith("_ptr") else
                  "fp32" if n == "lora_scale" else "i32" for n in fn.arg_names}
     source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in meta.items()})
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))

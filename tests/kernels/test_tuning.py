@@ -35,3 +35,21 @@ def test_no_candidate_launches_is_an_error_and_a_broken_cache_is_retuned():
     with pytest.raises(RuntimeError, match="op: no candidate launches"):
         tuning.fastest({}, "op", (1,), ["a"], lambda c: 1 / 0)
     assert tuning.fastest({}, "op", (1,), ["a", "b"], lambda c: {"a": 2.0, "b": 1.0}[c]) == "b"
+
+
+def test_a_candidate_that_disagrees_with_the_reference_is_not_chosen(monkeypatch):
+    """A kernel that launches and is fastest but computes something else (a race, a wrong tile) is skipped."""
+    times = {"right": 2.0, "wrong": 1.0}
+    timed = []
+
+    def time_one(candidate):
+        timed.append(candidate)
+        return times[candidate]
+
+    warned = []
+    monkeypatch.setattr(tuning._log, "warning", lambda message, *args: warned.append(message % args))
+    found = tuning.fastest({}, "op", (3,), ["wrong", "right"], time_one, check=lambda c: c == "right")
+    assert found == "right" and timed == ["right"]
+    assert warned == ["op: candidate 'wrong' disagrees with the reference for (3,); skipped"]
+    with pytest.raises(RuntimeError, match="no candidate launches"):
+        tuning.fastest({}, "op", (4,), ["wrong"], time_one, check=lambda c: False)
