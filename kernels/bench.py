@@ -166,8 +166,8 @@ def tile(case: Case) -> str:
     if not best:
         return "-"
     mode, cfg = best[-1]
-    if mode == "cublas":
-        return "cuBLAS+addmm"
+    if mode.startswith("cublas"):
+        return "cuBLAS, LoRA term as C (beta=s)" if mode == "cublas+beta" else "cuBLAS+addmm"
     tags = ("pre " if mode.startswith("precomputed") else "") + ("tma " if mode.endswith("+tma") else "") + \
         (f"splitk{cfg[6]} " if mode.endswith("+splitk") else "")
     return tags + "x".join(map(str, cfg[:3])) + f"/w{cfg[4]}s{cfg[5]}"
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
           "generated kernel with x A^T in its K loop, the kernel with x A^T precomputed ('pre'), either with TMA "
           "descriptor loads ('tma', sm_90+) or, for M <= 64, its K loop split over N programs per tile ('splitkN'), "
           "and cuBLAS GEMM + "
-          "addmm LoRA update + torch epilogue; the 'fused tile' column names it); eager = F.linear x3 + add; compile = "
+          "addmm LoRA update + torch epilogue, or the LoRA term first and the GEMM adding it as C (beta=s); the 'fused tile' column names it); eager = F.linear x3 + add; compile = "
           "torch.compile(eager, dynamic=True); base = F.linear(x, W) alone\n", flush=True)
     env = Env("cuda", gpu_timer, lora_linear, {"lora": torch.compile(unfused, dynamic=True),
                                                "mlp": torch.compile(unfused_mlp, dynamic=True)})

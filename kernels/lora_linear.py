@@ -62,6 +62,9 @@ SPLITK_CONFIGS = {
 # under TRITON_INTERPRET=1 each program instance runs as Python over numpy: few, wide tiles
 INTERPRET_CONFIG = (32, 32, 32, 4, 1, 1)
 INTERPRET_SPLITK_CONFIG = (*INTERPRET_CONFIG, 2)
+# no generated kernel: cuBLAS's GEMM then addmm's accumulate of the LoRA term, or the LoRA term
+# first with the GEMM adding it in its epilogue (see _cublas)
+CUBLAS_MODES = ("cublas", "cublas+beta")
 
 
 
@@ -98,9 +101,10 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     extra, extra_strides = _epilogue_arguments(chain, bias, tiles, vectors, parsed, extra_inputs, input_kinds, M, N)
 
     def launch(variant: str, cfg: tuple | None) -> torch.Tensor:
-        if variant == "cublas":
+        if variant.startswith("cublas"):
             scaled = x2 if gain is None else x2 * gain
-            out = _cublas(scaled, weight, bias, lora_a, lora_b, scale, weight_layout, chain, tiles, vectors)
+            out = _cublas(scaled, weight, bias, lora_a, lora_b, scale, weight_layout, chain, tiles, vectors,
+                          lora_first=variant == "cublas+beta")
             return out if parsed is None else program_epilogue.reference(out, extra_inputs, parsed)
         # "precomputed": h = round(x @ A^T) (M x R) in A's slot; "none": the pointers are never read
         lora_mode, suffix = split_mode(variant)
@@ -119,7 +123,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
     block_r = max(16, triton_next_pow2(R))
     precision = "ieee" if x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
-    if mode == "cublas" or codegen.interpreting() or config is not None or not x.is_cuda:
+    if mode in CUBLAS_MODES or codegen.interpreting() or config is not None or not x.is_cuda:
         variant = mode or kernels[0]
         cfg = config or (INTERPRET_SPLITK_CONFIG if variant.endswith("+splitk") else INTERPRET_CONFIG)
     else:
@@ -133,14 +137,15 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
             expected[:] = expected or [launch("cublas", None)]
             return _agrees(launch(*candidate), expected[0])
 
-        variant, cfg = _tuned(launch, [mode] if mode else [*kernels, *tma_kernels, *split_kernels, "cublas"],
+        cublas = ["cublas"] if lora_a is None else list(CUBLAS_MODES)
+        variant, cfg = _tuned(launch, [mode] if mode else [*kernels, *tma_kernels, *split_kernels, *cublas],
                               (M, N, K, R, x.dtype, epilogue, bias is None, str(x.device), program, input_kinds),
                               agrees)
     return launch(variant, cfg).reshape(*x.shape[:-1], N)
 
 
 def _check_mode(mode: str | None, kernels: tuple[str, ...], tma: bool, no_lora: bool) -> None:
-    if mode in (None, "cublas", *kernels, *(f"{k}+splitk" for k in kernels)) or \
+    if mode in (None, *CUBLAS_MODES, *kernels, *(f"{k}+splitk" for k in kernels)) or \
             mode in (f"{k}+tma" for k in kernels) and tma:
         return
     raise ValueError(f"lora_linear: mode {mode!r} with {'no ' if no_lora else ''}LoRA tensors"
@@ -218,27 +223,41 @@ def _tma_scratch(device: torch.device) -> None:
         _SCRATCH_SET.add(kind)
 
 
-def _cublas(x2, weight, bias, lora_a, lora_b, scale, weight_layout, chain, tiles, vectors=None) -> torch.Tensor:
+def _cublas(x2, weight, bias, lora_a, lora_b, scale, weight_layout, chain, tiles, vectors=None,
+            lora_first: bool = False) -> torch.Tensor:
     """The region as torch ops: cuBLAS's GEMM (with the bias when it comes first), the LoRA update as
     addmm's accumulate (out += s (x A^T) B^T, one extra pass over out), then the epilogue's steps.
 
     Measured on an H200 (fp16, K = N = 4096, r = 16, M = 4096) the one-loop kernel took 1.78x the
     base GEMM where this took 1.28x: cuBLAS's GEMM is compute-optimal there, the LoRA part is under
     1% of the FLOPs. On a GPU the tuner times it beside the kernels; elsewhere it runs when asked.
+
+    `lora_first` ("cublas+beta") computes the LoRA term u = (x A^T) B^T first and lets the base GEMM
+    add it in its epilogue, out = s u + x W^T (addmm's beta = s): u is written once and read once
+    where the accumulate reads and writes out on top of writing it.
     """
     w = weight if weight_layout == "out_in" else weight.t()
-    bias_first = bool(chain) and chain[0].rule == "bias"
-    out = torch.nn.functional.linear(x2, w, bias if bias_first else None)
+    bias_first = bool(chain) and chain[0].rule == "bias" and not lora_first
     vectors = vectors or {}
-    if lora_a is not None and not {"vera_d", "vera_b", "xs_r"} & set(vectors):
-        out.addmm_(x2 @ lora_a.t(), lora_b.t(), alpha=scale)
-    elif lora_a is not None:      # LoRA-XS's R, VeRA's d and b: each product rounded as the graph stores it
-        h = x2 @ lora_a.t()
-        h = h @ vectors["xs_r"].t() if "xs_r" in vectors else h
-        up = (h * vectors["vera_d"] if "vera_d" in vectors else h) @ lora_b.t()
-        out.add_(up * vectors["vera_b"] if "vera_b" in vectors else up, alpha=scale)
+    if lora_a is not None and lora_first:
+        out = torch.addmm(_lora_term(x2, lora_a, lora_b, vectors), x2, w.t(), beta=scale)
+    else:
+        out = torch.nn.functional.linear(x2, w, bias if bias_first else None)
+        if lora_a is not None and not {"vera_d", "vera_b", "xs_r"} & set(vectors):
+            out.addmm_(x2 @ lora_a.t(), lora_b.t(), alpha=scale)
+        elif lora_a is not None:
+            out.add_(_lora_term(x2, lora_a, lora_b, vectors), alpha=scale)
     rest = chain[1:] if bias_first else chain
     return apply(out, rest, bias, tiles)[-1].to(x2.dtype) if rest else out
+
+
+def _lora_term(x2, lora_a, lora_b, vectors: dict) -> torch.Tensor:
+    """(x A^T) B^T with LoRA-XS's R and VeRA's d and b where present, each product rounded as the graph
+    stores it."""
+    h = x2 @ lora_a.t()
+    h = h @ vectors["xs_r"].t() if "xs_r" in vectors else h
+    up = (h * vectors["vera_d"] if "vera_d" in vectors else h) @ lora_b.t()
+    return up * vectors["vera_b"] if "vera_b" in vectors else up
 
 
 def _launch(kernel, args: list, M: int, N: int, cfg: tuple, block_r: int, precision: str) -> None:
@@ -266,7 +285,7 @@ def _tuned(launch, modes: list[str], key: tuple, agrees=None) -> tuple[str, tupl
     M = key[0]
     bucket = (triton_next_pow2(M) if M <= 4096 else 4096,) + key[1:] + tuple(modes)
     limit = next(k for k in (16, 64, None) if k is None or M <= k)
-    candidates = [(m, cfg) for m in modes for cfg in ([None] if m == "cublas" else
+    candidates = [(m, cfg) for m in modes for cfg in ([None] if m in CUBLAS_MODES else
                                                       SPLITK_CONFIGS[limit or 64] if m.endswith("+splitk") else
                                                       GPU_CONFIGS[limit])]
     return tuning.fastest(_BEST, "lora_linear", bucket, candidates,

@@ -111,14 +111,16 @@ CUBLAS_TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: di
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("epilogue,lora", [("", True), ("silu,mul:1", True), ("gain:0,bias", True),
                                            ("gain:0,silu", False)])
-def test_cublas_composition_matches_the_reference(epilogue, lora, dtype, monkeypatch):
-    """The torch-op strategy the GPU tuner weighs against the kernels (plain torch: runs on the CPU)."""
+@pytest.mark.parametrize("mode", ["cublas", "cublas+beta"])
+def test_cublas_composition_matches_the_reference(mode, epilogue, lora, dtype, monkeypatch):
+    """The torch-op strategies the GPU tuner weighs against the kernels (plain torch: run on the CPU):
+    the GEMM then the LoRA term accumulated, or the LoRA term first as the GEMM's C (beta = s)."""
     args = make(7, 70, 40, 4, dtype, n_operands=2)
     if "gain:0" in epilogue:
         args["operands"][0] = args["operands"][0][0].contiguous()      # one value per output
     if not lora:
         args.update(lora_a=None, lora_b=None)
-    out = kernel.lora_linear(**args, epilogue=epilogue, mode="cublas")
+    out = kernel.lora_linear(**args, epilogue=epilogue, mode=mode)
     torch.testing.assert_close(out, kernel.reference(**args, epilogue=epilogue), **CUBLAS_TOLERANCE[dtype])
 
 
@@ -132,7 +134,7 @@ def test_x_gain_prologue_scales_the_input_columns(mode, dtype):
         args.update(lora_a=None, lora_b=None)
     epilogue = "x_gain:0|silu,mul:1"
     out = kernel.lora_linear(**args, epilogue=epilogue, mode=mode)
-    tolerance = CUBLAS_TOLERANCE if mode == "cublas" else TOLERANCE
+    tolerance = CUBLAS_TOLERANCE if mode.startswith("cublas") else TOLERANCE
     torch.testing.assert_close(out, kernel.reference(**args, epilogue=epilogue), **tolerance[dtype])
     scaled = dict(args, x=args["x"] * args["operands"][0], operands=[args["operands"][1]])
     torch.testing.assert_close(kernel.reference(**args, epilogue=epilogue),
@@ -210,26 +212,26 @@ def vera_args(M, dtype, r=4):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("mode", ["fused", "precomputed", "cublas", "fused+tma"])
+@pytest.mark.parametrize("mode", ["fused", "precomputed", "cublas", "cublas+beta", "fused+tma"])
 def test_vera_vectors_scale_the_lora_branch(mode, dtype):
     """VeRA: z = x W^T + ((x A^T) * d) B^T * b, the vectors in a prologue "vera_d:0,vera_b:1|"."""
     args = vera_args(7, dtype)
     epilogue = "vera_d:0,vera_b:1|silu"
     out = kernel.lora_linear(**args, epilogue=epilogue, mode=mode)
-    tolerance = CUBLAS_TOLERANCE if mode == "cublas" else TOLERANCE
+    tolerance = CUBLAS_TOLERANCE if mode.startswith("cublas") else TOLERANCE
     torch.testing.assert_close(out, kernel.reference(**args, epilogue=epilogue), **tolerance[dtype])
     assert "((x @ A^T) * d[r]) @ B^T * b[n]" in kernel.render(steps(epilogue, True), vectors=("vera_d", "vera_b"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("mode", ["fused", "precomputed", "cublas", "precomputed+tma"])
+@pytest.mark.parametrize("mode", ["fused", "precomputed", "cublas", "cublas+beta", "precomputed+tma"])
 @pytest.mark.parametrize("r", [1, 16])
 def test_lora_xs_middle_matrix(r, mode, dtype):
     """LoRA-XS: z = x W^T + s ((x A^T) R^T) B^T, R (r x r) as prologue operand "xs_r:0|"."""
     args = make(7, 72, 40, r, dtype)
     args["operands"] = [(torch.randn(r, r, generator=torch.Generator().manual_seed(5)) * r ** -0.5).to(dtype)]
     out = kernel.lora_linear(**args, epilogue="xs_r:0|relu", mode=mode)
-    tolerance = CUBLAS_TOLERANCE if mode == "cublas" else TOLERANCE
+    tolerance = CUBLAS_TOLERANCE if mode.startswith("cublas") else TOLERANCE
     torch.testing.assert_close(out, kernel.reference(**args, epilogue="xs_r:0|relu"), **tolerance[dtype])
     double = {k: v.double() if torch.is_tensor(v) else [o.double() for o in v] if isinstance(v, list) else v
               for k, v in args.items()}
