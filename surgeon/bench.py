@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+from pathlib import Path
 import platform
 import statistics
 import time
@@ -114,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--json", help="also write the figures to this JSON file")
+    parser.add_argument("--json", help="also write the figures to this JSON file (on CUDA, the kernel tables "
+                                       "to F_kernels.json and F_family.json beside it)")
     ns = parser.parse_args(argv)
     where = (torch.cuda.get_device_name() if ns.device.startswith("cuda") else
              f"CPU ({platform.processor() or platform.machine()}), {ns.threads} threads")
@@ -129,10 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     if ns.device.startswith("cuda"):
         from surgeon.kernels import bench as kernel_bench, bench_family
 
+        stem = str(Path(ns.json).with_suffix("")) if ns.json else None   # --json F: F's tables beside it
         print()
-        kernel_bench.main([])
+        kernel_bench.main(["--json", f"{stem}_kernels.json"] if stem else [])
         print()
-        bench_family.main([])
+        bench_family.main(["--json", f"{stem}_family.json"] if stem else [])
     else:
         print("\nkernel timings (the generated Triton LoRA kernels) need a CUDA GPU: run `surgeon bench` there.")
     if ns.json:

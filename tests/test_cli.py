@@ -48,3 +48,22 @@ def test_bench_is_wired_with_its_own_options(capsys):
     with pytest.raises(SystemExit) as info:
         main(["bench", "-h"])
     assert info.value.code == 0 and "--rounds" in capsys.readouterr().out
+
+
+def test_bench_on_cuda_writes_each_tables_json_beside_the_models(monkeypatch, tmp_path, capsys):
+    """What scripts/gpu_bench.sh relies on: --json F also names the kernel tables' files (the timing
+    functions are replaced here; they need a GPU)."""
+    import torch
+
+    from surgeon import bench
+    from surgeon.kernels import bench as kernel_bench, bench_family
+
+    calls = {}
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a GPU")
+    monkeypatch.setattr(bench, "run", lambda *a: {"decode 1x4": {"eager base": 1.0}})
+    monkeypatch.setattr(kernel_bench, "main", lambda argv: calls.setdefault("kernels", argv) and 0)
+    monkeypatch.setattr(bench_family, "main", lambda argv: calls.setdefault("family", argv) and 0)
+    assert main(["bench", "--device", "cuda", "--json", str(tmp_path / "bench.json")]) == 0
+    assert calls == {"kernels": ["--json", str(tmp_path / "bench_kernels.json")],
+                     "family": ["--json", str(tmp_path / "bench_family.json")]}
+    assert (tmp_path / "bench.json").exists() and "a GPU" in capsys.readouterr().out

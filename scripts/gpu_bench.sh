@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Every GPU benchmark in one call, for a GPU machine lent for minutes (see README, "Measured results").
+#
+#   OUT=bench_out bash scripts/gpu_bench.sh
+#
+# Installs surgeon beside the machine's own torch and Triton (no dependency resolution, so a CUDA
+# build is kept), prints the GPU, then runs `surgeon bench --device cuda --dtype bfloat16`: the
+# whole-model table, the LoRA kernel table and the adapter-family table, each with its own time
+# budget (about 6 minutes in all on an H200). Writes under $OUT: bench.txt (everything printed),
+# bench.json, bench_kernels.json, bench_family.json and tuning.json (the strategy each shape
+# bucket picked). Exits non-zero only when there is no CUDA device or the install fails.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench_out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+$PY -m pip install -q -e . --no-deps --no-build-isolation >"$OUT/install.log" 2>&1 \
+  || { echo "gpu_bench: installing surgeon failed (see $OUT/install.log)"; exit 1; }
+$PY - <<'PY' || exit 1
+import torch, triton
+if not torch.cuda.is_available():
+    raise SystemExit("gpu_bench: no CUDA device here")
+print(f"{torch.cuda.get_device_name()}: torch {torch.__version__}, triton {triton.__version__}", flush=True)
+PY
+export SURGEON_TUNE_CACHE="$OUT/tuning.json" TRITON_DEFAULT_FP_FUSION=1
+start=$(date +%s)
+$PY -m surgeon bench --device cuda --dtype bfloat16 --rounds 20 --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
+echo "gpu_bench: $(( $(date +%s) - start )) s; files in $OUT"
