@@ -29,7 +29,7 @@ import re
 
 import torch
 
-from . import codegen, tuning
+from . import codegen, epilogue_pass, tuning
 from .dispatch import KERNEL_DTYPES, on_device, runs_kernel
 from .epilogue import RULES, Step, apply, as_tiles, operand_of, parse, tile_shape
 from .lora_linear import compute_dtype, triton_cdiv, triton_next_pow2
@@ -181,11 +181,11 @@ def bottleneck(source: torch.Tensor, residual: torch.Tensor, down: torch.Tensor,
         return out.reshape(residual.shape)
     source2, residual2 = source.reshape(M, K), residual.reshape(M, N)
     tiles = as_tiles(chain, operands, (M, N))
-    compose = lambda: _composed(source2, residual2, down, up, tiles, scale, activation, chain)  # noqa: E731
-    if composed:
-        return compose().reshape(residual.shape)
     by_name = {operand_name(s): tiles[s.operand] for s in chain if s.operand is not None}
     extra = [by_name[name] for name, _ in operand_names(chain)]
+    compose = lambda: _composed(source2, residual2, down, up, tiles, scale, activation, chain, extra)  # noqa: E731
+    if composed:
+        return compose().reshape(residual.shape)
     args = [source2, residual2, down, up, out, *extra, M, N, K, R, *source2.stride(), *residual2.stride(),
             *down.stride(), *up.stride(), *out.stride(), *(st for t in extra for st in t.stride()), float(scale)]
     kernel = load_kernel(activation, epilogue)
@@ -200,12 +200,13 @@ def bottleneck(source: torch.Tensor, residual: torch.Tensor, down: torch.Tensor,
     return out.reshape(residual.shape)
 
 
-def _composed(source2, residual2, down, up, tiles, scale, activation, chain) -> torch.Tensor:
-    """The unfused graph's ops: two skinny GEMMs around the activation, the add with alpha = s, the steps."""
+def _composed(source2, residual2, down, up, tiles, scale, activation, chain, extra) -> torch.Tensor:
+    """The unfused graph's ops: two skinny GEMMs around the activation, the add with alpha = s, then
+    the steps as one generated pass (kernels/epilogue_pass.py; `extra` are its operands in order)."""
     hidden = torch.nn.functional.linear(source2, down)
     hidden = hidden if activation == "none" else RULES[activation].torch(hidden, None)
     z = torch.add(residual2, torch.nn.functional.linear(hidden, up), alpha=scale)
-    return apply(z, chain, None, tiles)[-1].to(residual2.dtype) if chain else z
+    return epilogue_pass.run(z, chain, None, tiles, extra, [st for t in extra for st in t.stride()], None, [], ())
 
 
 def _launch(kernel, args: list, M: int, N: int, cfg: tuple, block_r: int, precision: str) -> None:
