@@ -67,3 +67,19 @@ def test_bench_on_cuda_writes_each_tables_json_beside_the_models(monkeypatch, tm
     assert calls == {"kernels": ["--json", str(tmp_path / "bench_kernels.json")],
                      "family": ["--json", str(tmp_path / "bench_family.json")]}
     assert (tmp_path / "bench.json").exists() and "a GPU" in capsys.readouterr().out
+
+
+def test_bench_adds_cuda_graph_rows_and_reports_a_capture_that_fails():
+    from surgeon import bench
+
+    def capture(fn):
+        if fn() == "lowered":
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return fn
+
+    fns = {"eager base": lambda: "base", "surgeon lowered": lambda: "lowered", "PEFT merged": lambda: "peft"}
+    logged = []
+    found = bench.with_graphs(fns, capture, logged.append)
+    assert list(found) == ["eager base", "surgeon lowered", "PEFT merged", "eager base, CUDA graph"]
+    assert logged == ["  surgeon lowered: no CUDA graph (RuntimeError: operation not permitted when stream is "
+                      "capturing)"]
