@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--json", help="also write the figures to this JSON file (on CUDA, the kernel tables "
                                        "to F_kernels.json and F_family.json beside it)")
+    parser.add_argument("--kernel-budget", type=float, help="on CUDA, seconds after which each kernel table "
+                                                             "starts no new row (default: each table's own)")
     ns = parser.parse_args(argv)
     where = (torch.cuda.get_device_name() if ns.device.startswith("cuda") else
              f"CPU ({platform.processor() or platform.machine()}), {ns.threads} threads")
@@ -166,10 +168,11 @@ def main(argv: list[str] | None = None) -> int:
         from surgeon.kernels import bench as kernel_bench, bench_family
 
         stem = str(Path(ns.json).with_suffix("")) if ns.json else None   # --json F: F's tables beside it
+        budget = ["--budget", str(ns.kernel_budget)] if ns.kernel_budget else []
         print()
-        kernel_bench.main(["--json", f"{stem}_kernels.json"] if stem else [])
+        kernel_bench.main((["--json", f"{stem}_kernels.json"] if stem else []) + budget)
         print()
-        bench_family.main(["--json", f"{stem}_family.json"] if stem else [])
+        bench_family.main((["--json", f"{stem}_family.json"] if stem else []) + budget)
     else:
         print("\nkernel timings (the generated Triton LoRA kernels) need a CUDA GPU: run `surgeon bench` there.")
     if ns.json:

@@ -63,9 +63,9 @@ def test_bench_on_cuda_writes_each_tables_json_beside_the_models(monkeypatch, tm
     monkeypatch.setattr(bench, "run", lambda *a: {"decode 1x4": {"eager base": 1.0}})
     monkeypatch.setattr(kernel_bench, "main", lambda argv: calls.setdefault("kernels", argv) and 0)
     monkeypatch.setattr(bench_family, "main", lambda argv: calls.setdefault("family", argv) and 0)
-    assert main(["bench", "--device", "cuda", "--json", str(tmp_path / "bench.json")]) == 0
-    assert calls == {"kernels": ["--json", str(tmp_path / "bench_kernels.json")],
-                     "family": ["--json", str(tmp_path / "bench_family.json")]}
+    assert main(["bench", "--device", "cuda", "--json", str(tmp_path / "bench.json"), "--kernel-budget", "200"]) == 0
+    assert calls == {"kernels": ["--json", str(tmp_path / "bench_kernels.json"), "--budget", "200.0"],
+                     "family": ["--json", str(tmp_path / "bench_family.json"), "--budget", "200.0"]}
     assert (tmp_path / "bench.json").exists() and "a GPU" in capsys.readouterr().out
 
 
