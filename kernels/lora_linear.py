@@ -21,7 +21,7 @@ On a GPU the launcher times, once per shape bucket, the kernel with x @ A^T in i
 x @ A^T computed first, both with TMA loads on sm_90+, both with the K loop split over SPLIT_K
 programs per tile (for M <= 64, decode shapes, where M x N alone makes too few tiles; the last
 program of a tile sums the slices' fp32 partials in a fixed order and runs the epilogue), and the
-cuBLAS composition, and keeps the fastest of those whose output agrees with the cuBLAS one's.
+cuBLAS composition, and keeps the fastest of those whose output agrees with the torch reference's.
 
 Shapes never appear in generated source: sizes and strides are runtime arguments, so dynamic
 (symbolic) batch and sequence dims need no symbolic index algebra here.
@@ -124,18 +124,21 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
     block_r = max(16, triton_next_pow2(R))
     precision = "ieee" if x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
-    if mode in CUBLAS_MODES or codegen.interpreting() or config is not None or not x.is_cuda:
+    if mode in CUBLAS_MODES or config is not None or not _tunes(x):
         variant = mode or kernels[0]
         cfg = config or (INTERPRET_SPLITK_CONFIG if variant.endswith("+splitk") else INTERPRET_CONFIG)
     else:
-        tma_kernels = [f"{k}+tma" for k in kernels] if tma and torch.cuda.get_device_capability(x.device)[0] >= 9 \
-            else []
+        tma_kernels = [f"{k}+tma" for k in kernels] if tma and _has_tma(x.device) else []
         split_kernels = [f"{k}+splitk" for k in kernels] if M <= max(SPLITK_CONFIGS) else []
 
         expected = []
 
         def agrees(candidate) -> bool:    # a candidate that launches but computes something else is not a choice
-            expected[:] = expected or [launch("cublas", None)]
+            expected[:] = expected or [reference(x, weight, bias, lora_a, lora_b, operands + extra_inputs, scale,
+                                                 weight_layout, epilogue, program).reshape(M, N)]
+            if candidate[0].endswith("+splitk"):    # NaN slots: a partial read before it is written shows
+                for workspace, _ in _SPLIT_BUFFERS.values():
+                    workspace.fill_(float("nan"))
             return _agrees(launch(*candidate), expected[0])
 
         cublas = ["cublas"] if lora_a is None else list(CUBLAS_MODES)
@@ -143,6 +146,16 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                               (M, N, K, R, x.dtype, epilogue, bias is None, str(x.device), program, input_kinds),
                               agrees)
     return launch(variant, cfg).reshape(*x.shape[:-1], N)
+
+
+def _tunes(x: torch.Tensor) -> bool:
+    """Whether this call chooses its strategy by measurement: compiled kernels on a GPU."""
+    return x.is_cuda and not codegen.interpreting()
+
+
+def _has_tma(device: torch.device) -> bool:
+    """Whether the GPU has TMA (sm_90+)."""
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _check_mode(mode: str | None, kernels: tuple[str, ...], tma: bool, no_lora: bool) -> None:
@@ -156,9 +169,9 @@ def _check_mode(mode: str | None, kernels: tuple[str, ...], tma: bool, no_lora: 
 
 
 def _agrees(out: torch.Tensor, expected: torch.Tensor) -> bool:
-    """Whether a tuning candidate's output is the cuBLAS composition's up to rounding: within 5% of
-    the output's largest magnitude (16-bit and tf32 rounding differ by far less; a split-K slice lost
-    to a race, or a wrong tile, by far more)."""
+    """Whether a tuning candidate's output is the torch reference's up to rounding: within 5% of the
+    output's largest magnitude (16-bit and tf32 rounding differ by far less; a split-K slice lost to
+    a race, or a wrong tile, by far more)."""
     scale = expected.float().abs().max().item()
     return bool(torch.isfinite(out).all()) and (out.float() - expected.float()).abs().max().item() <= 0.05 * scale
 

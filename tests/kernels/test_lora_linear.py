@@ -534,3 +534,36 @@ def test_lowered_llama_with_vera_and_lora_xs_runs_the_generated_kernels(op):
                          {"name": "x", "type": "lora-xs", "rank": 4, "targets": ["*.gate_proj"]}],
             "pipeline": ["insert"]}
     lowered_llama_matches_unlowered(spec, "2 lora_linear regions")
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["sound", "broken-split"])
+def test_launcher_tuning_skips_a_fast_candidate_that_computes_something_else(broken, monkeypatch):
+    """The GPU tuning path end to end, on interpreted kernels: one tile config per mode, do_bench
+    replaced by a table in which split-K is fastest. With the arrival counters starting at 1 (what a
+    lost update would leave) a tile's first program finishes it from a slot not yet written: the
+    check fills the workspace with NaN first, so even a slot an earlier launch left right cannot hide
+    it. Split-K then disagrees with the reference and the tuner takes the next fastest, precomputed."""
+    import triton.testing
+
+    last = []
+    real_load, real_cublas, real_buffers = kernel.load_kernel, kernel._cublas, kernel._split_buffers
+    monkeypatch.setattr(kernel, "load_kernel", lambda chain, mode, *a: last.append(mode) or real_load(chain, mode, *a))
+    monkeypatch.setattr(kernel, "_cublas", lambda *a, **kw: last.append("cublas") or real_cublas(*a, **kw))
+
+    def buffers(*a):
+        workspace, counters = real_buffers(*a)
+        return workspace, counters.fill_(1) if broken else counters
+
+    monkeypatch.setattr(kernel, "_split_buffers", buffers)
+    times = {"fused+splitk": 1.0, "precomputed+splitk": 1.0, "precomputed": 1.5}
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **_: (fn(), times.get(last[-1], 2.0))[1])
+    monkeypatch.setattr(kernel, "_tunes", lambda x: True)
+    monkeypatch.setattr(kernel, "_has_tma", lambda device: False)
+    monkeypatch.setitem(kernel.GPU_CONFIGS, 16, [(16, 32, 32, 1, 1, 1)])
+    monkeypatch.setitem(kernel.SPLITK_CONFIGS, 16, [(16, 32, 32, 1, 1, 1, 2)])
+    monkeypatch.setattr(kernel, "_BEST", {})
+    args = make(3, 70, 40, 4, torch.float32, n_operands=1)
+    out = kernel.lora_linear(**args, epilogue="silu,add:0")
+    chosen = next(iter(kernel._BEST.values()))
+    assert chosen == (("precomputed", (16, 32, 32, 1, 1, 1)) if broken else ("fused+splitk", (16, 32, 32, 1, 1, 1, 2)))
+    torch.testing.assert_close(out, kernel.reference(**args, epilogue="silu,add:0"), **TOLERANCE[torch.float32])
