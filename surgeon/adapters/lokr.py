@@ -6,8 +6,10 @@ c x d, so W1 ⊗ W2 is out x in. Either factor is a full matrix or, when the ran
 its larger side, a rank-r product (W2 = W2a W2b always so; W1 = W1a W1b only with
 `decompose_both`). Init as PEFT: W1 (or W1a) = 0 by default, W2 (or W2b) = 0 with
 `init: lycoris`; either way the product is zero and insertion is exact.
-Merge identity: W x + s (W1 ⊗ W2) x == (W + s W1 ⊗ W2) x. On a conv2d site in = in_channels * kh * kw
-and the Kronecker delta is applied as a conv with the site's kernel.
+Merge identity: W x + s (W1 ⊗ W2) x == (W + s W1 ⊗ W2) x. On a linear site the forward never builds
+W1 ⊗ W2: with x read as a b x d matrix X, (W1 ⊗ W2) x = W1 X W2^T read row-major. On a conv2d site
+in = in_channels * kh * kw and the Kronecker delta is built and applied as a conv with the site's
+kernel.
 """
 from __future__ import annotations
 
@@ -66,8 +68,30 @@ def _factor(params: dict, which: str, matmul):
 
 
 def _forward(branch, x, y, params, opts):
+    if branch.conv_geometry is None:
+        return branch.add(y, _kron_apply(branch, x, params, opts), alpha=_scale(opts))
     kron = branch.op(aten.kron.default, _factor(params, "w1", branch.mm), _factor(params, "w2", branch.mm))
     return branch.add(y, branch.site_map(x, kron), alpha=_scale(opts))
+
+
+def _kron_apply(branch, x, params, opts):
+    """(W1 ⊗ W2) x without the out x in matrix: with x's in = b * d values read as a b x d matrix X
+    (row-major), (W1 ⊗ W2) x is W1 X W2^T read back row-major (a x c). Costs b c (a + d) multiplies
+    per row where the Kronecker matrix costs a b c d, and nothing per forward to build."""
+    in_b, in_d = factorization(branch.in_features, opts["decompose_factor"])
+    rows = branch.op(aten.unflatten.int, x, -1, [in_b, in_d])                         # (..., b, d)
+    if "lokr_w2" in params:
+        right = branch.linear(rows, params["lokr_w2"])                                  # X W2^T: (..., b, c)
+    else:
+        right = branch.linear(branch.linear(rows, params["lokr_w2_b"]), params["lokr_w2_a"])
+    # W1 from the left as a linear over the transposed pair (one GEMM over all rows, not a batch of
+    # small ones): (X W2^T)^T W1^T = (W1 X W2^T)^T, (..., c, a), transposed back and flattened (a copy)
+    columns = branch.op(aten.transpose.int, right, -2, -1)                                  # (..., c, b)
+    if "lokr_w1" in params:
+        both = branch.linear(columns, params["lokr_w1"])                                    # (..., c, a)
+    else:
+        both = branch.linear(branch.linear(columns, params["lokr_w1_b"]), params["lokr_w1_a"])
+    return branch.op(aten.flatten.using_ints, branch.op(aten.transpose.int, both, -2, -1), -2, -1)
 
 
 def _delta(params, opts, weight=None):

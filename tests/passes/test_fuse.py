@@ -167,12 +167,27 @@ def test_fuse_gpt2_dora_places_the_bias_after_the_gain():
 
 def test_a_site_of_another_form_is_reported_with_each_seeds_reason():
     model, args = hf_llama(layers=1)
-    spec = {"adapters": [{"name": "h", "type": "loha", "rank": 4, "targets": ["*.q_proj"]}], "pipeline": ["insert"]}
+    spec = {"adapters": [{"name": "h", "type": "lokr", "rank": 2, "targets": ["*.q_proj"]}], "pipeline": ["insert"]}
     compiled = surgeon.compile(model, args, spec, KW)
     regions, rejections = partition(compiled.module)
     assert not [r for r in regions if r.kind != "elementwise"]
     why = dict(rejections)["adapter h @ model.layers.0.self_attn.q_proj"]
     assert all(f"{seed}: " in why for seed in ("lora", "dora", "ia3", "bottleneck"))
+
+
+def test_fuse_loha_sites_are_rank_r2_lora_regions():
+    """LoHa on a linear site is x -> D x -> U (D x) (face-splitting identity, surgeon/adapters/loha.py),
+    D and U built from the four factors: the LoRA seed takes it with rank r^2, D and U as its A and B."""
+    model, args = hf_llama(layers=1)
+    spec = {"adapters": [{"name": "h", "type": "loha", "rank": 4, "alpha": 8, "targets": ["*.q_proj", "*.o_proj"]}],
+            "pipeline": ["insert"]}
+    compiled = surgeon.compile(model, args, spec, KW)
+    regions = lora_regions(compiled.module)
+    at = "lora_linear@model.layers.0.self_attn."
+    assert set(regions) == {at + "q_proj", at + "o_proj"}
+    assert {r.rank for r in regions.values()} == {16} and {r.scale for r in regions.values()} == {2.0}
+    assert regions[at + "o_proj"].epilogue()[0] == "add:0"                      # the residual joins as before
+    assert all(r.parts["lora_a"].target is torch.ops.aten.view.default for r in regions.values())
 
 
 def test_fuse_gpt2_grows_through_the_row_view_and_eval_dropout():

@@ -241,7 +241,7 @@ def test_lower_keeps_q_and_k_rotary_apart_when_their_head_counts_differ():
 KIND_REGIONS = {
     "lora": ({"rank": 4}, "lora_linear"), "dora": ({"rank": 4}, "lora_linear"), "ia3": ({}, "lora_linear"),
     "bottleneck": ({"rank": 4}, "bottleneck"), "parallel-adapter": ({"rank": 4}, "bottleneck"),
-    "lora-xs": ({"rank": 4}, "lora_linear"), "loha": ({"rank": 2}, None), "lokr": ({"rank": 2}, None),
+    "lora-xs": ({"rank": 4}, "lora_linear"), "loha": ({"rank": 2}, "lora_linear"), "lokr": ({"rank": 2}, None),
     "vera": ({"rank": 4}, "lora_linear"), "oft": ({"block_size": 4}, None), "boft": ({"block_size": 4}, "lora_linear"),
     "hra": ({"rank": 4}, None), "shira": ({"rank": 4}, None), "hydra": ({"rank": 4}, None), "delta": ({}, None),
     "prefix": ({"num_virtual_tokens": 2}, None), "s2ft": ({"columns": 4}, None),
