@@ -302,9 +302,21 @@ def render(chain: tuple[Step, ...], region: str = "", fused: list[str] | tuple[s
               f"out = {formula(chain, split_mode(mode)[0], program, vectors)}"]
     if fused:
         header += ["", "graph nodes replaced, in order:"] + [f"    {line}" for line in fused]
+    if region and not split_mode(mode)[1]:
+        header += ["", "On a GPU the launcher times, once per shape bucket, the kernel modes",
+                   f"    {', '.join(_variants(mode))}",
+                   "(+tma on sm_90+, +splitk for M <= 64) and cuBLAS with the epilogue as one pass",
+                   "(kernels/epilogue_pass.py), and runs the fastest; this source is the first mode",
+                   "(render(..., mode=...) prints another)."]
     header.append('"""')
     return "\n".join(header) + "\nimport triton\nimport triton.language as tl\n\n\n" + \
         kernel_source(chain, mode, program, input_kinds, vectors)
+
+
+def _variants(mode: str) -> list[str]:
+    """The kernel modes a GPU may run for a region rendered in `mode` ("fused" or "none")."""
+    kernels = ["none"] if mode == "none" else ["fused", "precomputed"]
+    return [f"{k}{suffix}" for suffix in ("", "+tma", "+splitk") for k in kernels]
 
 
 _KERNELS: dict[tuple, object] = {}

@@ -5,6 +5,12 @@ out = silu(x @ W^T + s * (x @ A^T) @ B^T + bias) * gate0 + residual1
 graph nodes replaced, in order:
     linear          aten.linear.default  model.layers.0.mlp.gate_proj
     silu            aten.silu.default    model.layers.0.mlp.act_fn
+
+On a GPU the launcher times, once per shape bucket, the kernel modes
+    fused, precomputed, fused+tma, precomputed+tma, fused+splitk, precomputed+splitk
+(+tma on sm_90+, +splitk for M <= 64) and cuBLAS with the epilogue as one pass
+(kernels/epilogue_pass.py), and runs the fastest; this source is the first mode
+(render(..., mode=...) prints another).
 """
 import triton
 import triton.language as tl
