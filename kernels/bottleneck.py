@@ -191,9 +191,22 @@ def bottleneck(source: torch.Tensor, residual: torch.Tensor, down: torch.Tensor,
     kernel = load_kernel(activation, epilogue)
     block_r = max(16, triton_next_pow2(R))
     precision = "ieee" if source.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
-    cfg = config or (INTERPRET_CONFIG if codegen.interpreting() else
+    expected = []
+
+    def agrees(candidate) -> bool:     # a config that launches but computes something else is not a choice
+        from .lora_linear import _agrees
+
+        expected[:] = expected or [reference(source, residual, down, up, operands, scale, activation,
+                                             epilogue).reshape(M, N)]
+        if candidate == "composed":
+            return _agrees(compose(), expected[0])
+        out.fill_(float("nan"))
+        _launch(kernel, args, M, N, candidate, block_r, precision)
+        return _agrees(out, expected[0])
+
+    cfg = config or (INTERPRET_CONFIG if not _tunes(source) else
                      _tuned(kernel, args, block_r, precision, (M, N, K, R, source.dtype, str(source.device)),
-                            compose))
+                            compose, agrees))
     if cfg == "composed":
         return compose().reshape(residual.shape)
     _launch(kernel, args, M, N, cfg, block_r, precision)
@@ -223,9 +236,15 @@ def _launch(kernel, args: list, M: int, N: int, cfg: tuple, block_r: int, precis
 _BEST: dict[tuple, tuple] = {}
 
 
-def _tuned(kernel, args: list, block_r: int, precision: str, key: tuple, compose=None) -> "tuple | str":
+def _tunes(x: torch.Tensor) -> bool:
+    """Whether this call chooses its config by measurement: compiled kernels on a GPU."""
+    return x.is_cuda and not codegen.interpreting()
+
+
+def _tuned(kernel, args: list, block_r: int, precision: str, key: tuple, compose=None, agrees=None) -> "tuple | str":
     """The fastest GPU config for this shape bucket (M rounded up to a power of two; benchmarked once),
-    or "composed" when the torch ops (`compose`) were faster than every config."""
+    or "composed" when the torch ops (`compose`) were faster than every config; with `agrees`, only
+    among the candidates whose output agrees with the torch reference."""
     import triton.testing
 
     M, N = key[0], key[1]
@@ -238,7 +257,7 @@ def _tuned(kernel, args: list, block_r: int, precision: str, key: tuple, compose
                                                                       precision)
         return triton.testing.do_bench(run, warmup=5, rep=20)
 
-    return tuning.fastest(_BEST, "bottleneck", bucket, candidates, time_one)
+    return tuning.fastest(_BEST, "bottleneck", bucket, candidates, time_one, agrees)
 
 
 def _vec(chain: tuple[Step, ...]) -> set[int]:

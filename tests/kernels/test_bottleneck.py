@@ -275,6 +275,9 @@ def test_gpu_tuner_weighs_the_composed_ops_against_the_configs(monkeypatch):
     assert kernel._tuned(fn, [], 16, "tf32", (8, 40, 40, 4, torch.float16, "cuda:0"), compose) == "composed"
     # without composed ops (another bucket): the first of equally fast configs
     assert kernel._tuned(fn, [], 16, "tf32", (300, 40, 40, 4, torch.float16, "cuda:0")) == kernel.GPU_CONFIGS[None][0]
+    # a candidate whose output disagrees with the reference is not chosen, however fast
+    assert kernel._tuned(fn, [], 16, "tf32", (9, 48, 40, 4, torch.float16, "cuda:0"), compose,
+                         agrees=lambda c: c != "composed") == kernel.GPU_CONFIGS[16][0]
 
 
 def test_lowered_gpt2_bottlenecks_through_views_run_the_generated_kernels():
@@ -295,3 +298,31 @@ def test_lowered_gpt2_bottlenecks_through_views_run_the_generated_kernels():
     assert len(calls) == 4 and all(n.args[7] == "add:0" for n in calls)
     with torch.no_grad():
         torch.testing.assert_close(compiled.module(*args).logits, unlowered(*args).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_launcher_tuning_skips_a_fast_config_that_computes_something_else(monkeypatch):
+    """The GPU tuning path end to end on interpreted kernels: two tile configs and the composed ops,
+    do_bench replaced by a table in which the first config is fastest but its output is off by one."""
+    import triton.testing
+
+    good, bad = (64, 32, 32, 1, 1, 1), (32, 32, 32, 1, 1, 1)
+    real_launch, last = kernel._launch, []
+
+    def launch(fn, args, M, N, cfg, *rest):
+        last.append(cfg)
+        real_launch(fn, args, M, N, cfg, *rest)
+        if cfg == bad:
+            args[4].add_(1.0)
+
+    monkeypatch.setattr(kernel, "_launch", launch)
+    monkeypatch.setattr(kernel, "_tunes", lambda x: True)
+    monkeypatch.setitem(kernel.GPU_CONFIGS, 16, [bad, good])
+    monkeypatch.setattr(kernel, "_BEST", {})
+    monkeypatch.setattr(triton.testing, "do_bench",
+                        lambda fn, **_: (last.clear(), fn(), {bad: 1.0, good: 2.0}.get(last[-1] if last else None, 3.0))[2])
+    gen = torch.Generator().manual_seed(0)
+    y, res = torch.randn(5, 40, generator=gen), torch.randn(5, 40, generator=gen)
+    d, u = torch.randn(4, 40, generator=gen) * 0.3, torch.randn(40, 4, generator=gen) * 0.3
+    out = kernel.bottleneck(y, y, d, u, [res], 1.5, "relu", "add:0")
+    assert next(iter(kernel._BEST.values())) == good
+    torch.testing.assert_close(out, kernel.reference(y, y, d, u, [res], 1.5, "relu", "add:0"), rtol=1e-5, atol=1e-5)
