@@ -11,8 +11,10 @@ per-output gain). Outside those regions:
   elementwise   connected chains of pointwise ops (two or more) with a rule in
                 kernels/pointwise_program.py, and means over the last dim among them (row kernels).
 Each growth step keeps the region convex (no path leaves it and comes back), checked on a
-networkx view of the graph, so it can be contracted into one node. Shapes of operands are
-compared with sympy where export recorded symbolic dims.
+networkx view of the graph, so it can be contracted into one node; regions that could not all be
+contracted at once (two groups reading each other's values) are left out, and the candidates left
+are grouped again with the regions contracted until nothing more groups, so a second lower finds
+nothing. Shapes of operands are compared with sympy where export recorded symbolic dims.
 
 The pass does not change the graph (check "exact"); it records a summary of the regions in
 `gm.meta["surgeon_regions"]`. `lower` replaces the regions with kernel calls.
@@ -67,6 +69,8 @@ def partition(gm: fx.GraphModule) -> tuple[list[Region], list[tuple[str, str]]]:
                                                                      "eager op (no template for it)"))
     groups = elementwise_regions(gm, graph, order, taken, names, rejections)
     regions += [g for g in groups if not absorb_program(gm, graph, order, regions, g, rejections)]
+    regions = contractible(graph, regions, rejections)
+    regions += later_rounds(gm, graph, regions, names)
     regions.sort(key=lambda r: order[r.output])
     for where, why in rejections:
         log.info("not fused: %s: %s", where, why)
@@ -89,6 +93,53 @@ def is_convex(graph: nx.DiGraph, order: dict[fx.Node, int], nodes: set[fx.Node])
     below = set().union(*(nx.descendants(window, n) for n in nodes)) - nodes
     above = set().union(*(nx.ancestors(window, n) for n in nodes)) - nodes
     return not (below & above)
+
+
+def contractible(graph: nx.DiGraph, regions: list[Region], rejections: list) -> list[Region]:
+    """The regions, taken in turn, that can all be replaced at once: two convex regions can still read
+    each other's values (a -> b in one, c -> d in the other, with a -> d and c -> b through ops outside
+    both), and contracting both would make a cycle. The later one is left out, and the reason reported
+    (only pointwise groups have several outputs, so only they are ever left out)."""
+    if nx.is_directed_acyclic_graph(quotient(graph, regions)):
+        return regions
+    kept: list[Region] = []
+    for region in regions:
+        contracted = quotient(graph, kept + [region])
+        if nx.is_directed_acyclic_graph(contracted):
+            kept.append(region)
+            continue
+        others = {name for edge in nx.find_cycle(contracted) for name in edge if isinstance(name, str)}
+        rejections.append((region.name, f"replacing it too would make a cycle with "
+                                        f"{', '.join(sorted(others - {region.name}))} (each reads a value the "
+                                        f"other computes, through ops outside both)"))
+    return kept
+
+
+def quotient(graph: nx.DiGraph, regions: list[Region]) -> nx.DiGraph:
+    """`graph` with each region's nodes contracted into one node, named as the region."""
+    owner = {node: region.name for region in regions for node in region.nodes}
+    contracted = nx.DiGraph()
+    contracted.add_nodes_from(owner.get(n, n) for n in graph)
+    contracted.add_edges_from((owner.get(u, u), owner.get(v, v)) for u, v in graph.edges
+                              if owner.get(u, u) != owner.get(v, v))
+    return contracted
+
+
+def later_rounds(gm: fx.GraphModule, graph: nx.DiGraph, regions: list[Region], names: dict) -> list[Region]:
+    """The pointwise groups a second lower would find, so that it finds none: the candidates no region
+    took, grouped again in the graph with the regions so far contracted, until a round finds nothing.
+    A group refused for a reduction, or left out for a cycle, leaves nodes that can group once their
+    neighbours are kernels. Their refusals were reported by the first round."""
+    found: list[Region] = []
+    while True:
+        view = quotient(graph, regions + found)
+        order = {node: i for i, node in enumerate(nx.topological_sort(view))}
+        left = [n for n in sorted((n for n in view if isinstance(n, fx.Node)), key=order.get)
+                if n.op == "call_function" and n.target in POINTWISE]
+        more = contractible(view, _group_regions(gm, view, order, left, names, []), [])
+        if not more:
+            return found
+        found += more
 
 
 def is_site_output(node: fx.Node) -> bool:
@@ -256,6 +307,8 @@ def program_refusal(gm, value: fx.Node, group: Region) -> "tuple | str":
     out, result = tensor_meta(gm, value), tensor_meta(gm, program.output_nodes[0])
     if out is None or result is None or not same_meta((out[0], None), (result[0], None)):
         return f"{group.name}'s output is not shaped as {value.name} (it broadcasts)"
+    if result[1] != out[1]:
+        return f"{group.name}'s output is {result[1]}, {value.name} is {out[1]} (the kernel stores x's dtype)"
     kinds = []
     for node in program.input_nodes[1:]:
         meta = tensor_meta(gm, node)
