@@ -59,7 +59,7 @@ class Lower:
         devices = sorted({p.device.type for p in gm.parameters()}) or ["cpu"]
         result.notes.append(", ".join(f"{n} {kind} regions -> surgeon::{OPS[kind]}" for kind, n in counts.items()) +
                             "; backend here: " + ", ".join(f"{d}: {registry.backend(d)}" for d in devices) +
-                            ("" if "triton" in {registry.backend(d) for d in devices} else
+                            ("" if {registry.backend(d) for d in devices} - {"reference"} else
                              " (no CUDA device: the regions run the torch reference math, not Triton)"))
         return result
 

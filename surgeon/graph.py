@@ -71,9 +71,11 @@ def sort_topologically(graph: fx.Graph) -> bool:
 
     A node is kept where it is unless an input of it is defined later; then that input (and its
     own inputs, depth first) is pulled up to just before it. Placeholders stay first, output last.
+    A graph with a cycle (a pass bug: no order exists) raises ValueError naming a node on it.
     """
     order: list[fx.Node] = []
     done: set[fx.Node] = set()
+    visiting: set[fx.Node] = set()       # on the current depth-first path
     for start in graph.nodes:
         stack = [(start, False)]
         while stack:
@@ -82,8 +84,12 @@ def sort_topologically(graph: fx.Graph) -> bool:
                 continue
             if expanded:
                 done.add(node)
+                visiting.discard(node)
                 order.append(node)
                 continue
+            if node in visiting:
+                raise ValueError(f"the graph has a cycle through '{node.name}': no node order exists")
+            visiting.add(node)
             stack.append((node, True))
             stack.extend((inp, False) for inp in reversed(node.all_input_nodes) if inp not in done)
     if order == list(graph.nodes):
