@@ -15,7 +15,7 @@ from .adapter_io import save_adapter_dir, save_peft_dir
 from .capture import _eval_mode, capture, split_kwargs
 from .errors import SpecError
 from .graph import compute_nodes, count_parameters, get_tensor
-from .pipeline import AdapterState, Context, PassRow, compare, run_outputs, run_pipeline
+from .pipeline import AdapterState, Context, PassRow, compare, compute_dtypes, run_outputs, run_pipeline
 from .passes_table import passes
 from .report import Report
 from .spec import Spec, _pass, load_spec, spec_to_dict
@@ -44,7 +44,7 @@ def compile(model: nn.Module, example_inputs: Any, spec: "str | Path | dict | Sp
         from torch.utils import _pytree as pytree
 
         eager = [t for t in pytree.tree_leaves(reference) if isinstance(t, torch.Tensor)]
-        ok, check = compare(eager, run_outputs(gm, ctx), "close")
+        ok, check = compare(eager, run_outputs(gm, ctx), "close", compute_dtypes(gm))
         if not ok:
             raise SpecError("<model>", f"the captured graph does not reproduce the model: {check}")
     rows = [PassRow("capture", compute_nodes(gm), [], (params, params), trainable, (0, compute_nodes(gm)),
