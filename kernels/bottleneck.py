@@ -194,15 +194,13 @@ def bottleneck(source: torch.Tensor, residual: torch.Tensor, down: torch.Tensor,
     expected = []
 
     def agrees(candidate) -> bool:     # a config that launches but computes something else is not a choice
-        from .lora_linear import _agrees
-
         expected[:] = expected or [reference(source, residual, down, up, operands, scale, activation,
                                              epilogue).reshape(M, N)]
         if candidate == "composed":
-            return _agrees(compose(), expected[0])
+            return tuning.agrees(compose(), expected[0])
         out.fill_(float("nan"))
         _launch(kernel, args, M, N, candidate, block_r, precision)
-        return _agrees(out, expected[0])
+        return tuning.agrees(out, expected[0])
 
     cfg = config or (INTERPRET_CONFIG if not _tunes(source) else
                      _tuned(kernel, args, block_r, precision, (M, N, K, R, source.dtype, str(source.device)),

@@ -58,3 +58,25 @@ def runs_kernel(op: str, device: torch.device, dtypes: set[torch.dtype]) -> bool
         log.warning("surgeon::%s on %s (%s) runs the torch reference path, not a Triton kernel",
                     op, device.type, ", ".join(key[2]))
     return False
+
+
+# split-K workspaces per (device, stream): fp32 partial-sum slots, rewritten by every launch, and
+# arrival counters, zero between launches (the last program of each tile resets its own)
+SPLIT_WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def split_workspace(device: torch.device, slots: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 workspace of at least `slots` values, int32 counters for at least `tiles` tiles, all zero)
+    for a split-K launch on the current stream of `device`; grown as needed, reused otherwise."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # inside a CUDA graph capture: buffers of the graph's own (the counters' zeroing is captured too)
+        return (torch.empty(slots, dtype=torch.float32, device=device),
+                torch.zeros(tiles, dtype=torch.int32, device=device))
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    have = SPLIT_WORKSPACES.get(key)
+    if have is None or have[0].numel() < slots or have[1].numel() < tiles:
+        slots, tiles = (slots, tiles) if have is None else (max(slots, have[0].numel()), max(tiles, have[1].numel()))
+        have = SPLIT_WORKSPACES[key] = (torch.empty(slots, dtype=torch.float32, device=device),
+                                        torch.zeros(tiles, dtype=torch.int32, device=device))
+    return have

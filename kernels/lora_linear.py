@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from . import codegen, epilogue_pass, program_epilogue, tuning
-from .dispatch import KERNEL_DTYPES
+from .dispatch import KERNEL_DTYPES, SPLIT_WORKSPACES, split_workspace
 from .epilogue import RULES, Step, apply, as_tiles, prologue, steps, tile_shape
 from .lora_linear_source import MODES, VECTORS, load_kernel, operand_name, operand_names, render, split_mode
 
@@ -137,9 +137,9 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
             expected[:] = expected or [reference(x, weight, bias, lora_a, lora_b, operands + extra_inputs, scale,
                                                  weight_layout, epilogue, program).reshape(M, N)]
             if candidate[0].endswith("+splitk"):    # NaN slots: a partial read before it is written shows
-                for workspace, _ in _SPLIT_BUFFERS.values():
+                for workspace, _ in SPLIT_WORKSPACES.values():
                     workspace.fill_(float("nan"))
-            return _agrees(launch(*candidate), expected[0])
+            return tuning.agrees(launch(*candidate), expected[0])
 
         cublas = ["cublas"] if lora_a is None else list(CUBLAS_MODES)
         variant, cfg = _tuned(launch, [mode] if mode else [*kernels, *tma_kernels, *split_kernels, *cublas],
@@ -168,36 +168,10 @@ def _check_mode(mode: str | None, kernels: tuple[str, ...], tma: bool, no_lora: 
                      f"when lora_a is None)")
 
 
-def _agrees(out: torch.Tensor, expected: torch.Tensor) -> bool:
-    """Whether a tuning candidate's output is the torch reference's up to rounding: within 5% of the
-    output's largest magnitude (16-bit and tf32 rounding differ by far less; a split-K slice lost to
-    a race, or a wrong tile, by far more)."""
-    scale = expected.float().abs().max().item()
-    return bool(torch.isfinite(out).all()) and (out.float() - expected.float()).abs().max().item() <= 0.05 * scale
-
-
-# split-K workspaces per (device, stream): fp32 partial-sum slots, rewritten by every launch, and
-# arrival counters, zero between launches (the last program of each tile resets its own)
-_SPLIT_BUFFERS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
 def _split_buffers(device: torch.device, M: int, N: int, cfg: tuple, block_r: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(workspace, counters) for a "+splitk" launch with tile config `cfg` (its last entry SPLIT_K)."""
-    block_m, block_n, split = cfg[0], cfg[1], cfg[6]
-    tiles = triton_cdiv(M, block_m) * triton_cdiv(N, block_n)
-    need = (tiles * split * block_m * (block_n + block_r), tiles)
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        # inside a CUDA graph capture: buffers of the graph's own (the counters' zeroing is captured too)
-        return torch.empty(need[0], dtype=torch.float32, device=device), torch.zeros(need[1], dtype=torch.int32,
-                                                                                    device=device)
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    have = _SPLIT_BUFFERS.get(key)
-    if have is None or have[0].numel() < need[0] or have[1].numel() < need[1]:
-        size = need if have is None else (max(need[0], have[0].numel()), max(need[1], have[1].numel()))
-        have = _SPLIT_BUFFERS[key] = (torch.empty(size[0], dtype=torch.float32, device=device),
-                                      torch.zeros(size[1], dtype=torch.int32, device=device))
-    return have
+    tiles = triton_cdiv(M, cfg[0]) * triton_cdiv(N, cfg[1])
+    return split_workspace(device, tiles * cfg[6] * cfg[0] * (cfg[1] + block_r), tiles)
 
 
 def _epilogue_arguments(chain, bias, tiles, vectors, program, program_inputs, input_kinds, M, N) -> tuple[list, list]:

@@ -18,6 +18,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from . import codegen
 
 _log = logging.getLogger(__name__)
@@ -51,6 +53,14 @@ def fastest(table: dict, op: str, bucket: tuple, candidates: list, time_one: Cal
         _store(key, _json(found))
     table[bucket] = found
     return found
+
+
+def agrees(out: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Whether a tuning candidate's output is the torch reference's up to rounding: within 5% of the
+    output's largest magnitude (16-bit and tf32 rounding differ by far less; a split-K slice lost to
+    a race, or a wrong tile, by far more)."""
+    scale = expected.float().abs().max().item()
+    return bool(torch.isfinite(out).all()) and (out.float() - expected.float()).abs().max().item() <= 0.05 * scale
 
 
 def cache_path() -> Path:

@@ -183,7 +183,9 @@ def test_splitk_modes_match_the_reference(M, split, mode, dtype):
     for _ in range(2):
         out = kernel.lora_linear(**args, epilogue="silu,add:0", mode=mode, config=config)
         torch.testing.assert_close(out, expected, **TOLERANCE[dtype])
-    counters = kernel._SPLIT_BUFFERS[("cpu", 0)][1]
+    from surgeon.kernels import dispatch
+
+    counters = dispatch.SPLIT_WORKSPACES[("cpu", 0)][1]
     assert counters.abs().sum() == 0 and counters.numel() >= kernel.triton_cdiv(M, 32) * 2
     source = kernel.render(steps("silu,add:0", True), mode=mode)
     assert "range(k_first, k_last, BLOCK_K)" in source and "if arrived == SPLIT_K - 1:" in source
@@ -472,12 +474,14 @@ def test_gpu_tuner_times_every_strategy_and_keeps_the_fastest(monkeypatch):
 
 def test_tuner_agreement_check_catches_a_lost_split():
     """What the GPU tuner's check tells apart: rounding differences pass, a split-K slice missing fails."""
+    from surgeon.kernels import tuning
+
     args = make(7, 70, 40, 4, torch.float16)
     expected = kernel.lora_linear(**args, mode="cublas")
-    assert kernel._agrees(kernel.lora_linear(**args, mode="fused+splitk"), expected)
+    assert tuning.agrees(kernel.lora_linear(**args, mode="fused+splitk"), expected)
     lost = kernel.lora_linear(**dict(args, x=torch.cat([args["x"][:, :32], 0 * args["x"][:, 32:]], 1)))
-    assert not kernel._agrees(lost, expected)
-    assert not kernel._agrees(torch.full_like(expected, float("nan")), expected)
+    assert not tuning.agrees(lost, expected)
+    assert not tuning.agrees(torch.full_like(expected, float("nan")), expected)
 
 
 def lowered_llama_matches_unlowered(spec: dict, regions: str) -> None:
@@ -556,7 +560,10 @@ def test_launcher_tuning_skips_a_fast_candidate_that_computes_something_else(bro
         return workspace, counters.fill_(1) if broken else counters
 
     monkeypatch.setattr(kernel, "_split_buffers", buffers)
-    monkeypatch.setattr(kernel, "_SPLIT_BUFFERS", {})      # the broken counters stay in this test's table
+    monkeypatch.setattr(kernel, "SPLIT_WORKSPACES", {})    # the broken counters stay in this test's table
+    from surgeon.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "SPLIT_WORKSPACES", kernel.SPLIT_WORKSPACES)
     times = {"fused+splitk": 1.0, "precomputed+splitk": 1.0, "precomputed": 1.5}
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **_: (fn(), times.get(last[-1], 2.0))[1])
     monkeypatch.setattr(kernel, "_tunes", lambda x: True)
