@@ -247,8 +247,7 @@ def ia3_input_seed(gm: fx.GraphModule, mul: fx.Node) -> "Region | str":
     x, gain = mul.args if isinstance(mul.args[0], fx.Node) and row_vector(gm, mul.args[1], mul) else mul.args[::-1]
     if not isinstance(x, fx.Node) or not row_vector(gm, gain, mul):
         return f"{mul.name}: l is not one value per input feature"
-    if why := _one_user(base):
-        return why
+    # the linear is the region's output: several users only stop its epilogue (grow says why)
     region = _gemm_region(gm, f"lora_linear@{module_path(base)}", [mul, base], mul.meta["surgeon_adapter"],
                           {**parts, "x": x}, parts["layout"], 1.0, 0)
     if isinstance(region, Region):
