@@ -92,7 +92,8 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     input_kinds = () if parsed is None else program_epilogue.kinds(extra_inputs, M, N)
     kernels = ("none",) if lora_a is None else ("fused", "precomputed")
     x2 = x.reshape(M, K)
-    tma = tma_ready(x2, weight, lora_a, weight_layout)
+    # TMA readiness (alignment) matters only where a "+tma" mode is asked for or tuned
+    tma = (mode is None and _tunes(x) or (mode or "").endswith("+tma")) and tma_ready(x2, weight, lora_a, weight_layout)
     _check_mode(mode, kernels, tma, lora_a is None)
     tiles = as_tiles(chain, operands, (M, N))
     if M == 0:
