@@ -14,6 +14,9 @@ One row per (region, M), bf16, hidden 4096, r = 16, M in (16, 4096); median micr
   bottleneck  y = x W^T, then y + U relu(D y)
   rmsnorm     w * (x * rsqrt(mean(x^2) + eps)): one row kernel (the mean inside it)
   gelu-fc     0.5 z (1 + tanh(c (z + 0.044715 z^3))), z = x W^T + b + s B A x (GPT-2's c_fc)
+  loha        x W^T + s ((W1a W1b) ⊙ (W2a W2b)) x at r = 8, as surgeon runs it: a rank-64 LoRA with
+              D = rows W1b[i] ⊙ W2b[j] and U = columns W1a[:, i] ⊙ W2a[:, j], built per call in
+              both fused and eager (PEFT builds the 4096 x 4096 delta instead)
 
 Decode rows (M <= 64) replay a CUDA graph. The table infrastructure is kernels/bench.py's.
 """
@@ -32,7 +35,7 @@ import torch.nn.functional as F
 from .bench import Env, gpu_timer, measure, print_table, rel_err, table
 
 SCALE = 2.0
-KINDS = ("dora", "ia3-input", "bottleneck", "rmsnorm", "gelu-fc")
+KINDS = ("dora", "ia3-input", "bottleneck", "rmsnorm", "gelu-fc", "loha")
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,7 @@ class Row:
 
 def rows() -> list[Row]:
     """Every row, decode first (the time budget cuts from the end)."""
-    return [Row(kind, M) for M in (16, 4096) for kind in KINDS]
+    return [Row(kind, M, r=8 if kind == "loha" else 16) for M in (16, 4096) for kind in KINDS]
 
 
 def new_gelu(z):
@@ -123,6 +126,19 @@ def variants(row: Row, device: str) -> tuple[dict, str, str]:
         eager = lambda: rms_norm(x, weight)  # noqa: E731
         fused = lambda: pointwise([(x, weight)[i] for i in order], program)[0]  # noqa: E731
         base = eager
+    elif row.kind == "loha":
+        w1a, w2a = rand(row.N, row.r, scale=0.3), rand(row.N, row.r, scale=0.3)
+        w1b, w2b = rand(row.r, row.K, scale=row.K ** -0.25), rand(row.r, row.K, scale=row.K ** -0.25)
+
+        def factors():
+            down = (w1b[:, None, :] * w2b[None, :, :]).reshape(row.r * row.r, row.K)
+            return down, (w1a[:, :, None] * w2a[:, None, :]).reshape(row.N, row.r * row.r)
+
+        fused = lambda: lora_linear(x, w, None, *factors(), [], SCALE, "out_in", "")  # noqa: E731
+
+        def eager():
+            down, up = factors()
+            return torch.add(F.linear(x, w), F.linear(F.linear(x, down), up), alpha=SCALE)
     else:   # gelu-fc
         bias = rand(row.N)
         program = gelu_program(torch.empty(row.M, row.N, dtype=row.dtype))
