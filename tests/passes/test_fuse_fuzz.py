@@ -336,6 +336,12 @@ def check_seed(seed: int, dtype: torch.dtype) -> None:
     exact, bounds = exact_and_bounds(module, compiled, inputs)
     assert_within(expected, exact, bounds, "eager")          # the error model holds for eager
     regions = assert_sound_regions(compiled.module)
+    assert_lowers_within(compiled, regions, inputs, expected, exact, bounds)
+
+
+def assert_lowers_within(compiled, regions: list, inputs: tuple, expected: list, exact: list, bounds: list) -> None:
+    """fuse + lower: one surgeon call per region, the outputs' shapes and dtypes kept and each value
+    within its bound; a second lower and fuse find nothing."""
     compiled.apply(["fuse", "lower"], verify=False)
     calls = [n for n in compiled.module.graph.nodes if str(n.target).startswith("surgeon.")]
     assert len(calls) == len(regions) == compiled.report.rows[-1].matches

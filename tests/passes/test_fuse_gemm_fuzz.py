@@ -33,7 +33,7 @@ from torch import nn
 import surgeon
 from surgeon.passes.fuse import partition
 from tests.conftest import randomize_adapters
-from tests.passes.test_fuse_fuzz import (UNIT, Step, assert_sound_regions, assert_within,
+from tests.passes.test_fuse_fuzz import (UNIT, Step, assert_lowers_within, assert_sound_regions, assert_within,
                                          outputs, rounded, run_step, step_bound)
 
 SEEDS = [*range(60), 352]             # 352: IA3 on the input, its linear read twice (see the regressions)
@@ -306,17 +306,9 @@ def check_seed(seed: int, dtype: torch.dtype) -> tuple:
     regions = assert_sound_regions(compiled.module)
     _, rejections = partition(compiled.module)
     held = {n.name for r in regions for n in r.nodes}
-    compiled.apply(["fuse", "lower"], verify=False)
-    calls = [n for n in compiled.module.graph.nodes if str(n.target).startswith("surgeon.")]
-    assert len(calls) == len(regions) == compiled.report.rows[-1].matches
-    assert {n.meta["surgeon_region"] for n in calls} == {r.name for r in regions}
-    assert not held & {n.name for n in compiled.module.graph.nodes}, held & {n.name for n in compiled.module.graph.nodes}
-    got = outputs(compiled.module, inputs)
-    assert [(g.shape, g.dtype) for g in got] == [(e.shape, e.dtype) for e in expected]
-    assert_within(got, exact, bounds, "lowered")
-    code = compiled.module.code
-    compiled.apply(["lower", "fuse"], verify=False)
-    assert [row.matches for row in compiled.report.rows[-2:]] == [0, 0] and compiled.module.code == code
+    assert_lowers_within(compiled, regions, inputs, expected, exact, bounds)
+    left = held & {n.name for n in compiled.module.graph.nodes}
+    assert not left, left                                    # every node a region held is gone
     return regions, rejections, compiled, unlowered, inputs
 
 
