@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from surgeon.kernels import bottleneck as kernel
 from tests.kernels.golden_files import assert_matches_golden
+from tests.kernels.sm90 import compile_sm90, jit_mode
 
 # kernel vs reference, both fp32 accumulation with the same roundings: fp32 differs by summation
 # order (~K eps relative); fp16 by a flip of a rounding of h (act(round(source @ D^T)) and its
@@ -131,21 +132,10 @@ def test_kernel_is_cached_per_activation_and_steps():
 
 def test_generated_kernel_compiles_for_an_h100_without_a_gpu(monkeypatch):
     """Compile to sm_90 machine code (the interpreter checks semantics, not that Triton can lower it)."""
-    import triton
-    from triton.backends import backends
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    if "nvidia" not in backends:
-        pytest.skip("this Triton build has no NVIDIA backend")
-    monkeypatch.delenv("TRITON_INTERPRET")       # a JIT function, not an interpreted one
-    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
+    jit_mode(monkeypatch)
     fn = kernel.load_kernel("gelu_tanh", "mul:0")
     meta = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, BLOCK_R=16, DOT_PRECISION="tf32")
-    signature = {n: "constexpr" if n in meta else "*fp16" if n.endswith("_ptr") else
-                 "fp32" if n == "adapter_scale" else "i32" for n in fn.arg_names}
-    source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in meta.items()})
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
+    compiled = compile_sm90(fn, meta, floats=("adapter_scale",), num_warps=4, num_stages=3)
     assert compiled.asm["cubin"]
 
 

@@ -8,6 +8,7 @@ import torch
 
 from surgeon.kernels import epilogue_pass, lora_linear as kernel
 from surgeon.kernels.epilogue import as_tiles, steps
+from tests.kernels.sm90 import compile_sm90, jit_mode
 from tests.kernels.test_lora_linear import CUBLAS_TOLERANCE, EPILOGUES, TOLERANCE, make, n_operands
 from tests.kernels.test_program_epilogue import PROGRAM_TOLERANCE, case
 
@@ -70,17 +71,6 @@ def test_generated_source_reads_z_once_and_stores_once():
 
 
 def test_pass_compiles_for_an_h100_without_a_gpu(monkeypatch):
-    import triton
-    from triton.backends import backends
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    if "nvidia" not in backends:
-        pytest.skip("this Triton build has no NVIDIA backend")
-    monkeypatch.delenv("TRITON_INTERPRET")
-    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
+    jit_mode(monkeypatch)
     fn = epilogue_pass.load_kernel(steps("gelu,mul:0,add:1", True))
-    meta = dict(BLOCK_M=32, BLOCK_N=128)
-    signature = {n: "constexpr" if n in meta else "*bf16" if n.endswith("_ptr") else "i32" for n in fn.arg_names}
-    source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in meta.items()})
-    assert triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).asm["cubin"]
+    assert compile_sm90(fn, dict(BLOCK_M=32, BLOCK_N=128), pointer="*bf16", num_warps=4).asm["cubin"]

@@ -12,6 +12,9 @@ import torch
 from surgeon.kernels import lora_linear as kernel
 from surgeon.kernels.epilogue import parse, steps
 from tests.kernels.golden_files import assert_matches_golden
+from tests.kernels.sm90 import compile_sm90, jit_mode
+
+SPLIT_POINTERS = {"ws_ptr": "*fp32", "count_ptr": "*i32"}      # the split-K workspace and arrival counters
 
 # kernel vs reference, both fp32 accumulation then one rounding to the output dtype: they differ
 # by summation order (fp32: ~K eps relative) and for fp16 by at most a flip of the final rounding
@@ -303,23 +306,11 @@ def test_kernel_body_is_shared_between_regions_with_the_same_steps():
                                   "fused+splitk", "none+splitk"])
 def test_generated_kernel_compiles_for_an_h100_without_a_gpu(monkeypatch, mode, vectors):
     """Compile to sm_90 machine code (the interpreter checks semantics, not that Triton can lower it)."""
-    import triton
-    from triton.backends import backends
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    if "nvidia" not in backends:
-        pytest.skip("this Triton build has no NVIDIA backend")
-    monkeypatch.delenv("TRITON_INTERPRET")       # a JIT function, not an interpreted one
-    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
+    jit_mode(monkeypatch)
     fn = kernel.load_kernel(steps("silu,mul:0", has_bias=True), mode, vectors=vectors)
     meta = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, BLOCK_R=16, GROUP_M=8, DOT_PRECISION="tf32",
                 **({"SPLIT_K": 4} if mode.endswith("+splitk") else {}))
-    pointer = {"ws_ptr": "*fp32", "count_ptr": "*i32"}
-    signature = {n: "constexpr" if n in meta else pointer.get(n, "*fp16") if n.endswith("_ptr") else
-                 "fp32" if n == "lora_scale" else "i32" for n in fn.arg_names}
-    source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in meta.items()})
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
+    compiled = compile_sm90(fn, meta, SPLIT_POINTERS, ("lora_scale",), num_warps=4, num_stages=3)
     assert compiled.asm["cubin"] and compiled.metadata.shared > 0
 
 

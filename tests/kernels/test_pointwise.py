@@ -15,6 +15,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from surgeon.kernels import pointwise as pw
 from tests.kernels.golden_files import assert_matches_golden
+from tests.kernels.sm90 import compile_sm90, jit_mode
 
 aten = torch.ops.aten
 # kernel vs reference: fp32 differs by the kernel's formulas (silu as z / (1 + exp(-z)), tanh via exp,
@@ -233,21 +234,10 @@ def test_kernels_are_shared_between_programs_that_differ_only_in_names():
 
 def test_generated_kernel_compiles_for_an_h100_without_a_gpu(monkeypatch):
     """Compile to sm_90 machine code (the interpreter checks semantics, not that Triton can lower it)."""
-    import triton
-    from triton.backends import backends
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    if "nvidia" not in backends:
-        pytest.skip("this Triton build has no NVIDIA backend")
-    monkeypatch.delenv("TRITON_INTERPRET")
-    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
+    jit_mode(monkeypatch)
     fn = pw.load_kernel(GOLDEN_PROGRAM)
-    meta = dict(BLOCK=1024, INDEX_64=False)
-    dtypes = ["*fp32", "*fp32", "*fp16", "*fp16"]
-    signature = {n: "constexpr" if n in meta else dtypes.pop(0) if n.endswith("_ptr") else "i32" for n in fn.arg_names}
-    source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in meta.items()})
-    assert triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).asm["cubin"]
+    pointers = dict(zip([n for n in fn.arg_names if n.endswith("_ptr")], ["*fp32", "*fp32", "*fp16", "*fp16"]))
+    assert compile_sm90(fn, dict(BLOCK=1024, INDEX_64=False), pointers, num_warps=4).asm["cubin"]
 
 
 # ---------------------------------------------------------------- the custom op

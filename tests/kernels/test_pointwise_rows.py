@@ -9,6 +9,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from surgeon.kernels import pointwise as pw
 from surgeon.kernels.pointwise_program import row_kinds
+from tests.kernels.sm90 import compile_sm90, jit_mode
 
 # kernel vs reference: the row sum runs in another order (fp32: ~N eps relative on the mean, which
 # rsqrt halves); fp16 outputs: at most a flip of the last rounding
@@ -58,20 +59,9 @@ def test_broadcasts_a_row_kernel_does_not_read_are_refused():
 
 
 def test_row_kernel_compiles_for_an_h100_without_a_gpu(monkeypatch):
-    import triton
-    from triton.backends import backends
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    if "nvidia" not in backends:
-        pytest.skip("this Triton build has no NVIDIA backend")
     x, weight = torch.randn(4, 64).half(), torch.rand(64).half()
     program, _ = program_for(rms_norm, x, weight)
-    monkeypatch.delenv("TRITON_INTERPRET")
-    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
+    jit_mode(monkeypatch)
     fn = pw.load_kernel(program)
-    signature = {n: "constexpr" if n == "BLOCK_N" else "*fp16" if n.startswith(("in", "out")) and n.endswith("_ptr")
-                 else "i32" for n in fn.arg_names}
-    signature.update(in0_ptr="*fp16", in1_ptr="*fp16", out0_ptr="*fp32", out1_ptr="*fp16")
-    source = ASTSource(fn, signature, constexprs={(fn.arg_names.index("BLOCK_N"),): 4096})
-    assert triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8)).asm["cubin"]
+    pointers = dict(in0_ptr="*fp16", in1_ptr="*fp16", out0_ptr="*fp32", out1_ptr="*fp16")
+    assert compile_sm90(fn, dict(BLOCK_N=4096), pointers, num_warps=8).asm["cubin"]

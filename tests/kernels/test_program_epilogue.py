@@ -15,7 +15,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from surgeon.kernels import lora_linear as kernel
 from surgeon.kernels import program_epilogue
 from surgeon.kernels.pointwise_program import program_from_nodes
-from tests.kernels.test_lora_linear import TOLERANCE, make
+from tests.kernels.sm90 import compile_sm90, jit_mode
+from tests.kernels.test_lora_linear import SPLIT_POINTERS, TOLERANCE, make
 
 
 # %0 is the accumulator rounded to fp16: a flip of that rounding (summation order differs from the
@@ -130,22 +131,10 @@ def test_lowered_gpt2_runs_its_gelu_inside_the_c_fc_kernels():
 @pytest.mark.parametrize("mode", ["precomputed", "fused+splitk"])
 def test_program_epilogue_kernel_compiles_for_an_h100_without_a_gpu(monkeypatch, mode):
     """sm_90 machine code for the GELU-program kernel (the interpreter checks semantics, not lowering)."""
-    import triton
-    from triton.backends import backends
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    if "nvidia" not in backends:
-        pytest.skip("this Triton build has no NVIDIA backend")
     _, program, extra, _ = case(7, torch.float16)
-    monkeypatch.delenv("TRITON_INTERPRET")
-    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
+    jit_mode(monkeypatch)
     fn = kernel.load_kernel(kernel.steps("", True), mode, program, program_epilogue.kinds(extra, 7, 40))
     meta = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, BLOCK_R=16, GROUP_M=8, DOT_PRECISION="tf32",
                 **({"SPLIT_K": 4} if mode.endswith("+splitk") else {}))
-    pointer = {"ws_ptr": "*fp32", "count_ptr": "*i32"}
-    signature = {n: "constexpr" if n in meta else pointer.get(n, "*fp16") if n.endswith("_ptr") else
-                 "fp32" if n == "lora_scale" else "i32" for n in fn.arg_names}
-    source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in meta.items()})
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
+    compiled = compile_sm90(fn, meta, SPLIT_POINTERS, ("lora_scale",), num_warps=4, num_stages=3)
     assert compiled.asm["cubin"]
