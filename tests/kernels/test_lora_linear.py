@@ -551,10 +551,9 @@ def test_launcher_tuning_skips_a_fast_candidate_that_computes_something_else(bro
         return workspace, counters.fill_(1) if broken else counters
 
     monkeypatch.setattr(kernel, "_split_buffers", buffers)
-    monkeypatch.setattr(kernel, "SPLIT_WORKSPACES", {})    # the broken counters stay in this test's table
     from surgeon.kernels import dispatch
 
-    monkeypatch.setattr(dispatch, "SPLIT_WORKSPACES", kernel.SPLIT_WORKSPACES)
+    monkeypatch.setattr(dispatch, "SPLIT_WORKSPACES", {})  # the broken counters stay in this test's table
     times = {"fused+splitk": 1.0, "precomputed+splitk": 1.0, "precomputed": 1.5}
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **_: (fn(), times.get(last[-1], 2.0))[1])
     monkeypatch.setattr(kernel, "_tunes", lambda x: True)
