@@ -15,8 +15,11 @@ the tile is stored once. W is read through its strides, so GPT-2 Conv1D's in x o
 (weight_layout="in_out") needs no copy. x @ A^T is recomputed by every column tile: extra
 work R / BLOCK_N of the base GEMM.
 
-The source is generated in kernels/lora_linear_source.py (template, snippets, `render`); this
-file holds the launcher (checks, strategy choice, launch), the GPU tuner and the torch reference.
+The source is generated in kernels/lora_linear_source.py (template, snippets, `render`), the torch
+reference is kernels/lora_linear_reference.py and the cuBLAS compositions kernels/lora_linear_cublas.py;
+this file holds the launcher (checks, strategy choice, launch) and the GPU tuner. What a call decides
+from its arguments' metadata (checks, step list, strategy) is kept per metadata key as a plan, so a
+repeated call (a decode step) only builds its views and launches.
 On a GPU the launcher times, once per shape bucket, the kernel with x @ A^T in its K loop, with
 x @ A^T computed first, both with TMA loads on sm_90+, both with the K loop split over SPLIT_K
 programs per tile (for M <= 64, decode shapes, where M x N alone makes too few tiles; the last
@@ -28,16 +31,20 @@ Shapes never appear in generated source: sizes and strides are runtime arguments
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from . import codegen, epilogue_pass, program_epilogue, tuning
 from .dispatch import KERNEL_DTYPES, split_workspace
-from .epilogue import RULES, Step, apply, as_tiles, prologue, steps, tile_shape
+from .epilogue import RULES, Step, as_tiles, prologue, steps, tile_shape
+from .lora_linear_cublas import cublas as _cublas
+from .lora_linear_reference import compute_dtype, parse_program, pre_epilogue, reference, split_operands  # noqa: F401
 from .lora_linear_source import MODES, VECTORS, load_kernel, operand_name, operand_names, render, split_mode
-
-__all__ = ["GPU_CONFIGS", "MODES", "SPLITK_CONFIGS", "lora_linear", "load_kernel", "reference", "render", "tma_ready"]
 from .pointwise_program import Program
 
+__all__ = ["GPU_CONFIGS", "MODES", "SPLITK_CONFIGS", "lora_linear", "load_kernel", "plan_key", "reference", "render",
+           "tma_ready"]
 
 
 # tile configs (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) tried on a GPU, by M;
@@ -63,12 +70,18 @@ SPLITK_CONFIGS = {
 INTERPRET_CONFIG = (32, 32, 32, 4, 1, 1)
 INTERPRET_SPLITK_CONFIG = (*INTERPRET_CONFIG, 2)
 # no generated kernel: cuBLAS's GEMM then addmm's accumulate of the LoRA term, or the LoRA term
-# first with the GEMM adding it in its epilogue (see _cublas)
+# first with the GEMM adding it in its epilogue (see kernels/lora_linear_cublas.py)
 CUBLAS_MODES = ("cublas", "cublas+beta")
 
 
 
 # ---------------------------------------------------------------- launcher
+
+# what a call decides from its arguments' metadata alone (shapes, strides, dtypes, devices, flags and
+# strings), kept per such key: a repeated call (each decode step of a served model) rebuilds only its
+# views and launches. Emptied when it reaches PLAN_LIMIT entries (a new prompt length is a new key).
+_PLANS: dict[tuple, "_Plan"] = {}
+PLAN_LIMIT = 4096
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor | None,
@@ -83,31 +96,106 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     the fastest (mode, config) measured for this shape bucket. `program` (an encoded pointwise
     Program) ends the epilogue; its inputs after %0 are the operands after the steps' own.
     """
-    chain, where = steps(epilogue, bias is not None), prologue(epilogue)
-    operands, extra_inputs = split_operands(chain, operands, program, where)
-    M, N, K, R = _check(x, weight, bias, lora_a, lora_b, operands, weight_layout, chain, where)
-    parsed = _program(program, extra_inputs, M, N)
-    vectors = {name: operands[i] for name, i in where.items()}
-    gain = vectors.get("x_gain")
-    input_kinds = () if parsed is None else program_epilogue.kinds(extra_inputs, M, N)
-    kernels = ("none",) if lora_a is None else ("fused", "precomputed")
-    x2 = x.reshape(M, K)
-    # TMA readiness (alignment) matters only where a "+tma" mode is asked for or tuned
-    tma = (mode is None and _tunes(x) or (mode or "").endswith("+tma")) and tma_ready(x2, weight, lora_a, weight_layout)
-    _check_mode(mode, kernels, tma, lora_a is None)
-    tiles = as_tiles(chain, operands, (M, N))
-    if M == 0:
-        return x.new_empty((*x.shape[:-1], N))
-    w_strides = weight.stride() if weight_layout == "out_in" else weight.stride()[::-1]
-    extra, extra_strides = _epilogue_arguments(chain, bias, tiles, vectors, parsed, extra_inputs, input_kinds, M, N)
+    key = plan_key(x, weight, bias, lora_a, lora_b, operands, weight_layout, epilogue, config, mode, program)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _Plan.make(x, weight, bias, lora_a, lora_b, operands, weight_layout, epilogue, config, mode, program)
+        if len(_PLANS) >= PLAN_LIMIT:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan.run(x, weight, bias, lora_a, lora_b, operands, scale)
 
-    def launch(variant: str, cfg: tuple | None) -> torch.Tensor:
+
+def _meta(t: torch.Tensor | None) -> tuple | None:
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+
+
+def plan_key(x, weight, bias, lora_a, lora_b, operands, weight_layout, epilogue, config, mode, program) -> tuple:
+    """Everything a call's checks and choices read: two calls with equal keys decide alike. TMA also
+    needs 16-byte aligned base addresses, so where it may run the key holds whether they are."""
+    tma = (mode is None and _tunes(x) or (mode or "").endswith("+tma")) and \
+        all(t.data_ptr() % 16 == 0 for t in (x, weight, lora_a) if t is not None)
+    tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    return (epilogue, program, weight_layout, config, mode, codegen.interpreting(), tma, tf32, _meta(x), _meta(weight),
+            _meta(bias), _meta(lora_a), _meta(lora_b), tuple(map(_meta, operands)))
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One call's metadata-only decisions: the step list, the sizes, the strategy (or, on a GPU, the
+    tuning key its strategy is looked up by: the tuner's table stays the one place a choice is kept)."""
+
+    epilogue: str
+    program_text: str
+    chain: tuple[Step, ...]
+    where: dict                  # prologue vector name -> operand index
+    n_steps: int                 # operands[:n_steps] are the steps' and vectors', the rest the program's
+    sizes: tuple[int, int, int, int]
+    program: Program | None
+    input_kinds: tuple[str, ...]
+    weight_layout: str
+    block_r: int
+    precision: str
+    choice: tuple | None         # (mode, config) when fixed; None: tuned per bucket on the GPU
+    modes: tuple[str, ...]       # the tuner's candidate strategies
+    tune_key: tuple
+    bucket: tuple
+    kernels: dict = field(default_factory=dict)      # mode -> loaded kernel, filled by run
+
+    @staticmethod
+    def make(x, weight, bias, lora_a, lora_b, operands, weight_layout, epilogue, config, mode, program) -> "_Plan":
+        """Check the arguments and decide what does not depend on their values (ValueError when wrong)."""
+        chain, where = steps(epilogue, bias is not None), prologue(epilogue)
+        step_operands, extra_inputs = split_operands(chain, operands, program, where)
+        M, N, K, R = _check(x, weight, bias, lora_a, lora_b, step_operands, weight_layout, chain, where)
+        parsed = parse_program(program, extra_inputs, M, N)
+        input_kinds = () if parsed is None else program_epilogue.kinds(extra_inputs, M, N)
+        kernels = ("none",) if lora_a is None else ("fused", "precomputed")
+        tma = (mode is None and _tunes(x) or (mode or "").endswith("+tma")) and \
+            tma_ready(x.reshape(M, K), weight, lora_a, weight_layout)
+        _check_mode(mode, kernels, tma, lora_a is None)
+        choice, modes = None, [mode] if mode else [
+            *kernels, *([f"{k}+tma" for k in kernels] if tma and _has_tma(x.device) else []),
+            *([f"{k}+splitk" for k in kernels] if M <= max(SPLITK_CONFIGS) else []),
+            *(["cublas"] if lora_a is None else CUBLAS_MODES)]
+        if mode in CUBLAS_MODES or config is not None or not _tunes(x):
+            variant = mode or kernels[0]
+            choice = (variant, config or (INTERPRET_SPLITK_CONFIG if variant.endswith("+splitk") else INTERPRET_CONFIG))
+        precision = "ieee" if x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+        tune_key = (M, N, K, R, x.dtype, epilogue, bias is None, str(x.device), program, input_kinds)
+        return _Plan(epilogue, program, chain, where, len(step_operands), (M, N, K, R), parsed, input_kinds,
+                     weight_layout, max(16, triton_next_pow2(R)), precision, choice, tuple(modes), tune_key,
+                     _bucket(tune_key, modes))
+
+    def run(self, x, weight, bias, lora_a, lora_b, operands, scale) -> torch.Tensor:
+        """The region's output for this call's tensors."""
+        M, N = self.sizes[:2]
+        if M == 0:
+            return x.new_empty((*x.shape[:-1], N))
+        call = (x, weight, bias, lora_a, lora_b, operands, scale)
+        variant, cfg = self.choice or _BEST.get(self.bucket) or self.tune(*call)
+        kernel = self.kernels.get(variant)
+        if kernel is None and not variant.startswith("cublas"):
+            kernel = self.kernels[variant] = load_kernel(self.chain, variant, self.program, self.input_kinds,
+                                                         tuple(self.where))
+        return self.launch(*call, variant, cfg, kernel).reshape(*x.shape[:-1], N)
+
+    def launch(self, x, weight, bias, lora_a, lora_b, operands, scale, variant: str, cfg: tuple | None,
+               kernel=None) -> torch.Tensor:
+        """One strategy's (M, N) output (`kernel`: the generated kernel when already loaded)."""
+        M, N, K, R = self.sizes
+        x2, chain = x.reshape(M, K), self.chain
+        step_operands, extra_inputs = operands[:self.n_steps], operands[self.n_steps:]
+        vectors = {name: step_operands[i] for name, i in self.where.items()}
+        gain = vectors.get("x_gain")
+        tiles = as_tiles(chain, step_operands, (M, N))
         if variant.startswith("cublas"):
-            scaled = x2 if gain is None else x2 * gain
-            z, rest = _cublas(scaled, weight, bias, lora_a, lora_b, scale, weight_layout, chain, vectors,
-                              lora_first=variant == "cublas+beta")
-            tensors, strides = _epilogue_arguments(rest, bias, tiles, {}, parsed, extra_inputs, input_kinds, M, N)
-            return epilogue_pass.run(z, rest, bias, tiles, tensors, strides, parsed, extra_inputs, input_kinds)
+            z, rest = _cublas(x2 if gain is None else x2 * gain, weight, bias, lora_a, lora_b, scale,
+                              self.weight_layout, chain, vectors, lora_first=variant == "cublas+beta")
+            tensors, strides = _epilogue_arguments(rest, bias, tiles, {}, self.program, extra_inputs,
+                                                   self.input_kinds, M, N)
+            return epilogue_pass.run(z, rest, bias, tiles, tensors, strides, self.program, extra_inputs,
+                                     self.input_kinds)
         # "precomputed": h = round(x @ A^T) (M x R) in A's slot; "none": the pointers are never read
         lora_mode, suffix = split_mode(variant)
         a = lora_a if lora_mode == "fused" else \
@@ -116,37 +204,31 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         if suffix == "tma":
             _tma_scratch(x2.device)
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-        split = list(_split_buffers(x2.device, M, N, cfg, block_r)) if suffix == "splitk" else []
+        split = list(_split_buffers(x2.device, M, N, cfg, self.block_r)) if suffix == "splitk" else []
+        extra, extra_strides = _epilogue_arguments(chain, bias, tiles, vectors, self.program, extra_inputs,
+                                                   self.input_kinds, M, N)
+        w_strides = weight.stride() if self.weight_layout == "out_in" else weight.stride()[::-1]
         args = [x2, weight, a, b, out, *split, *extra, M, N, K, R, *x2.stride(), *w_strides, *a.stride(),
                 *b.stride(), *out.stride(), *extra_strides, float(scale)]
-        _launch(load_kernel(chain, variant, parsed, input_kinds, tuple(vectors)), args, M, N, cfg, block_r,
-                precision)
+        kernel = kernel or load_kernel(chain, variant, self.program, self.input_kinds, tuple(vectors))
+        _launch(kernel, args, M, N, cfg, self.block_r, self.precision)
         return out
 
-    block_r = max(16, triton_next_pow2(R))
-    precision = "ieee" if x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
-    if mode in CUBLAS_MODES or config is not None or not _tunes(x):
-        variant = mode or kernels[0]
-        cfg = config or (INTERPRET_SPLITK_CONFIG if variant.endswith("+splitk") else INTERPRET_CONFIG)
-    else:
-        tma_kernels = [f"{k}+tma" for k in kernels] if tma and _has_tma(x.device) else []
-        split_kernels = [f"{k}+splitk" for k in kernels] if M <= max(SPLITK_CONFIGS) else []
-
+    def tune(self, x, weight, bias, lora_a, lora_b, operands, scale) -> tuple[str, tuple]:
+        """The fastest (mode, config) of this bucket whose output agrees with the torch reference's."""
+        M, N = self.sizes[:2]
+        call = (x, weight, bias, lora_a, lora_b, operands, scale)
         expected = []
 
         def agrees(candidate) -> bool:    # a candidate that launches but computes something else is not a choice
-            expected[:] = expected or [reference(x, weight, bias, lora_a, lora_b, operands + extra_inputs, scale,
-                                                 weight_layout, epilogue, program).reshape(M, N)]
+            expected[:] = expected or [reference(*call, self.weight_layout, self.epilogue,
+                                                 self.program_text).reshape(M, N)]
             if candidate[0].endswith("+splitk"):    # NaN slots: a partial read before it is written shows
                 # (only the workspace this launch uses: others may be in use on other streams)
-                _split_buffers(x2.device, M, N, candidate[1], block_r)[0].fill_(float("nan"))
-            return tuning.agrees(launch(*candidate), expected[0])
+                _split_buffers(x.device, M, N, candidate[1], self.block_r)[0].fill_(float("nan"))
+            return tuning.agrees(self.launch(*call, *candidate), expected[0])
 
-        cublas = ["cublas"] if lora_a is None else list(CUBLAS_MODES)
-        variant, cfg = _tuned(launch, [mode] if mode else [*kernels, *tma_kernels, *split_kernels, *cublas],
-                              (M, N, K, R, x.dtype, epilogue, bias is None, str(x.device), program, input_kinds),
-                              agrees)
-    return launch(variant, cfg).reshape(*x.shape[:-1], N)
+        return _tuned(lambda *candidate: self.launch(*call, *candidate), list(self.modes), self.tune_key, agrees)
 
 
 def _tunes(x: torch.Tensor) -> bool:
@@ -212,43 +294,6 @@ def _tma_scratch(device: torch.device) -> None:
         _SCRATCH_SET.add(kind)
 
 
-def _cublas(x2, weight, bias, lora_a, lora_b, scale, weight_layout, chain, vectors=None,
-            lora_first: bool = False) -> tuple[torch.Tensor, tuple[Step, ...]]:
-    """(z, the steps left): the region's GEMMs as torch ops, cuBLAS's GEMM (with the bias when it comes
-    first) and the LoRA update as addmm's accumulate (out += s (x A^T) B^T, one extra pass over out).
-    The steps left then run as one generated pass over z (kernels/epilogue_pass.py).
-
-    Measured on an H200 (fp16, K = N = 4096, r = 16, M = 4096) the one-loop kernel took 1.78x the
-    base GEMM where this took 1.28x: cuBLAS's GEMM is compute-optimal there, the LoRA part is under
-    1% of the FLOPs. On a GPU the tuner times it beside the kernels; elsewhere it runs when asked.
-
-    `lora_first` ("cublas+beta") computes the LoRA term u = (x A^T) B^T first and lets the base GEMM
-    add it in its epilogue, out = s u + x W^T (addmm's beta = s): u is written once and read once
-    where the accumulate reads and writes out on top of writing it.
-    """
-    w = weight if weight_layout == "out_in" else weight.t()
-    bias_first = bool(chain) and chain[0].rule == "bias" and not lora_first
-    vectors = vectors or {}
-    if lora_a is not None and lora_first:
-        out = torch.addmm(_lora_term(x2, lora_a, lora_b, vectors), x2, w.t(), beta=scale)
-    else:
-        out = torch.nn.functional.linear(x2, w, bias if bias_first else None)
-        if lora_a is not None and not {"vera_d", "vera_b", "xs_r"} & set(vectors):
-            out.addmm_(x2 @ lora_a.t(), lora_b.t(), alpha=scale)
-        elif lora_a is not None:
-            out.add_(_lora_term(x2, lora_a, lora_b, vectors), alpha=scale)
-    return out, chain[1:] if bias_first else chain
-
-
-def _lora_term(x2, lora_a, lora_b, vectors: dict) -> torch.Tensor:
-    """(x A^T) B^T with LoRA-XS's R and VeRA's d and b where present, each product rounded as the graph
-    stores it."""
-    h = x2 @ lora_a.t()
-    h = h @ vectors["xs_r"].t() if "xs_r" in vectors else h
-    up = (h * vectors["vera_d"] if "vera_d" in vectors else h) @ lora_b.t()
-    return up * vectors["vera_b"] if "vera_b" in vectors else up
-
-
 def _launch(kernel, args: list, M: int, N: int, cfg: tuple, block_r: int, precision: str) -> None:
     block_m, block_n, block_k, group_m, warps, stages = cfg[:6]
     grid = (triton_cdiv(M, block_m) * triton_cdiv(N, block_n),) + tuple(cfg[6:])    # (tiles, SPLIT_K) split
@@ -262,6 +307,11 @@ def _launch(kernel, args: list, M: int, N: int, cfg: tuple, block_r: int, precis
 _BEST: dict[tuple, tuple[str, tuple]] = {}
 
 
+def _bucket(key: tuple, modes) -> tuple:
+    """The tuner's table key for a call keyed `key` (M first) choosing among `modes`."""
+    return (triton_next_pow2(key[0]) if key[0] <= 4096 else 4096,) + key[1:] + tuple(modes)
+
+
 def _tuned(launch, modes: list[str], key: tuple, agrees=None) -> tuple[str, tuple]:
     """The fastest (mode, tile config) for this shape bucket on the GPU (benchmarked once per bucket).
 
@@ -271,8 +321,7 @@ def _tuned(launch, modes: list[str], key: tuple, agrees=None) -> tuple[str, tupl
     """
     import triton.testing
 
-    M = key[0]
-    bucket = (triton_next_pow2(M) if M <= 4096 else 4096,) + key[1:] + tuple(modes)
+    M, bucket = key[0], _bucket(key, modes)
     limit = next(k for k in (16, 64, None) if k is None or M <= k)
     candidates = [(m, cfg) for m in modes for cfg in ([None] if m in CUBLAS_MODES else
                                                       SPLITK_CONFIGS[limit or 64] if m.endswith("+splitk") else
@@ -319,73 +368,3 @@ def triton_cdiv(a: int, b: int) -> int:
 
 def triton_next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
-
-
-# ---------------------------------------------------------------- torch reference
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the kernel accumulates in: fp32 for 16-bit inputs, else the input's own."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
-              lora_b: torch.Tensor, operands: list[torch.Tensor], scale: float, weight_layout: str = "out_in",
-              epilogue: str = "", program: str = "") -> torch.Tensor:
-    """The kernel's math in torch, in the kernel's precision (the no-GPU path and the test oracle)."""
-    chain, where = steps(epilogue, bias is not None), prologue(epilogue)
-    operands, extra_inputs = split_operands(chain, operands, program, where)
-    vectors = {name: operands[i] for name, i in where.items()}
-    if "x_gain" in vectors:
-        x = x * vectors["x_gain"]         # in x's dtype, as the graph's mul rounds it
-    z, _ = pre_epilogue(x, weight, lora_a, lora_b, scale, weight_layout, vectors)
-    tiles = as_tiles(chain, operands, z.shape)
-    out = apply(z, chain, bias, tiles)[-1].to(x.dtype)
-    parsed = _program(program, extra_inputs, *z.shape)
-    if parsed is not None:
-        out = program_epilogue.reference(out, extra_inputs, parsed)
-    return out.reshape(*x.shape[:-1], z.shape[-1])
-
-
-def split_operands(chain: tuple[Step, ...], operands: list, program: str = "",
-                   where: dict | None = None) -> tuple[list, list]:
-    """(the steps' operands, a program epilogue's extra inputs): with a program, the steps (and the
-    prologue vectors) read operands 0..n-1 and the program's inputs %1.. are the rest; else all are
-    the steps'."""
-    if not program:
-        return list(operands), []
-    used = [s.operand for s in chain if s.operand is not None] + list((where or {}).values())
-    n = 1 + max(used, default=-1)
-    return list(operands[:n]), list(operands[n:])
-
-
-def _program(program: str, extra_inputs: list, M: int, N: int) -> "Program | None":
-    if not program:
-        return None
-    parsed = Program.decode(program)
-    program_epilogue.check(parsed)
-    if len(parsed.inputs) != 1 + len(extra_inputs):
-        raise ValueError(f"lora_linear: the epilogue program reads {len(parsed.inputs) - 1} inputs after %0, "
-                         f"got {len(extra_inputs)}")
-    return parsed
-
-
-def pre_epilogue(x, weight, lora_a, lora_b, scale, weight_layout, vectors=None):
-    """(z, x @ A^T) as 2-D compute-dtype tensors; x @ A^T is rounded to x's dtype as stored eagerly.
-
-    With no LoRA branch (lora_a None) z is x @ W^T and x @ A^T is None. LoRA-XS's `xs_r` multiplies
-    x @ A^T by R^T, VeRA's vectors (`vera_d`, `vera_b`) scale x @ A^T and the up-projection, each
-    product rounded as the graph stores it.
-    """
-    dtype, vectors = compute_dtype(x.dtype), vectors or {}
-    x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-    w = weight.to(dtype) if weight_layout == "out_in" else weight.to(dtype).t()
-    if lora_a is None:
-        return x2 @ w.t(), None
-    round_ = lambda t: t.to(x.dtype).to(dtype)  # noqa: E731
-    x_lora_a = round_(x2 @ lora_a.to(dtype).t())
-    middle = round_(x_lora_a @ vectors["xs_r"].to(dtype).t()) if "xs_r" in vectors else x_lora_a
-    hidden = round_(middle * vectors["vera_d"].to(dtype)) if "vera_d" in vectors else middle
-    up = hidden @ lora_b.to(dtype).t()
-    up = round_(round_(up) * vectors["vera_b"].to(dtype)) if "vera_b" in vectors else up
-    return x2 @ w.t() + scale * up, x_lora_a

@@ -161,7 +161,7 @@ _LOAD_TILE = ("    {name} = tl.load(\n"
 # before the launch ("precomputed": a skinny GEMM, then the kernel's loop has one dot), or nowhere
 # ("none": a region without LoRA, e.g. an IA3-scaled linear); or no generated kernel at all ("cublas",
 # also as "cublas+beta": the LoRA term first, added by the GEMM's epilogue)
-MODES = ("fused", "precomputed", "none", "cublas")   # "cublas": no kernel, torch ops (see _cublas); the kernel
+MODES = ("fused", "precomputed", "none", "cublas")   # "cublas": torch ops (kernels/lora_linear_cublas.py); the kernel
                                                       # modes also as "<mode>+tma" (descriptor loads, sm_90+)
                                                       # and "<mode>+splitk" (the K loop cut over a 2-D grid)
 SUFFIXES = ("tma", "splitk")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import sympy
 import torch
@@ -240,24 +241,57 @@ def _decoded(program: "str | Program") -> Program:
 
 def pointwise(inputs: list[torch.Tensor], program: "str | Program") -> list[torch.Tensor]:
     """Run the generated kernel: check the inputs, allocate contiguous outputs, launch one grid."""
-    program = _decoded(program)
-    full = _check(inputs, program)
-    shapes = value_shapes([t.shape for t in inputs], program)
-    values = program.values()
-    outs = [torch.empty(shapes[v], dtype=getattr(torch, values[v].dtype), device=inputs[0].device)
-            for v in program.outputs]
-    if program.has_reduction:
-        pointwise_rows.launch(load_kernel(program), inputs, outs, full)
+    text = program if isinstance(program, str) else program.encode()
+    key = (text, codegen.interpreting(), tuple((t.shape, t.dtype, t.device) for t in inputs))
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _Plan.make(inputs, Program.decode(text))
+        if len(_PLANS) >= PLAN_LIMIT:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan.run(inputs)
+
+
+# what a call decides from its inputs' shapes, dtypes and device and the program (the checks, the
+# output shapes, the grid, the kernel), kept per such key: a repeated call only allocates and launches
+_PLANS: dict[tuple, "_Plan"] = {}
+PLAN_LIMIT = 4096
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One call's decisions: its outputs' shapes and dtypes, and how the kernel is launched."""
+
+    outputs: tuple[tuple[tuple, torch.dtype], ...]
+    full: torch.Size
+    rows: bool                    # a row reduction: pointwise_rows launches one program per row
+    kernel: object
+    sizes: tuple[int, ...]        # the collapsed dim sizes (kernel arguments)
+    meta: dict
+
+    @staticmethod
+    def make(inputs: list[torch.Tensor], program: Program) -> "_Plan":
+        """Check the inputs against the program (ValueError naming the first misfit) and decide the rest."""
+        full = _check(inputs, program)
+        shapes, values = value_shapes([t.shape for t in inputs], program), program.values()
+        outputs = tuple((shapes[v], getattr(torch, values[v].dtype)) for v in program.outputs)
+        sizes = tuple(math.prod(full[d] for d in group) for group in layout(program).groups)
+        meta = dict(BLOCK=BLOCK, INDEX_64=full.numel() + BLOCK >= 2 ** 31)
+        if not codegen.interpreting():
+            meta.update(num_warps=NUM_WARPS)
+        return _Plan(outputs, full, program.has_reduction, load_kernel(program), sizes, meta)
+
+    def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Allocate the outputs and launch."""
+        device = inputs[0].device
+        outs = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in self.outputs]
+        if self.rows:
+            pointwise_rows.launch(self.kernel, inputs, outs, self.full)
+        elif self.full.numel():
+            numel = self.full.numel()
+            self.kernel[(-(-numel // BLOCK),)](*(t.contiguous() for t in inputs), *outs, *self.sizes, numel,
+                                               **self.meta)
         return outs
-    numel = full.numel()
-    if numel == 0:
-        return outs
-    sizes = [math.prod(full[d] for d in group) for group in layout(program).groups]
-    meta = dict(BLOCK=BLOCK, INDEX_64=numel + BLOCK >= 2 ** 31)
-    if not codegen.interpreting():
-        meta.update(num_warps=NUM_WARPS)
-    load_kernel(program)[(-(-numel // BLOCK),)](*(t.contiguous() for t in inputs), *outs, *sizes, numel, **meta)
-    return outs
 
 
 def _check(inputs: list[torch.Tensor], program: Program) -> torch.Size:
@@ -294,12 +328,16 @@ def reference(inputs: list[torch.Tensor], program: "str | Program") -> list[torc
 @torch.library.custom_op("surgeon::pointwise", mutates_args=())
 def pointwise_op(inputs: list[torch.Tensor], program: str) -> list[torch.Tensor]:
     """A pointwise chain (see the module docstring): the generated kernel, or the reference where none runs."""
-    decoded = Program.decode(program)
-    dtypes = {t.dtype for t in inputs} | {getattr(torch, v.dtype) for v in decoded.values()}
-    if not runs_kernel("pointwise", inputs[0].device, dtypes):
-        return [out.contiguous() for out in reference(inputs, decoded)]
+    if not runs_kernel("pointwise", inputs[0].device, _dtypes(program) | {t.dtype for t in inputs}):
+        return [out.contiguous() for out in reference(inputs, program)]
     with on_device(inputs[0].device):
-        return pointwise(inputs, decoded)
+        return pointwise(inputs, program)
+
+
+@lru_cache(maxsize=1024)
+def _dtypes(program: str) -> frozenset:
+    """Every dtype the program's values have."""
+    return frozenset(getattr(torch, v.dtype) for v in Program.decode(program).values())
 
 
 @pointwise_op.register_fake

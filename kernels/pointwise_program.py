@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, replace
-from functools import lru_cache
+from dataclasses import dataclass, field, replace
+from functools import cached_property, lru_cache
 from typing import Any, Callable
 
 import torch
@@ -201,8 +201,14 @@ class Program:
 
     def encode(self) -> str:
         """The program as a JSON string (the custom op's `program` argument)."""
-        body = dict(inputs=[asdict(v) for v in self.inputs], ops=[asdict(op) for op in self.ops],
-                    outputs=self.outputs, names=self.names)
+        return self._encoded
+
+    @cached_property
+    def _encoded(self) -> str:       # kept on the (frozen) instance: launchers key their kernels by it
+        value = lambda v: {"dtype": v.dtype, "shape": v.shape}  # noqa: E731
+        body = dict(inputs=[value(v) for v in self.inputs],
+                    ops=[{"rule": op.rule, "args": op.args, "params": op.params, "value": value(op.value)}
+                         for op in self.ops], outputs=self.outputs, names=self.names)
         return json.dumps(body, separators=(",", ":"))
 
     @staticmethod
@@ -220,7 +226,11 @@ class Program:
 
     def anonymous(self) -> "Program":
         """The same math without names (programs that differ only in names share one kernel)."""
-        return replace(self, names=())
+        return self._anonymous
+
+    @cached_property
+    def _anonymous(self) -> "Program":
+        return replace(self, names=()) if self.names else self
 
 
 @lru_cache(maxsize=256)

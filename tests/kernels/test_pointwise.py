@@ -211,6 +211,27 @@ def test_launcher_rejects_inputs_that_do_not_fit_the_program():
     assert pw.pointwise([rand(0, 7, 13), ins[1]], program.encode())[0].shape == (0, 7, 13)
 
 
+
+def test_a_repeated_call_reuses_its_plan_and_reads_the_new_values(monkeypatch):
+    """A plan (checks, output shapes, grid, kernel) is kept per program and inputs' shapes, dtypes and
+    device: a call with new values reuses it, a new shape makes a new one whose checks run."""
+    monkeypatch.setattr(pw, "_PLANS", {})
+    made = []
+    real = pw._Plan.make
+    monkeypatch.setattr(pw._Plan, "make", staticmethod(lambda *a: made.append(a) or real(*a)))
+    program, ins, _ = traced(lambda x, w: F.silu(x) * w, rand(3, 7, 13), rand(13))
+    text = program.encode()
+    for inputs in (ins, [rand(3, 7, 13, seed=1), rand(13, seed=2)], [rand(5, 2, 13), rand(13)], ins):
+        torch.testing.assert_close(pw.pointwise(inputs, text)[0], pw.reference(inputs, text)[0],
+                                   **TOLERANCE[torch.float32])
+    assert len(made) == 2
+    with pytest.raises(ValueError, match=r"input 1 is torch.float32\[7\]"):
+        pw.pointwise([ins[0], rand(7)], text)
+    assert len(pw._PLANS) == 2                                  # a call that failed its checks leaves no plan
+    monkeypatch.setattr(pw, "PLAN_LIMIT", 2)
+    pw.pointwise([rand(1, 1, 13), rand(13)], text)
+    assert len(pw._PLANS) == 1                                  # full: emptied, then the new plan
+
 GOLDEN_PROGRAM = pw.Program(
     inputs=(pw.Value("float32", ("s0", "s1", 1)), pw.Value("float32", ("s0", "s1", 4096)),
             pw.Value("float16", (4096,))),
