@@ -16,6 +16,11 @@ contracted at once (two groups reading each other's values) are left out, and th
 are grouped again with the regions contracted until nothing more groups, so a second lower finds
 nothing. Shapes of operands are compared with sympy where export recorded symbolic dims.
 
+Each refusal keeps the nodes it says were left out (of any region, or of one region for a refused
+merge "region + user"); only refusals still true of the final regions are reported: one whose
+nodes all ended in a region (a later round grouped them) is dropped, one whose nodes partly did
+names those left, "(still unfused: a, b)".
+
 The pass does not change the graph (check "exact"); it records a summary of the regions in
 `gm.meta["surgeon_regions"]`. `lower` replaces the regions with kernel calls.
 """
@@ -49,7 +54,7 @@ def partition(gm: fx.GraphModule) -> tuple[list[Region], list[tuple[str, str]]]:
     graph = dependency_graph(gm)
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     regions: list[Region] = []
-    rejections: list[tuple[str, str]] = []
+    rejections: list[Refusal] = []
     names: dict[str, int] = {}
     taken: dict[fx.Node, str] = {}
     for node in gm.graph.nodes:
@@ -57,7 +62,7 @@ def partition(gm: fx.GraphModule) -> tuple[list[Region], list[tuple[str, str]]]:
             continue
         region = seed(gm, node)
         if isinstance(region, str):
-            rejections.append((f"adapter {node.meta['surgeon_adapter']} @ {module_path(node)}", region))
+            rejections.append(Refusal(f"adapter {node.meta['surgeon_adapter']} @ {module_path(node)}", region))
             continue
         region.name = _unique(names, region.name)
         grow(gm, region, graph, order, taken, rejections)
@@ -65,16 +70,47 @@ def partition(gm: fx.GraphModule) -> tuple[list[Region], list[tuple[str, str]]]:
         regions.append(region)
     for node in gm.graph.nodes:
         if node.target in BASE_OPS and node not in taken and not node.meta.get("surgeon_adapter"):
-            rejections.append((f"{node.name} @ {module_path(node)}", "no adapter: a plain GEMM is left to the "
-                                                                     "eager op (no template for it)"))
+            rejections.append(Refusal(f"{node.name} @ {module_path(node)}", "no adapter: a plain GEMM is left to "
+                                      "the eager op (no template for it)", (node,)))
     groups = elementwise_regions(gm, graph, order, taken, names, rejections)
     regions += [g for g in groups if not absorb_program(gm, graph, order, regions, g, rejections)]
     regions = contractible(graph, regions, rejections)
     regions += later_rounds(gm, graph, regions, names)
     regions.sort(key=lambda r: order[r.output])
-    for where, why in rejections:
+    reported = still_true(rejections, regions)
+    for where, why in reported:
         log.info("not fused: %s: %s", where, why)
-    return regions, rejections
+    return regions, reported
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A candidate not fused, why, and the nodes it leaves out: of every region, or, with an anchor,
+    of the region holding the anchor (a refused merge). No nodes: true whatever groups later (an
+    adapter site, which no later round makes a region)."""
+
+    where: str
+    why: str
+    nodes: tuple[fx.Node, ...] = ()
+    anchor: fx.Node | None = None
+
+
+def still_true(refusals: list[Refusal], regions: list[Region]) -> list[tuple[str, str]]:
+    """(where, why) of each refusal once, as the final regions leave it: dropped when all its nodes
+    ended in a region (its anchor's, for a merge), naming the nodes left when only some did."""
+    owner = {node: region.name for region in regions for node in region.nodes}
+    reported: dict[tuple, tuple[str, str]] = {}
+    for refusal in refusals:
+        home = owner.get(refusal.anchor) if refusal.anchor is not None else None
+        left = [n for n in refusal.nodes if n not in owner] if refusal.anchor is None else \
+            [n for n in refusal.nodes if home is None or owner.get(n) != home]
+        if refusal.nodes and not left:
+            continue
+        where = refusal.where if len(left) == len(refusal.nodes) else \
+            f"{refusal.where} (still {'unfused' if refusal.anchor is None else 'outside it'}: " \
+            f"{', '.join(n.name for n in left)})"
+        reported.setdefault((where, refusal.why, frozenset(left)), (where, refusal.why))
+    return list(reported.values())
 
 
 def dependency_graph(gm: fx.GraphModule) -> nx.DiGraph:
@@ -109,9 +145,9 @@ def contractible(graph: nx.DiGraph, regions: list[Region], rejections: list) -> 
             kept.append(region)
             continue
         others = {name for edge in nx.find_cycle(contracted) for name in edge if isinstance(name, str)}
-        rejections.append((region.name, f"replacing it too would make a cycle with "
-                                        f"{', '.join(sorted(others - {region.name}))} (each reads a value the "
-                                        f"other computes, through ops outside both)"))
+        rejections.append(Refusal(region.name, f"replacing it too would make a cycle with "
+                                               f"{', '.join(sorted(others - {region.name}))} (each reads a value "
+                                               f"the other computes, through ops outside both)", tuple(region.nodes)))
     return kept
 
 
@@ -129,7 +165,8 @@ def later_rounds(gm: fx.GraphModule, graph: nx.DiGraph, regions: list[Region], n
     """The pointwise groups a second lower would find, so that it finds none: the candidates no region
     took, grouped again in the graph with the regions so far contracted, until a round finds nothing.
     A group refused for a reduction, or left out for a cycle, leaves nodes that can group once their
-    neighbours are kernels. Their refusals were reported by the first round."""
+    neighbours are kernels. Their refusals were recorded by the first round (still_true drops those
+    a later round made false); a later round's own are not."""
     found: list[Region] = []
     while True:
         view = quotient(graph, regions + found)
@@ -160,7 +197,8 @@ def grow(gm: fx.GraphModule, region: Region, graph: nx.DiGraph, order: dict, tak
         if len(value.users) != 1:
             region.stop = f"'{value.name}' feeds {len(value.users)} ops" if value.users else "graph output"
             if len(value.users) > 1:
-                rejections.append((f"{region.name} + users of {value.name}", f"{region.stop}: it must be stored"))
+                rejections.append(Refusal(f"{region.name} + users of {value.name}", f"{region.stop}: it must be "
+                                          "stored", tuple(value.users), value))
             return
         user = next(iter(value.users))
         if user.op != "call_function":
@@ -168,7 +206,7 @@ def grow(gm: fx.GraphModule, region: Region, graph: nx.DiGraph, order: dict, tak
             return
         if user in taken:
             region.stop = f"{user.name}: already fused into {taken[user]}"
-            rejections.append((f"{region.name} + {user.name}", region.stop))
+            rejections.append(Refusal(f"{region.name} + {user.name}", region.stop, (user,), value))
             return
         if is_eval_dropout(user, value):       # the identity: absorbed, no step
             region.nodes.append(user)
@@ -182,11 +220,11 @@ def grow(gm: fx.GraphModule, region: Region, graph: nx.DiGraph, order: dict, tak
                                lambda other: row_vector(gm, other, value))
         if isinstance(found, str):
             region.stop = found
-            rejections.append((f"{region.name} + {user.name}", found))
+            rejections.append(Refusal(f"{region.name} + {user.name}", found, (user,), value))
             return
         if not is_convex(graph, order, set(region.nodes) | {user}):
             region.stop = f"{user.name}: would make the region non-convex"
-            rejections.append((f"{region.name} + {user.name}", region.stop))
+            rejections.append(Refusal(f"{region.name} + {user.name}", region.stop, (user,), value))
             return
         region.nodes.append(user)
         region.steps.append((found[0], found[1], user))
@@ -231,13 +269,14 @@ def _group_regions(gm, graph, order, nodes: list[fx.Node], names, rejections) ->
         program = program_from_nodes(group)
         reductions = [n for n in group if POINTWISE[n.target].name in REDUCTIONS]
         if isinstance(program, str) and reductions:
-            rejections.append((f"row group at {module_path(group[-1])}", f"{program}; grouped again without "
-                                                                           f"{', '.join(n.name for n in reductions)}"))
+            # what it leaves out are the reductions: the rest is grouped again
+            rejections.append(Refusal(f"row group at {module_path(group[-1])}", f"{program}; grouped again "
+                                      f"without {', '.join(n.name for n in reductions)}", tuple(reductions)))
             regions += _group_regions(gm, graph, order, [n for n in group if n not in reductions], names, rejections)
             continue
         name = _unique(names, f"elementwise@{module_path(group[-1])}")
         if isinstance(program, str):
-            rejections.append((name, program))
+            rejections.append(Refusal(name, program, tuple(group)))
             continue
         regions.append(Region(name, "elementwise", group, parts={"program": program}))
     return regions
@@ -262,8 +301,9 @@ def pointwise_groups(gm, graph, order, nodes: list[fx.Node], rejections) -> list
         joined = next((g for g in candidates if is_convex(graph, order, set(groups[g]) | {node})), None)
         if joined is None:
             if candidates:
-                rejections.append((node.name, "joining its producers' pointwise group would make it non-convex "
-                                              "(a path leaves the group and re-enters); starts a new group"))
+                rejections.append(Refusal(node.name, "joining its producers' pointwise group would make it "
+                                          "non-convex (a path leaves the group and re-enters); starts a new group",
+                                          (node,)))
             joined = len(groups)
             groups.append([])
         groups[joined].append(node)
@@ -281,13 +321,13 @@ def absorb_program(gm, graph, order, regions: list[Region], group: Region, rejec
             continue
         why = program_refusal(gm, value, group)
         if isinstance(why, str):
-            rejections.append((f"{region.name} + {group.name}", why))
+            rejections.append(Refusal(f"{region.name} + {group.name}", why, tuple(group.nodes), value))
             return False
         if not is_convex(graph, order, set(region.nodes) | set(group.nodes)):
-            rejections.append((f"{region.name} + {group.name}", "the two would make a non-convex region"))
+            rejections.append(Refusal(f"{region.name} + {group.name}", "the two would make a non-convex region",
+                                      tuple(group.nodes), value))
             return False
         program, kinds = why
-        rejections[:] = [r for r in rejections if not r[0].startswith(f"{region.name} + ")]
         region.nodes = sorted(region.nodes + group.nodes, key=order.get)
         region.parts.update(program=program, program_kinds=kinds)
         region.stop = f"its epilogue ends with {group.name}'s {len(group.nodes)} pointwise ops"
