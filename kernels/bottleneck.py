@@ -204,7 +204,7 @@ def bottleneck(source: torch.Tensor, residual: torch.Tensor, down: torch.Tensor,
 
     cfg = config or (INTERPRET_CONFIG if not _tunes(source) else
                      _tuned(kernel, args, block_r, precision, (M, N, K, R, source.dtype, str(source.device)),
-                            compose, agrees))
+                            compose, agrees, tuning.capture_reason(source)))
     if cfg == "composed":
         return compose().reshape(residual.shape)
     _launch(kernel, args, M, N, cfg, block_r, precision)
@@ -239,7 +239,8 @@ def _tunes(x: torch.Tensor) -> bool:
     return x.is_cuda and not codegen.interpreting()
 
 
-def _tuned(kernel, args: list, block_r: int, precision: str, key: tuple, compose=None, agrees=None) -> "tuple | str":
+def _tuned(kernel, args: list, block_r: int, precision: str, key: tuple, compose=None, agrees=None,
+           unmeasurable: str = "") -> "tuple | str":
     """The fastest GPU config for this shape bucket (M rounded up to a power of two; benchmarked once),
     or "composed" when the torch ops (`compose`) were faster than every config; with `agrees`, only
     among the candidates whose output agrees with the torch reference."""
@@ -255,7 +256,7 @@ def _tuned(kernel, args: list, block_r: int, precision: str, key: tuple, compose
                                                                       precision)
         return triton.testing.do_bench(run, warmup=5, rep=20)
 
-    return tuning.fastest(_BEST, "bottleneck", bucket, candidates, time_one, agrees)
+    return tuning.fastest(_BEST, "bottleneck", bucket, candidates, time_one, agrees, unmeasurable)
 
 
 def _vec(chain: tuple[Step, ...]) -> set[int]:

@@ -228,7 +228,8 @@ class _Plan:
                 _split_buffers(x.device, M, N, candidate[1], self.block_r)[0].fill_(float("nan"))
             return tuning.agrees(self.launch(*call, *candidate), expected[0])
 
-        return _tuned(lambda *candidate: self.launch(*call, *candidate), list(self.modes), self.tune_key, agrees)
+        return _tuned(lambda *candidate: self.launch(*call, *candidate), list(self.modes), self.tune_key, agrees,
+                      tuning.capture_reason(x))
 
 
 def _tunes(x: torch.Tensor) -> bool:
@@ -312,7 +313,7 @@ def _bucket(key: tuple, modes) -> tuple:
     return (triton_next_pow2(key[0]) if key[0] <= 4096 else 4096,) + key[1:] + tuple(modes)
 
 
-def _tuned(launch, modes: list[str], key: tuple, agrees=None) -> tuple[str, tuple]:
+def _tuned(launch, modes: list[str], key: tuple, agrees=None, unmeasurable: str = "") -> tuple[str, tuple]:
     """The fastest (mode, tile config) for this shape bucket on the GPU (benchmarked once per bucket).
 
     Like triton.autotune, but keyed on M rounded up to a power of two: the token count changes
@@ -327,7 +328,8 @@ def _tuned(launch, modes: list[str], key: tuple, agrees=None) -> tuple[str, tupl
                                                       SPLITK_CONFIGS[limit or 64] if m.endswith("+splitk") else
                                                       GPU_CONFIGS[limit])]
     return tuning.fastest(_BEST, "lora_linear", bucket, candidates,
-                          lambda c: triton.testing.do_bench(lambda: launch(*c), warmup=5, rep=20), agrees)
+                          lambda c: triton.testing.do_bench(lambda: launch(*c), warmup=5, rep=20), agrees,
+                          unmeasurable)
 
 
 def _check(x, weight, bias, lora_a, lora_b, operands, weight_layout, chain,

@@ -26,17 +26,21 @@ _log = logging.getLogger(__name__)
 
 
 def fastest(table: dict, op: str, bucket: tuple, candidates: list, time_one: Callable[[Any], float],
-            check: Callable[[Any], bool] | None = None) -> Any:
+            check: Callable[[Any], bool] | None = None, unmeasurable: str = "") -> Any:
     """The candidate that ran fastest for `bucket` (measured here once, or read from the disk cache).
 
     With `check`, a candidate is timed only when check(candidate) holds (e.g. its output agrees with
     a reference): one that computes something else is skipped like one that fails to launch.
+    `unmeasurable` (see `capture_reason`) says why nothing can be run now: a choice already in the
+    table or on disk is still returned; otherwise RuntimeError says so.
     """
     if bucket in table:
         return table[bucket]
     key = _key(op, bucket)
     stored = _load().get(key)
     found = next((c for c in candidates if _json(c) == stored), None) if stored is not None else None
+    if found is None and unmeasurable:
+        raise RuntimeError(f"{op}: no tuned choice for {bucket!r}, and {unmeasurable}")
     if found is None:
         timings = {}
         for candidate in candidates:
@@ -53,6 +57,16 @@ def fastest(table: dict, op: str, bucket: tuple, candidates: list, time_one: Cal
         _store(key, _json(found))
     table[bucket] = found
     return found
+
+
+def capture_reason(x: torch.Tensor) -> str:
+    """Why candidates cannot be timed now ("" when they can): a CUDA graph is being captured on the
+    current stream (a launch there is recorded, not run, and timing it synchronizes)."""
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return ("this call runs inside a CUDA graph capture, where candidates cannot be run or timed: "
+                "call the module once with the same shapes before capturing (a warm-up, as "
+                "torch.compile's reduce-overhead mode does)")
+    return ""
 
 
 def agrees(out: torch.Tensor, expected: torch.Tensor) -> bool:

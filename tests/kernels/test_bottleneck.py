@@ -316,3 +316,27 @@ def test_launcher_tuning_skips_a_fast_config_that_computes_something_else(monkey
     out = kernel.bottleneck(y, y, d, u, [res], 1.5, "relu", "add:0")
     assert next(iter(kernel._BEST.values())) == good
     torch.testing.assert_close(out, kernel.reference(y, y, d, u, [res], 1.5, "relu", "add:0"), rtol=1e-5, atol=1e-5)
+
+
+def test_a_first_call_inside_a_cuda_graph_capture_says_to_warm_up(monkeypatch):
+    """Under capture no candidate is run: the first call of a bucket says so; after a warm-up call the
+    captured call runs the tuned config."""
+    import triton.testing
+
+    from surgeon.kernels import tuning
+
+    monkeypatch.setattr(kernel, "_tunes", lambda x: True)
+    monkeypatch.setitem(kernel.GPU_CONFIGS, 16, [(32, 32, 32, 1, 1, 1)])
+    monkeypatch.setattr(kernel, "_BEST", {})
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **_: (fn(), 1.0)[1])
+    capturing = [True]
+    monkeypatch.setattr(tuning, "capture_reason", lambda x: "inside a capture: warm up first" if capturing[0] else "")
+    gen = torch.Generator().manual_seed(0)
+    y, d, u = torch.randn(5, 40, generator=gen), torch.randn(4, 40, generator=gen), torch.randn(40, 4, generator=gen)
+    with pytest.raises(RuntimeError, match="bottleneck: no tuned choice .* inside a capture: warm up first"):
+        kernel.bottleneck(y, y, d, u, [], 1.5, "relu", "")
+    capturing[0] = False
+    kernel.bottleneck(y, y, d, u, [], 1.5, "relu", "")
+    capturing[0] = True
+    torch.testing.assert_close(kernel.bottleneck(y, y, d, u, [], 1.5, "relu", ""),
+                               kernel.reference(y, y, d, u, [], 1.5, "relu", ""), rtol=1e-5, atol=1e-5)

@@ -109,3 +109,25 @@ def test_the_key_holds_tma_alignment_where_tma_may_run(monkeypatch):
     assert key(args["x"], "fused+tma") != key(shifted, "fused+tma")
     monkeypatch.setattr(kernel, "_tunes", lambda x: True)
     assert key(args["x"]) != key(shifted)
+
+
+def test_a_first_call_inside_a_cuda_graph_capture_says_to_warm_up(plans, monkeypatch):
+    """Under capture nothing can be timed: the first call of a bucket says so; after a warm-up call
+    (outside the capture) the same shapes run the tuned choice, capture or not."""
+    import triton.testing
+
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **_: (fn(), 1.0)[1])
+    monkeypatch.setattr(kernel, "_tunes", lambda x: True)
+    monkeypatch.setattr(kernel, "_has_tma", lambda device: False)
+    monkeypatch.setitem(kernel.GPU_CONFIGS, 16, [(16, 32, 32, 1, 1, 1)])
+    monkeypatch.setitem(kernel.SPLITK_CONFIGS, 16, [(16, 32, 32, 1, 1, 1, 2)])
+    monkeypatch.setattr(kernel, "_BEST", {})
+    capturing = [True]
+    monkeypatch.setattr(tuning, "capture_reason", lambda x: "inside a capture: warm up first" if capturing[0] else "")
+    args = make(3, 70, 40, 4, torch.float32)
+    with pytest.raises(RuntimeError, match="lora_linear: no tuned choice .* inside a capture: warm up first"):
+        kernel.lora_linear(**args)
+    capturing[0] = False
+    kernel.lora_linear(**args)                                       # the warm-up tunes
+    capturing[0] = True
+    torch.testing.assert_close(kernel.lora_linear(**args), kernel.reference(**args), **TOLERANCE[torch.float32])

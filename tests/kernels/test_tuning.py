@@ -53,3 +53,25 @@ def test_a_candidate_that_disagrees_with_the_reference_is_not_chosen(monkeypatch
     assert warned == ["op: candidate 'wrong' disagrees with the reference for (3,); skipped"]
     with pytest.raises(RuntimeError, match="no candidate launches"):
         tuning.fastest({}, "op", (4,), ["wrong"], time_one, check=lambda c: False)
+
+
+def test_nothing_is_run_when_it_cannot_be_measured_but_a_stored_choice_is_used():
+    """Inside a CUDA graph capture (`capture_reason`), a launch is recorded, not run: the tuner then
+    runs no candidate. A choice in memory or on disk is still used; without one the error says why."""
+    ran = []
+    time_one = lambda c: ran.append(c) or {"a": 2.0, "b": 1.0}[c]  # noqa: E731
+    with pytest.raises(RuntimeError, match=r"op: no tuned choice for \(8,\), and capturing: warm up first"):
+        tuning.fastest({}, "op", (8,), ["a", "b"], time_one, check=lambda c: ran.append(c) or True,
+                       unmeasurable="capturing: warm up first")
+    assert ran == []
+    assert tuning.fastest({}, "op", (8,), ["a", "b"], time_one) == "b" and len(ran) == 2     # the warm-up
+    assert tuning.fastest({}, "op", (8,), ["a", "b"], time_one, unmeasurable="capturing") == "b"   # from disk
+    table = {(9,): "a"}
+    assert tuning.fastest(table, "op", (9,), ["a", "b"], time_one, unmeasurable="capturing") == "a"
+    assert len(ran) == 2
+
+
+def test_capture_reason_is_empty_off_a_gpu():
+    import torch
+
+    assert tuning.capture_reason(torch.zeros(1)) == ""
