@@ -9,9 +9,10 @@ dims):
 Each program owns a BLOCK_M x BLOCK_N tile of out. Its K loop loads the x tile once and feeds
 two dots: x @ W^T into the fp32 accumulator and x @ A^T into a BLOCK_M x BLOCK_R one (R is
 padded to BLOCK_R >= 16 with masked zeros, which tl.dot needs). After the loop, x @ A^T is
-rounded to the input dtype (as the unfused graph stores it), multiplied by B^T and s, and
-added to the accumulator; the epilogue steps (kernels/epilogue.py) run on the fp32 values and
-the tile is stored once. W is read through its strides, so GPT-2 Conv1D's in x out weight
+rounded to the input dtype (as the unfused graph stores it) and multiplied by B^T into the
+accumulator itself, as s * (acc / s + h @ B^T), so that one fp32 tile is live, not two (a
+scale with no normal fp32 inverse, e.g. 0, runs the cuBLAS composition); the epilogue steps
+(kernels/epilogue.py) run on the fp32 values and the tile is stored once. W is read through its strides, so GPT-2 Conv1D's in x out weight
 (weight_layout="in_out") needs no copy. x @ A^T is recomputed by every column tile: extra
 work R / BLOCK_N of the base GEMM.
 
@@ -184,6 +185,9 @@ class _Plan:
                kernel=None) -> torch.Tensor:
         """One strategy's (M, N) output (`kernel`: the generated kernel when already loaded)."""
         M, N, K, R = self.sizes
+        if lora_a is not None and not variant.startswith("cublas") and not invertible(scale) and \
+                "vera_b" not in self.where:
+            variant = "cublas"      # the kernels fold s into the accumulator as s * (acc / s + ...)
         x2, chain = x.reshape(M, K), self.chain
         step_operands, extra_inputs = operands[:self.n_steps], operands[self.n_steps:]
         vectors = {name: step_operands[i] for name, i in self.where.items()}
@@ -230,6 +234,12 @@ class _Plan:
 
         return _tuned(lambda *candidate: self.launch(*call, *candidate), list(self.modes), self.tune_key, agrees,
                       tuning.capture_reason(x))
+
+
+def invertible(scale: float) -> bool:
+    """Whether s and 1 / s are both normal fp32 numbers (the kernels compute s * (acc / s + h @ B^T));
+    a LoRA scale of 0, or one this extreme, runs the cuBLAS composition instead."""
+    return 2.0 ** -100 < abs(scale) < 2.0 ** 100
 
 
 def _tunes(x: torch.Tensor) -> bool:

@@ -146,7 +146,15 @@ _LORA_UP_PRECOMPUTED = """    # h = round(x @ A^T) was computed before the launc
 _LORA_UP = """    # LoRA up-projection: z = x @ W^T + s * round(x @ A^T) @ B^T
     b_t_tile = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
                        mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-{xs_r}{vera_d}    lora_up = tl.dot(x_lora_a.to(b_t_tile.dtype), b_t_tile, input_precision=DOT_PRECISION)
+{xs_r}{vera_d}{up}"""
+# the up-projection accumulates into acc, as s * (acc / s + h @ B^T): one BLOCK_M x BLOCK_N fp32 tile
+# stays live, not two (a second one spills registers at 128 x 128 per warpgroup on sm_90; the
+# extra roundings are fp32's, a few ulp); s is then a normal float, nonzero (the launcher sees to it)
+_UP_INTO_ACC = """    acc = tl.dot(x_lora_a.to(b_t_tile.dtype), b_t_tile, acc * (1.0 / lora_scale),
+                 input_precision=DOT_PRECISION) * lora_scale
+"""
+# VeRA's b scales (and rounds) the up-projection by column first: a tile of its own
+_UP_APART = """    lora_up = tl.dot(x_lora_a.to(b_t_tile.dtype), b_t_tile, input_precision=DOT_PRECISION)
 {vera_b}    acc = acc + lora_scale * lora_up
 """
 
@@ -271,7 +279,7 @@ def kernel_source(chain: tuple[Step, ...], mode: str = "fused", program: Program
     lora_mode, suffix = split_mode(mode)
     tma, split, fused = suffix == "tma", suffix == "splitk", lora_mode == "fused"
     up = _LORA_UP.format(xs_r=_XS_R if "xs_r" in vectors else "", vera_d=_VERA_D if "vera_d" in vectors else "",
-                         vera_b=_VERA_B if "vera_b" in vectors else "")
+                         up=_UP_APART.format(vera_b=_VERA_B) if "vera_b" in vectors else _UP_INTO_ACC)
     tail = _TAIL.format(epilogue=epilogue,
                         lora_up={"fused": up, "precomputed": _LORA_UP_PRECOMPUTED + up, "none": ""}[lora_mode])
     if split:

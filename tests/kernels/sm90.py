@@ -34,3 +34,46 @@ def compile_sm90(fn, meta: dict, pointers: dict | None = None, floats: tuple = (
                  "fp32" if n in floats else "i32" for n in fn.arg_names}
     source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in meta.items()})
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def compile_like_launch(fn, args: list, meta: dict, **options):
+    """fn compiled for sm_90 as a launch with these argument values specializes it: ints equal to 1
+    become constants, ints divisible by 16 and 16-byte aligned pointers are marked so (what lets
+    Triton vectorize loads and pipeline them with async copies)."""
+    import triton
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend, GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, constants, attrs = {}, {}, {}
+    for i, (name, arg) in enumerate(zip(fn.arg_names, list(args) + [None] * len(meta))):
+        kind, attr = ("constexpr", meta[name]) if name in meta else native_specialize_impl(BaseBackend, arg, False,
+                                                                                          True, True)
+        signature[name] = kind
+        if kind == "constexpr":
+            constants[(i,)] = attr
+        elif attr == "D":
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return triton.compile(ASTSource(fn, signature, constexprs=constants, attrs=attrs),
+                          target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def resource_usage(compiled) -> dict:
+    """{"registers": per thread, "stack": bytes of local memory per thread (register spills)} read
+    from the cubin with the cuobjdump that ships with Triton's NVIDIA backend (skip without it)."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        pytest.skip("no cuobjdump in this Triton build")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        text = subprocess.run([tool, "-res-usage", cubin.name], capture_output=True, text=True, check=True).stdout
+    return {"registers": int(re.search(r"REG:(\d+)", text).group(1)),
+            "stack": int(re.search(r"STACK:(\d+)", text).group(1))}

@@ -56,6 +56,23 @@ def test_every_epilogue_rule(epilogue, bias):
     torch.testing.assert_close(out, kernel.reference(**args, epilogue=epilogue), **TOLERANCE[torch.float32])
 
 
+@pytest.mark.parametrize("scale", [0.75, -3.0, 2.0 ** -90, 0.0, 1e-39, 2.0 ** 110],
+                         ids=["0.75", "-3", "2^-90", "0", "subnormal", "2^110"])
+@pytest.mark.parametrize("mode", ["fused", "precomputed", "fused+splitk"])
+def test_any_scale_gives_the_reference(mode, scale, monkeypatch):
+    """The kernels accumulate the up-projection as s * (acc / s + h @ B^T); a scale whose inverse is
+    not a normal fp32 number (0, subnormal, huge) runs the cuBLAS composition instead."""
+    from surgeon.kernels import lora_linear_cublas
+
+    composed = []
+    real = lora_linear_cublas.cublas
+    monkeypatch.setattr(kernel, "_cublas", lambda *a, **kw: composed.append(1) or real(*a, **kw))
+    args = dict(make(7, 70, 40, 4, torch.float32, n_operands=1), scale=scale)
+    out = kernel.lora_linear(**args, epilogue="add:0", mode=mode)
+    assert bool(composed) == (not kernel.invertible(scale))
+    torch.testing.assert_close(out, kernel.reference(**args, epilogue="add:0"), **TOLERANCE[torch.float32])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_conv1d_layout_and_leading_dims_and_strided_inputs(dtype):
     args = make(2 * 33, 37, 33, 16, dtype, n_operands=1, layout="in_out")     # GPT-2 Conv1D: W is in x out
@@ -312,6 +329,28 @@ def test_generated_kernel_compiles_for_an_h100_without_a_gpu(monkeypatch, mode, 
                 **({"SPLIT_K": 4} if mode.endswith("+splitk") else {}))
     compiled = compile_sm90(fn, meta, SPLIT_POINTERS, ("lora_scale",), num_warps=4, num_stages=3)
     assert compiled.asm["cubin"] and compiled.metadata.shared > 0
+
+
+@pytest.mark.parametrize("mode", ["fused", "precomputed", "precomputed+tma"])
+@pytest.mark.parametrize("config", [(128, 256, 64, 8, 8, 3), (128, 128, 32, 8, 4, 4), (256, 128, 64, 8, 8, 3)],
+                         ids=["128x256w8", "128x128w4", "256x128w8"])
+def test_prefill_tiles_keep_their_registers_on_an_h100(monkeypatch, mode, config):
+    """Compiled for sm_90 as a bf16 launch specializes them, the large prefill tiles spill no register.
+    Before the up-projection accumulated into acc (s * (acc / s + h @ B^T)), its own fp32 tile beside
+    acc's made each of these spill 280-550 bytes per thread, inside the K loop too."""
+    from tests.kernels.sm90 import compile_like_launch, resource_usage
+
+    jit_mode(monkeypatch)
+    launched = []
+    monkeypatch.setattr(kernel, "_launch", lambda fn, args, M, N, cfg, block_r, precision:
+                        launched.append((fn, args, block_r, precision)))
+    args = make(256, 256, 256, 16, torch.bfloat16, bias=False)
+    kernel.lora_linear(**args, config=config, mode=mode)
+    fn, launch_args, block_r, precision = launched[-1]
+    bm, bn, bk, group_m, warps, stages = config
+    meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r, GROUP_M=group_m, DOT_PRECISION=precision)
+    usage = resource_usage(compile_like_launch(fn, launch_args, meta, num_warps=warps, num_stages=stages))
+    assert usage["stack"] == 0, usage
 
 
 # ---------------------------------------------------------------- the custom op

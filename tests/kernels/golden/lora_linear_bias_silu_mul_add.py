@@ -65,8 +65,8 @@ def lora_linear_bias_silu_mul_add_kernel(
     # LoRA up-projection: z = x @ W^T + s * round(x @ A^T) @ B^T
     b_t_tile = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
                        mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-    lora_up = tl.dot(x_lora_a.to(b_t_tile.dtype), b_t_tile, input_precision=DOT_PRECISION)
-    acc = acc + lora_scale * lora_up
+    acc = tl.dot(x_lora_a.to(b_t_tile.dtype), b_t_tile, acc * (1.0 / lora_scale),
+                 input_precision=DOT_PRECISION) * lora_scale
     mask_out = mask_m[:, None] & mask_n[None, :]
     # epilogue step 0: bias, adds bias[n] to each row
     bias = tl.load(bias_ptr + offs_n * stride_bias_n, mask=mask_n, other=0.0).to(tl.float32)
