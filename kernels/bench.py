@@ -162,7 +162,7 @@ def tile(case: Case) -> str:
     from surgeon.kernels import lora_linear as kernel
 
     best = [found for key, found in kernel._BEST.items()
-            if key[:4] == (kernel.triton_next_pow2(case.M), case.N, case.K, case.r) and key[4:6] == (case.dtype, "")]
+            if key[:4] == (kernel.bucket_m(case.M), case.N, case.K, case.r) and key[4:6] == (case.dtype, "")]
     if not best:
         return "-"
     mode, cfg = best[-1]

@@ -318,16 +318,23 @@ def _launch(kernel, args: list, M: int, N: int, cfg: tuple, block_r: int, precis
 _BEST: dict[tuple, tuple[str, tuple]] = {}
 
 
+def bucket_m(M: int) -> int:
+    """The row count a tuning bucket stands for: 16 for up to 16 rows (one 16-row tile whatever M is,
+    so every candidate runs the same grid: one choice serves them all), else M rounded up to a power
+    of two, at most 4096."""
+    return 16 if M <= 16 else min(triton_next_pow2(M), 4096)
+
+
 def _bucket(key: tuple, modes) -> tuple:
     """The tuner's table key for a call keyed `key` (M first) choosing among `modes`."""
-    return (triton_next_pow2(key[0]) if key[0] <= 4096 else 4096,) + key[1:] + tuple(modes)
+    return (bucket_m(key[0]),) + key[1:] + tuple(modes)
 
 
 def _tuned(launch, modes: list[str], key: tuple, agrees=None, unmeasurable: str = "") -> tuple[str, tuple]:
     """The fastest (mode, tile config) for this shape bucket on the GPU (benchmarked once per bucket).
 
-    Like triton.autotune, but keyed on M rounded up to a power of two: the token count changes
-    on every call of a language model, and retuning for each exact M would stall it. A
+    Like triton.autotune, but keyed on `bucket_m(M)`: the token count changes on every call of a
+    language model, and retuning for each exact M would stall it. A
     "precomputed" candidate is timed with its x @ A^T GEMM included, "cublas" as a whole.
     """
     import triton.testing

@@ -13,7 +13,7 @@ def test_linear_row_runs_and_reports_the_tuned_strategy(monkeypatch):
     row = bench.linear_row(case, env)
     assert row["errors"] == {} and set(row["us"]) == {"base", "fused", "eager", "compile"}
     assert float(row["rel_err"]) < 1e-5 and row["tile"] == "-"          # nothing tuned on the CPU
-    key = (4, 40, 48, 4, torch.float32, "", True, "cuda:0", "", ())
+    key = (16, 40, 48, 4, torch.float32, "", True, "cuda:0", "", ())
     monkeypatch.setitem(lora_linear._BEST, key, ("cublas", None))
     assert bench.tile(case) == "cuBLAS+addmm"
     monkeypatch.setitem(lora_linear._BEST, key, ("precomputed", lora_linear.GPU_CONFIGS[16][0]))

@@ -495,7 +495,8 @@ def test_gpu_tuner_times_every_strategy_and_keeps_the_fastest(monkeypatch):
     n = 2 * len(kernel.GPU_CONFIGS[16]) + len(kernel.SPLITK_CONFIGS[16]) + 1
     assert launched.count(("cublas", None)) == 1 and len(launched) == n
     assert {cfg for mode, cfg in launched if mode == "fused+splitk"} == set(kernel.SPLITK_CONFIGS[16])
-    assert kernel._tuned(launch, modes, (4, *key[1:])) == best   # same bucket
+    for M in (1, 4, 16):                   # up to 16 rows: one bucket (one 16-row tile, the same grid)
+        assert kernel._tuned(launch, modes, (M, *key[1:])) == best
     assert len(launched) == n
     # a candidate whose output disagrees with the cuBLAS composition's is never timed nor chosen
     best = kernel._tuned(launch, modes, (40, *key[1:]), agrees=lambda c: c[0] != "precomputed")
