@@ -24,6 +24,20 @@ def plans(monkeypatch):
     return made
 
 
+@pytest.fixture
+def gpu_tuning(monkeypatch):
+    """The GPU's tuning path on interpreted kernels: every candidate times 1 ms, one tile config per
+    kind, an empty tuning table."""
+    import triton.testing
+
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **_: (fn(), 1.0)[1])
+    monkeypatch.setattr(kernel, "_tunes", lambda x: True)
+    monkeypatch.setattr(kernel, "_has_tma", lambda device: False)
+    monkeypatch.setitem(kernel.GPU_CONFIGS, 16, [(16, 32, 32, 1, 1, 1)])
+    monkeypatch.setitem(kernel.SPLITK_CONFIGS, 16, [(16, 32, 32, 1, 1, 1, 2)])
+    monkeypatch.setattr(kernel, "_BEST", {})
+
+
 def test_a_repeated_call_reuses_its_plan_and_reads_the_new_values(plans):
     first = make(7, 70, 40, 4, torch.float32, n_operands=2, seed=0)
     second = make(7, 70, 40, 4, torch.float32, n_operands=2, seed=1)        # same metadata, other values
@@ -64,17 +78,9 @@ def test_the_table_empties_when_full(plans, monkeypatch):
     assert len(plans) == 3 and len(kernel._PLANS) == 1
 
 
-def test_a_tuned_plan_looks_its_choice_up_in_the_tuners_table(plans, monkeypatch):
+def test_a_tuned_plan_looks_its_choice_up_in_the_tuners_table(plans, gpu_tuning, monkeypatch):
     """On a GPU the choice stays in the tuner's table: a choice set there is what the next call runs,
     and emptying it (a new process) makes the same plan read the disk cache, or tune again."""
-    import triton.testing
-
-    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **_: (fn(), 1.0)[1])
-    monkeypatch.setattr(kernel, "_tunes", lambda x: True)
-    monkeypatch.setattr(kernel, "_has_tma", lambda device: False)
-    monkeypatch.setitem(kernel.GPU_CONFIGS, 16, [(16, 32, 32, 1, 1, 1)])
-    monkeypatch.setitem(kernel.SPLITK_CONFIGS, 16, [(16, 32, 32, 1, 1, 1, 2)])
-    monkeypatch.setattr(kernel, "_BEST", {})
     ran = []
     real_launch = kernel._Plan.launch
     monkeypatch.setattr(kernel._Plan, "launch", lambda self, *a, **kw: ran.append(a[7]) or real_launch(self, *a, **kw))
@@ -111,17 +117,9 @@ def test_the_key_holds_tma_alignment_where_tma_may_run(monkeypatch):
     assert key(args["x"]) != key(shifted)
 
 
-def test_a_first_call_inside_a_cuda_graph_capture_says_to_warm_up(plans, monkeypatch):
+def test_a_first_call_inside_a_cuda_graph_capture_says_to_warm_up(plans, gpu_tuning, monkeypatch):
     """Under capture nothing can be timed: the first call of a bucket says so; after a warm-up call
     (outside the capture) the same shapes run the tuned choice, capture or not."""
-    import triton.testing
-
-    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **_: (fn(), 1.0)[1])
-    monkeypatch.setattr(kernel, "_tunes", lambda x: True)
-    monkeypatch.setattr(kernel, "_has_tma", lambda device: False)
-    monkeypatch.setitem(kernel.GPU_CONFIGS, 16, [(16, 32, 32, 1, 1, 1)])
-    monkeypatch.setitem(kernel.SPLITK_CONFIGS, 16, [(16, 32, 32, 1, 1, 1, 2)])
-    monkeypatch.setattr(kernel, "_BEST", {})
     capturing = [True]
     monkeypatch.setattr(tuning, "capture_reason", lambda x: "inside a capture: warm up first" if capturing[0] else "")
     args = make(3, 70, 40, 4, torch.float32)
