@@ -60,7 +60,8 @@ class Lower:
         result.notes.append(", ".join(f"{n} {kind} regions -> surgeon::{OPS[kind]}" for kind, n in counts.items()) +
                             "; backend here: " + ", ".join(f"{d}: {registry.backend(d)}" for d in devices) +
                             ("" if {registry.backend(d) for d in devices} - {"reference"} else
-                             " (no CUDA device: the regions run the torch reference math, not Triton)"))
+                             " (no CUDA device: the regions run the torch reference math, not Triton, "
+                             "slower here than the unlowered graph; lower for a GPU)"))
         return result
 
 
