@@ -114,11 +114,12 @@ def _meta(t: torch.Tensor | None) -> tuple | None:
 def plan_key(x, weight, bias, lora_a, lora_b, operands, weight_layout, epilogue, config, mode, program) -> tuple:
     """Everything a call's checks and choices read: two calls with equal keys decide alike. TMA also
     needs 16-byte aligned base addresses, so where it may run the key holds whether they are."""
-    tma = (mode is None and _tunes(x) or (mode or "").endswith("+tma")) and \
+    tunes = _tunes(x)
+    tma = (mode is None and tunes or (mode or "").endswith("+tma")) and \
         all(t.data_ptr() % 16 == 0 for t in (x, weight, lora_a) if t is not None)
     tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-    return (epilogue, program, weight_layout, config, mode, codegen.interpreting(), tma, tf32, _meta(x), _meta(weight),
-            _meta(bias), _meta(lora_a), _meta(lora_b), tuple(map(_meta, operands)))
+    return (epilogue, program, weight_layout, config, mode, codegen.interpreting(), tunes, tma, tf32, _meta(x),
+            _meta(weight), _meta(bias), _meta(lora_a), _meta(lora_b), tuple(map(_meta, operands)))
 
 
 @dataclass(frozen=True)

@@ -17,3 +17,13 @@ def triton_interpreter(monkeypatch, tmp_path):
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("SURGEON_TUNE_CACHE", str(tmp_path / "tuning.json"))   # tuner tests start from nothing
+
+
+@pytest.fixture(autouse=True)
+def fresh_plans(monkeypatch):
+    """Each test starts with empty launch-plan tables (a plan made under another test's patches of
+    the launcher's helpers must not decide this test's calls)."""
+    from surgeon.kernels import lora_linear, pointwise
+
+    monkeypatch.setattr(lora_linear, "_PLANS", {})
+    monkeypatch.setattr(pointwise, "_PLANS", {})

@@ -16,8 +16,7 @@ from tests.kernels.test_lora_linear import TOLERANCE, make
 
 @pytest.fixture
 def plans(monkeypatch):
-    """An empty plan table, and a list of the plans made while the test runs."""
-    monkeypatch.setattr(kernel, "_PLANS", {})
+    """A list of the plans made while the test runs (the table starts empty: conftest.py)."""
     made = []
     real = kernel._Plan.make
     monkeypatch.setattr(kernel._Plan, "make", staticmethod(lambda *a: made.append(a) or real(*a)))
@@ -113,8 +112,10 @@ def test_the_key_holds_tma_alignment_where_tma_may_run(monkeypatch):
                                                "out_in", "", None, mode, "")
     assert key(args["x"]) == key(shifted)                            # no TMA here: alignment is not read
     assert key(args["x"], "fused+tma") != key(shifted, "fused+tma")
+    untuned = key(args["x"])
     monkeypatch.setattr(kernel, "_tunes", lambda x: True)
     assert key(args["x"]) != key(shifted)
+    assert key(args["x"]) != untuned                                 # whether the call tunes is part of it
 
 
 def test_a_first_call_inside_a_cuda_graph_capture_says_to_warm_up(plans, gpu_tuning, monkeypatch):
