@@ -59,8 +59,11 @@ def compile_like_launch(fn, args: list, meta: dict, **options):
 
 
 def resource_usage(compiled) -> dict:
-    """{"registers": per thread, "stack": bytes of local memory per thread (register spills)} read
-    from the cubin with the cuobjdump that ships with Triton's NVIDIA backend (skip without it)."""
+    """{"registers": per thread, "stack": bytes of local memory per thread (register spills),
+    "loop_spills": spill loads and stores (LDL/STL) inside the loop that issues the tensor-core
+    instructions} read from the cubin with the cuobjdump that ships with Triton's NVIDIA backend
+    (skip without it). A loop is a backward branch's span; spans of 600+ instructions (out-of-line
+    barrier waits that jump back) are not counted as the K loop."""
     import os
     import re
     import subprocess
@@ -74,6 +77,18 @@ def resource_usage(compiled) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
-        text = subprocess.run([tool, "-res-usage", cubin.name], capture_output=True, text=True, check=True).stdout
-    return {"registers": int(re.search(r"REG:(\d+)", text).group(1)),
-            "stack": int(re.search(r"STACK:(\d+)", text).group(1))}
+        usage = subprocess.run([tool, "-res-usage", cubin.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([tool, "-sass", cubin.name], capture_output=True, text=True, check=True).stdout
+    lines = [line for line in sass.splitlines() if re.search(r"/\*[0-9a-f]{4,}\*/", line)]
+    address = {int(re.search(r"/\*([0-9a-f]{4,})\*/", line).group(1), 16): i for i, line in enumerate(lines)}
+    mma = [i for i, line in enumerate(lines) if re.search(r"\bH(G)?MMA", line)]
+    loops = []
+    for i, line in enumerate(lines):
+        jump = re.search(r"BRA (0x[0-9a-f]+)", line)
+        start = address.get(int(jump.group(1), 16)) if jump else None
+        if start is not None and start < i and i - start < 600 and any(start <= j <= i for j in mma):
+            loops.append((start, i))
+    spills = [i for i, line in enumerate(lines) if re.search(r"\b(STL|LDL)", line)]
+    return {"registers": int(re.search(r"REG:(\d+)", usage).group(1)),
+            "stack": int(re.search(r"STACK:(\d+)", usage).group(1)),
+            "loop_spills": sum(any(a <= i <= b for a, b in loops) for i in spills)}

@@ -337,7 +337,8 @@ def test_generated_kernel_compiles_for_an_h100_without_a_gpu(monkeypatch, mode, 
 def test_prefill_tiles_keep_their_registers_on_an_h100(monkeypatch, mode, config):
     """Compiled for sm_90 as a bf16 launch specializes them, the large prefill tiles spill no register.
     Before the up-projection accumulated into acc (s * (acc / s + h @ B^T)), its own fp32 tile beside
-    acc's made each of these spill 280-550 bytes per thread, inside the K loop too."""
+    acc's made each of these spill 260-550 bytes per thread, with 64-128 spill loads and stores inside
+    the K loop."""
     from tests.kernels.sm90 import compile_like_launch, resource_usage
 
     jit_mode(monkeypatch)
@@ -350,7 +351,7 @@ def test_prefill_tiles_keep_their_registers_on_an_h100(monkeypatch, mode, config
     bm, bn, bk, group_m, warps, stages = config
     meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r, GROUP_M=group_m, DOT_PRECISION=precision)
     usage = resource_usage(compile_like_launch(fn, launch_args, meta, num_warps=warps, num_stages=stages))
-    assert usage["stack"] == 0, usage
+    assert usage["stack"] == 0 and usage["loop_spills"] == 0, usage
 
 
 # ---------------------------------------------------------------- the custom op
