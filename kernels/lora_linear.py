@@ -11,7 +11,7 @@ two dots: x @ W^T into the fp32 accumulator and x @ A^T into a BLOCK_M x BLOCK_R
 padded to BLOCK_R >= 16 with masked zeros, which tl.dot needs). After the loop, x @ A^T is
 rounded to the input dtype (as the unfused graph stores it) and multiplied by B^T into the
 accumulator itself, as s * (acc / s + h @ B^T), so that one fp32 tile is live, not two (a
-scale with no normal fp32 inverse, e.g. 0, runs the cuBLAS composition); the epilogue steps
+scale outside 2^-24..2^24, 0 among them, runs the cuBLAS composition); the epilogue steps
 (kernels/epilogue.py) run on the fp32 values and the tile is stored once. W is read through its strides, so GPT-2 Conv1D's in x out weight
 (weight_layout="in_out") needs no copy. x @ A^T is recomputed by every column tile: extra
 work R / BLOCK_N of the base GEMM.
@@ -32,6 +32,7 @@ Shapes never appear in generated source: sizes and strides are runtime arguments
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -175,7 +176,10 @@ class _Plan:
         if M == 0:
             return x.new_empty((*x.shape[:-1], N))
         call = (x, weight, bias, lora_a, lora_b, operands, scale)
-        variant, cfg = self.choice or _BEST.get(self.bucket) or self.tune(*call)
+        if self.sizes[2] == 0 or lora_a is not None and "vera_b" not in self.where and not invertible(scale):
+            variant, cfg = "cublas", None     # torch's empty K sum; a scale the kernels cannot divide by
+        else:                                 # (tuning never sees such a call: it would time cuBLAS as a kernel)
+            variant, cfg = self.choice or _BEST.get(self.bucket) or self.tune(*call)
         kernel = self.kernels.get(variant)
         if kernel is None and not variant.startswith("cublas"):
             kernel = self.kernels[variant] = load_kernel(self.chain, variant, self.program, self.input_kinds,
@@ -186,9 +190,6 @@ class _Plan:
                kernel=None) -> torch.Tensor:
         """One strategy's (M, N) output (`kernel`: the generated kernel when already loaded)."""
         M, N, K, R = self.sizes
-        if lora_a is not None and not variant.startswith("cublas") and not invertible(scale) and \
-                "vera_b" not in self.where:
-            variant = "cublas"      # the kernels fold s into the accumulator as s * (acc / s + ...)
         x2, chain = x.reshape(M, K), self.chain
         step_operands, extra_inputs = operands[:self.n_steps], operands[self.n_steps:]
         vectors = {name: step_operands[i] for name, i in self.where.items()}
@@ -238,9 +239,10 @@ class _Plan:
 
 
 def invertible(scale: float) -> bool:
-    """Whether s and 1 / s are both normal fp32 numbers (the kernels compute s * (acc / s + h @ B^T));
-    a LoRA scale of 0, or one this extreme, runs the cuBLAS composition instead."""
-    return 2.0 ** -100 < abs(scale) < 2.0 ** 100
+    """Whether the kernels may compute s * (acc / s + h @ B^T): 2^-24 <= |s| <= 2^24, so that acc / s
+    overflows fp32 only where |acc| > 2^104 and turns subnormal only where |acc| < 2^-102. Another
+    scale (0 among them) runs the cuBLAS composition instead."""
+    return 2.0 ** -24 <= abs(scale) <= 2.0 ** 24
 
 
 def _tunes(x: torch.Tensor) -> bool:
@@ -379,7 +381,7 @@ def _check(x, weight, bias, lora_a, lora_b, operands, weight_layout, chain,
     used = {s.operand for s in chain if s.operand is not None}
     if used - set(range(len(operands))):
         raise ValueError(f"lora_linear: epilogue reads operands {sorted(used)}, got {len(operands)}")
-    return x.numel() // K if K else 0, N, K, R
+    return math.prod(x.shape[:-1]), N, K, R
 
 
 def triton_cdiv(a: int, b: int) -> int:

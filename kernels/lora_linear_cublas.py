@@ -9,6 +9,8 @@ LoRA launcher's tuner times both beside the generated kernels (kernels/lora_line
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .epilogue import Step
@@ -31,13 +33,17 @@ def cublas(x2, weight, bias, lora_a, lora_b, scale, weight_layout, chain, vector
     where the accumulate reads and writes out on top of writing it.
     """
     w = weight if weight_layout == "out_in" else weight.t()
+    # BLAS skips a product scaled by 0 (addmm's alpha or beta), so a NaN in the LoRA branch would
+    # vanish where the graph's z + 0 * up keeps it: a zero or non-finite s takes the elementwise add
+    blas_scale = scale != 0 and math.isfinite(scale)
+    lora_first = lora_first and blas_scale
     bias_first = bool(chain) and chain[0].rule == "bias" and not lora_first
     vectors = vectors or {}
     if lora_a is not None and lora_first:
         out = torch.addmm(lora_term(x2, lora_a, lora_b, vectors), x2, w.t(), beta=scale)
     else:
         out = torch.nn.functional.linear(x2, w, bias if bias_first else None)
-        if lora_a is not None and not {"vera_d", "vera_b", "xs_r"} & set(vectors):
+        if lora_a is not None and blas_scale and not {"vera_d", "vera_b", "xs_r"} & set(vectors):
             out.addmm_(x2 @ lora_a.t(), lora_b.t(), alpha=scale)
         elif lora_a is not None:
             out.add_(lora_term(x2, lora_a, lora_b, vectors), alpha=scale)

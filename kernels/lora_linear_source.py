@@ -149,7 +149,7 @@ _LORA_UP = """    # LoRA up-projection: z = x @ W^T + s * round(x @ A^T) @ B^T
 {xs_r}{vera_d}{up}"""
 # the up-projection accumulates into acc, as s * (acc / s + h @ B^T): one BLOCK_M x BLOCK_N fp32 tile
 # stays live, not two (a second one spills registers at 128 x 128 per warpgroup on sm_90; the
-# extra roundings are fp32's, a few ulp); s is then a normal float, nonzero (the launcher sees to it)
+# extra roundings are fp32's, a few ulp); |s| is within 2^-24..2^24 (the launcher sees to it)
 _UP_INTO_ACC = """    acc = tl.dot(x_lora_a.to(b_t_tile.dtype), b_t_tile, acc * (1.0 / lora_scale),
                  input_precision=DOT_PRECISION) * lora_scale
 """

@@ -73,6 +73,42 @@ def test_any_scale_gives_the_reference(mode, scale, monkeypatch):
     torch.testing.assert_close(out, kernel.reference(**args, epilogue="add:0"), **TOLERANCE[torch.float32])
 
 
+@pytest.mark.parametrize("mode", ["fused", "precomputed", "fused+splitk"])
+@pytest.mark.parametrize("scale, size", [(1e-30, 1e5), (2.0 ** -24, 1e5), (1e29, 1e-6), (2.0 ** 24, 1e-6)],
+                         ids=["1e-30, acc 1e10", "2^-24, acc 1e10", "1e29, acc 1e-12", "2^24, acc 1e-12"])
+def test_acc_over_s_stays_a_normal_fp32_number(mode, scale, size):
+    """Where acc / s would overflow (large acc, tiny s) or turn subnormal (tiny acc, huge s), the
+    call runs the cuBLAS composition (`invertible`); at the range's ends the kernel is still exact.
+    B = 0 (LoRA's initialization) makes z = x @ W^T, the same to the last bit as with s = 1; relative
+    tolerance, the outputs being as small as 1e-12."""
+    args = make(2, 16, 16, 4, torch.float32, bias=False)
+    args.update(x=args["x"] * size, weight=args["weight"] * size, lora_b=torch.zeros(16, 4))
+    unit = kernel.lora_linear(**dict(args, scale=1.0), mode=mode)
+    out = kernel.lora_linear(**dict(args, scale=scale), mode=mode)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, unit, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["fused", "precomputed", "cublas", "cublas+beta"])
+def test_a_zero_scale_keeps_a_nan_of_the_lora_branch(mode):
+    """z + 0 * up is NaN where up is, in the graph and the reference; BLAS's alpha or beta of 0
+    would skip the product, so a zero scale takes an elementwise add."""
+    args = dict(make(3, 16, 16, 4, torch.float32, bias=False), scale=0.0)
+    args["lora_b"][0, 0] = float("nan")
+    expected = kernel.reference(**args)
+    assert expected.isnan().any()
+    torch.testing.assert_close(kernel.lora_linear(**args, mode=mode), expected, equal_nan=True,
+                               **TOLERANCE[torch.float32])
+
+
+def test_no_input_features_give_the_bias():
+    """K = 0: x @ W^T is a sum of nothing, so z is the bias on every row (not an empty output)."""
+    args = dict(x=torch.randn(3, 0), weight=torch.randn(5, 0), bias=torch.randn(5), lora_a=torch.randn(2, 0),
+                lora_b=torch.randn(5, 2), operands=[], scale=1.5)
+    out = kernel.lora_linear(**args)
+    torch.testing.assert_close(out, args["bias"].expand(3, 5), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_conv1d_layout_and_leading_dims_and_strided_inputs(dtype):
     args = make(2 * 33, 37, 33, 16, dtype, n_operands=1, layout="in_out")     # GPT-2 Conv1D: W is in x out
