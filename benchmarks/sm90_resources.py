@@ -34,7 +34,8 @@ def main(argv=None) -> int:
     parser.add_argument("--epilogue", default="", help='e.g. "silu,mul:0" (a SwiGLU gate reading one tile)')
     args = parser.parse_args(argv)
     launched = []
-    kernel._launch = lambda fn, call, M, N, cfg, block_r, precision: launched.append((fn, call, block_r, precision))
+    kernel._launch = lambda fn, call, M, N, cfg, block_r, precision, grid=None: launched.append(
+        (fn, call, block_r, precision))
     gen = torch.Generator().manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, generator=gen).to(torch.bfloat16)  # noqa: E731
     x, w, a, b = rand(args.M, args.K), rand(args.N, args.K), rand(args.r, args.K), rand(args.N, args.r)
@@ -45,8 +46,9 @@ def main(argv=None) -> int:
     print(f"{'mode':20s} {'BLOCK M x N x K, GROUP_M, warps, stages[, split]':48s} {'registers':>9s} {'spill B':>8s} "
           f"{'in K loop':>9s}")
     spilled = in_loop = total = 0
-    for mode in ("fused", "precomputed", "fused+tma", "precomputed+tma", "fused+splitk", "precomputed+splitk"):
-        if mode.endswith("+splitk") and limit is None:
+    for mode in ("fused", "precomputed", "fused+tma", "precomputed+tma", "fused+splitk", "precomputed+splitk",
+                 "fused+rows"):
+        if mode.endswith("+splitk") and limit is None or mode.endswith("+rows") and limit is not None:
             continue
         for cfg in (kernel.SPLITK_CONFIGS[limit or 64] if mode.endswith("+splitk") else kernel.GPU_CONFIGS[limit]):
             kernel.lora_linear(x, w, None, a, b, operands, 2.0, "out_in", args.epilogue, config=cfg, mode=mode)

@@ -169,7 +169,7 @@ def tile(case: Case) -> str:
     if mode.startswith("cublas"):
         return "cuBLAS, LoRA term as C (beta=s)" if mode == "cublas+beta" else "cuBLAS+addmm"
     tags = ("pre " if mode.startswith("precomputed") else "") + ("tma " if mode.endswith("+tma") else "") + \
-        (f"splitk{cfg[6]} " if mode.endswith("+splitk") else "")
+        (f"splitk{cfg[6]} " if mode.endswith("+splitk") else "") + ("rows " if mode.endswith("+rows") else "")
     return tags + "x".join(map(str, cfg[:3])) + f"/w{cfg[4]}s{cfg[5]}"
 
 

@@ -17,29 +17,33 @@ scale outside 2^-24..2^24, 0 among them, runs the cuBLAS composition); the epilo
 work R / BLOCK_N of the base GEMM.
 
 The source is generated in kernels/lora_linear_source.py (template, snippets, `render`), the torch
-reference is kernels/lora_linear_reference.py and the cuBLAS compositions kernels/lora_linear_cublas.py;
-this file holds the launcher (checks, strategy choice, launch) and the GPU tuner. What a call decides
+reference is kernels/lora_linear_reference.py, the cuBLAS compositions kernels/lora_linear_cublas.py
+and the argument checks kernels/lora_linear_checks.py; this file holds the launcher (strategy
+choice, launch) and the GPU tuner. What a call decides
 from its arguments' metadata (checks, step list, strategy) is kept per metadata key as a plan, so a
 repeated call (a decode step) only builds its views and launches.
 On a GPU the launcher times, once per shape bucket, the kernel with x @ A^T in its K loop, with
 x @ A^T computed first, both with TMA loads on sm_90+, both with the K loop split over SPLIT_K
 programs per tile (for M <= 64, decode shapes, where M x N alone makes too few tiles; the last
-program of a tile sums the slices' fp32 partials in a fixed order and runs the epilogue), and the
-cuBLAS composition, and keeps the fastest of those whose output agrees with the torch reference's.
+program of a tile sums the slices' fp32 partials in a fixed order and runs the epilogue), for
+M > 64 the fused kernel in row-stationary order ("fused+rows": a program per row tile and chunk of
+column tiles, x @ A^T computed in the chunk's first tile and reused), and the cuBLAS compositions,
+and keeps the fastest of those whose output agrees with the torch reference's.
 
 Shapes never appear in generated source: sizes and strides are runtime arguments, so dynamic
 (symbolic) batch and sequence dims need no symbolic index algebra here.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 
 from . import codegen, epilogue_pass, program_epilogue, tuning
-from .dispatch import KERNEL_DTYPES, split_workspace
-from .epilogue import RULES, Step, as_tiles, prologue, steps, tile_shape
+from .dispatch import split_workspace
+from .epilogue import RULES, Step, as_tiles, prologue, steps
+from .lora_linear_checks import check as _check, tma_ready
 from .lora_linear_cublas import cublas as _cublas
 from .lora_linear_reference import compute_dtype, parse_program, pre_epilogue, reference, split_operands  # noqa: F401
 from .lora_linear_source import MODES, VECTORS, load_kernel, operand_name, operand_names, render, split_mode
@@ -156,10 +160,12 @@ class _Plan:
         kernels = ("none",) if lora_a is None else ("fused", "precomputed")
         tma = (mode is None and _tunes(x) or (mode or "").endswith("+tma")) and \
             tma_ready(x.reshape(M, K), weight, lora_a, weight_layout)
-        _check_mode(mode, kernels, tma, lora_a is None)
+        rows = lora_a is not None and not {"vera_d", "xs_r"} & set(where)   # "+rows" keeps x @ A^T as computed
+        _check_mode(mode, kernels, tma, lora_a is None, rows)
         choice, modes = None, [mode] if mode else [
             *kernels, *([f"{k}+tma" for k in kernels] if tma and _has_tma(x.device) else []),
             *([f"{k}+splitk" for k in kernels] if M <= max(SPLITK_CONFIGS) else []),
+            *(["fused+rows"] if rows and M > max(SPLITK_CONFIGS) else []),
             *(["cublas"] if lora_a is None else CUBLAS_MODES)]
         if mode in CUBLAS_MODES or config is not None or not _tunes(x):
             variant = mode or kernels[0]
@@ -214,10 +220,12 @@ class _Plan:
         extra, extra_strides = _epilogue_arguments(chain, bias, tiles, vectors, self.program, extra_inputs,
                                                    self.input_kinds, M, N)
         w_strides = weight.stride() if self.weight_layout == "out_in" else weight.stride()[::-1]
+        chunks = column_chunks(x2.device, M, N, cfg) if suffix == "rows" else 0
         args = [x2, weight, a, b, out, *split, *extra, M, N, K, R, *x2.stride(), *w_strides, *a.stride(),
-                *b.stride(), *out.stride(), *extra_strides, float(scale)]
+                *b.stride(), *out.stride(), *extra_strides, float(scale), *([chunks] if chunks else [])]
         kernel = kernel or load_kernel(chain, variant, self.program, self.input_kinds, tuple(vectors))
-        _launch(kernel, args, M, N, cfg, self.block_r, self.precision)
+        _launch(kernel, args, M, N, cfg, self.block_r, self.precision,
+                (triton_cdiv(M, cfg[0]) * chunks,) if chunks else None)
         return out
 
     def tune(self, x, weight, bias, lora_a, lora_b, operands, scale) -> tuple[str, tuple]:
@@ -255,14 +263,29 @@ def _has_tma(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def _check_mode(mode: str | None, kernels: tuple[str, ...], tma: bool, no_lora: bool) -> None:
+def _check_mode(mode: str | None, kernels: tuple[str, ...], tma: bool, no_lora: bool, rows: bool) -> None:
     if mode in (None, *CUBLAS_MODES, *kernels, *(f"{k}+splitk" for k in kernels)) or \
-            mode in (f"{k}+tma" for k in kernels) and tma:
+            mode in (f"{k}+tma" for k in kernels) and tma or mode == "fused+rows" and rows:
         return
     raise ValueError(f"lora_linear: mode {mode!r} with {'no ' if no_lora else ''}LoRA tensors"
                      f"{'' if tma else ' and tensors TMA cannot read'}; modes are {MODES}, a kernel mode with "
                      f"'+splitk', or with '+tma' where rows are contiguous and 16-byte aligned ('none' exactly "
-                     f"when lora_a is None)")
+                     f"when lora_a is None), and 'fused+rows' (LoRA without VeRA's d or LoRA-XS's R)")
+
+
+def column_chunks(device: torch.device, M: int, N: int, cfg: tuple) -> int:
+    """How many programs share a row tile's column tiles in "+rows": enough that the SMs each get one
+    (the row tiles alone may be fewer), as few as that allows (each recomputes x @ A^T once), and
+    no chunk left empty. Two under the interpreter (tests see several chunks and several tiles each)."""
+    tiles_m, tiles_n = triton_cdiv(M, cfg[0]), triton_cdiv(N, cfg[1])
+    sms = _sm_count(device.index or 0) if device.type == "cuda" and not codegen.interpreting() else 2
+    per_chunk = triton_cdiv(tiles_n, max(1, min(tiles_n, triton_cdiv(sms, tiles_m))))
+    return triton_cdiv(tiles_n, per_chunk)
+
+
+@lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _split_buffers(device: torch.device, M: int, N: int, cfg: tuple, block_r: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,14 +309,6 @@ def _epilogue_arguments(chain, bias, tiles, vectors, program, program_inputs, in
     return extra, strides
 
 
-def tma_ready(x2: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor | None, weight_layout: str) -> bool:
-    """Whether the "+tma" kernels may read x, W and A: rows contiguous, row strides and base addresses
-    16-byte aligned (what a TMA descriptor requires), W stored N x K."""
-    tensors = [x2, weight] + ([lora_a] if lora_a is not None else [])
-    return weight_layout == "out_in" and all(
-        t.stride(-1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0 for t in tensors)
-
-
 _SCRATCH_SET: set[str] = set()
 
 
@@ -308,9 +323,10 @@ def _tma_scratch(device: torch.device) -> None:
         _SCRATCH_SET.add(kind)
 
 
-def _launch(kernel, args: list, M: int, N: int, cfg: tuple, block_r: int, precision: str) -> None:
+def _launch(kernel, args: list, M: int, N: int, cfg: tuple, block_r: int, precision: str,
+            grid: tuple | None = None) -> None:
     block_m, block_n, block_k, group_m, warps, stages = cfg[:6]
-    grid = (triton_cdiv(M, block_m) * triton_cdiv(N, block_n),) + tuple(cfg[6:])    # (tiles, SPLIT_K) split
+    grid = grid or (triton_cdiv(M, block_m) * triton_cdiv(N, block_n),) + tuple(cfg[6:])  # (tiles, SPLIT_K) split
     meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, GROUP_M=group_m,
                 DOT_PRECISION=precision, **({"SPLIT_K": cfg[6]} if len(cfg) > 6 else {}))
     if not codegen.interpreting():
@@ -350,38 +366,6 @@ def _tuned(launch, modes: list[str], key: tuple, agrees=None, unmeasurable: str 
     return tuning.fastest(_BEST, "lora_linear", bucket, candidates,
                           lambda c: triton.testing.do_bench(lambda: launch(*c), warmup=5, rep=20), agrees,
                           unmeasurable)
-
-
-def _check(x, weight, bias, lora_a, lora_b, operands, weight_layout, chain,
-           where: dict | None = None) -> tuple[int, int, int, int]:
-    if x.dtype not in KERNEL_DTYPES:
-        raise ValueError(f"lora_linear: the kernel takes {[str(d) for d in KERNEL_DTYPES]}, not {x.dtype}")
-    if weight_layout not in ("out_in", "in_out"):
-        raise ValueError(f"weight_layout must be 'out_in' or 'in_out', got {weight_layout!r}")
-    if (lora_a is None) != (lora_b is None):
-        raise ValueError("lora_linear: lora_a and lora_b are both tensors or both None")
-    K = x.shape[-1]
-    N, K_w = weight.shape if weight_layout == "out_in" else weight.shape[::-1]
-    R = 0 if lora_a is None else lora_a.shape[0]
-    expect = {"weight": (weight, (N, K) if weight_layout == "out_in" else (K, N))}
-    if lora_a is not None:
-        expect.update(lora_a=(lora_a, (R, K)), lora_b=(lora_b, (N, R)))
-    if bias is not None:
-        expect["bias"] = (bias, (N,))
-    vec = {s.operand for s in chain if RULES[s.rule].operand == "vec"}
-    sizes = {i: {"x_gain": (K,), "vera_d": (R,), "vera_b": (N,), "xs_r": (R, R)}[name]
-             for name, i in (where or {}).items()}
-    for i, op in enumerate(operands):
-        expect[f"operands[{i}]"] = (op, sizes[i] if i in sizes else (N,) if i in vec else
-                                    tile_shape(op, tuple(x.shape[:-1]), N))
-    for name, (tensor, shape) in expect.items():
-        if tuple(tensor.shape) != tuple(shape) or tensor.dtype != x.dtype or tensor.device != x.device:
-            raise ValueError(f"lora_linear: {name} is {tensor.dtype}{list(tensor.shape)} on {tensor.device}, "
-                             f"expected {x.dtype}{list(shape)} on {x.device} (x is {list(x.shape)})")
-    used = {s.operand for s in chain if s.operand is not None}
-    if used - set(range(len(operands))):
-        raise ValueError(f"lora_linear: epilogue reads operands {sorted(used)}, got {len(operands)}")
-    return math.prod(x.shape[:-1]), N, K, R
 
 
 def triton_cdiv(a: int, b: int) -> int:

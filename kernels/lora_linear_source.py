@@ -15,7 +15,7 @@ from . import codegen, program_epilogue
 from .epilogue import RULES, Step
 from .pointwise_program import Program
 
-_KERNEL = '''@triton.jit
+_SIGNATURE = '''@triton.jit
 def {name}(
     # pointers
     x_ptr, w_ptr, a_ptr, b_ptr, out_ptr,{split_ptrs}{operand_ptrs}
@@ -25,13 +25,16 @@ def {name}(
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
     stride_om, stride_on,{operand_strides}
     # scalars
-    lora_scale,
+    lora_scale,{rows_args}
     # meta
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,{split_meta}
 ):
     """out = {math}"""
-    # tile order: GROUP_M row tiles walk the column tiles together, so W tiles stay in L2
+{body}'''
+
+# one program per output tile
+_TILE_BODY = '''    # tile order: GROUP_M row tiles walk the column tiles together, so W tiles stay in L2
     pid = tl.program_id(0)
     tiles_m = (M + BLOCK_M - 1) // BLOCK_M
     tiles_n = (N + BLOCK_N - 1) // BLOCK_N
@@ -54,6 +57,40 @@ def {name}(
 {x_load}{x_prologue}{w_load}{lora_load}        acc = tl.dot(x_tile, w_t_tile, acc, input_precision=DOT_PRECISION)
 {lora_dot}
 {tail}'''
+
+# "fused+rows" (prefill): a program per row tile and chunk of column tiles, run in turn; x @ A^T is
+# computed in the first tile's K loop (its x tiles loaded once) and kept for the others, so the extra
+# tensor-core work is R / (BLOCK_N x tiles per chunk) of the GEMM's, not R / BLOCK_N, and no pass
+# over x is added (as "precomputed" adds)
+_ROWS_BODY = '''    # row-stationary order: program (row tile, chunk) runs the chunk's column tiles in turn
+    pid = tl.program_id(0)
+    tiles_n = (N + BLOCK_N - 1) // BLOCK_N
+    per_chunk = (tiles_n + column_chunks - 1) // column_chunks
+    pid_m = pid // column_chunks
+    n_first = (pid % column_chunks) * per_chunk
+    n_last = min(n_first + per_chunk, tiles_n)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+{lora_init}    for pid_n in range(n_first, n_last):
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)        # x @ W^T
+        if pid_n == n_first:        # the chunk's first tile: x @ A^T in the same K loop
+            for k_start in range(0, K, BLOCK_K):
+                offs_k = k_start + tl.arange(0, BLOCK_K)
+                mask_k = offs_k < K
+{first_loads}                acc = tl.dot(x_tile, w_t_tile, acc, input_precision=DOT_PRECISION)
+{lora_dot}        else:                       # the others: the base GEMM's one dot
+            for k_start in range(0, K, BLOCK_K):
+                offs_k = k_start + tl.arange(0, BLOCK_K)
+                mask_k = offs_k < K
+{loads}                acc = tl.dot(x_tile, w_t_tile, acc, input_precision=DOT_PRECISION)
+{tail}'''
+_KERNEL = _SIGNATURE.replace("{body}", _TILE_BODY)
+
 # after the K loop: the LoRA up-projection, the epilogue and the one store (in the "+splitk" modes
 # run by the last of a tile's programs only, so indented one level more)
 _TAIL = '''{lora_up}    mask_out = mask_m[:, None] & mask_n[None, :]
@@ -171,12 +208,13 @@ _LOAD_TILE = ("    {name} = tl.load(\n"
 # also as "cublas+beta": the LoRA term first, added by the GEMM's epilogue)
 MODES = ("fused", "precomputed", "none", "cublas")   # "cublas": torch ops (kernels/lora_linear_cublas.py); the kernel
                                                       # modes also as "<mode>+tma" (descriptor loads, sm_90+)
-                                                      # and "<mode>+splitk" (the K loop cut over a 2-D grid)
-SUFFIXES = ("tma", "splitk")
+                                                      # and "<mode>+splitk" (the K loop cut over a 2-D grid);
+                                                      # "fused+rows": a program per row tile and column chunk
+SUFFIXES = ("tma", "splitk", "rows")
 
 
 def split_mode(mode: str) -> tuple[str, str]:
-    """("fused" | "precomputed" | "none" | "cublas", "" | "tma" | "splitk") for a mode string."""
+    """("fused" | "precomputed" | "none" | "cublas", "" | "tma" | "splitk" | "rows") for a mode string."""
     base, _, suffix = mode.partition("+")
     return base, suffix
 _PREFIX = {"fused": "lora_linear", "precomputed": "lora_linear_precomputed", "none": "linear"}
@@ -277,7 +315,10 @@ def kernel_source(chain: tuple[Step, ...], mode: str = "fused", program: Program
         ptrs, strides = ptrs + more_ptrs, strides + more_strides
         epilogue += program_epilogue.source(program, input_kinds)
     lora_mode, suffix = split_mode(mode)
-    tma, split, fused = suffix == "tma", suffix == "splitk", lora_mode == "fused"
+    tma, split, rows, fused = suffix == "tma", suffix == "splitk", suffix == "rows", lora_mode == "fused"
+    if rows and (not fused or {"vera_d", "xs_r"} & set(vectors)):
+        raise ValueError(f"mode {mode!r}: '+rows' keeps x @ A^T for a chunk's tiles, so it takes the 'fused' "
+                         f"kernel with no vector that rewrites it (vera_d, xs_r)")
     up = _LORA_UP.format(xs_r=_XS_R if "xs_r" in vectors else "", vera_d=_VERA_D if "vera_d" in vectors else "",
                          up=_UP_APART.format(vera_b=_VERA_B) if "vera_b" in vectors else _UP_INTO_ACC)
     tail = _TAIL.format(epilogue=epilogue,
@@ -286,19 +327,28 @@ def kernel_source(chain: tuple[Step, ...], mode: str = "fused", program: Program
         publish = _SPLIT_PUBLISH.format(lora_publish=_SPLIT_LORA_PUBLISH if fused else "",
                                         lora_reset=_SPLIT_LORA_RESET if fused else "",
                                         lora_gather=_SPLIT_LORA_GATHER if fused else "")
-        tail = publish + "".join("    " + line if line.strip() else line for line in tail.splitlines(keepends=True))
-    return _KERNEL.format(name=kernel_name(chain, mode, program, vectors), operand_ptrs=ptrs,
-                          operand_strides=strides, math=formula(chain, lora_mode, program, vectors),
-                          split_ptrs=" ws_ptr, count_ptr," if split else "",
-                          split_meta=" SPLIT_K: tl.constexpr," if split else "",
-                          k_range=_K_RANGE_SPLIT if split else "", tail=tail,
-                          k_bounds="k_first, k_last" if split else "0, K",
-                          x_prologue=_X_GAIN if "x_gain" in vectors else "",
-                          tma_setup=(_TMA_SETUP + (_TMA_SETUP_A if fused else "")) if tma else "",
-                          x_load=_X_LOAD_TMA if tma else _X_LOAD, w_load=_W_LOAD_TMA if tma else _W_LOAD,
-                          lora_init=_LORA_INIT if fused else "",
-                          lora_load=(_LORA_LOAD_TMA if tma else _LORA_LOAD) if fused else "",
-                          lora_dot=_VERA_DOT if fused else "")
+        tail = publish + _indent(tail, 4)
+    signature = _SIGNATURE.replace("{body}", "").format(
+        name=kernel_name(chain, mode, program, vectors), operand_ptrs=ptrs, operand_strides=strides,
+        math=formula(chain, lora_mode, program, vectors), split_ptrs=" ws_ptr, count_ptr," if split else "",
+        split_meta=" SPLIT_K: tl.constexpr," if split else "", rows_args=" column_chunks," if rows else "")
+    x_prologue = _X_GAIN if "x_gain" in vectors else ""
+    if rows:
+        loads = _X_LOAD + x_prologue + _W_LOAD
+        return signature + _ROWS_BODY.format(lora_init=_LORA_INIT, first_loads=_indent(loads + _LORA_LOAD, 8),
+                                             loads=_indent(loads, 8), lora_dot=_indent(_VERA_DOT, 8),
+                                             tail=_indent(tail, 4))
+    return signature + _TILE_BODY.format(
+        k_range=_K_RANGE_SPLIT if split else "", tail=tail, k_bounds="k_first, k_last" if split else "0, K",
+        x_prologue=x_prologue, tma_setup=(_TMA_SETUP + (_TMA_SETUP_A if fused else "")) if tma else "",
+        x_load=_X_LOAD_TMA if tma else _X_LOAD, w_load=_W_LOAD_TMA if tma else _W_LOAD,
+        lora_init=_LORA_INIT if fused else "", lora_load=(_LORA_LOAD_TMA if tma else _LORA_LOAD) if fused else "",
+        lora_dot=_VERA_DOT if fused else "")
+
+
+def _indent(text: str, spaces: int) -> str:
+    """Every non-blank line of generated code `spaces` deeper (a snippet placed inside a loop or branch)."""
+    return "".join(" " * spaces + line if line.strip() else line for line in text.splitlines(keepends=True))
 
 
 def render(chain: tuple[Step, ...], region: str = "", fused: list[str] | tuple[str, ...] = (),
@@ -313,7 +363,7 @@ def render(chain: tuple[Step, ...], region: str = "", fused: list[str] | tuple[s
     if region and not split_mode(mode)[1]:
         header += ["", "On a GPU the launcher times, once per shape bucket, the kernel modes",
                    f"    {', '.join(_variants(mode))}",
-                   "(+tma on sm_90+, +splitk for M <= 64) and cuBLAS with the epilogue as one pass",
+                   "(+tma on sm_90+, +splitk for M <= 64, +rows above) and cuBLAS with the epilogue as one pass",
                    "(kernels/epilogue_pass.py), and runs the fastest; this source is the first mode",
                    "(render(..., mode=...) prints another)."]
     header.append('"""')
@@ -324,7 +374,8 @@ def render(chain: tuple[Step, ...], region: str = "", fused: list[str] | tuple[s
 def _variants(mode: str) -> list[str]:
     """The kernel modes a GPU may run for a region rendered in `mode` ("fused" or "none")."""
     kernels = ["none"] if mode == "none" else ["fused", "precomputed"]
-    return [f"{k}{suffix}" for suffix in ("", "+tma", "+splitk") for k in kernels]
+    return [f"{k}{suffix}" for suffix in ("", "+tma", "+splitk") for k in kernels] + \
+        ([] if mode == "none" else ["fused+rows"])
 
 
 _KERNELS: dict[tuple, object] = {}

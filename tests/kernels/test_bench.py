@@ -22,5 +22,7 @@ def test_linear_row_runs_and_reports_the_tuned_strategy(monkeypatch):
     assert bench.tile(case).startswith("pre tma 16x32x128")
     monkeypatch.setitem(lora_linear._BEST, key, ("fused+splitk", lora_linear.SPLITK_CONFIGS[16][2]))
     assert bench.tile(case) == "splitk8 16x128x128/w4s4"
+    monkeypatch.setitem(lora_linear._BEST, key, ("fused+rows", lora_linear.GPU_CONFIGS[None][1]))
+    assert bench.tile(case) == "rows 128x128x64/w8s3"
     monkeypatch.setitem(lora_linear._BEST, key, ("cublas+beta", None))
     assert bench.tile(case) == "cuBLAS, LoRA term as C (beta=s)"

@@ -130,3 +130,21 @@ def test_a_first_call_inside_a_cuda_graph_capture_says_to_warm_up(plans, gpu_tun
     kernel.lora_linear(**args)                                       # the warm-up tunes
     capturing[0] = True
     torch.testing.assert_close(kernel.lora_linear(**args), kernel.reference(**args), **TOLERANCE[torch.float32])
+
+
+def test_the_tuners_strategies_by_rows_and_vectors(monkeypatch):
+    """What a GPU times: split-K up to 64 rows, "+rows" above (not with VeRA's d or LoRA-XS's R, whose
+    rewrite of x @ A^T the chunk's tiles would share), TMA where rows are aligned, both cuBLAS forms."""
+    monkeypatch.setattr(kernel, "_tunes", lambda x: True)
+    monkeypatch.setattr(kernel, "_has_tma", lambda device: True)
+
+    def modes(M, epilogue="", operands=()):
+        args = dict(make(M, 64, 32, 4, torch.float16, bias=False), operands=list(operands))
+        return kernel._Plan.make(args["x"], args["weight"], None, args["lora_a"], args["lora_b"], args["operands"],
+                                 "out_in", epilogue, None, None, "").modes
+
+    assert modes(16) == ("fused", "precomputed", "fused+tma", "precomputed+tma", "fused+splitk",
+                         "precomputed+splitk", "cublas", "cublas+beta")
+    assert modes(65) == ("fused", "precomputed", "fused+tma", "precomputed+tma", "fused+rows", "cublas",
+                         "cublas+beta")
+    assert "fused+rows" not in modes(65, "vera_d:0|", [torch.rand(4).half()])

@@ -69,6 +69,8 @@ def test_program_epilogue_kernel_matches_reference_and_eager(M, dtype):
     torch.testing.assert_close(kernel.lora_linear(**call, mode="cublas"), reference, **PROGRAM_TOLERANCE[dtype])
     # split-K: the program runs in the tile's last program, after the slices are summed
     torch.testing.assert_close(kernel.lora_linear(**call, mode="fused+splitk"), reference, **PROGRAM_TOLERANCE[dtype])
+    # row-stationary: the program runs once per column tile of the chunk
+    torch.testing.assert_close(kernel.lora_linear(**call, mode="fused+rows"), reference, **PROGRAM_TOLERANCE[dtype])
 
 
 def test_generated_source_runs_the_program_on_the_accumulator():
@@ -128,7 +130,7 @@ def test_lowered_gpt2_runs_its_gelu_inside_the_c_fc_kernels():
         torch.testing.assert_close(compiled.module(*args).logits, unlowered(*args).logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["precomputed", "fused+splitk"])
+@pytest.mark.parametrize("mode", ["precomputed", "fused+splitk", "fused+rows"])
 def test_program_epilogue_kernel_compiles_for_an_h100_without_a_gpu(monkeypatch, mode):
     """sm_90 machine code for the GELU-program kernel (the interpreter checks semantics, not lowering)."""
     _, program, extra, _ = case(7, torch.float16)

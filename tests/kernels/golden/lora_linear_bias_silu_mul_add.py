@@ -7,8 +7,8 @@ graph nodes replaced, in order:
     silu            aten.silu.default    model.layers.0.mlp.act_fn
 
 On a GPU the launcher times, once per shape bucket, the kernel modes
-    fused, precomputed, fused+tma, precomputed+tma, fused+splitk, precomputed+splitk
-(+tma on sm_90+, +splitk for M <= 64) and cuBLAS with the epilogue as one pass
+    fused, precomputed, fused+tma, precomputed+tma, fused+splitk, precomputed+splitk, fused+rows
+(+tma on sm_90+, +splitk for M <= 64, +rows above) and cuBLAS with the epilogue as one pass
 (kernels/epilogue_pass.py), and runs the fastest; this source is the first mode
 (render(..., mode=...) prints another).
 """
