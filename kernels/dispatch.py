@@ -60,6 +60,18 @@ def runs_kernel(op: str, device: torch.device, dtypes: set[torch.dtype]) -> bool
     return False
 
 
+def planned(table: dict, key, make, limit: int):
+    """table[key], made by make() on a miss (a make() that raises leaves nothing); the table is
+    emptied when it holds `limit` entries (shapes that keep changing must not grow it forever)."""
+    plan = table.get(key)
+    if plan is None:
+        plan = make()
+        if len(table) >= limit:
+            table.clear()
+        table[key] = plan
+    return plan
+
+
 # split-K workspaces per (device, stream): fp32 partial-sum slots, rewritten by every launch, and
 # arrival counters, zero between launches (the last program of each tile resets its own)
 SPLIT_WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}

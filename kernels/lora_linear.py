@@ -41,7 +41,7 @@ from functools import lru_cache
 import torch
 
 from . import codegen, epilogue_pass, program_epilogue, tuning
-from .dispatch import split_workspace
+from .dispatch import planned, split_workspace
 from .epilogue import RULES, Step, as_tiles, prologue, steps
 from .lora_linear_checks import check as _check, tma_ready
 from .lora_linear_cublas import cublas as _cublas
@@ -80,7 +80,6 @@ INTERPRET_SPLITK_CONFIG = (*INTERPRET_CONFIG, 2)
 CUBLAS_MODES = ("cublas", "cublas+beta")
 
 
-
 # ---------------------------------------------------------------- launcher
 
 # what a call decides from its arguments' metadata alone (shapes, strides, dtypes, devices, flags and
@@ -103,12 +102,8 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     Program) ends the epilogue; its inputs after %0 are the operands after the steps' own.
     """
     key = plan_key(x, weight, bias, lora_a, lora_b, operands, weight_layout, epilogue, config, mode, program)
-    plan = _PLANS.get(key)
-    if plan is None:
-        plan = _Plan.make(x, weight, bias, lora_a, lora_b, operands, weight_layout, epilogue, config, mode, program)
-        if len(_PLANS) >= PLAN_LIMIT:
-            _PLANS.clear()
-        _PLANS[key] = plan
+    plan = planned(_PLANS, key, lambda: _Plan.make(x, weight, bias, lora_a, lora_b, operands, weight_layout,
+                                                   epilogue, config, mode, program), PLAN_LIMIT)
     return plan.run(x, weight, bias, lora_a, lora_b, operands, scale)
 
 

@@ -31,7 +31,7 @@ import torch
 from sympy.printing.str import StrPrinter
 
 from . import codegen
-from .dispatch import on_device, runs_kernel
+from .dispatch import on_device, planned, runs_kernel
 from . import pointwise_rows
 from .pointwise_program import BY_NAME, REDUCTIONS, RULES, Op, Program, Value, broadcast_shape, program_from_nodes
 
@@ -243,13 +243,7 @@ def pointwise(inputs: list[torch.Tensor], program: "str | Program") -> list[torc
     """Run the generated kernel: check the inputs, allocate contiguous outputs, launch one grid."""
     text = program if isinstance(program, str) else program.encode()
     key = (text, codegen.interpreting(), tuple((t.shape, t.dtype, t.device) for t in inputs))
-    plan = _PLANS.get(key)
-    if plan is None:
-        plan = _Plan.make(inputs, Program.decode(text))
-        if len(_PLANS) >= PLAN_LIMIT:
-            _PLANS.clear()
-        _PLANS[key] = plan
-    return plan.run(inputs)
+    return planned(_PLANS, key, lambda: _Plan.make(inputs, Program.decode(text)), PLAN_LIMIT).run(inputs)
 
 
 # what a call decides from its inputs' shapes, dtypes and device and the program (the checks, the
