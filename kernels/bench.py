@@ -298,8 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     print("fused = surgeon's lora_linear launcher (per shape bucket, the fastest the tuner measured of: the "
           "generated kernel with x A^T in its K loop, the kernel with x A^T precomputed ('pre'), either with TMA "
           "descriptor loads ('tma', sm_90+) or, for M <= 64, its K loop split over N programs per tile ('splitkN'), "
-          "and cuBLAS GEMM + "
-          "addmm LoRA update + torch epilogue, or the LoRA term first and the GEMM adding it as C (beta=s); the 'fused tile' column names it); eager = F.linear x3 + add; compile = "
+          "for M > 64 the first kernel in row-stationary order ('rows': x A^T computed once per chunk of column "
+          "tiles), cuBLAS GEMM + addmm LoRA update + one epilogue pass, or the LoRA term first and the GEMM adding "
+          "it as C (beta=s); the 'fused tile' column names it); eager = F.linear x3 + add; compile = "
           "torch.compile(eager, dynamic=True); base = F.linear(x, W) alone\n", flush=True)
     env = Env("cuda", gpu_timer, lora_linear, {"lora": torch.compile(unfused, dynamic=True),
                                                "mlp": torch.compile(unfused_mlp, dynamic=True)})

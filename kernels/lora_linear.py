@@ -174,7 +174,7 @@ class _Plan:
     def run(self, x, weight, bias, lora_a, lora_b, operands, scale) -> torch.Tensor:
         """The region's output for this call's tensors."""
         M, N = self.sizes[:2]
-        if M == 0:
+        if M == 0 or N == 0:
             return x.new_empty((*x.shape[:-1], N))
         call = (x, weight, bias, lora_a, lora_b, operands, scale)
         if self.sizes[2] == 0 or lora_a is not None and "vera_b" not in self.where and not invertible(scale):

@@ -362,7 +362,7 @@ def render(chain: tuple[Step, ...], region: str = "", fused: list[str] | tuple[s
         header += ["", "graph nodes replaced, in order:"] + [f"    {line}" for line in fused]
     if region and not split_mode(mode)[1]:
         header += ["", "On a GPU the launcher times, once per shape bucket, the kernel modes",
-                   f"    {', '.join(_variants(mode))}",
+                   f"    {', '.join(_variants(mode, vectors))}",
                    "(+tma on sm_90+, +splitk for M <= 64, +rows above) and cuBLAS with the epilogue as one pass",
                    "(kernels/epilogue_pass.py), and runs the fastest; this source is the first mode",
                    "(render(..., mode=...) prints another)."]
@@ -371,11 +371,12 @@ def render(chain: tuple[Step, ...], region: str = "", fused: list[str] | tuple[s
         kernel_source(chain, mode, program, input_kinds, vectors)
 
 
-def _variants(mode: str) -> list[str]:
-    """The kernel modes a GPU may run for a region rendered in `mode` ("fused" or "none")."""
+def _variants(mode: str, vectors: tuple[str, ...] = ()) -> list[str]:
+    """The kernel modes a GPU may run for a region rendered in `mode` ("fused" or "none"): "+rows" not
+    where VeRA's d or LoRA-XS's R rewrite the x @ A^T its tiles share."""
     kernels = ["none"] if mode == "none" else ["fused", "precomputed"]
     return [f"{k}{suffix}" for suffix in ("", "+tma", "+splitk") for k in kernels] + \
-        ([] if mode == "none" else ["fused+rows"])
+        ([] if mode == "none" or {"vera_d", "xs_r"} & set(vectors) else ["fused+rows"])
 
 
 _KERNELS: dict[tuple, object] = {}

@@ -293,6 +293,21 @@ def test_rows_mode_with_prologue_vectors_and_where_it_is_refused():
         kernel.lora_linear(**dict(make(7, 70, 100, 4, torch.float32), lora_a=None, lora_b=None), mode="fused+rows")
 
 
+@pytest.mark.parametrize("mode", ["fused", "precomputed", "fused+splitk", "fused+rows", "cublas"])
+def test_no_output_columns_give_an_empty_output(mode):
+    """N = 0: an M x 0 output whatever the mode ("+rows" has no column tile to split in chunks)."""
+    assert kernel.lora_linear(**make(7, 70, 0, 4, torch.float32), mode=mode).shape == (7, 0)
+
+
+@pytest.mark.parametrize("vectors", [("vera_d",), ("xs_r",)])
+def test_the_header_lists_only_the_modes_a_gpu_times(vectors):
+    """A region whose x @ A^T VeRA's d or LoRA-XS's R rewrite is not timed in "+rows"; its generated
+    header (passes/lower.py writes one per region) does not list it either."""
+    header = kernel.render(steps("silu", True), "layer", mode="fused", vectors=vectors).partition('"""\nimport')[0]
+    assert "fused+splitk" in header and "fused+rows" not in header
+    assert "fused+rows" in kernel.render(steps("silu", True), "layer", mode="fused").partition('"""\nimport')[0]
+
+
 def test_column_chunks_fill_the_gpu_and_leave_no_chunk_empty(monkeypatch):
     """On a 132-SM GPU: 32 row tiles of 128 (M = 4096) split 16 column tiles of 256 in 4 chunks of 4
     (128 programs); 8 row tiles (M = 1024) in 16 chunks of 1; 132 or more row tiles need no split;
