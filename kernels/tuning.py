@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 
 from . import codegen
+from ..errors import KernelError
 
 _log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ def fastest(table: dict, op: str, bucket: tuple, candidates: list, time_one: Cal
     With `check`, a candidate is timed only when check(candidate) holds (e.g. its output agrees with
     a reference): one that computes something else is skipped like one that fails to launch.
     `unmeasurable` (see `capture_reason`) says why nothing can be run now: a choice already in the
-    table or on disk is still returned; otherwise RuntimeError says so.
+    table or on disk is still returned; otherwise KernelError says so.
     """
     if bucket in table:
         return table[bucket]
@@ -40,7 +41,7 @@ def fastest(table: dict, op: str, bucket: tuple, candidates: list, time_one: Cal
     stored = _load().get(key)
     found = next((c for c in candidates if _json(c) == stored), None) if stored is not None else None
     if found is None and unmeasurable:
-        raise RuntimeError(f"{op}: no tuned choice for {bucket!r}, and {unmeasurable}")
+        raise KernelError(f"{op}: no tuned choice for {bucket!r}, and {unmeasurable}")
     if found is None:
         timings = {}
         for candidate in candidates:
@@ -52,7 +53,7 @@ def fastest(table: dict, op: str, bucket: tuple, candidates: list, time_one: Cal
             except Exception:  # noqa: BLE001 - a candidate may not launch on this device; try the next
                 continue
         if not timings:
-            raise RuntimeError(f"{op}: no candidate launches on this device for {bucket}")
+            raise KernelError(f"{op}: no candidate launches on this device for {bucket}")
         found = min(timings, key=timings.get)
         _store(key, _json(found))
     table[bucket] = found

@@ -38,5 +38,5 @@ class PassError(SurgeonError):
         super().__init__(f"{', '.join(parts)}: {message}{tail}")
 
 
-class KernelError(SurgeonError):
-    """A generated kernel could not be built or launched."""
+class KernelError(SurgeonError, RuntimeError):
+    """A generated kernel could not be built, chosen or launched: names the op and the shape bucket."""

@@ -71,6 +71,16 @@ def test_nothing_is_run_when_it_cannot_be_measured_but_a_stored_choice_is_used()
     assert len(ran) == 2
 
 
+def test_a_tuning_failure_is_a_kernel_error():
+    """surgeon's error hierarchy: what the tuner cannot choose is a KernelError (a RuntimeError too)."""
+    from surgeon import KernelError
+
+    with pytest.raises(KernelError, match="op: no candidate launches on this device for \\(2,\\)"):
+        tuning.fastest({}, "op", (2,), ["a"], lambda c: 1 / 0)
+    with pytest.raises(KernelError, match="no tuned choice"):
+        tuning.fastest({}, "op", (5,), ["a"], lambda c: 1.0, unmeasurable="capturing")
+
+
 def test_capture_reason_is_empty_off_a_gpu():
     import torch
 
