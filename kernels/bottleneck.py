@@ -204,7 +204,7 @@ def bottleneck(source: torch.Tensor, residual: torch.Tensor, down: torch.Tensor,
 
     cfg = config or (INTERPRET_CONFIG if not _tunes(source) else
                      _tuned(kernel, args, block_r, precision, (M, N, K, R, source.dtype, str(source.device)),
-                            compose, agrees, tuning.capture_reason(source)))
+                            compose, agrees, lambda: tuning.capture_reason(source)))
     if cfg == "composed":
         return compose().reshape(residual.shape)
     _launch(kernel, args, M, N, cfg, block_r, precision)
@@ -240,7 +240,7 @@ def _tunes(x: torch.Tensor) -> bool:
 
 
 def _tuned(kernel, args: list, block_r: int, precision: str, key: tuple, compose=None, agrees=None,
-           unmeasurable: str = "") -> "tuple | str":
+           unmeasurable=None) -> "tuple | str":
     """The fastest GPU config for this shape bucket (M rounded up to a power of two; benchmarked once),
     or "composed" when the torch ops (`compose`) were faster than every config; with `agrees`, only
     among the candidates whose output agrees with the torch reference."""

@@ -238,7 +238,7 @@ class _Plan:
             return tuning.agrees(self.launch(*call, *candidate), expected[0])
 
         return _tuned(lambda *candidate: self.launch(*call, *candidate), list(self.modes), self.tune_key, agrees,
-                      tuning.capture_reason(x))
+                      lambda: tuning.capture_reason(x))
 
 
 def invertible(scale: float) -> bool:
@@ -344,7 +344,7 @@ def _bucket(key: tuple, modes) -> tuple:
     return (bucket_m(key[0]),) + key[1:] + tuple(modes)
 
 
-def _tuned(launch, modes: list[str], key: tuple, agrees=None, unmeasurable: str = "") -> tuple[str, tuple]:
+def _tuned(launch, modes: list[str], key: tuple, agrees=None, unmeasurable=None) -> tuple[str, tuple]:
     """The fastest (mode, tile config) for this shape bucket on the GPU (benchmarked once per bucket).
 
     Like triton.autotune, but keyed on `bucket_m(M)`: the token count changes on every call of a

@@ -27,21 +27,23 @@ _log = logging.getLogger(__name__)
 
 
 def fastest(table: dict, op: str, bucket: tuple, candidates: list, time_one: Callable[[Any], float],
-            check: Callable[[Any], bool] | None = None, unmeasurable: str = "") -> Any:
+            check: Callable[[Any], bool] | None = None, unmeasurable: Callable[[], str] | None = None) -> Any:
     """The candidate that ran fastest for `bucket` (measured here once, or read from the disk cache).
 
     With `check`, a candidate is timed only when check(candidate) holds (e.g. its output agrees with
     a reference): one that computes something else is skipped like one that fails to launch.
-    `unmeasurable` (see `capture_reason`) says why nothing can be run now: a choice already in the
-    table or on disk is still returned; otherwise KernelError says so.
+    `unmeasurable()` (e.g. `capture_reason`), asked only when a choice must be measured, says why
+    nothing can be run now ("" when it can): a choice in the table or on disk is still returned;
+    otherwise KernelError says so.
     """
     if bucket in table:
         return table[bucket]
     key = _key(op, bucket)
     stored = _load().get(key)
     found = next((c for c in candidates if _json(c) == stored), None) if stored is not None else None
-    if found is None and unmeasurable:
-        raise KernelError(f"{op}: no tuned choice for {bucket!r}, and {unmeasurable}")
+    why = unmeasurable() if found is None and unmeasurable is not None else ""
+    if why:
+        raise KernelError(f"{op}: no tuned choice for {bucket!r}, and {why}")
     if found is None:
         timings = {}
         for candidate in candidates:
