@@ -22,12 +22,16 @@ def get_tensor(gm: fx.GraphModule, target: str) -> torch.Tensor:
 
 
 def set_parameter(gm: fx.GraphModule, target: str, value: torch.Tensor, requires_grad: bool) -> None:
-    """Store a new Parameter at `target` (replacing any previous one; never writes in place)."""
+    """Store a new Parameter at `target` (replacing any previous one; never writes in place).
+
+    The value is stored contiguous: a factor born as a view (PiSSA's A inherits LAPACK's column-major
+    layout) would otherwise round differently from the same values loaded back from a file, since
+    BLAS picks its kernel by layout."""
     owner_path, _, name = target.rpartition(".")
     owner = _ensure_path(gm, owner_path)
     if name in owner._parameters:
         del owner._parameters[name]
-    owner.register_parameter(name, nn.Parameter(value, requires_grad=requires_grad))
+    owner.register_parameter(name, nn.Parameter(value.contiguous(), requires_grad=requires_grad))
 
 
 def delete_attr(gm: fx.GraphModule, target: str) -> None:
