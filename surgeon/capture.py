@@ -68,6 +68,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None,
             dynamic_shapes: Any = None) -> fx.GraphModule:
     """Capture `model` into the canonical GraphModule; raise CaptureError if no front end can."""
     args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
+    check_names(model)
     tensor_kwargs, constants = split_kwargs(kwargs)
     with _eval_mode(model):
         try:
@@ -85,6 +86,32 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None,
         "  try: pass keyword inputs that select a static code path (e.g. use_cache=False), "
         "declare dynamic dims with dynamic_shapes=, or move data-dependent Python control flow "
         "(if on tensor values, .item(), .tolist()) out of forward.")
+
+
+def check_names(model: nn.Module) -> None:
+    """Refuse module, parameter and buffer names that cannot be emitted as Python source safely.
+
+    torch.fx writes a name that is not an identifier into the generated forward as a string
+    literal, unescaped (`getattr(self.blocks, "<name>")`), and both front ends generate and run
+    that code. A name that comes from data (an nn.ModuleDict key) and holds a quote, a backslash
+    or a line break could close the literal and run code, so it is refused before either front
+    end sees the model.
+    """
+    named = [*model.named_modules(remove_duplicate=False),
+             *model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for path, _ in named:
+        atoms = path.split(".") if path else []
+        for i, atom in enumerate(atoms):
+            if not safe_name(atom):
+                owner = ".".join(atoms[:i]) or "<root>"
+                raise CaptureError(f"{type(model).__name__}: module '{owner}' has a child or tensor named {atom!r}, "
+                                   "which cannot be written into generated code safely (quotes, backslashes and "
+                                   "unprintable characters such as line breaks are refused); rename it")
+
+
+def safe_name(atom: str) -> bool:
+    """Whether `atom` may stand inside a double-quoted literal of generated source as it is."""
+    return bool(atom) and atom.isprintable() and not any(c in atom for c in "\"'\\`")
 
 
 def _first_line(error: Exception) -> str:

@@ -167,3 +167,69 @@ def test_declared_dynamic_dims_serve_other_shapes():
     assert unmerged.shape == (3, 5, 128)
     torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(merged, eager, atol=1e-4)   # the merged adapter changed the function
+
+
+def _module_dict_model(key: str) -> nn.Module:
+    class Blocks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleDict({key: nn.Linear(4, 4), "ok": nn.Linear(4, 4)})
+
+        def forward(self, x):
+            for block in self.blocks.values():
+                x = block(x)
+            return x
+
+    return Blocks()
+
+
+def test_a_module_name_that_would_inject_code_is_refused_and_never_runs(tmp_path, monkeypatch):
+    # torch.fx writes a non-identifier name unescaped into `getattr(self.blocks, "<name>")`: this key
+    # closes the literal and calls os.system on the next line (before the check, it created the file)
+    monkeypatch.chdir(tmp_path)
+    key = 'a", None)\ngetattr(__import__("os"), "system")("touch ran")\n_x = ("'
+    model = _module_dict_model(key)
+    before = snapshot(model)
+    spec = {"adapters": [{"name": "a", "type": "lora", "targets": ["blocks.ok"], "rank": 2}], "pipeline": ["insert"]}
+    with pytest.raises(surgeon.CaptureError, match="module 'blocks' has a child or tensor named 'a\", None"):
+        surgeon.compile(model, (torch.randn(2, 4),), spec)
+    assert not (tmp_path / "ran").exists()
+    assert_untouched(model, before)
+
+
+@pytest.mark.parametrize("key", ['a"b', "a\\b", "a\nb", "a'b", "a\x00b"])
+def test_names_that_cannot_stand_in_generated_source_are_refused(key):
+    with pytest.raises(surgeon.CaptureError, match="cannot be written into generated code safely"):
+        surgeon.capture(_module_dict_model(key), (torch.randn(2, 4),))
+
+
+@pytest.mark.parametrize("key", ["0", "layer-1", "résumé", "a b", "x+y"])
+def test_unusual_but_harmless_names_still_capture(key):
+    model = _module_dict_model(key)
+    gm = surgeon.capture(model, (torch.randn(2, 4),))
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+
+
+class _NoGradBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        with torch.no_grad():                       # exported as a higher-order op around a submodule
+            y = self.a(x).view(2, 2, 2)             # a size only the example has
+        return self.b(x) + y.reshape(x.shape)
+
+
+def test_an_error_inside_a_no_grad_block_leaves_grad_mode_on_and_prints_nothing(capfd):
+    gm = surgeon.capture(_NoGradBlock(), (torch.randn(2, 4),))
+    assert "wrap_with_set_grad_enabled" in gm.code
+    with pytest.raises(RuntimeError) as caught:
+        gm(torch.randn(3, 4))
+    assert torch.is_grad_enabled()      # torch's op left it off for the rest of the process
+    assert capfd.readouterr().err == ""  # torch.fx's __call__ printed the generated code
+    assert any("view" in note for note in caught.value.__notes__)   # the failing graph line, as a note
+    with torch.no_grad():
+        gm(torch.randn(2, 4))
+        assert not torch.is_grad_enabled()   # and a caller's no_grad stays as it was
