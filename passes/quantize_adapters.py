@@ -25,6 +25,7 @@ import torch.fx as fx
 
 from surgeon.adapters import Branch
 from surgeon.capture import _ensure_path
+from surgeon.fastpath import recompile
 from surgeon.graph import delete_attr, get_attr, get_tensor
 from surgeon.pipeline import AdapterState, Context, PassResult, SiteState, run_outputs
 from surgeon.quantized_io import METHOD_BITS, dequantize, dequantize_with, quantize
@@ -52,7 +53,7 @@ class QuantizeAdapters:
                 self._quantize_site(gm, state, site, method, tally)
                 result.matches += 1
             state.status = "quantized"
-            gm.recompile()
+            recompile(gm)
             output_error = _relative_error(before, run_outputs(gm, ctx))
             result.notes.append(self._note(state, method, tally, output_error))
         return result

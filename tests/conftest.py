@@ -88,6 +88,20 @@ def small_cnn(seed: int = 0):
     return model.eval(), (torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(seed)),)
 
 
+@pytest.fixture(autouse=True)
+def process_state_is_restored():
+    """A test (or the code it runs) must leave autograd on and the default dtype as it found them:
+    a leak here makes later tests pass or fail by the order they run in."""
+    dtype = torch.get_default_dtype()
+    yield
+    leaked = [what for what, bad in (("autograd disabled", not torch.is_grad_enabled()),
+                                     (f"default dtype {torch.get_default_dtype()}", torch.get_default_dtype() != dtype))
+              if bad]
+    torch.set_grad_enabled(True)
+    torch.set_default_dtype(dtype)
+    assert not leaked, f"the test left {' and '.join(leaked)} for the tests after it"
+
+
 @pytest.fixture
 def llama():
     return hf_llama()
