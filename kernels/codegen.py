@@ -1,8 +1,9 @@
 """Load generated kernel source as a real module file, so Triton (and a reader) can see it.
 
 Triton's JIT reads a kernel's source with `inspect`, so generated code is written to a file
-under the kernel cache folder ($SURGEON_KERNEL_CACHE, else a per-user folder in the temp dir)
-and imported from there. Modules are cached per (source, interpreter flag): `@triton.jit`
+under the kernel cache folder and imported from there: $SURGEON_KERNEL_CACHE, else
+$XDG_CACHE_HOME/surgeon/kernels (~/.cache/surgeon/kernels). Since its files run as code, the
+folder must be private to the user (see `cache_dir`). Modules are cached per (source, interpreter flag): `@triton.jit`
 builds an interpreted function when TRITON_INTERPRET=1 is set at decoration time, so the same
 source loaded under the other mode is a different module.
 """
@@ -12,9 +13,10 @@ import hashlib
 import importlib.util
 import os
 import re
-import tempfile
 from pathlib import Path
 from types import ModuleType
+
+from ..errors import KernelError
 
 _MODULES: dict[tuple[str, bool], ModuleType] = {}
 
@@ -25,11 +27,31 @@ def interpreting() -> bool:
 
 
 def cache_dir() -> Path:
-    """The folder generated kernel files are written to."""
-    default = Path(tempfile.gettempdir()) / f"surgeon_kernels_{os.getuid() if hasattr(os, 'getuid') else 0}"
-    path = Path(os.environ.get("SURGEON_KERNEL_CACHE", default))
-    path.mkdir(parents=True, exist_ok=True)
+    """The folder generated kernel files are written to and imported from.
+
+    It is created with mode 0700. One that another user owns, or that group or others may write
+    to, is refused (KernelError): a file planted there would be imported as a kernel.
+    """
+    override = os.environ.get("SURGEON_KERNEL_CACHE")
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    path = Path(override) if override else base / "surgeon" / "kernels"
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _check_private(path)
     return path
+
+
+def _check_private(path: Path) -> None:
+    if not hasattr(os, "getuid"):
+        return
+    info = path.stat()
+    if info.st_uid != os.getuid():
+        raise KernelError(f"kernel cache folder '{path}' belongs to user id {info.st_uid}, not to you "
+                          f"({os.getuid()}); its files would run as code. Set SURGEON_KERNEL_CACHE to a folder of "
+                          "your own")
+    if info.st_mode & 0o022:
+        raise KernelError(f"kernel cache folder '{path}' is writable by others (mode {info.st_mode & 0o777:o}); its "
+                          f"files would run as code. Run `chmod 700 {path}`, or set SURGEON_KERNEL_CACHE to a private "
+                          "folder")
 
 
 def load(source: str, stem: str) -> ModuleType:
