@@ -3,6 +3,8 @@
 Adapters named in `adapters` are active (their branches in the graph); every other inserted
 adapter is parked: its branch is detached and its parameters kept, so a later `activate`
 re-attaches it with the same values. With one adapter active, the graph is that adapter's.
+Naming an adapter that is neither inserted nor inactive (declared, merged, removed ...), or
+activating when no adapter is inserted or inactive, is a PassError rather than a silent no-op.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ class Activate:
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
         result = PassResult()
         wanted = set(self.adapters)
+        ctx.select(self.adapters or None, ("inserted", "inactive"), acting=self.name)   # none to switch: an error
         for state in ctx.select(None, ("inserted",)):
             if state.spec.name not in wanted:
                 for site in state.sites:

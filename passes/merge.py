@@ -4,7 +4,8 @@ Identity relied on (LoRA): W x + s B A x == (W + s B A) x; each kind supplies it
 weight from its parameters and the base weight it lands on (out x in; transposed for GPT-2
 Conv1D's addmm), e.g. W R - W for an input rotation; a kind that scales the whole output also
 scales the bias. Kinds with no exact delta (a nonlinearity in the branch) are refused with the
-kind's reason.
+kind's reason. With no inserted adapter to merge (or a named one not inserted) it raises
+PassError instead of doing nothing.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ class Merge:
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
         result = PassResult()
-        chosen = ctx.select(self.adapters, ("inserted",))
+        chosen = ctx.select(self.adapters, ("inserted",), acting=self.name)
         for state in chosen:   # every refusal before any graph change
             reason = next((r for s in state.sites if (r := state.spec.kind.refusal(s.options))), "")
             if reason:

@@ -1,4 +1,7 @@
-"""remove: detach adapters without merging, restoring the base graph and weights exactly."""
+"""remove: detach adapters without merging, restoring the base graph and weights exactly.
+
+With no inserted adapter to remove (or a named one not inserted) it raises PassError.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,7 +21,7 @@ class Remove:
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
         result = PassResult()
-        for state in ctx.select(self.adapters, ("inserted",)):
+        for state in ctx.select(self.adapters, ("inserted",), acting=self.name):
             for site in state.sites:
                 detach(gm, site)
                 result.matches += 1

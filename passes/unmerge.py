@@ -2,7 +2,8 @@
 
 W_merged - delta == W within fp rounding (the delta is recomputed from the kept parameters;
 kinds whose delta depends on the weight give the inverse map, e.g. W = W' R^T for a rotation).
-A kind whose merged weight no longer determines the base (DoRA's row norms) is refused.
+A kind whose merged weight no longer determines the base (DoRA's row norms) is refused; with
+no merged adapter to unmerge (or a named one not merged) it raises PassError.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ class Unmerge:
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
         result = PassResult()
-        for state in ctx.select(self.adapters, ("merged",)):
+        for state in ctx.select(self.adapters, ("merged",), acting=self.name):
             if state.spec.kind.refuse_unmerge:
                 raise ctx.spec.error(("pipeline",), f"cannot unmerge adapter '{state.spec.name}': "
                                                     f"{state.spec.kind.refuse_unmerge}")

@@ -5,11 +5,14 @@ import argparse
 import fnmatch
 import importlib
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 
 from .cli_views import add_diff_command, add_view_options
 from .errors import SurgeonError
+from .safe_io import check_out_dir, real_dir, write_text_nofollow
 
 DEMO_SPEC = """\
 # The built-in demo: LoRA on every attention and MLP projection of a small LLaMA-style model.
@@ -28,15 +31,24 @@ def _progress(message: str) -> None:
     print(f"  .. {message}", file=sys.stderr, flush=True)
 
 
-def _load_factory(ref: str):
+def _import_factory(ref: str):
     module_name, _, attr = ref.partition(":")
     if not attr:
         raise SurgeonError(f"--model must look like 'package.module:factory', got {ref!r}")
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
+        return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as error:
         raise SurgeonError(f"--model {ref!r}: cannot import: {error}") from error
-    made = factory()
+    except Exception as error:
+        raise SurgeonError(f"--model {ref!r}: importing {module_name} raised {type(error).__name__}: {error}") \
+            from error
+
+
+def _call_factory(ref: str, factory):
+    try:
+        made = factory()
+    except Exception as error:
+        raise SurgeonError(f"model factory {ref} raised {type(error).__name__}: {error}") from error
     if not isinstance(made, tuple) or len(made) not in (2, 3):
         raise SurgeonError(f"--model {ref!r}: the factory must return (model, example_inputs[, example_kwargs])")
     model, args, kwargs = (*made, None) if len(made) == 2 else made
@@ -45,9 +57,14 @@ def _load_factory(ref: str):
 
 def cmd_compile(ns) -> int:
     import surgeon
+    from .spec import load_spec
 
-    model, args, kwargs = _load_factory(ns.model)
-    compiled = surgeon.compile(model, args, Path(ns.spec), kwargs, progress=_progress)
+    # everything that needs no model first: building it may load gigabytes of weights
+    factory = _import_factory(ns.model)
+    spec = load_spec(Path(ns.spec))
+    check_out_dir(ns.out)
+    model, args, kwargs = _call_factory(ns.model, factory)
+    compiled = surgeon.compile(model, args, spec, kwargs, progress=_progress)
     print(compiled.report)
     out = compiled.save(ns.out)
     print(f"\nwrote {out}/: report.txt/json, spec.yaml, graph.py, graph.html, graph.dot, nodes*.json, groups.json, "
@@ -61,9 +78,9 @@ def cmd_demo(ns) -> int:
     import surgeon
     from .models import tiny_llama
 
-    out = Path(ns.out)
+    out = check_out_dir(ns.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "demo_spec.yaml").write_text(DEMO_SPEC)
+    write_text_nofollow(out / "demo_spec.yaml", DEMO_SPEC)
     model, (ids,) = tiny_llama(seed=0)
     compiled = surgeon.compile(model, (ids,), out / "demo_spec.yaml", progress=_progress)
     # a few steps of next-token training on a fixed toy batch: only the adapter learns
@@ -79,8 +96,8 @@ def cmd_demo(ns) -> int:
         optimizer.step()
         losses.append(loss.item())
     _progress(f"trained {len(trainable)} adapter tensors for {ns.steps} steps: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-    compiled.save_adapter("demo", out / "adapter")
-    compiled.save_adapter("demo", out / "adapter_peft", format="peft")
+    compiled.save_adapter("demo", real_dir(out / "adapter"))
+    compiled.save_adapter("demo", real_dir(out / "adapter_peft"), format="peft")
     lowered = _demo_lowered(model, ids, compiled, out)
     compiled.apply(["merge"], progress=_progress)
     print(compiled.report)
@@ -103,7 +120,7 @@ def _demo_lowered(model, ids, trained, out: Path) -> str:
     lowered.apply(["fuse", "lower"], progress=_progress)
     with torch.no_grad():
         error = (lowered.module(ids) - trained.module(ids)).abs().max().item()
-    lowered.save(out / "lowered")
+    lowered.save(real_dir(out / "lowered"))
     return f"{lowered.report.rows[-1].notes[0]}; max |lowered - trained| = {error:.1e}"
 
 
@@ -148,21 +165,52 @@ def cmd_merge_checkpoint(ns) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:   # its own options (surgeon.bench)
-        from .bench import main as bench_main
+    """Run one command. Every failure prints one line, `surgeon: error: ...`, and returns 2 (130 on
+    Ctrl-C); `--traceback` (before or after the command) or SURGEON_DEBUG=1 also prints the traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("SURGEON_DEBUG", "") not in ("", "0")
+    while argv[:1] == ["--traceback"]:
+        argv, debug = argv[1:], True
+    try:
+        if argv[:1] == ["bench"]:   # its own options (surgeon.bench)
+            from .bench import main as bench_main
 
-        return bench_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="surgeon", description="A model-surgery compiler over FX graphs.")
+            return bench_main(argv[1:])
+        ns = _parser().parse_args(argv)
+        debug = debug or ns.traceback
+        return ns.fn(ns)
+    except KeyboardInterrupt:
+        return _fail("interrupted", debug, 130)
+    except SurgeonError as error:
+        return _fail(str(error), debug)
+    except Exception as error:
+        return _fail(f"{type(error).__name__}: {error}", debug)
+
+
+def _fail(message: str, debug: bool, status: int = 2) -> int:
+    if debug:
+        traceback.print_exc()
+    print("surgeon: error: " + " ".join(line.strip() for line in message.splitlines() if line.strip()),
+          file=sys.stderr)
+    return status
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="surgeon", description="A model-surgery compiler over FX graphs.",
+                                     epilog="Errors print one line, `surgeon: error: ...`, and exit with status 2.")
+    parser.add_argument("--traceback", action="store_true",
+                        help="on an error, also print the full traceback (or set SURGEON_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
+    out_help = ("folder for the artifacts{}; a symlink at a name surgeon writes there is replaced, "
+                "never written through")
     p = sub.add_parser("demo", help="compile, train and merge a LoRA on the built-in LLaMA-style model")
-    p.add_argument("--out", default="demo_out", help="folder for the artifacts (default: demo_out)")
+    p.add_argument("--out", default="demo_out", help=out_help.format(" (default: demo_out)"))
     p.add_argument("--steps", type=int, default=20, help="training steps before the merge (default: 20)")
     p.set_defaults(fn=cmd_demo)
     p = sub.add_parser("compile", help="compile a model from a factory with a spec")
     p.add_argument("--model", required=True, help="package.module:factory returning (model, example_inputs[, kwargs])")
-    p.add_argument("--spec", required=True, help="spec file (.yaml or .toml)")
-    p.add_argument("--out", required=True, help="folder for the artifacts")
+    p.add_argument("--spec", required=True, help="spec file (.yaml or .toml); checked before the factory runs")
+    p.add_argument("--out", required=True, help=out_help.format(""))
     p.set_defaults(fn=cmd_compile)
     p = sub.add_parser("show", help="print a saved compile's report and graph, grouped by module path")
     p.add_argument("dir", help="a folder written by surgeon compile/demo")
@@ -181,12 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fan-in-fan-out", action=argparse.BooleanOptionalAction, default=None,
                    help="square weights are stored in x out (GPT-2 Conv1D); default: from the adapter")
     p.set_defaults(fn=cmd_merge_checkpoint)
-    ns = parser.parse_args(argv)
-    try:
-        return ns.fn(ns)
-    except SurgeonError as error:
-        print(f"surgeon: error: {error}", file=sys.stderr)
-        return 2
+    for name, command in sub.choices.items():   # --traceback after the command too
+        if name != "bench":
+            command.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS,
+                                 help="on an error, also print the full traceback")
+    return parser
 
 
 if __name__ == "__main__":

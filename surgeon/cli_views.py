@@ -8,7 +8,9 @@ compile kept its snapshot, nodes_before.json); a nodes.json file may be named di
     surgeon diff out/                           # this compile: captured graph -> result
     surgeon diff a/ b/ --html diff.html         # two compiles, by module path
 
-Guarantees: every failure is a SurgeonError whose message names the file or option at fault.
+Guarantees: every failure is a SurgeonError whose message names the file or option at fault. An
+OUT's folder must exist (it is not created); an OUT that is a symlink is replaced, never written
+through.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import json
 from pathlib import Path
 
 from .errors import SurgeonError
+from .safe_io import check_out_file, write_text_nofollow
 
 
 def _read_json(path: Path):
@@ -47,15 +50,22 @@ def _filtered(nodes: list[dict] | None, glob: str) -> list[dict] | None:
 
 
 def _write(path: str, text: str) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(text, encoding="utf-8")
+    write_text_nofollow(path, text)
     print(f"wrote {path}")
+
+
+def _check_outputs(ns, *options: str) -> None:
+    """Before any work: each OUT's folder exists (it is not created) and OUT is not a folder."""
+    for option in options:
+        if getattr(ns, option):
+            check_out_file(getattr(ns, option), f"--{option}")
 
 
 def cmd_show_views(ns) -> int:
     """Write the DOT, SVG and/or HTML view of a saved compile."""
     from .visualize import auto_depth, to_dot, to_html, to_svg
 
+    _check_outputs(ns, "dot", "svg", "html")
     nodes, before, report = load_saved(ns.dir)
     nodes, before = _filtered(nodes, ns.filter), _filtered(before, ns.filter)
     title = f"surgeon: {(report or {}).get('model', Path(ns.dir).name)}"
@@ -79,6 +89,7 @@ def cmd_diff(ns) -> int:
     """Print what changed between two saved compiles (or one compile's before and after)."""
     from .visualize import diff, to_html
 
+    _check_outputs(ns, "html")
     if ns.b is None:
         after, before, report = load_saved(ns.a)
         if before is None:
@@ -105,6 +116,7 @@ def _depth(text: str) -> int:
 def add_view_options(show: argparse.ArgumentParser) -> None:
     """Give `surgeon show` the --dot/--svg/--html outputs; without them it prints as before."""
     plain = show.get_default("fn")
+    show.epilog = "An OUT's folder must exist; a symlink at OUT is replaced, never written through."
     show.add_argument("--dot", metavar="OUT", help="write the graph as Graphviz DOT")
     show.add_argument("--svg", metavar="OUT", help="render the graph to SVG (needs Graphviz: apt-get install graphviz)")
     show.add_argument("--html", metavar="OUT", help="write the interactive HTML view (one self-contained file)")
@@ -123,7 +135,8 @@ def add_diff_command(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("diff", help="what changed, by module path: one compile's before/after, or two compiles")
     p.add_argument("a", help="a saved compile (with nodes_before.json when B is not given)")
     p.add_argument("b", nargs="?", help="a second saved compile, compared with A")
-    p.add_argument("--html", metavar="OUT", help="also write the HTML view of the diff")
+    p.add_argument("--html", metavar="OUT", help="also write the HTML view of the diff (into an existing folder; "
+                                                 "a symlink at OUT is replaced, never written through)")
     p.add_argument("--depth", type=_depth, help="group module paths to this many levels")
     p.add_argument("--nodes", action="store_true", help="also list every changed node")
     p.set_defaults(fn=cmd_diff)

@@ -18,6 +18,7 @@ from .graph import compute_nodes, count_parameters, get_tensor
 from .pipeline import AdapterState, Context, PassRow, compare, compute_dtypes, run_outputs, run_pipeline
 from .passes_table import passes
 from .report import Report
+from .safe_io import check_out_dir, real_dir, write_text_nofollow
 from .spec import Spec, _pass, load_spec, spec_to_dict
 
 
@@ -141,31 +142,39 @@ class Compiled:
 
     def save(self, directory: str | Path) -> Path:
         """Write the report, spec, readable graph, node tables, graph views (graph.html, graph.dot),
-        kernels and every adapter under `directory`."""
-        out = Path(directory)
+        kernels and every adapter under `directory`.
+
+        `directory` may be a symlink to a folder, but nothing is written through a symlink inside
+        it: a link at one of the names written here (graph.py, kernels/, adapters/ ...) is replaced
+        by a plain file or folder, and its target is left untouched. `directory` naming a file is a
+        SurgeonError."""
+        out = check_out_dir(directory, "save: directory")
         out.mkdir(parents=True, exist_ok=True)
-        (out / "report.txt").write_text(str(self.report) + "\n")
-        (out / "report.json").write_text(json.dumps(self.report.to_dict(), indent=2, default=str))
-        (out / "spec.yaml").write_text(yaml.safe_dump(spec_to_dict(self.ctx.spec), sort_keys=False))
-        (out / "graph.py").write_text(self.module.code)
+        write_text_nofollow(out / "report.txt", str(self.report) + "\n")
+        write_text_nofollow(out / "report.json", json.dumps(self.report.to_dict(), indent=2, default=str))
+        write_text_nofollow(out / "spec.yaml", yaml.safe_dump(spec_to_dict(self.ctx.spec), sort_keys=False))
+        write_text_nofollow(out / "graph.py", self.module.code)
         after = node_table(self.module)
-        (out / "nodes.json").write_text(json.dumps(after, indent=1))
+        write_text_nofollow(out / "nodes.json", json.dumps(after, indent=1))
         if self.nodes_before is not None:
             from .visualize import write_views
 
-            (out / "nodes_before.json").write_text(json.dumps(self.nodes_before, indent=1))
+            write_text_nofollow(out / "nodes_before.json", json.dumps(self.nodes_before, indent=1))
+            for name in ("graph.html", "graph.dot"):   # write_views writes these with Path.write_text
+                if (out / name).is_symlink():
+                    (out / name).unlink()
             write_views(out, self.nodes_before, after, self.report.to_dict())
         from .groups import analyze_groups
 
         groups = self.module.meta.get("surgeon_groups") or analyze_groups(
             self.module, (self.ctx.example_args, self.ctx.example_kwargs), store=False)
-        (out / "groups.json").write_text(json.dumps(groups, indent=1))
+        write_text_nofollow(out / "groups.json", json.dumps(groups, indent=1))
         for region, source in self.kernels.items():
-            (out / "kernels").mkdir(exist_ok=True)
-            (out / "kernels" / f"{region.replace('/', '_').replace('.', '_')}.py").write_text(source)
+            kernels = real_dir(out / "kernels")
+            write_text_nofollow(kernels / f"{region.replace('/', '_').replace('.', '_')}.py", source)
         for name, state in self.adapters.items():
             if state.status in ("inserted", "inactive", "lowered", "merged", "quantized"):
-                self.save_adapter(name, out / "adapters" / name)
+                self.save_adapter(name, real_dir(real_dir(out / "adapters") / name))
         return out
 
     def _state(self, name: str) -> AdapterState:

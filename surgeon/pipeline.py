@@ -65,14 +65,27 @@ class Context:
     generator: torch.Generator
     history: list[str] = field(default_factory=list)
 
-    def select(self, names: tuple[str, ...] | None, status: tuple[str, ...]) -> list[AdapterState]:
-        """The adapters a pass acts on: those named (or all) whose status is in `status`."""
+    def select(self, names: tuple[str, ...] | None, status: tuple[str, ...],
+               acting: str | None = None) -> list[AdapterState]:
+        """The adapters a pass acts on: those named (or all) whose status is in `status`.
+
+        With `acting` (the pass's name) a silent no-op is an error: every named adapter must be in
+        `status`, and without names at least one adapter must be."""
         chosen = [self.adapters[n] for n in names] if names else list(self.adapters.values())
         lowered = [a.spec.name for a in chosen if a.status == "lowered"]
         if lowered and "inserted" in status:
             raise PassError("?", f"adapters {lowered} were lowered into kernels; run merge/unmerge/remove/"
                                  "activate before `lower`, or compile again")
-        return [a for a in chosen if a.status in status]
+        found = [a for a in chosen if a.status in status]
+        if acting:
+            wanted = " or ".join(status)
+            idle = next((a for a in chosen if a.status not in status), None) if names else None
+            if idle or not found:
+                states = ", ".join(f"{n}={a.status}" for n, a in self.adapters.items()) or "none declared"
+                what = (f"adapter '{idle.spec.name}' is {idle.status}, not {wanted}: nothing to {acting}" if idle
+                        else f"no {wanted} adapter to {acting}")
+                raise PassError(acting, f"{what} (adapters: {states})", before=self.history)
+        return found
 
 
 @dataclass
@@ -115,14 +128,24 @@ def compare(before: list[torch.Tensor], after: list[torch.Tensor], mode: str,
 
     The tolerance is the output dtype's, or the loosest of `compute_dtypes` (the floating dtypes of
     the graph's weights) when that is looser: an fp16 model whose logits are cast to fp32 at the end
-    rounds like fp16, not like fp32.
+    rounds like fp16, not like fp32. A non-finite value fails every mode unless the reference has
+    the same one at that position (NaN for NaN, as torch.testing's equal_nan); the error is measured
+    over the positions where the reference is finite.
     """
     if len(before) != len(after):
         return False, f"{len(before)} outputs before, {len(after)} after"
     worst = 0.0
-    for a, b in zip(before, after):
+    for index, (a, b) in enumerate(zip(before, after)):
         if a.shape != b.shape or a.dtype != b.dtype:
             return False, f"output changed from {a.dtype}{list(a.shape)} to {b.dtype}{list(b.shape)}"
+        if a.is_floating_point() or a.is_complex():
+            why = _non_finite(index, a, b)
+            if why:
+                return False, why
+            finite = torch.isfinite(a)   # b matches a everywhere else
+            a, b = a[finite], b[finite]
+        if a.numel() == 0:
+            continue
         if mode == "exact" or not a.is_floating_point():
             if not torch.equal(a, b):
                 diff = (a.double() - b.double()).abs().max().item()
@@ -136,6 +159,19 @@ def compare(before: list[torch.Tensor], after: list[torch.Tensor], mode: str,
             why = f"{a.dtype}" if dtype == a.dtype else f"{a.dtype} outputs of {dtype} weights"
             return False, f"relative error {rel:.3g} exceeds {TOLERANCE.get(dtype, 1e-5):g} for {why}"
     return True, "exact" if mode == "exact" else f"rel err {worst:.1e}"
+
+
+def _non_finite(index: int, a: torch.Tensor, b: torch.Tensor) -> str:
+    """Why output `index`'s non-finite values differ from the reference `a`'s ("" when they match)."""
+    where = f"output {index} ({b.dtype}{list(b.shape)})"
+    finite = torch.isfinite(a)
+    new = int((finite & ~torch.isfinite(b)).sum())
+    if new:
+        return f"{where} has {new} non-finite value{'s' * (new != 1)} where the reference is finite"
+    changed = int((~finite & ~((a == b) | (a.isnan() & b.isnan()))).sum())
+    if changed:
+        return f"{where} changed {changed} of the reference's non-finite values"
+    return ""
 
 
 def compute_dtypes(gm: fx.GraphModule) -> set[torch.dtype]:

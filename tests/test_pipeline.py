@@ -1,6 +1,7 @@
 """The pipeline's numeric check: its tolerance follows the dtype the graph computes in."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -46,3 +47,81 @@ def test_merging_in_an_fp16_model_with_fp32_outputs_passes_its_check():
     row = compiled.report.rows[-1]
     assert row.name == "merge" and row.check.startswith("rel err")
     assert 1e-5 < float(row.check.split()[-1]) <= TOLERANCE[torch.float16]
+
+
+# ---- hostile numbers: a non-finite output never passes a check (issue 14)
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("mode", ["exact", "close"])
+@pytest.mark.parametrize("bad", [NAN, INF, -INF])
+def test_a_non_finite_output_where_the_reference_is_finite_fails_every_mode(mode, bad):
+    before = [torch.zeros(2, 3), torch.ones(4)]
+    after = [torch.zeros(2, 3), torch.tensor([bad, 1.0, bad, 1.0])]
+    ok, why = compare(before, after, mode)
+    assert not ok and why == "output 1 (torch.float32[4]) has 2 non-finite values where the reference is finite"
+
+
+def test_the_issue_example_nan_against_ones_is_refused():
+    ok, why = compare([torch.ones(4)], [torch.tensor([NAN, 1, 1, 1])], "close")
+    assert not ok and "output 0" in why and "1 non-finite value " in why
+
+
+def test_nan_where_the_reference_has_nan_is_no_new_failure_but_never_hides_a_change():
+    before = [torch.tensor([NAN, 1.0, 2.0, INF])]
+    assert compare(before, [before[0].clone()], "close") == (True, "rel err 0.0e+00")
+    assert compare(before, [before[0].clone()], "exact") == (True, "exact")
+    ok, why = compare(before, [torch.tensor([NAN, 1.0, 2.0 * (1 + 1e-6), INF])], "close")
+    assert ok and abs(float(why.removeprefix("rel err ")) - 1e-6) < 1e-7   # over the finite positions only
+    ok, why = compare(before, [torch.tensor([NAN, 1.5, 2.0, INF])], "close")   # NaN once swallowed this
+    assert not ok and why.startswith("relative error 0.25 exceeds")
+    ok, why = compare(before, [torch.tensor([1.0, 1.0, 2.0, INF])], "close")
+    assert not ok and why == "output 0 (torch.float32[4]) changed 1 of the reference's non-finite values"
+    ok, why = compare(before, [torch.tensor([NAN, 1.0, 2.0, -INF])], "exact")
+    assert not ok and why == "output 0 (torch.float32[4]) changed 1 of the reference's non-finite values"
+
+
+# ---- silent no-ops are errors (issue 14)
+
+class Two(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def two_specs(pipeline):
+    return {"adapters": [{"name": "demo", "type": "lora", "targets": ["a"], "rank": 2},
+                         {"name": "other", "type": "lora", "targets": ["b"], "rank": 2}], "pipeline": pipeline}
+
+
+@pytest.mark.parametrize("pipeline,message", [
+    (["merge"], "pass 'merge': no inserted adapter to merge (adapters: demo=declared, other=declared)"),
+    (["insert", "unmerge"], "pass 'unmerge': no merged adapter to unmerge (adapters: demo=inserted, "
+                            "other=inserted) (after passes: insert)"),
+    (["remove"], "pass 'remove': no inserted adapter to remove (adapters: demo=declared, other=declared)"),
+    (["insert", "merge", "remove"], "pass 'remove': no inserted adapter to remove (adapters: demo=merged, "
+                                    "other=merged) (after passes: insert, merge)"),
+    (["insert", {"merge": {"adapters": ["demo"]}}, {"merge": {"adapters": ["demo", "other"]}}],
+     "pass 'merge': adapter 'demo' is merged, not inserted: nothing to merge (adapters: demo=merged, "
+     "other=inserted) (after passes: insert, merge)"),
+    (["activate"], "pass 'activate': no inserted or inactive adapter to activate (adapters: demo=declared, "
+                   "other=declared)"),
+    (["insert", {"merge": {"adapters": ["other"]}}, {"activate": {"adapters": ["other"]}}],
+     "pass 'activate': adapter 'other' is merged, not inserted or inactive: nothing to activate (adapters: "
+     "demo=inserted, other=merged) (after passes: insert, merge)"),
+])
+def test_a_pass_with_nothing_to_act_on_is_an_error(pipeline, message):
+    with pytest.raises(surgeon.PassError) as info:
+        surgeon.compile(Two(), (torch.randn(2, 8),), two_specs(pipeline))
+    assert str(info.value) == message
+
+
+def test_activating_what_is_already_active_is_not_a_no_op_error():
+    compiled = surgeon.compile(Two(), (torch.randn(2, 8),), two_specs(["insert"]))
+    compiled.set_active("demo", "other")          # already so: the state asked for holds
+    compiled.set_active("demo").set_active("demo")
+    assert compiled.adapters["other"].status == "inactive" and compiled.report.rows[-1].notes == ["active: demo"]
