@@ -41,21 +41,32 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise SpecError("<adapter>", f"'{path}' is missing")
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+        data = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as error:   # bad JSON, bad UTF-8, or nested past the parser's depth
         raise SpecError("<adapter>", f"'{path}' is not valid JSON: {error}") from error
     if not isinstance(data, dict):
-        raise SpecError("<adapter>", f"'{path}' must hold a JSON object")
+        raise SpecError("<adapter>", f"'{path}' must hold a JSON object, got {type(data).__name__}")
     return data
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def _read_tensors(path: Path, allow_nonfinite: bool = False) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise SpecError("<adapter>", f"'{path}' is missing")
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
         raise SpecError("<adapter>", f"'{path}' is not a readable safetensors file: {error}") from error
+    if not allow_nonfinite:
+        for key, tensor in tensors.items():
+            if tensor.is_floating_point() and not _isfinite(tensor).all():
+                raise SpecError("<adapter>", f"'{path}': tensor '{key}' holds NaN or Inf values; re-export the "
+                                             "adapter, or load it as it is with allow_nonfinite=True")
+    return tensors
+
+
+def _isfinite(tensor: torch.Tensor) -> torch.Tensor:
+    """torch.isfinite, float8 formats (which it does not take) through float32."""
+    return torch.isfinite(tensor.float() if tensor.element_size() == 1 else tensor)
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -84,8 +95,8 @@ def save_adapter_dir(directory: Path, name: str, kind: str, options: dict,
     _write_atomic(directory / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
 
 
-def load_adapter_dir(directory: Path) -> LoadedAdapter:
-    """Read an adapter folder written by save_adapter_dir."""
+def load_adapter_dir(directory: Path, allow_nonfinite: bool = False) -> LoadedAdapter:
+    """Read an adapter folder written by save_adapter_dir (a NaN or Inf weight is refused unless allowed)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise SpecError("<adapter>", f"adapter folder '{directory}' does not exist")
@@ -93,7 +104,7 @@ def load_adapter_dir(directory: Path) -> LoadedAdapter:
     if config.get("surgeon_adapter") != FORMAT_VERSION or "type" not in config or "targets" not in config:
         raise SpecError("<adapter>", f"'{directory / 'adapter_config.json'}' is not a surgeon adapter config "
                                      "(for a PEFT folder use from_peft)")
-    flat = _read_tensors(directory / "adapter.safetensors")
+    flat = _read_tensors(directory / "adapter.safetensors", allow_nonfinite)
     weights: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in flat.items():
         path, _, param = key.rpartition(".")
@@ -107,10 +118,11 @@ def load_adapter_dir(directory: Path) -> LoadedAdapter:
 
 # ---------------------------------------------------------------- PEFT folders
 
-def load_peft_dir(directory: Path) -> LoadedAdapter:
+def load_peft_dir(directory: Path, allow_nonfinite: bool = False) -> LoadedAdapter:
     """Read a PEFT checkpoint folder (adapter_config.json + adapter_model.safetensors).
 
-    Supported peft_types and their layouts are in surgeon.adapters.peft_formats.
+    Supported peft_types and their layouts are in surgeon.adapters.peft_formats. A NaN or Inf
+    weight is refused unless allow_nonfinite.
     """
     from .adapters.peft_formats import BY_PEFT_TYPE
 
@@ -126,7 +138,8 @@ def load_peft_dir(directory: Path) -> LoadedAdapter:
         raise SpecError("<adapter>", f"'{directory}': modules_to_save {config['modules_to_save']} is not supported")
     if config.get("bias", "none") != "none":
         raise SpecError("<adapter>", f"'{directory}': bias={config['bias']!r} is not supported (only 'none')")
-    weights, extras = _split_peft_keys(_read_tensors(directory / "adapter_model.safetensors"), fmt, directory)
+    weights, extras = _split_peft_keys(_read_tensors(directory / "adapter_model.safetensors", allow_nonfinite),
+                                      fmt, directory)
     try:
         entry, site_options = fmt.read(config, weights, extras)
     except SpecError as error:

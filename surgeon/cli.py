@@ -158,7 +158,8 @@ def cmd_show(ns) -> int:
 def cmd_merge_checkpoint(ns) -> int:
     from .merge_checkpoint import merge_checkpoint
 
-    summary = merge_checkpoint(Path(ns.base), Path(ns.adapter), Path(ns.out), fan_in_fan_out=ns.fan_in_fan_out)
+    summary = merge_checkpoint(Path(ns.base), Path(ns.adapter), Path(ns.out), fan_in_fan_out=ns.fan_in_fan_out,
+                               allow_nonfinite=ns.allow_nonfinite)
     print(f"wrote {summary.out_dir}/: {len(summary.shards)} shard file(s), {len(summary.merged)} tensors merged, "
           f"{summary.copied} copied, {summary.bytes_written:,} bytes")
     return 0
@@ -228,6 +229,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (must not exist)")
     p.add_argument("--fan-in-fan-out", action=argparse.BooleanOptionalAction, default=None,
                    help="square weights are stored in x out (GPT-2 Conv1D); default: from the adapter")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="merge even if the adapter holds NaN/inf or the merge overflows the dtype (refused by default)")
     p.set_defaults(fn=cmd_merge_checkpoint)
     for name, command in sub.choices.items():   # --traceback after the command too
         if name != "bench":

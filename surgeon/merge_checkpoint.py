@@ -15,8 +15,14 @@ Guarantees:
 - layout: the same shard files with the same tensor names, dtypes and shapes, the index file
   and every other top-level file copied byte for byte; untouched tensors are copied bit for bit;
 - safety: inputs are only read; everything is written into a temporary sibling folder that is
-  renamed to out_dir at the end and removed on any failure, so out_dir is complete or absent;
-  an existing out_dir is refused.
+  renamed to out_dir at the end and removed on any failure or SIGTERM, so out_dir is complete or
+  absent; an existing out_dir is refused. The folder's name holds the host and PID of its run, so
+  a later run removes one whose process was killed outright (SIGKILL) and keeps a live run's;
+- hostile input: shard names from the index must be plain file names in base_dir, no symbolic
+  link in base_dir is followed, and every file is created new (O_EXCL, O_NOFOLLOW) inside the
+  private temporary folder; all of it is checked before anything is written;
+- numbers: an adapter tensor holding NaN or Inf, or a merged tensor that is not finite where the
+  base tensor is (an overflow of its dtype), is refused unless allow_nonfinite.
 
 Weight layout: nn.Linear stores W as out x in, GPT-2's Conv1D as in x out. For non-square
 weights the adapter's parameter shapes decide; square ones follow PEFT's `fan_in_fan_out`,
@@ -24,24 +30,30 @@ else the layout the adapter's non-square weights showed, else out x in.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
 import json
 import math
 import os
+import re
 import shutil
+import signal
+import socket
 import struct
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
-from .adapter_io import LoadedAdapter, load_adapter_dir, load_peft_dir
+from .adapter_io import LoadedAdapter, _isfinite, _read_json, load_adapter_dir, load_peft_dir
 from .adapters import AdapterKind, kinds
-from .errors import SurgeonError
+from .errors import SpecError, SurgeonError
+from .spec import Spec, _check_option
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -78,89 +90,141 @@ class MergeSummary:
 
 
 def merge_checkpoint(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path,
-                     fan_in_fan_out: bool | None = None) -> MergeSummary:
+                     fan_in_fan_out: bool | None = None, allow_nonfinite: bool = False) -> MergeSummary:
     """Write base + adapter delta to out_dir, shard by shard and tensor by tensor."""
     base_dir, out_dir = Path(base_dir), Path(out_dir)
-    if out_dir.exists():
-        raise SurgeonError(f"merge-checkpoint: output folder '{out_dir}' exists; refusing to overwrite it")
+    if os.path.lexists(out_dir):
+        what = "is a symbolic link" if out_dir.is_symlink() else "exists"
+        raise SurgeonError(f"merge-checkpoint: output folder '{out_dir}' {what}; refusing to overwrite it")
     shards = _shard_files(base_dir)
+    others = _other_files(base_dir, shards)
     headers = {shard: _read_header(base_dir / shard) for shard in shards}
-    adapter = read_adapter(Path(adapter_dir))
+    adapter = read_adapter(Path(adapter_dir), allow_nonfinite)
     if fan_in_fan_out is not None:
         adapter.fan_in_fan_out = fan_in_fan_out
     plan = plan_targets(adapter, {name: shape for h in headers.values() for name, (_, shape) in h[0].items()})
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    _remove_stale_temps(out_dir)
     summary = MergeSummary(out_dir, shards)
-    try:
-        for shard in shards:
-            _write_shard(base_dir / shard, tmp / shard, headers[shard], plan, adapter, summary)
-        for other in sorted(base_dir.iterdir()):
-            if other.is_file() and other.name not in shards:
-                shutil.copyfile(other, tmp / other.name)
-        os.chmod(tmp, 0o755)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with _sigterm_unwinds():
+        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.{_run_tag()}.", suffix=".tmp"))
+        try:
+            for shard in shards:
+                _write_shard(base_dir / shard, tmp / shard, headers[shard], plan, adapter, summary, allow_nonfinite)
+            for name in others:
+                _copy_file(base_dir / name, tmp / name)
+            os.chmod(tmp, 0o755)
+            os.rename(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return summary
 
 
 # ---------------------------------------------------------------- reading
 
 def _shard_files(base_dir: Path) -> list[str]:
-    if (base_dir / INDEX).is_file():
-        index = json.loads((base_dir / INDEX).read_text())
-        weight_map = index.get("weight_map")
+    index_path = base_dir / INDEX
+    if _regular_file(index_path):
+        weight_map = _read_index(index_path).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
-            raise SurgeonError(f"merge-checkpoint: '{base_dir / INDEX}' has no weight_map")
+            raise SurgeonError(f"merge-checkpoint: '{index_path}' has no weight_map")
+        for tensor, shard in weight_map.items():
+            if not isinstance(shard, str):
+                raise SurgeonError(f"merge-checkpoint: '{index_path}' names shard {shard!r} for tensor '{tensor}'; "
+                                   "a shard is a file name")
+            if shard in ("", ".", "..") or any(c in shard for c in "/\\\0"):
+                raise SurgeonError(f"merge-checkpoint: shard {shard!r} named by '{index_path}' is not a plain file "
+                                   "name in the base folder; fix the index (merge-checkpoint reads and writes "
+                                   "nothing outside its folders)")
         shards = sorted(set(weight_map.values()))
-        missing = [s for s in shards if not (base_dir / s).is_file()]
+        missing = [s for s in shards if not _regular_file(base_dir / s)]
         if missing:
-            raise SurgeonError(f"merge-checkpoint: shards {missing} named by '{base_dir / INDEX}' are missing")
+            raise SurgeonError(f"merge-checkpoint: shards {missing} named by '{index_path}' are missing")
         return shards
-    if (base_dir / SINGLE).is_file():
+    if _regular_file(base_dir / SINGLE):
         return [SINGLE]
     raise SurgeonError(f"merge-checkpoint: '{base_dir}' has neither {INDEX} nor {SINGLE}")
 
 
+def _regular_file(path: Path) -> bool:
+    """Whether path is a file; a symbolic link in the base folder is refused, never followed."""
+    if path.is_symlink():
+        raise SurgeonError(f"merge-checkpoint: '{path}' is a symbolic link; merge-checkpoint follows no link in "
+                           "the base folder (put the file itself there)")
+    return path.is_file()
+
+
+def _other_files(base_dir: Path, shards: list[str]) -> list[str]:
+    """The top-level files besides the shards (config, tokenizer, the index), copied as they are."""
+    return [p.name for p in sorted(base_dir.iterdir()) if _regular_file(p) and p.name not in shards]
+
+
+def _read_index(path: Path) -> dict:
+    try:
+        index = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as error:
+        raise SurgeonError(f"merge-checkpoint: '{path}' is not valid JSON: {error}") from error
+    if not isinstance(index, dict):
+        raise SurgeonError(f"merge-checkpoint: '{path}' must hold a JSON object, got {type(index).__name__}")
+    return index
+
+
 def _read_header(path: Path) -> tuple[dict[str, tuple[str, list[int]]], dict | None]:
     """(tensor name -> (safetensors dtype, shape)) and the file's metadata, without reading data."""
-    with safe_open(str(path), framework="pt") as handle:
-        entries = {}
-        for name in handle.keys():
-            view = handle.get_slice(name)
-            entries[name] = (view.get_dtype(), list(view.get_shape()))
-        return entries, handle.metadata()
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            entries = {}
+            for name in handle.keys():
+                view = handle.get_slice(name)
+                entries[name] = (view.get_dtype(), list(view.get_shape()))
+            metadata = handle.metadata()
+    except (SafetensorError, OSError, ValueError) as error:
+        raise SurgeonError(f"merge-checkpoint: '{path}' is not a readable safetensors file: {error}") from error
+    for name, (dtype, _) in entries.items():
+        if dtype not in DTYPE_BYTES:
+            raise SurgeonError(f"merge-checkpoint: tensor '{name}' in '{path}' has unsupported dtype {dtype}")
+    return entries, metadata
 
 
-def read_adapter(adapter_dir: Path) -> Adapter:
-    """A surgeon (plain or quantized) or PEFT LoRA adapter folder, with per-module options."""
+def read_adapter(adapter_dir: Path, allow_nonfinite: bool = False) -> Adapter:
+    """A surgeon (plain or quantized) or PEFT adapter folder, with checked per-module options."""
     config_path = adapter_dir / "adapter_config.json"
     if not config_path.is_file():
         raise SurgeonError(f"merge-checkpoint: '{config_path}' is missing")
-    config = json.loads(config_path.read_text())
+    config = _read_json(config_path)
     flag = None
     if "peft_type" in config:
-        loaded = load_peft_dir(adapter_dir)
+        loaded = load_peft_dir(adapter_dir, allow_nonfinite)
         flag = bool(config.get("fan_in_fan_out", False))
     elif isinstance(config.get("quantized"), dict):
         from .quantized_io import load_quantized_adapter
 
-        loaded = load_quantized_adapter(adapter_dir)
+        loaded = load_quantized_adapter(adapter_dir, allow_nonfinite)
     else:
-        loaded = load_adapter_dir(adapter_dir)
-    kind = kinds()[loaded.entry["type"]]
-    options = _site_options(kind, loaded)
+        loaded = load_adapter_dir(adapter_dir, allow_nonfinite)
+    kind = kinds().get(loaded.entry["type"])
+    if kind is None:
+        raise SpecError("type", f"'{config_path}': unknown adapter type {loaded.entry['type']!r}; "
+                                f"known: {sorted(kinds())}")
+    options = _site_options(kind, loaded, str(config_path))
     reason = next((r for o in options.values() if (r := kind.refusal(o))), "")
     if reason:
         raise SurgeonError(f"merge-checkpoint: a {kind.name} adapter cannot be merged: {reason}")
     return Adapter(kind, loaded.weights, options, flag)
 
 
-def _site_options(kind: AdapterKind, loaded: LoadedAdapter) -> dict[str, dict]:
-    base = {key: loaded.entry.get(key, option.default) for key, option in kind.options.items()}
-    return {path: {**base, **loaded.site_options.get(path, {})} for path in loaded.weights}
+def _site_options(kind: AdapterKind, loaded: LoadedAdapter, source: str) -> dict[str, dict]:
+    """Per-module options, each checked as a spec checks it (type, positive, choices)."""
+    shell = Spec((), (), source=source)
+    base = {key: _check_option(shell, ("options", key), loaded.entry.get(key, option.default), option)
+            for key, option in kind.options.items()}
+    sites = {}
+    for path in loaded.weights:
+        own = loaded.site_options.get(path, {})
+        sites[path] = {**base, **{key: _check_option(shell, ("site_options", path, key), value, kind.options[key])
+                                  if key in kind.options else value for key, value in own.items()}}
+    return sites
 
 
 def plan_targets(adapter: Adapter, shapes: dict[str, list[int]]) -> dict[str, Target]:
@@ -171,7 +235,7 @@ def plan_targets(adapter: Adapter, shapes: dict[str, list[int]]) -> dict[str, Ta
         if name not in shapes or len(shapes[name]) != 2:
             raise SurgeonError(f"merge-checkpoint: the adapter's module '{path}' has no 2-D tensor '{name}' "
                                "in the checkpoint")
-        layouts[path] = _layout(adapter, path, shapes[name])
+        layouts[path] = _layout(adapter, path, name, shapes[name])
     shown = {v for v in layouts.values() if v is not None}
     default = adapter.fan_in_fan_out if adapter.fan_in_fan_out is not None else (shown.pop() if len(shown) == 1
                                                                                   else False)
@@ -183,28 +247,40 @@ def plan_targets(adapter: Adapter, shapes: dict[str, list[int]]) -> dict[str, Ta
     return plan
 
 
-def _layout(adapter: Adapter, path: str, shape: list[int]) -> bool | None:
-    """True for in x out storage, False for out x in, None when a square shape cannot tell."""
+def _layout(adapter: Adapter, path: str, name: str, shape: list[int]) -> bool | None:
+    """True for in x out storage, False for out x in, None when a square shape cannot tell.
+
+    The adapter's tensors must have the shapes its options (rank, ...) give the layer in one layout."""
     rows, cols = shape
-    if rows == cols:
-        return None
-    fits = [t for t, (out_f, in_f) in ((False, (rows, cols)), (True, (cols, rows)))
-            if _shapes_fit(adapter, path, in_f, out_f)]
-    if not fits:
-        raise SurgeonError(f"merge-checkpoint: the adapter's weights for '{path}' do not fit its "
-                           f"{rows}x{cols} checkpoint tensor in either layout")
-    return fits[0]
+    misfit = _misfit(adapter, path, cols, rows)                              # stored out x in
+    if misfit is None:
+        return None if rows == cols else False
+    if rows != cols and _misfit(adapter, path, rows, cols) is None:          # stored in x out
+        return True
+    raise SpecError("<adapter>", f"the adapter's weights for '{path}' do not fit the checkpoint's {rows}x{cols} "
+                                 f"tensor '{name}'{'' if rows == cols else ' in either layout'}: {misfit}")
 
 
-def _shapes_fit(adapter: Adapter, path: str, in_f: int, out_f: int) -> bool:
+def _misfit(adapter: Adapter, path: str, in_f: int, out_f: int) -> str | None:
+    """None when the adapter's tensors for `path` have the shapes its options give an in_f -> out_f
+    layer, else what differs."""
+    options = adapter.options[path]
     meta = torch.empty(out_f, in_f, device="meta")
-    expected = adapter.kind.init(adapter.options[path], in_f, out_f, torch.float32,
-                                 torch.Generator().manual_seed(0), meta)
+    try:
+        expected = adapter.kind.init(options, in_f, out_f, torch.float32, torch.Generator().manual_seed(0), meta)
+    except ValueError as error:   # options that cannot fit this layer at all (e.g. OFT's block size)
+        return str(error)
     got = adapter.weights[path]
+    if set(expected) != set(got):
+        return f"module '{path}' has tensors {sorted(got)}, a {adapter.kind.name} adapter has {sorted(expected)}"
     shared = adapter.kind.shared   # shared tensors (VeRA's projections) may be sized for a larger layer
-    return set(expected) == set(got) and all(
-        tuple(got[p].shape) == tuple(t.shape) or (p in shared and all(g >= e for g, e in zip(got[p].shape, t.shape)))
-        for p, t in expected.items())
+    for p, t in expected.items():
+        g = got[p]
+        if tuple(g.shape) != tuple(t.shape) and not (p in shared and g.dim() == t.dim() and all(
+                a >= b for a, b in zip(g.shape, t.shape))):
+            given = ", ".join(f"{k}={v!r}" for k, v in options.items())
+            return f"{p} of module '{path}' has shape {list(g.shape)}, but its options ({given}) need {list(t.shape)}"
+    return None
 
 
 # ---------------------------------------------------------------- merging and writing
@@ -235,12 +311,10 @@ def merged_tensor(tensor: torch.Tensor, target: Target, adapter: Adapter) -> tor
 
 
 def _write_shard(src: Path, dst: Path, header: tuple[dict, dict | None], plan: dict[str, Target],
-                 adapter: Adapter, summary: MergeSummary) -> None:
+                 adapter: Adapter, summary: MergeSummary, allow_nonfinite: bool = False) -> None:
     entries, metadata = header
     layout, offset = {}, 0
     for name, (dtype, shape) in sorted(entries.items()):
-        if dtype not in DTYPE_BYTES:
-            raise SurgeonError(f"merge-checkpoint: tensor '{name}' in '{src}' has unsupported dtype {dtype}")
         size = math.prod(shape) * DTYPE_BYTES[dtype]
         layout[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
         offset += size
@@ -248,13 +322,17 @@ def _write_shard(src: Path, dst: Path, header: tuple[dict, dict | None], plan: d
         layout["__metadata__"] = metadata
     blob = json.dumps(layout, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)   # the data starts 8-byte aligned
-    with open(dst, "wb") as out:
+    with _create(dst) as out:
         out.write(struct.pack("<Q", len(blob)) + blob)
         for name in sorted(entries):
             with safe_open(str(src), framework="pt") as handle:
                 tensor = handle.get_tensor(name)
             if name in plan:
-                tensor = merged_tensor(tensor, plan[name], adapter)
+                merged = merged_tensor(tensor, plan[name], adapter)
+                if not allow_nonfinite:
+                    _check_finite(name, src, tensor, merged)
+                tensor = merged
+                del merged
                 summary.merged.append(name)
             else:
                 summary.copied += 1
@@ -267,6 +345,87 @@ def _write_shard(src: Path, dst: Path, header: tuple[dict, dict | None], plan: d
             del tensor, data
             _release_freed_memory()
         summary.bytes_written += out.tell()
+
+
+def _check_finite(name: str, src: Path, base: torch.Tensor, merged: torch.Tensor) -> None:
+    """A merged tensor may be NaN or Inf only where the base tensor already is."""
+    if not merged.is_floating_point() or not (bad := ~_isfinite(merged)).any():
+        return
+    count = int((bad & _isfinite(base)).sum())
+    if count:
+        raise SurgeonError(f"merge-checkpoint: merged tensor '{name}' (in '{src}') is not finite in {count} "
+                           f"places where the base tensor is: the adapter's delta overflows {merged.dtype} or is NaN; "
+                           "check the adapter, or write it anyway with allow_nonfinite=True")
+
+
+def _create(path: Path):
+    """A new file for writing: never an existing one, never through a symbolic link."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    return os.fdopen(fd, "wb")
+
+
+def _copy_file(src: Path, dst: Path) -> None:
+    fd = os.open(src, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as source, _create(dst) as out:
+        shutil.copyfileobj(source, out)
+
+
+# ---------------------------------------------------------------- temporary folders and SIGTERM
+
+def _run_tag() -> str:
+    """'<host>-<pid>': names this run in its temporary folder's name."""
+    return f"{re.sub(r'[^A-Za-z0-9]', '', socket.gethostname())[:40]}-{os.getpid()}"
+
+
+def _remove_stale_temps(out_dir: Path) -> None:
+    """Remove the temporary folders for out_dir that runs on this host left when they were killed
+    (SIGKILL, power loss); a folder whose process is alive belongs to a concurrent run and stays."""
+    host = _run_tag().rpartition("-")[0]
+    pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.{re.escape(host)}-(\d+)\.[a-z0-9_]+\.tmp")
+    for entry in out_dir.parent.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if match and not entry.is_symlink() and entry.is_dir() and not _alive(int(match.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):   # not ours to signal (alive), or no such number: keep its folder
+        return True
+    return True
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived while writing: unwinds the write so the temporary folder is removed."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """While writing, SIGTERM raises _Terminated (the write's cleanup removes its temporary folder);
+    then the previous handler is restored and the signal delivered again, so the process ends as
+    SIGTERM would have ended it. Only in the main thread, and only where SIGTERM is not ignored."""
+    previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    if previous in (None, signal.SIG_IGN):
+        yield
+        return
+    received = []
+
+    def unwind(signum, frame):
+        if not received:   # a second SIGTERM lets the cleanup finish
+            received.append(signum)
+            raise _Terminated()
+    signal.signal(signal.SIGTERM, unwind)
+    try:
+        yield
+    except _Terminated:
+        signal.signal(signal.SIGTERM, previous)
+        signal.raise_signal(signal.SIGTERM)
+        raise SurgeonError("merge-checkpoint: stopped by SIGTERM; nothing was written") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _release_freed_memory() -> None:

@@ -202,13 +202,14 @@ def save_quantized_adapter(compiled, name: str, directory: str | Path) -> None:
     _write_atomic(directory / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
 
 
-def read_quantized_adapter(directory: str | Path) -> tuple[dict, dict[str, dict[str, Any]]]:
+def read_quantized_adapter(directory: str | Path,
+                           allow_nonfinite: bool = False) -> tuple[dict, dict[str, dict[str, Any]]]:
     """(config, module path -> param name -> QuantizedTensor, or a float tensor kept as it was)."""
     directory = Path(directory)
     config = _read_json(directory / "adapter_config.json")
     if config.get("surgeon_adapter") != FORMAT_VERSION or not isinstance(config.get("quantized"), dict):
         raise SpecError("<adapter>", f"'{directory}' is not a quantized surgeon adapter")
-    flat = _read_tensors(directory / "adapter.safetensors")
+    flat = _read_tensors(directory / "adapter.safetensors", allow_nonfinite)
     out: dict[str, dict[str, Any]] = {}
     for path, formats in config["quantized"].items():
         site = out.setdefault(path, {})
@@ -226,9 +227,9 @@ def read_quantized_adapter(directory: str | Path) -> tuple[dict, dict[str, dict[
     return config, out
 
 
-def load_quantized_adapter(directory: str | Path) -> LoadedAdapter:
+def load_quantized_adapter(directory: str | Path, allow_nonfinite: bool = False) -> LoadedAdapter:
     """Read a quantized adapter folder, decoded to the kind's float parameters (insertable as from_dir)."""
-    config, tensors = read_quantized_adapter(directory)
+    config, tensors = read_quantized_adapter(directory, allow_nonfinite)
     weights = {path: {p: dequantize(t) if isinstance(t, QuantizedTensor) else t for p, t in params.items()}
                for path, params in tensors.items()}
     entry = {"type": config["type"], "targets": list(config["targets"]), **config.get("options", {})}

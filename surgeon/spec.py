@@ -19,7 +19,7 @@ from .adapters import AdapterKind, kinds
 from .errors import SpecError
 
 TOP_KEYS = {"adapters", "pipeline", "seed", "verify"}
-ADAPTER_KEYS = {"name", "type", "targets", "exclude", "from_peft", "from_dir"}
+ADAPTER_KEYS = {"name", "type", "targets", "exclude", "from_peft", "from_dir", "allow_nonfinite"}
 
 
 @dataclass(frozen=True)
@@ -184,8 +184,11 @@ def _adapter(shell: Spec, i: int, entry: Any) -> AdapterSpec:
 
         key = "from_peft" if "from_peft" in entry else "from_dir"
         reader = load_peft_dir if key == "from_peft" else _surgeon_dir_reader(Path(entry[key]), load_adapter_dir)
+        allow = entry.get("allow_nonfinite", False)
+        if not isinstance(allow, bool):
+            raise shell.error(at + ("allow_nonfinite",), f"must be true or false, got {allow!r}")
         try:
-            loaded = reader(Path(entry[key]))
+            loaded = reader(Path(entry[key]), allow_nonfinite=allow)
         except SpecError as error:
             raise shell.error(at + (key,), str(error)) from error
         entry = {**loaded.entry, **{k: v for k, v in entry.items() if k not in ("type",)}}

@@ -37,18 +37,53 @@ def _fail(message: str) -> SpecError:
     return SpecError("<adapter>", message)
 
 
-def peft_pattern(patterns: dict | None, path: str, default):
-    """PEFT's rank_pattern / alpha_pattern lookup: the first key that matches the path's end."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", path):
-            return value
-    return default
+def _matches(pattern: str, path: str, what: str, whole: bool = False) -> bool:
+    """re.fullmatch (whole) or PEFT's pattern-key match of a config's regex; a bad regex is a SpecError."""
+    try:
+        return bool(re.fullmatch(pattern, path) if whole else re.match(rf"(.*\.)?({pattern})$", path))
+    except re.error as error:
+        raise _fail(f"adapter_config.json: {what} {pattern!r} is not a valid regular expression: {error}") from error
+
+
+def pattern_key(config: dict, name: str, path: str) -> str | None:
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key of config[name] that matches the path's end."""
+    patterns = config.get(name) or {}
+    if not isinstance(patterns, dict):
+        raise _fail(f"adapter_config.json: {name} must be an object of regex -> value, got {patterns!r}")
+    return next((key for key in patterns if _matches(key, path, f"{name} key")), None)
+
+
+def peft_pattern(config: dict, name: str, path: str, default):
+    """config[name]'s value for the path (rank_pattern, alpha_pattern), else default."""
+    key = pattern_key(config, name, path)
+    return default if key is None else config[name][key]
 
 
 def _number(config: dict, *keys: str) -> None:
     for key in keys:
-        if not isinstance(config.get(key), (int, float)) or isinstance(config.get(key), bool):
-            raise _fail(f"adapter_config.json: '{key}' must be a number, got {config.get(key)!r}")
+        value = config.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise _fail(f"adapter_config.json: '{key}' must be a finite number, got {value!r}")
+
+
+def _positive_int(where: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise _fail(f"adapter_config.json: {where} must be a positive integer, got {value!r}")
+    return value
+
+
+def _rank(config: dict, path: str, params: dict, shown: dict[str, int]) -> int:
+    """The module's rank, r or its rank_pattern entry, checked against every tensor in `shown`
+    (parameter name -> the axis that holds the rank) the module has."""
+    key = pattern_key(config, "rank_pattern", path)
+    where = "r" if key is None else f"rank_pattern[{key!r}]"
+    rank = _positive_int(where, config["r"] if key is None else config["rank_pattern"][key])
+    for name, axis in shown.items():
+        tensor = params.get(name)
+        if tensor is not None and (tensor.dim() <= axis or tensor.shape[axis] != rank):
+            raise _fail(f"adapter_config.json: {where}={rank} disagrees with the tensors: module '{path}' has "
+                        f"{name} of shape {list(tensor.shape)}")
+    return rank
 
 
 def _overrides(weights: dict, site: Callable[[str, dict], dict], entry: dict) -> dict:
@@ -61,14 +96,16 @@ def _overrides(weights: dict, site: Callable[[str, dict], dict], entry: dict) ->
     return out
 
 
-def _rank_alpha(config: dict, weights: dict, rank_of: Callable[[str, dict], int], alpha_key: str):
-    """Entry rank/alpha and per-module overrides from tensor shapes and PEFT's patterns."""
-    _number(config, "r", alpha_key)
-    entry = {"rank": config["r"], "alpha": float(config[alpha_key])}
+def _rank_alpha(config: dict, weights: dict, shown: dict[str, int], alpha_key: str):
+    """Entry rank/alpha and per-module overrides from PEFT's r, alpha and patterns; each module's
+    tensors in `shown` (name -> axis) must have the rank the config gives it."""
+    _number(config, alpha_key)
+    entry = {"rank": _positive_int("r", config.get("r")), "alpha": float(config[alpha_key])}
 
     def site(path: str, params: dict) -> dict:
-        alpha = peft_pattern(config.get("alpha_pattern"), path, config[alpha_key])
-        return {"rank": rank_of(path, params), "alpha": float(alpha)}
+        alpha = peft_pattern(config, "alpha_pattern", path, config[alpha_key])
+        _number({"alpha_pattern": alpha}, "alpha_pattern")
+        return {"rank": _rank(config, path, params, shown), "alpha": float(alpha)}
     return entry, _overrides(weights, site, entry)
 
 
@@ -104,7 +141,7 @@ def _read_lora(config, weights, extras):
             params.update(lora_A=params["lora_A"].flatten(1), lora_B=params["lora_B"].flatten(1))
         if not {"lora_A", "lora_B"} <= set(params) or params["lora_A"].dim() != 2:
             raise _fail(f"module '{path}' needs 2-D lora_A and lora_B weights (4-D, with a 1x1 lora_B, on a conv)")
-    entry, sites = _rank_alpha(config, weights, lambda path, params: params["lora_A"].shape[0], "lora_alpha")
+    entry, sites = _rank_alpha(config, weights, {"lora_A": 0, "lora_B": 1}, "lora_alpha")
     entry.update(type=kind, use_rslora=bool(config.get("use_rslora", False)),
                  init="pissa" if init == "pissa" else "default")
     return entry, sites
@@ -124,7 +161,7 @@ def _feedforward(config: dict, path: str) -> bool:
     """PEFT's rule: a regex string must match the whole path, a list entry must end it."""
     modules = config.get("feedforward_modules") or []
     if isinstance(modules, str):
-        return bool(re.fullmatch(modules, path))
+        return _matches(modules, path, "feedforward_modules", whole=True)
     return any(path.endswith(name) for name in modules)
 
 
@@ -150,17 +187,14 @@ def _write_ia3(kind, options, weights, site_options):
 # ---------------------------------------------------------------- LoHa, LoKr
 
 def _read_loha(config, weights, extras):
-    entry, sites = _rank_alpha(config, weights, lambda path, params: params["hada_w1_a"].shape[1], "alpha")
+    shown = {"hada_w1_a": 1, "hada_w1_b": 0, "hada_w2_a": 1, "hada_w2_b": 0}
+    entry, sites = _rank_alpha(config, weights, shown, "alpha")
     return {**entry, "type": "loha"}, sites
 
 
 def _read_lokr(config, weights, extras):
-    def rank_of(path, params):
-        for name in ("lokr_w1_a", "lokr_w2_a"):
-            if name in params:
-                return params[name].shape[1]
-        return peft_pattern(config.get("rank_pattern"), path, config["r"])
-    entry, sites = _rank_alpha(config, weights, rank_of, "alpha")
+    shown = {"lokr_w1_a": 1, "lokr_w1_b": 0, "lokr_w2_a": 1, "lokr_w2_b": 0}   # full factors show no rank
+    entry, sites = _rank_alpha(config, weights, shown, "alpha")
     entry.update(type="lokr", decompose_both=bool(config.get("decompose_both", False)),
                  decompose_factor=int(config.get("decompose_factor", -1)))
     return entry, sites
@@ -180,9 +214,16 @@ def _read_vera(config, weights, extras):
     if not config.get("save_projection", True) or "vera_A" not in extras or "vera_B" not in extras:
         raise _fail("the checkpoint does not hold vera_A / vera_B (save_projection=False); surgeon cannot "
                     "regenerate PEFT's projections")
-    for params in weights.values():
+    config = {**config, "r": config.get("r", 256)}
+    rank = _positive_int("r", config["r"])
+    for name, axis in (("vera_A", 0), ("vera_B", 1)):
+        if extras[name].dim() != 2 or extras[name].shape[axis] != rank:
+            raise _fail(f"adapter_config.json: r={rank} disagrees with the tensors: the shared {name} has shape "
+                        f"{list(extras[name].shape)}")
+    for path, params in weights.items():
+        _rank(config, path, params, {"vera_lambda_d": 0})
         params.update(vera_A=extras["vera_A"], vera_B=extras["vera_B"])
-    entry = {"type": "vera", "rank": int(extras["vera_A"].shape[0]), "d_initial": float(config.get("d_initial", 0.1))}
+    entry = {"type": "vera", "rank": rank, "d_initial": float(config.get("d_initial", 0.1))}
     return entry, {}
 
 
@@ -250,8 +291,9 @@ def _write_boft(kind, options, weights, site_options):
 
 
 def _read_hra(config, weights, extras):
-    entry = {"type": "hra", "rank": config.get("r", 8), "apply_GS": bool(config.get("apply_GS", False))}
-    return entry, _overrides(weights, lambda path, params: {"rank": params["hra_u"].shape[1]}, entry)
+    config = {**config, "r": config.get("r", 8)}
+    entry = {"type": "hra", "rank": _positive_int("r", config["r"]), "apply_GS": bool(config.get("apply_GS", False))}
+    return entry, _overrides(weights, lambda path, params: {"rank": _rank(config, path, params, {"hra_u": 1})}, entry)
 
 
 def _write_hra(kind, options, weights, site_options):
@@ -262,7 +304,7 @@ def _write_hra(kind, options, weights, site_options):
 
 def _read_shira(config, weights, extras):
     """PEFT saves each site's support as (2, k) int32 (row, column) pairs; k = r * (in + out)."""
-    _number(config, "r")
+    _positive_int("r", config.get("r"))
     for path, params in weights.items():
         indices = params.get("shira_indices")
         if indices is None or indices.dim() != 2 or indices.shape[0] != 2 or indices.is_floating_point():
