@@ -6,7 +6,7 @@
 """
 import sys
 
-from surgeon.kernels.bench_family import main
+from surgeon.bench.family import main
 
 if __name__ == "__main__":
     sys.exit(main())

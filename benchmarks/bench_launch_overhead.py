@@ -35,7 +35,7 @@ def tiny_llama():
 def lowered(model, ids):
     """(unlowered, lowered) GraphModules of the model with LoRA r=8 on every projection."""
     import surgeon
-    from surgeon.bench import TARGETS
+    from surgeon.bench.models import TARGETS
 
     spec = {"adapters": [{"name": "a", "type": "lora", "targets": TARGETS, "rank": 8, "alpha": 16}],
             "pipeline": ["insert"]}

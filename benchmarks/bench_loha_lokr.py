@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from surgeon.bench import TARGETS, build
+from surgeon.bench.models import TARGETS, build
 
 KW = {"use_cache": False}
 

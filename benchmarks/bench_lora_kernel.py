@@ -5,7 +5,7 @@
 """
 import sys
 
-from surgeon.kernels.bench import main
+from surgeon.bench.kernels import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from surgeon.bench import TARGETS, surgeon_variants
+from surgeon.bench.models import TARGETS, surgeon_variants
 HAS_PEFT = importlib.util.find_spec("peft") is not None
 CPU_VARIANTS = ["eager base", "surgeon merged", "surgeon unmerged"] + (["PEFT unmerged"] if HAS_PEFT else [])
 

@@ -5,9 +5,9 @@
     print(compiled.report)
 """
 from .capture import capture
-from .compiled import Compiled, compile
+from .compiled import Compiled, compile, load_spec
 from .errors import CaptureError, KernelError, PassError, SpecError, SurgeonError
-from .spec import Spec, load_spec
+from .spec import Spec
 
 __all__ = ["compile", "Compiled", "capture", "load_spec", "Spec", "SurgeonError", "SpecError",
            "CaptureError", "PassError", "KernelError"]

@@ -16,10 +16,17 @@ from .capture import _eval_mode, capture, split_kwargs
 from .errors import SpecError
 from .graph import compute_nodes, count_parameters, get_tensor
 from .pipeline import AdapterState, Context, PassRow, compare, compute_dtypes, run_outputs, run_pipeline
-from .passes_table import passes
+from .passes import passes
 from .report import Report
 from .safe_io import check_out_dir, real_dir, write_text_nofollow
-from .spec import Spec, _pass, load_spec, spec_to_dict
+from . import spec as spec_module
+from .spec import Spec, _pass, spec_to_dict
+
+
+def load_spec(spec: "str | Path | dict | Spec") -> Spec:
+    """Parse and validate a spec (a YAML/TOML file path, YAML text or a dict), its pipeline against
+    surgeon's passes; raise SpecError naming the key (and line) of the first problem."""
+    return spec_module.load_spec(spec, passes())
 
 
 def compile(model: nn.Module, example_inputs: Any, spec: "str | Path | dict | Spec",
@@ -103,9 +110,9 @@ class Compiled:
 
     def apply(self, pipeline: list, verify: bool = True, progress: Callable[[str], None] | None = None) -> "Compiled":
         """Run more passes (names or {name: options}, as in a spec) on this compiled module."""
-        specs = [p if hasattr(p, "options") else _pass(self.ctx.spec, i, p, set(self.ctx.adapters))
-                 for i, p in enumerate(pipeline)]
         table = passes()
+        specs = [p if hasattr(p, "options") else _pass(self.ctx.spec, i, p, set(self.ctx.adapters), table)
+                 for i, p in enumerate(pipeline)]
         instances = [table[p.name](**p.options) for p in specs]
         self.report.rows += run_pipeline(self.module, instances, self.ctx, verify=verify, progress=progress)
         return self
@@ -160,9 +167,6 @@ class Compiled:
             from .visualize import write_views
 
             write_text_nofollow(out / "nodes_before.json", json.dumps(self.nodes_before, indent=1))
-            for name in ("graph.html", "graph.dot"):   # write_views writes these with Path.write_text
-                if (out / name).is_symlink():
-                    (out / name).unlink()
             write_views(out, self.nodes_before, after, self.report.to_dict())
         from .groups import analyze_groups
 

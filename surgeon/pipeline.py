@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import torch
 import torch.fx as fx
@@ -19,7 +19,9 @@ from torch.utils import _pytree as pytree
 
 from .errors import PassError, SurgeonError
 from .graph import compute_nodes, count_parameters, lint
-from .spec import AdapterSpec, Spec
+
+if TYPE_CHECKING:   # the spec's classes, for annotations only: spec checks pass entries against passes
+    from .spec import AdapterSpec, Spec
 
 # max |after - before| / max |before| allowed for "close" passes, by output dtype (reason: the
 # rounding of a reordered sum of K products grows like eps * sqrt(K); these leave headroom for

@@ -1,7 +1,9 @@
 """The declarative spec: adapters and a pipeline of passes, from YAML, TOML or a dict.
 
 Everything here is checked before anything is compiled; each problem raises SpecError naming
-the key (e.g. `adapters[1].rank`) and, when the spec came from a YAML file, its line.
+the key (e.g. `adapters[1].rank`) and, when the spec came from a YAML file, its line. Pass entries
+are checked against a table of pass classes the caller hands in (`surgeon.load_spec` hands in
+surgeon.passes.passes()): the passes build on this module, so it never imports them.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import yaml
 
@@ -68,8 +70,9 @@ def _key_text(key: tuple) -> str:
     return text or "<spec>"
 
 
-def load_spec(spec: "str | Path | dict | Spec") -> Spec:
-    """Parse and validate a spec from a YAML/TOML file path, YAML text, or a dict."""
+def load_spec(spec: "str | Path | dict | Spec", passes: Mapping[str, type] | None = None) -> Spec:
+    """Parse and validate a spec from a YAML/TOML file path, YAML text, or a dict; `passes` is the
+    table of pass classes by name its pipeline entries are checked against (none: no entries)."""
     if isinstance(spec, Spec):
         return spec
     lines: dict = {}
@@ -93,7 +96,7 @@ def load_spec(spec: "str | Path | dict | Spec") -> Spec:
                 mark = getattr(error, "problem_mark", None)
                 raise SpecError("<spec>", f"not valid YAML: {error}", mark.line + 1 if mark else None,
                                 source) from error
-    return _validate(data, source, lines)
+    return _validate(data, source, lines, passes or {})
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -136,7 +139,7 @@ def _yaml_lines(node, key: tuple = ()) -> dict:
     return out
 
 
-def _validate(data: Any, source: str | None, lines: dict) -> Spec:
+def _validate(data: Any, source: str | None, lines: dict, table: Mapping[str, type]) -> Spec:
     shell = Spec((), (), source=source, lines=lines)
     if not isinstance(data, dict):
         raise shell.error((), f"must be a mapping with 'adapters' and 'pipeline', got {type(data).__name__}")
@@ -163,7 +166,7 @@ def _validate(data: Any, source: str | None, lines: dict) -> Spec:
         raise shell.error(("pipeline",), "must be a list of pass names or {name: {options}}")
     pipeline = []
     for i, entry in enumerate(raw_pipeline):
-        pipeline.append(_pass(shell, i, entry, seen))
+        pipeline.append(_pass(shell, i, entry, seen, table))
         if pipeline[-1].name == "combine":   # later passes may name the combined adapter
             options = pipeline[-1].options
             seen.add(options.get("into") or "_".join(options.get("adapters", ())) + f"_{options.get('method')}")
@@ -256,9 +259,7 @@ def _type_name(t) -> str:
     return names.get(t, t.__name__)
 
 
-def _pass(shell: Spec, i: int, entry: Any, adapter_names: set[str]) -> PassSpec:
-    from .passes_table import passes
-
+def _pass(shell: Spec, i: int, entry: Any, adapter_names: set[str], table: Mapping[str, type]) -> PassSpec:
     at = ("pipeline", i)
     if isinstance(entry, str):
         name, options = entry, {}
@@ -268,7 +269,6 @@ def _pass(shell: Spec, i: int, entry: Any, adapter_names: set[str]) -> PassSpec:
         at = at + (name,)
     else:
         raise shell.error(at, f"must be a pass name or {{name: {{options}}}}, got {entry!r}")
-    table = passes()
     if name not in table:
         raise shell.error(at, f"unknown pass {name!r}; known: {sorted(table)}")
     if not isinstance(options, dict):

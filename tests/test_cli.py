@@ -55,31 +55,14 @@ def test_bench_on_cuda_writes_each_tables_json_beside_the_models(monkeypatch, tm
     functions are replaced here; they need a GPU)."""
     import torch
 
-    from surgeon import bench
-    from surgeon.kernels import bench as kernel_bench, bench_family
+    from surgeon.bench import family as bench_family, kernels as kernel_bench, models
 
     calls = {}
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a GPU")
-    monkeypatch.setattr(bench, "run", lambda *a: {"decode 1x4": {"eager base": 1.0}})
+    monkeypatch.setattr(models, "run", lambda *a: {"decode 1x4": {"eager base": 1.0}})
     monkeypatch.setattr(kernel_bench, "main", lambda argv: calls.setdefault("kernels", argv) and 0)
     monkeypatch.setattr(bench_family, "main", lambda argv: calls.setdefault("family", argv) and 0)
     assert main(["bench", "--device", "cuda", "--json", str(tmp_path / "bench.json"), "--kernel-budget", "200"]) == 0
     assert calls == {"kernels": ["--json", str(tmp_path / "bench_kernels.json"), "--budget", "200.0"],
                      "family": ["--json", str(tmp_path / "bench_family.json"), "--budget", "200.0"]}
     assert (tmp_path / "bench.json").exists() and "a GPU" in capsys.readouterr().out
-
-
-def test_bench_adds_cuda_graph_rows_and_reports_a_capture_that_fails():
-    from surgeon import bench
-
-    def capture(fn):
-        if fn() == "lowered":
-            raise RuntimeError("operation not permitted when stream is capturing")
-        return fn
-
-    fns = {"eager base": lambda: "base", "surgeon lowered": lambda: "lowered", "PEFT merged": lambda: "peft"}
-    logged = []
-    found = bench.with_graphs(fns, capture, logged.append)
-    assert list(found) == ["eager base", "surgeon lowered", "PEFT merged", "eager base, CUDA graph"]
-    assert logged == ["  surgeon lowered: no CUDA graph (RuntimeError: operation not permitted when stream is "
-                      "capturing)"]

@@ -10,7 +10,8 @@ from functools import lru_cache
 import pytest
 
 import surgeon
-from surgeon import cli, cli_views
+from surgeon import cli
+from surgeon.cli import views as cli_views
 from surgeon.compiled import node_table
 from surgeon.errors import SurgeonError
 from surgeon.visualize import auto_depth, diff, pass_kind, to_dot, to_html, to_svg, write_views

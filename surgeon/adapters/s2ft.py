@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import SpecError
-from ..groups_permute import META
+from ..groups.permute import META
 from . import AdapterKind, Option, aten
 
 

@@ -10,7 +10,7 @@ from torch import nn
 import surgeon
 from surgeon.errors import PassError
 from surgeon.groups import analyze_groups
-from surgeon.groups_permute import apply, unit_perm_to_elements
+from surgeon.groups.permute import apply, unit_perm_to_elements
 from tests.conftest import (assert_untouched, hf_gpt2, hf_llama, lora_spec, randomize_adapters, small_cnn,
                             snapshot)
 from tests.passes.helpers import logits

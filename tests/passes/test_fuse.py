@@ -117,7 +117,7 @@ def test_same_meta_compares_symbolic_dims():
 
 def test_fuse_is_a_registered_exact_pass():
     assert Fuse.name == "fuse" and Fuse.check == "exact"
-    from surgeon.passes_table import passes
+    from surgeon.passes import passes
 
     assert passes()["fuse"] is Fuse
 

@@ -129,7 +129,7 @@ def test_op_is_registered_by_lower_not_by_import_surgeon():
     import subprocess
     import sys
 
-    code = ("import sys, torch, surgeon; from surgeon.passes_table import passes; passes(); "
+    code = ("import sys, torch, surgeon; from surgeon.passes import passes; passes(); "
             "print('surgeon.kernels.registry' in sys.modules, hasattr(torch.ops.surgeon, 'lora_linear'), "
             "hasattr(torch.ops.surgeon, 'bottleneck'), hasattr(torch.ops.surgeon, 'pointwise'))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

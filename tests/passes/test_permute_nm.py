@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import surgeon
-from surgeon.groups_nm import kept, nm_mask, search
+from surgeon.groups.nm import kept, nm_mask, search
 from tests.conftest import hf_gpt2, hf_llama, small_cnn
 from tests.passes.helpers import logits
 

@@ -1,1 +1,0 @@
-"""Generated Triton kernels for fused regions (imported as surgeon.kernels)."""

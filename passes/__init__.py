@@ -1,1 +1,0 @@
-"""Graph passes, one per file, each named as it is named in a spec (`merge` <-> merge.py)."""

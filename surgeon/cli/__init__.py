@@ -1,0 +1,247 @@
+"""The command line: `surgeon demo`, `compile`, `show`, `diff`, `merge-checkpoint`, `bench`.
+
+views.py adds the graph-view options (show --dot/--svg/--html, diff); bench.py is `surgeon bench`.
+The top layer: it may import anything in surgeon; nothing imports it.
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import importlib
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from .views import add_diff_command, add_view_options
+from ..errors import SurgeonError
+from ..safe_io import check_out_dir, real_dir, write_text_nofollow
+
+DEMO_SPEC = """\
+# The built-in demo: LoRA on every attention and MLP projection of a small LLaMA-style model.
+adapters:
+  - name: demo
+    type: lora
+    targets: ["*.q_proj", "*.k_proj", "*.v_proj", "*.o_proj", "*.gate_proj", "*.up_proj", "*.down_proj"]
+    rank: 8
+    alpha: 16
+pipeline:
+  - insert
+"""
+
+
+def _progress(message: str) -> None:
+    print(f"  .. {message}", file=sys.stderr, flush=True)
+
+
+def _import_factory(ref: str):
+    module_name, _, attr = ref.partition(":")
+    if not attr:
+        raise SurgeonError(f"--model must look like 'package.module:factory', got {ref!r}")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as error:
+        raise SurgeonError(f"--model {ref!r}: cannot import: {error}") from error
+    except Exception as error:
+        raise SurgeonError(f"--model {ref!r}: importing {module_name} raised {type(error).__name__}: {error}") \
+            from error
+
+
+def _call_factory(ref: str, factory):
+    try:
+        made = factory()
+    except Exception as error:
+        raise SurgeonError(f"model factory {ref} raised {type(error).__name__}: {error}") from error
+    if not isinstance(made, tuple) or len(made) not in (2, 3):
+        raise SurgeonError(f"--model {ref!r}: the factory must return (model, example_inputs[, example_kwargs])")
+    model, args, kwargs = (*made, None) if len(made) == 2 else made
+    return model, args, kwargs
+
+
+def cmd_compile(ns) -> int:
+    import surgeon
+    from ..compiled import load_spec
+
+    # everything that needs no model first: building it may load gigabytes of weights
+    factory = _import_factory(ns.model)
+    spec = load_spec(Path(ns.spec))
+    check_out_dir(ns.out)
+    model, args, kwargs = _call_factory(ns.model, factory)
+    compiled = surgeon.compile(model, args, spec, kwargs, progress=_progress)
+    print(compiled.report)
+    out = compiled.save(ns.out)
+    print(f"\nwrote {out}/: report.txt/json, spec.yaml, graph.py, graph.html, graph.dot, nodes*.json, groups.json, "
+          "adapters/")
+    return 0
+
+
+def cmd_demo(ns) -> int:
+    import torch
+
+    import surgeon
+    from ..models import tiny_llama
+
+    out = check_out_dir(ns.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_nofollow(out / "demo_spec.yaml", DEMO_SPEC)
+    model, (ids,) = tiny_llama(seed=0)
+    compiled = surgeon.compile(model, (ids,), out / "demo_spec.yaml", progress=_progress)
+    # a few steps of next-token training on a fixed toy batch: only the adapter learns
+    trainable = [p for p in compiled.module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    targets = torch.roll(ids, -1, dims=1)
+    losses = []
+    for _ in range(ns.steps):
+        logits = compiled.module(ids)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    _progress(f"trained {len(trainable)} adapter tensors for {ns.steps} steps: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    compiled.save_adapter("demo", real_dir(out / "adapter"))
+    compiled.save_adapter("demo", real_dir(out / "adapter_peft"), format="peft")
+    lowered = _demo_lowered(model, ids, compiled, out)
+    compiled.apply(["merge"], progress=_progress)
+    print(compiled.report)
+    print(f"\ntraining loss {losses[0]:.4f} -> {losses[-1]:.4f} over {ns.steps} steps (adapter only)")
+    compiled.save(out)
+    print(f"\nserving copy (unmerged, fuse + lower): {lowered}")
+    print(f"wrote {out}/: report.txt/json, spec.yaml, graph.py, graph.html, graph.dot, nodes*.json, groups.json, "
+          "adapters/, adapter/ (surgeon format), adapter_peft/ (PEFT format), lowered/ (its kernels/ and graph)")
+    return 0
+
+
+def _demo_lowered(model, ids, trained, out: Path) -> str:
+    """The trained, unmerged module again with its regions lowered to generated kernels; saved to out/lowered."""
+    import torch
+
+    import surgeon
+
+    lowered = surgeon.compile(model, (ids,), out / "demo_spec.yaml")
+    lowered.module.load_state_dict(trained.module.state_dict())
+    lowered.apply(["fuse", "lower"], progress=_progress)
+    with torch.no_grad():
+        error = (lowered.module(ids) - trained.module(ids)).abs().max().item()
+    lowered.save(real_dir(out / "lowered"))
+    return f"{lowered.report.rows[-1].notes[0]}; max |lowered - trained| = {error:.1e}"
+
+
+def cmd_show(ns) -> int:
+    directory = Path(ns.dir)
+    nodes_file = directory / "nodes.json"
+    if not nodes_file.is_file():
+        raise SurgeonError(f"'{directory}' is not a saved compile (no nodes.json); write one with surgeon compile --out")
+    if getattr(ns, "kernels", False):
+        sources = sorted((directory / "kernels").glob("*.py"))
+        if not sources:
+            raise SurgeonError(f"'{directory}' has no generated kernels (run the `fuse` and `lower` passes)")
+        for source in sources:
+            print(f"# ---- {source.stem}\n{source.read_text()}")
+        return 0
+    if getattr(ns, "groups", False):
+        from ..groups import format_groups
+
+        groups_file = directory / "groups.json"
+        if not groups_file.is_file():
+            raise SurgeonError(f"'{directory}' has no groups.json; recompile it with this version of surgeon")
+        print(format_groups(json.loads(groups_file.read_text())))
+        return 0
+    nodes = json.loads(nodes_file.read_text())
+    from ..report import table
+
+    rows = [[n["path"] or "<root>", n["name"], n["op"], n["target"].replace("aten.", "").removesuffix(".default"),
+             "x".join(map(str, n["shape"])) if n["shape"] is not None else "", n["dtype"] or "", n["pass"]]
+            for n in nodes if fnmatch.fnmatchcase(n["path"], ns.filter) and n["op"] != "output"]
+    print((directory / "report.txt").read_text() if (directory / "report.txt").is_file() else "")
+    print(table(["module", "node", "op", "target", "shape", "dtype", "made by"], rows))
+    return 0
+
+
+def cmd_merge_checkpoint(ns) -> int:
+    from ..merge_checkpoint import merge_checkpoint
+
+    summary = merge_checkpoint(Path(ns.base), Path(ns.adapter), Path(ns.out), fan_in_fan_out=ns.fan_in_fan_out,
+                               allow_nonfinite=ns.allow_nonfinite)
+    print(f"wrote {summary.out_dir}/: {len(summary.shards)} shard file(s), {len(summary.merged)} tensors merged, "
+          f"{summary.copied} copied, {summary.bytes_written:,} bytes")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command. Every failure prints one line, `surgeon: error: ...`, and returns 2 (130 on
+    Ctrl-C); `--traceback` (before or after the command) or SURGEON_DEBUG=1 also prints the traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("SURGEON_DEBUG", "") not in ("", "0")
+    while argv[:1] == ["--traceback"]:
+        argv, debug = argv[1:], True
+    try:
+        if argv[:1] == ["bench"]:   # its own options (surgeon.bench)
+            from .bench import main as bench_main
+
+            return bench_main(argv[1:])
+        ns = _parser().parse_args(argv)
+        debug = debug or ns.traceback
+        return ns.fn(ns)
+    except KeyboardInterrupt:
+        return _fail("interrupted", debug, 130)
+    except SurgeonError as error:
+        return _fail(str(error), debug)
+    except Exception as error:
+        return _fail(f"{type(error).__name__}: {error}", debug)
+
+
+def _fail(message: str, debug: bool, status: int = 2) -> int:
+    if debug:
+        traceback.print_exc()
+    print("surgeon: error: " + " ".join(line.strip() for line in message.splitlines() if line.strip()),
+          file=sys.stderr)
+    return status
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="surgeon", description="A model-surgery compiler over FX graphs.",
+                                     epilog="Errors print one line, `surgeon: error: ...`, and exit with status 2.")
+    parser.add_argument("--traceback", action="store_true",
+                        help="on an error, also print the full traceback (or set SURGEON_DEBUG=1)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    out_help = ("folder for the artifacts{}; a symlink at a name surgeon writes there is replaced, "
+                "never written through")
+    p = sub.add_parser("demo", help="compile, train and merge a LoRA on the built-in LLaMA-style model")
+    p.add_argument("--out", default="demo_out", help=out_help.format(" (default: demo_out)"))
+    p.add_argument("--steps", type=int, default=20, help="training steps before the merge (default: 20)")
+    p.set_defaults(fn=cmd_demo)
+    p = sub.add_parser("compile", help="compile a model from a factory with a spec")
+    p.add_argument("--model", required=True, help="package.module:factory returning (model, example_inputs[, kwargs])")
+    p.add_argument("--spec", required=True, help="spec file (.yaml or .toml); checked before the factory runs")
+    p.add_argument("--out", required=True, help=out_help.format(""))
+    p.set_defaults(fn=cmd_compile)
+    p = sub.add_parser("show", help="print a saved compile's report and graph, grouped by module path")
+    p.add_argument("dir", help="a folder written by surgeon compile/demo")
+    p.add_argument("--filter", default="*", help="module-path glob (default: all)")
+    p.add_argument("--groups", action="store_true", help="print which weight axes are permuted together")
+    p.add_argument("--kernels", action="store_true", help="print the generated kernel source of lowered regions")
+    p.set_defaults(fn=cmd_show)
+    add_view_options(p)
+    add_diff_command(sub)
+    sub.add_parser("bench", help="time merged/unmerged LoRA vs the eager base and PEFT (see surgeon bench -h)",
+                   add_help=False)
+    p = sub.add_parser("merge-checkpoint", help="merge an adapter into a safetensors checkpoint, tensor by tensor")
+    p.add_argument("--base", required=True, help="folder with model.safetensors, or shards + model.safetensors.index.json")
+    p.add_argument("--adapter", required=True, help="adapter folder: surgeon (save_adapter) or PEFT")
+    p.add_argument("--out", required=True, help="output folder (must not exist)")
+    p.add_argument("--fan-in-fan-out", action=argparse.BooleanOptionalAction, default=None,
+                   help="square weights are stored in x out (GPT-2 Conv1D); default: from the adapter")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="merge even if the adapter holds NaN/inf or the merge overflows the dtype (refused by default)")
+    p.set_defaults(fn=cmd_merge_checkpoint)
+    for name, command in sub.choices.items():   # --traceback after the command too
+        if name != "bench":
+            command.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS,
+                                 help="on an error, also print the full traceback")
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())
