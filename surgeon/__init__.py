@@ -6,8 +6,8 @@
 """
 from .capture import capture
 from .compiled import Compiled, compile, load_spec
-from .errors import CaptureError, KernelError, PassError, SpecError, SurgeonError
+from .errors import CaptureError, InputError, KernelError, PassError, SpecError, SurgeonError
 from .spec import Spec
 
 __all__ = ["compile", "Compiled", "capture", "load_spec", "Spec", "SurgeonError", "SpecError",
-           "CaptureError", "PassError", "KernelError"]
+           "CaptureError", "PassError", "KernelError", "InputError"]

@@ -18,27 +18,40 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.fx.experimental._config as fx_config
 import torch.nn.functional as F
 from torch import nn
-from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
+from torch.fx.graph import CodeGen, _PyTreeCodeGen, _PyTreeInfo
 from torch.utils import _pytree as pytree
 
 from .errors import CaptureError
 from .fastpath import recompile
+from .inputs import Dim, Inputs
+from .module import SurgeonModule
 
 _DROPPED_OPS = {torch.ops.aten._assert_tensor_metadata.default}
 
 
 class _FlatInputCodeGen(_PyTreeCodeGen):
-    """Pytree codegen that skips input re-flattening when every input is a plain tensor."""
+    """Pytree codegen that skips input re-flattening when every input is a plain tensor; then the
+    forward's parameters are the placeholders themselves, defaults included (an optional input)."""
+
+    def _flat(self) -> bool:
+        spec = self.pytree_info.in_spec
+        return all(child.is_leaf() for part in spec.children() for child in part.children())
+
+    def gen_fn_def(self, free_vars, maybe_return_annotation, *, expanded_def=False):
+        if self._flat():
+            return CodeGen.gen_fn_def(self, free_vars, maybe_return_annotation, expanded_def=expanded_def)
+        return super().gen_fn_def(free_vars, maybe_return_annotation, expanded_def=expanded_def)
 
     def gen_var_bindings(self, fn_args, free_vars, expanded_def):
-        spec = self.pytree_info.in_spec
-        if all(child.is_leaf() for part in spec.children() for child in part.children()):
+        if self._flat():
             return ""
         return super().gen_var_bindings(fn_args, free_vars, expanded_def)
 
@@ -65,20 +78,36 @@ def _eval_mode(model: nn.Module):
 
 
 def capture(model: nn.Module, args: tuple, kwargs: dict | None = None,
-            dynamic_shapes: Any = None) -> fx.GraphModule:
-    """Capture `model` into the canonical GraphModule; raise CaptureError if no front end can."""
+            dynamic_shapes: Any = None, dynamic: bool = True, small: bool = True) -> fx.GraphModule:
+    """Capture `model` into the canonical SurgeonModule; raise CaptureError if no front end can.
+
+    Shapes: with `dynamic` (the default) every dimension of every tensor input is dynamic where the
+    model lets it vary (torch.export.Dim.AUTO), so the module takes any batch and length; sizes the
+    model fixes become static and ranges it limits are kept (the module checks both on each call).
+    With `small` (the default) sizes 0 and 1 stay dynamic too (torch's size-oblivious reasoning, which
+    assumes no size-1 broadcasting of an input); without, they are specialized as torch.export does. `dynamic=False` captures the example's shapes
+    only; `dynamic_shapes=` (torch.export's structure) takes full control. A model whose dynamic
+    export fails is captured static, and gm.meta["surgeon_inputs"].notes says why.
+    """
     args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
     check_names(model)
     tensor_kwargs, constants = split_kwargs(kwargs)
+    notes: list[str] = []
     with _eval_mode(model):
         try:
-            return _capture_export(model, args, tensor_kwargs, constants, dynamic_shapes)
+            gm = _capture_export(model, args, tensor_kwargs, constants, dynamic_shapes, dynamic, small, notes)
         except Exception as export_error:  # noqa: BLE001 - reported below with the fx reason
             export_reason = _first_line(export_error)
+        else:
+            return _with_inputs(gm, model, args, tensor_kwargs, constants, dynamic, notes)
         try:
-            return _capture_fx(model, args, tensor_kwargs, constants)
+            gm = _capture_fx(model, args, tensor_kwargs, constants)
         except Exception as fx_error:  # noqa: BLE001
             fx_reason = _first_line(fx_error)
+        else:
+            notes.append(f"captured by torch.fx.symbolic_trace (torch.export failed: {export_reason}); "
+                         "input shapes are not checked")
+            return _with_inputs(gm, model, args, tensor_kwargs, constants, dynamic, notes)
     raise CaptureError(
         f"could not capture {type(model).__name__}.\n"
         f"  torch.export failed: {export_reason}\n"
@@ -86,6 +115,23 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None,
         "  try: pass keyword inputs that select a static code path (e.g. use_cache=False), "
         "declare dynamic dims with dynamic_shapes=, or move data-dependent Python control flow "
         "(if on tensor values, .item(), .tolist()) out of forward.")
+
+
+def _with_inputs(gm, model, args, tensor_kwargs, constants, dynamic, notes) -> fx.GraphModule:
+    """Attach how calls of the original forward map onto the graph (surgeon.inputs), and the model's config."""
+    names = tuple(n.target for n in gm.graph.find_nodes(op="placeholder"))
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        signature = None
+    shapes = gm.meta.pop("surgeon_input_dims", {})
+    gm.meta["surgeon_inputs"] = Inputs(type(model).__name__, names, signature, dict(constants), {}, shapes,
+                                       static=not dynamic, notes=notes)
+    gm.meta["surgeon_example"] = (args, tensor_kwargs)   # for analyses that need concrete sizes
+    for attr in ("config", "generation_config"):
+        if getattr(model, attr, None) is not None:
+            setattr(gm, attr, getattr(model, attr))
+    return gm
 
 
 def check_names(model: nn.Module) -> None:
@@ -122,11 +168,18 @@ def _first_line(error: Exception) -> str:
 
 # ---------------------------------------------------------------- torch.export front end
 
-def _capture_export(model, args, tensor_kwargs, constants, dynamic_shapes) -> fx.GraphModule:
+def _capture_export(model, args, tensor_kwargs, constants, dynamic_shapes, dynamic, small, notes) -> fx.GraphModule:
+    inputs = {**tensor_kwargs, **constants}
     if dynamic_shapes is not None and isinstance(dynamic_shapes, dict) and constants:
         dynamic_shapes = {**{k: None for k in constants}, **dynamic_shapes}
-    ep = torch.export.export(model, args, {**tensor_kwargs, **constants},
-                             dynamic_shapes=dynamic_shapes, strict=False)
+    if dynamic_shapes is None and dynamic:
+        try:
+            ep = _export_dynamic(model, args, inputs, small)
+        except Exception as error:  # noqa: BLE001 - a model dynamic shapes break is still captured, static
+            notes.append(f"captured with the example's static shapes: a dynamic export failed ({_first_line(error)})")
+            ep = torch.export.export(model, args, inputs, strict=False)
+    else:
+        ep = torch.export.export(model, args, inputs, dynamic_shapes=dynamic_shapes, strict=False)
     unlifted = ep.module()
     graph = unlifted.graph
     for node in list(graph.nodes):
@@ -134,6 +187,7 @@ def _capture_export(model, args, tensor_kwargs, constants, dynamic_shapes) -> fx
                   (node.op == "call_module" and node.target == "_guards_fn")   # input checks: shapes are ours
         if dropped and not node.users:
             graph.erase_node(node)
+    _drop_full_slices(graph)
     for node in list(graph.find_nodes(op="placeholder")):
         if node.target in constants:
             if node.users:
@@ -143,7 +197,65 @@ def _capture_export(model, args, tensor_kwargs, constants, dynamic_shapes) -> fx
     _, in_spec = pytree.tree_flatten((args, tensor_kwargs))
     names = [n.target for n in graph.find_nodes(op="placeholder")]
     graph._codegen = _FlatInputCodeGen(_PyTreeInfo(names, in_spec, info.out_spec))
-    return _finish(model, unlifted, graph, "export")
+    dims = _input_dims(graph, ep.range_constraints)
+    gm = _finish(model, unlifted, graph, "export")
+    gm.meta["surgeon_input_dims"] = dims
+    return gm
+
+
+def _drop_full_slices(graph: fx.Graph) -> None:
+    """Remove `x[:, :]`-style slices (start 0, no end, step 1): a static capture folds them away, a
+    dynamic one keeps them, and passes should see one form (e.g. GQA's repeat_kv) either way."""
+    for node in list(graph.find_nodes(op="call_function", target=torch.ops.aten.slice.Tensor)):
+        _, dim, start, end, step = (*node.args, *([None] * (5 - len(node.args))))[:5]
+        full = (start in (None, 0) and step in (None, 1) and (end is None or (isinstance(end, int) and end >= 2 ** 62)))
+        if full and not node.kwargs:
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+
+
+def _export_dynamic(model, args, inputs, small: bool):
+    """torch.export with Dim.AUTO on every dimension of every tensor input (with `small`, sizes 0 and 1 too)."""
+    auto = torch.export.Dim.AUTO
+
+    def spec(value):
+        return pytree.tree_map(lambda t: {i: auto for i in range(t.dim())} if isinstance(t, torch.Tensor) else None,
+                               value)
+
+    shapes = tuple(spec(a) for a in args) + tuple(spec(v) for v in inputs.values())
+    with fx_config.patch(backed_size_oblivious=small):
+        return torch.export.export(model, args, inputs, dynamic_shapes=shapes, strict=False)
+
+
+def _finite(bound) -> int | None:
+    """A range end as an int, None where it is infinite (sympy's oo, torch's int_oo)."""
+    try:
+        value = int(bound)
+    except (TypeError, ValueError, AttributeError, OverflowError):
+        return None
+    return value if abs(value) < 2 ** 62 else None
+
+
+def _input_dims(graph: fx.Graph, ranges: dict) -> dict[str, tuple[Dim, ...]]:
+    """Per graph input, its dims: a static size, or a symbol with the range export proved for it."""
+    found = {}
+    for node in graph.find_nodes(op="placeholder"):
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            continue
+        dims = []
+        for size in val.shape:
+            expr = size.node.expr if isinstance(size, torch.SymInt) else None
+            if expr is None or getattr(expr, "is_number", False):
+                dims.append(Dim(size=int(expr if expr is not None else size)))
+            elif getattr(expr, "is_Symbol", False):
+                bound = ranges.get(expr)
+                low, high = (_finite(bound.lower), _finite(bound.upper)) if bound is not None else (None, None)
+                dims.append(Dim(symbol=str(expr), low=low or 0, high=high))
+            else:
+                dims.append(Dim(symbol=str(expr)))   # derived from others: no range of its own
+        found[node.target] = tuple(dims)
+    return found
 
 
 # ---------------------------------------------------------------- torch.fx front end
@@ -208,7 +320,7 @@ def _finish(model: nn.Module, source: nn.Module, graph: fx.Graph, frontend: str)
         elif node.op == "call_module":
             _set_submodule(root, node.target, copy.deepcopy(source.get_submodule(node.target)))
     graph.eliminate_dead_code()
-    gm = fx.GraphModule(root, graph, class_name=f"Surgeon{type(model).__name__}")
+    gm = SurgeonModule(root, graph, class_name=f"Surgeon{type(model).__name__}")
     _register_aliases(model, gm, shared)
     for node in gm.graph.find_nodes(op="get_attr"):   # GraphModule's copy registers buffers as persistent
         owner_path, _, name = node.target.rpartition(".")

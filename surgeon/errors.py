@@ -40,3 +40,8 @@ class PassError(SurgeonError):
 
 class KernelError(SurgeonError, RuntimeError):
     """A generated kernel could not be built, chosen or launched: names the op and the shape bucket."""
+
+
+class InputError(SurgeonError, TypeError, ValueError):
+    """A call of a compiled module the captured graph cannot take: names the argument, what was captured
+    (a baked value, a static size, a size's range) and how to compile for it."""

@@ -12,12 +12,8 @@ keyword forms that both accept are emitted by export, so results are bit-identic
 """
 from __future__ import annotations
 
-import linecache
-import traceback
-
 import torch
 import torch.fx as fx
-from torch import nn
 
 aten = torch.ops.aten
 
@@ -53,8 +49,7 @@ BINDINGS = {
 
 
 def recompile(gm: fx.GraphModule) -> None:
-    """gm.recompile(), generating calls to the direct bindings (the graph keeps its overloads),
-    and calling the result through `_call`."""
+    """gm.recompile(), generating calls to the direct bindings (the graph keeps its overloads)."""
     swapped = []
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in BINDINGS:
@@ -65,36 +60,3 @@ def recompile(gm: fx.GraphModule) -> None:
     finally:
         for node, target in swapped:
             node.target = target
-    type(gm).__call__ = _call
-
-
-def _call(self: nn.Module, *args, **kwargs):
-    """Call the module; leave the caller's grad mode as it was, and print nothing.
-
-    torch.export records a `with torch.no_grad():` block inside forward as a higher-order op that
-    does not restore grad mode when its body raises, so an error there (e.g. a call with a shape the
-    graph does not accept) would leave autograd off for the rest of the process. torch.fx's own
-    `__call__` also prints the generated code to stderr on every error, even when the caller catches
-    it; here the failing line of the graph is added to the exception as a note instead.
-    """
-    grad = torch.is_grad_enabled()
-    try:
-        return nn.Module.__call__(self, *args, **kwargs)
-    except Exception as error:
-        line = _graph_line(error)
-        if line:
-            error.add_note(f"(in the graph of {type(self).__name__}: {line})")
-        raise
-    finally:
-        if torch.is_grad_enabled() != grad:
-            torch.set_grad_enabled(grad)
-
-
-def _graph_line(error: BaseException) -> str | None:
-    """The line of generated forward code an error was raised from, if any."""
-    frames = [f for f in traceback.extract_tb(error.__traceback__) if "eval_with_key" in f.filename]
-    if not frames:
-        return None
-    frame = frames[-1]
-    source = linecache.getline(frame.filename, frame.lineno).strip()
-    return f"line {frame.lineno}: {source}" if source else f"line {frame.lineno}"

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import contextlib
+
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor
 from torch import nn
 
 from .capture import _ensure_path, _get_attr, index_children
@@ -116,6 +119,15 @@ def compute_nodes(gm: fx.GraphModule) -> int:
     return sum(1 for n in gm.graph.nodes if n.op in ("call_function", "call_module", "call_method"))
 
 
+def _fake_mode(gm: fx.GraphModule):
+    """(the FakeTensorMode torch.export traced `gm` with, its inputs' device), or (None, None)."""
+    for node in gm.graph.find_nodes(op="placeholder"):
+        val = node.meta.get("val")
+        if isinstance(val, FakeTensor):
+            return val.fake_mode, val.device
+    return None, None
+
+
 def lint(gm: fx.GraphModule) -> None:
     """Check graph well-formedness and that every get_attr resolves; recompile the module."""
     gm.graph.lint()
@@ -130,19 +142,39 @@ def lint(gm: fx.GraphModule) -> None:
 
 
 def fill_meta(gm: fx.GraphModule) -> None:
-    """Give nodes a pass created without shape metadata a `meta["val"]` (a meta-device tensor),
-    by running their op on meta tensors; nodes whose inputs have none, or ops that fail on the
-    meta device, are left without (shape unknown)."""
-    def as_meta(value):
+    """Give nodes a pass created without shape metadata a `meta["val"]`, by running their op on the
+    values of their inputs: under torch.export's FakeTensorMode when the graph has one (symbolic
+    sizes propagate: a dynamic batch stays a symbol), else on meta-device tensors. Nodes whose
+    inputs have none, or ops that fail there, are left without (shape unknown)."""
+    fake_mode, device = _fake_mode(gm)
+
+    def value_of(value):
         if isinstance(value, fx.Node):
             val = value.meta.get("val")
+            if isinstance(val, torch.SymInt) and fake_mode is not None:
+                return val
             if not isinstance(val, torch.Tensor):
                 raise LookupError(value.name)
-            return torch.empty(val.shape, dtype=val.dtype, device="meta")
+            if fake_mode is None:
+                return torch.empty(val.shape, dtype=val.dtype, device="meta")
+            if isinstance(val, FakeTensor):
+                return val
+            return torch.empty(val.shape, dtype=val.dtype, device=device)   # under fake_mode: a fake tensor
         return value
 
     for node in gm.graph.nodes:
         if "val" in node.meta or node.op not in ("get_attr", "call_function"):
+            continue
+        try:
+            if node.op == "get_attr":
+                tensor = get_tensor(gm, node.target)
+                node.meta["val"] = fake_mode.from_tensor(tensor, static_shapes=True) if fake_mode is not None \
+                    else torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+            else:
+                with fake_mode if fake_mode is not None else contextlib.nullcontext():
+                    args, kwargs = torch.fx.node.map_aggregate((node.args, node.kwargs), value_of)
+                    node.meta["val"] = node.target(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - metadata only: unknown shape is allowed
             continue
         try:
             if node.op == "get_attr":

@@ -66,6 +66,12 @@ class Context:
     adapters: dict[str, AdapterState]
     generator: torch.Generator
     history: list[str] = field(default_factory=list)
+    more_examples: list[tuple[tuple, dict]] = field(default_factory=list)   # e.g. a second shape
+
+    @property
+    def examples(self) -> list[tuple[tuple, dict]]:
+        """Every input the numeric checks run on: the example, then any more (a second shape)."""
+        return [(self.example_args, self.example_kwargs), *self.more_examples]
 
     def select(self, names: tuple[str, ...] | None, status: tuple[str, ...],
                acting: str | None = None) -> list[AdapterState]:
@@ -118,10 +124,13 @@ class PassRow:
 
 
 def run_outputs(gm: fx.GraphModule, ctx: Context) -> list[torch.Tensor]:
-    """The graph's flattened tensor outputs on the example inputs."""
+    """The graph's flattened tensor outputs on every example (ctx.examples), one list."""
+    outputs = []
     with torch.no_grad():
-        out = gm(*ctx.example_args, **ctx.example_kwargs)
-    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        for args, kwargs in ctx.examples:
+            out = gm(*args, **kwargs)
+            outputs += [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    return outputs
 
 
 def compare(before: list[torch.Tensor], after: list[torch.Tensor], mode: str,
@@ -205,15 +214,23 @@ def run_pipeline(gm: fx.GraphModule, passes: list, ctx: Context, verify: bool = 
             raise PassError(p.name, f"{type(error).__name__}: {error}", before=ctx.history) from error
         seconds = time.perf_counter() - start
         check = "skipped"
+        if verify:
+            try:
+                after = run_outputs(gm, ctx)
+            except Exception as error:
+                shapes = ", ".join(str([list(t.shape) for t in pytree.tree_leaves(example) if isinstance(t, torch.Tensor)])
+                                   for example in ctx.examples)
+                raise PassError(p.name, f"the graph after it fails to run on the checked inputs ({shapes}): "
+                                        f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
+                                before=ctx.history) from error
         if verify and mode != "none":
-            after = run_outputs(gm, ctx)
             ok, check = compare(before, after, mode, compute_dtypes(gm))
             if not ok:
                 raise PassError(p.name, f"numeric check failed against the graph before it: {check}",
                                 before=ctx.history)
             before = after
         elif verify:
-            before = run_outputs(gm, ctx)
+            before = after
             check = "changes function"
         params1, trainable = count_parameters(gm)
         rows.append(PassRow(p.name, result.matches, result.rejections, (params0, params1), trainable,

@@ -20,7 +20,7 @@ import yaml
 from .adapters import AdapterKind, kinds
 from .errors import SpecError
 
-TOP_KEYS = {"adapters", "pipeline", "seed", "verify"}
+TOP_KEYS = {"adapters", "pipeline", "seed", "verify", "static_shapes"}
 ADAPTER_KEYS = {"name", "type", "targets", "exclude", "from_peft", "from_dir", "allow_nonfinite"}
 
 
@@ -53,6 +53,7 @@ class Spec:
     seed: int = 0
     verify: bool = True
     source: str | None = None
+    static_shapes: bool = False
     lines: dict = field(default_factory=dict, repr=False, compare=False)
 
     def adapter(self, name: str) -> AdapterSpec:
@@ -152,6 +153,9 @@ def _validate(data: Any, source: str | None, lines: dict, table: Mapping[str, ty
     verify = data.get("verify", True)
     if not isinstance(verify, bool):
         raise shell.error(("verify",), f"must be true or false, got {verify!r}")
+    static_shapes = data.get("static_shapes", False)
+    if not isinstance(static_shapes, bool):
+        raise shell.error(("static_shapes",), f"must be true or false, got {static_shapes!r}")
     raw_adapters = data.get("adapters", [])
     if not isinstance(raw_adapters, list):
         raise shell.error(("adapters",), "must be a list of adapter entries")
@@ -171,7 +175,7 @@ def _validate(data: Any, source: str | None, lines: dict, table: Mapping[str, ty
             options = pipeline[-1].options
             seen.add(options.get("into") or "_".join(options.get("adapters", ())) + f"_{options.get('method')}")
     pipeline = tuple(pipeline)
-    return Spec(adapters, pipeline, seed, verify, source, lines)
+    return Spec(adapters, pipeline, seed, verify, source, lines=lines, static_shapes=static_shapes)
 
 
 def _adapter(shell: Spec, i: int, entry: Any) -> AdapterSpec:
@@ -305,4 +309,5 @@ def spec_to_dict(spec: Spec) -> dict:
         adapters.append(entry)
     pipeline = [p.name if not p.options else {p.name: json.loads(json.dumps(p.options, default=list))}
                 for p in spec.pipeline]
-    return {"adapters": adapters, "pipeline": pipeline, "seed": spec.seed, "verify": spec.verify}
+    return {"adapters": adapters, "pipeline": pipeline, "seed": spec.seed, "verify": spec.verify,
+            **({"static_shapes": True} if spec.static_shapes else {})}

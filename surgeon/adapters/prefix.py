@@ -21,6 +21,7 @@ merge is refused. A PEFT checkpoint names no modules: its layer l goes to the l-
 from __future__ import annotations
 
 import torch
+import torch.fx as fx
 
 from ..rules import Pattern, find
 from . import AdapterKind, Option
@@ -81,11 +82,12 @@ def _prefixed(branch, prefix, seq, groups: int):
     return branch.op(aten.cat.default, [expanded, seq], 2)
 
 
-def _padded_mask(branch, mask, keys, n: int):
+def _padded_mask(branch, mask, keys: fx.Node, n: int):
     # n visible columns in front: True for a boolean mask, 0.0 for an additive one
     val = mask.meta["val"]
-    if val.shape[-1] == 1 and keys != 1:   # a mask broadcast over keys: make its key axis explicit first
-        mask = branch.op(aten.expand.default, mask, [*[-1] * (val.dim() - 1), keys])
+    static_keys = keys.meta["val"].shape[-2]
+    if val.shape[-1] == 1 and not (isinstance(static_keys, int) and static_keys == 1):   # make the key axis explicit
+        mask = branch.op(aten.expand.default, mask, [*[-1] * (val.dim() - 1), _size(branch, keys, -2)])
     return branch.op(aten.constant_pad_nd.default, mask, [n, 0], True if val.dtype == torch.bool else 0.0)
 
 
@@ -110,7 +112,7 @@ def _forward_input(branch, call, params, opts):
             raise ValueError("an SDPA call with both attn_mask and is_causal=True")   # SDPA itself refuses it
         changes.update(attn_mask=_causal_mask(branch, query, key, n), is_causal=False)
     elif mask is not None:
-        changes["attn_mask"] = _padded_mask(branch, mask, key.meta["val"].shape[-2], n)
+        changes["attn_mask"] = _padded_mask(branch, mask, key, n)
     return changes
 
 

@@ -37,15 +37,16 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
-from .infer import Flow, fill_shapes
+from .infer import Flow, concrete_shapes, fill_shapes
 from .space import Spaces
 
 
 def analyze_groups(gm: fx.GraphModule, example_inputs: tuple | None = None, store: bool = True) -> dict:
     """Run the analysis on `gm` and return (and store in gm.meta["surgeon_groups"]) the group spec."""
-    fill_shapes(gm, example_inputs)
-    flow = Flow(gm).run()
-    spec = _resolve(flow)
+    with concrete_shapes(gm, example_inputs):
+        fill_shapes(gm, example_inputs)
+        flow = Flow(gm).run()
+        spec = _resolve(flow)
     if store:
         gm.meta["surgeon_groups"] = spec
     return spec

@@ -10,6 +10,8 @@ no poison reason can be permuted (with its unit, parts and ties) without changin
 """
 from __future__ import annotations
 
+import contextlib
+
 from typing import Any
 
 import torch
@@ -154,6 +156,8 @@ class Flow:
                 for label in self.labels(arg) or ():
                     self.poison(label, node, "reaches the graph output")
             return None
+        if isinstance(node.meta.get("val"), (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool)):
+            return None   # size arithmetic (sym_size, operator.mul on sizes): no tensor axis to carry
         packet = getattr(node.target, "overloadpacket", node.target)
         rule = self.table.get(packet) if node.op == "call_function" else None
         if rule is None:
@@ -176,6 +180,36 @@ class Flow:
         return labels
 
 
+@contextlib.contextmanager
+def concrete_shapes(gm: fx.GraphModule, example_inputs: tuple | None):
+    """While inside, every node's meta["val"] has the example's concrete sizes: a graph captured with
+    dynamic shapes holds symbols (and sym_size nodes), and the analysis is about channel and head axes,
+    which are static. The symbolic values are put back on exit."""
+    symbolic = [n for n in gm.graph.nodes if _symbolic(n.meta.get("val"))]
+    if not symbolic:
+        yield
+        return
+    example_inputs = example_inputs if example_inputs is not None else gm.meta.get("surgeon_example")
+    if example_inputs is None:
+        raise SurgeonError(f"groups: node '{symbolic[0].name}' has a symbolic shape; pass example inputs so the "
+                           "graph can be run once at a concrete size")
+    saved = {n: n.meta.pop("val") for n in gm.graph.nodes if "val" in n.meta}
+    try:
+        fill_shapes(gm, example_inputs)
+        yield
+    finally:
+        for n in gm.graph.nodes:
+            n.meta.pop("val", None)
+        for n, val in saved.items():
+            n.meta["val"] = val
+
+
+def _symbolic(val: Any) -> bool:
+    return any(isinstance(v, torch.SymInt) or (isinstance(v, torch.Tensor) and
+                                              any(isinstance(d, torch.SymInt) for d in v.shape))
+               for v in pytree.tree_leaves(val))
+
+
 def fill_shapes(gm: fx.GraphModule, example_inputs: tuple | None) -> None:
     """Make sure every tensor node has meta["val"] (running the graph once when some lack it)."""
     missing = [n for n in gm.graph.nodes if n.op in ("call_function", "call_module", "call_method", "placeholder")
@@ -191,7 +225,8 @@ def fill_shapes(gm: fx.GraphModule, example_inputs: tuple | None) -> None:
             out = super().run_node(n)
             if "val" not in n.meta:
                 n.meta["val"] = pytree.tree_map_only(
-                    torch.Tensor, lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"), out)
+                    torch.Tensor, lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"), out) \
+                    if not isinstance(out, (int, torch.SymInt)) else int(out)
             return out
 
     with torch.no_grad():

@@ -1,0 +1,87 @@
+"""The compiled module: a torch.fx GraphModule that stands in for the model it was captured from.
+
+`SurgeonModule` is what `surgeon.capture` builds and `surgeon.compile` returns as `.module`:
+- a call takes the original forward's arguments (surgeon.inputs binds and checks them; shapes
+  outside what the graph accepts raise InputError naming the input and how to compile for it);
+- a call leaves the caller's grad mode as it was, even when a `no_grad` block inside the graph
+  raises, and prints nothing: torch.fx's own call prints the generated code on every error; here
+  the failing graph line becomes a note on the exception;
+- it carries the original model's `config` and `generation_config` (where it has them), and
+  `device` and `dtype` (of its floating parameters);
+- `generate(...)` runs the generator the compile attached (surgeon.generate), so the module alone
+  is enough to serve;
+- deepcopy keeps all of it.
+Parameters keep the original model's names, so `state_dict()` keys map back to the model.
+"""
+from __future__ import annotations
+
+import linecache
+import traceback
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import SurgeonError
+
+
+class SurgeonModule(fx.GraphModule):
+    """A GraphModule that behaves like the model it was captured from (see the module docstring)."""
+
+    def __call__(self, *args, **kwargs):
+        inputs = self.meta.get("surgeon_inputs")
+        if inputs is not None:
+            args, kwargs = inputs.bind(args, kwargs), {}
+        grad = torch.is_grad_enabled()
+        try:
+            return nn.Module.__call__(self, *args, **kwargs)
+        except Exception as error:
+            line = graph_line(error)
+            if line:
+                error.add_note(f"(in the graph of {type(self).__name__}: {line})")
+            raise
+        finally:
+            if torch.is_grad_enabled() != grad:
+                torch.set_grad_enabled(grad)
+
+    def recompile(self):
+        """GraphModule.recompile, keeping this class's __call__ (GraphModule's own would shadow it)."""
+        code = super().recompile()
+        cls = type(self)
+        if "__call__" in cls.__dict__:
+            delattr(cls, "__call__")
+        return code
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the module's parameters (the first one's)."""
+        for tensor in (*self.parameters(), *self.buffers()):
+            return tensor.device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the module's floating parameters (the first one's), as transformers reports it."""
+        for tensor in (*self.parameters(), *self.buffers()):
+            if tensor.is_floating_point():
+                return tensor.dtype
+        return torch.get_default_dtype()
+
+    def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Token ids, as transformers' generate returns them (see surgeon.generate)."""
+        generator = self.meta.get("surgeon_generator")
+        if generator is None:
+            raise SurgeonError(f"{type(self).__name__} has no generator: compile it with surgeon.compile, which "
+                               "attaches one to models that generate (a causal or encoder-decoder LM)")
+        return generator.generate(self, *args, **kwargs)
+
+
+def graph_line(error: BaseException) -> str | None:
+    """The line of generated forward code an error was raised from, if any."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if "eval_with_key" in f.filename]
+    if not frames:
+        return None
+    frame = frames[-1]
+    source = linecache.getline(frame.filename, frame.lineno).strip()
+    return f"line {frame.lineno}: {source}" if source else f"line {frame.lineno}"
