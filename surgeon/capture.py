@@ -128,6 +128,8 @@ def _with_inputs(gm, model, args, tensor_kwargs, constants, dynamic, notes) -> f
     gm.meta["surgeon_inputs"] = Inputs(type(model).__name__, names, signature, dict(constants), {}, shapes,
                                        static=not dynamic, notes=notes)
     gm.meta["surgeon_example"] = (args, tensor_kwargs)   # for analyses that need concrete sizes
+    used = set(gm.state_dict(keep_vars=True))            # the model's state the graph never reads, by reference
+    gm.meta["surgeon_unused_state"] = {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in used}
     for attr in ("config", "generation_config"):
         if getattr(model, attr, None) is not None:
             setattr(gm, attr, getattr(model, attr))

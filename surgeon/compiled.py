@@ -189,6 +189,13 @@ class Compiled:
                 self.save_adapter(name, real_dir(real_dir(out / "adapters") / name))
         return out
 
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write the model with its running adapters merged, under the original names, as a checkpoint its
+        own class loads (`from_pretrained` for a Hugging Face model; surgeon.pretrained)."""
+        from .pretrained import save_pretrained
+
+        return save_pretrained(self, directory)
+
     def _state(self, name: str) -> AdapterState:
         if name not in self.adapters:
             raise SpecError("adapters", f"no adapter named '{name}'; known: {sorted(self.adapters)}")
