@@ -4,8 +4,9 @@
 #   OUT=bench_out bash scripts/gpu_bench.sh
 #
 # Installs surgeon beside the machine's own torch and Triton (no dependency resolution, so a CUDA
-# build is kept), prints the GPU, then runs `surgeon bench --device cuda --dtype bfloat16`: the
-# whole-model table, the LoRA kernel table and the adapter-family table. Writes under $OUT:
+# build is kept), prints the GPU, then runs `surgeon bench --device cuda --dtype bfloat16 --generate`: the
+# generation table (bf16, per generated token), the whole-model table, the LoRA kernel table and the
+# adapter-family table. Writes under $OUT: bench_generate.json,
 # bench.txt (everything printed), bench.json, bench_kernels.json, bench_family.json and
 # tuning.json (the strategy each shape bucket picked). About 6-7 minutes in all with the default
 # BUDGET=150 (seconds per kernel table). Exits non-zero only when there is no CUDA device or the
@@ -27,6 +28,6 @@ export SURGEON_TUNE_CACHE="$OUT/tuning.json" TRITON_DEFAULT_FP_FUSION=1
 start=$(date +%s)
 # each kernel table starts no new row after BUDGET seconds (the tuner compiles and times every
 # strategy once per shape bucket, so the first rows of a table take longest)
-$PY -m surgeon bench --device cuda --dtype bfloat16 --rounds 20 --kernel-budget "${BUDGET:-150}" \
+$PY -m surgeon bench --device cuda --dtype bfloat16 --rounds 20 --generate --kernel-budget "${BUDGET:-150}" \
   --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
 echo "gpu_bench: $(( $(date +%s) - start )) s; files in $OUT"

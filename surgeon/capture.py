@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+from functools import partial
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ from .errors import CaptureError
 from .fastpath import recompile
 from .inputs import Dim, Inputs
 from .module import SurgeonModule
+from .portable import remember
 
 _DROPPED_OPS = {torch.ops.aten._assert_tensor_metadata.default}
 
@@ -98,8 +100,12 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None,
             gm = _capture_export(model, args, tensor_kwargs, constants, dynamic_shapes, dynamic, small, notes)
         except Exception as export_error:  # noqa: BLE001 - reported below with the fx reason
             export_reason = _first_line(export_error)
-        else:
-            return _with_inputs(gm, model, args, tensor_kwargs, constants, dynamic, notes)
+        else:   # what a dtype move needs to capture the model again (surgeon.portable), as this capture went
+            static_fallback = bool(notes)   # the only note so far: the dynamic export failed, static was taken
+            again = partial(_capture_export, dynamic_shapes=dynamic_shapes, dynamic=dynamic and not static_fallback,
+                            small=small, notes=[])
+            return remember(_with_inputs(gm, model, args, tensor_kwargs, constants, dynamic, notes), model, args,
+                            tensor_kwargs, constants, again)
         try:
             gm = _capture_fx(model, args, tensor_kwargs, constants)
         except Exception as fx_error:  # noqa: BLE001
@@ -107,7 +113,8 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None,
         else:
             notes.append(f"captured by torch.fx.symbolic_trace (torch.export failed: {export_reason}); "
                          "input shapes are not checked")
-            return _with_inputs(gm, model, args, tensor_kwargs, constants, dynamic, notes)
+            return remember(_with_inputs(gm, model, args, tensor_kwargs, constants, dynamic, notes), model, args,
+                            tensor_kwargs, constants, _capture_fx)
     raise CaptureError(
         f"could not capture {type(model).__name__}.\n"
         f"  torch.export failed: {export_reason}\n"
@@ -125,6 +132,7 @@ def _with_inputs(gm, model, args, tensor_kwargs, constants, dynamic, notes) -> f
     except (TypeError, ValueError):
         signature = None
     shapes = gm.meta.pop("surgeon_input_dims", {})
+    notes.extend(gm.meta.get("surgeon_train_mode", {}).get("notes", []))   # e.g. what stays off in train mode
     gm.meta["surgeon_inputs"] = Inputs(type(model).__name__, names, signature, dict(constants), {}, shapes,
                                        static=not dynamic, notes=notes)
     gm.meta["surgeon_example"] = (args, tensor_kwargs)   # for analyses that need concrete sizes
@@ -296,7 +304,9 @@ def _normalize_call_module(traced: fx.GraphModule, graph: fx.Graph, node: fx.Nod
         target, call_args = aten.batch_norm.default, (
             node.args[0], attr("weight"), attr("bias"), attr("running_mean"), attr("running_var"),
             False, module.momentum or 0.0, module.eps, True)
-    elif type(module) in (nn.Dropout, nn.Identity):
+    elif type(module) is nn.Dropout:   # as export writes it at eval: the train flag is gated (surgeon.modes)
+        target, call_args = aten.dropout.default, (node.args[0], module.p, False)
+    elif type(module) is nn.Identity:
         node.replace_all_uses_with(node.args[0])
         graph.erase_node(node)
         return
@@ -333,6 +343,8 @@ def _finish(model: nn.Module, source: nn.Module, graph: fx.Graph, frontend: str)
         node.meta["surgeon_path"] = _module_path(node)
         node.meta.setdefault("surgeon_pass", "capture")
     gm.meta["surgeon_frontend"] = frontend
+    from .modes import gate_training   # train()/eval() switch dropout and BatchNorm (surgeon/modes.py)
+    gate_training(gm, model)
     index_children(gm)
     recompile(gm)
     return gm

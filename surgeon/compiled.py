@@ -17,6 +17,7 @@ from .errors import SpecError
 from .graph import compute_nodes, count_parameters, get_tensor
 from .pipeline import AdapterState, Context, PassRow, run_pipeline
 from .fastpath import recompile
+from .generate import generator_for
 from .inputs import install_fills
 from .verify import capture_verified, optional_inputs
 from .passes import passes
@@ -67,6 +68,12 @@ def compile(model: nn.Module, example_inputs: Any, spec: "str | Path | dict | Sp
                     time.perf_counter() - start, check, notes)]
     compiled = Compiled(gm, ctx, Report(type(model).__name__, gm.meta["surgeon_frontend"], rows, ctx.adapters))
     compiled.nodes_before = node_table(gm)
+    compiled.original = model
+    generator = generator_for(model, gm, ctx, compiled.applied)
+    if generator is not None:
+        gm.meta["surgeon_generator"] = generator
+        if generator.mode != "cache":
+            notes += generator.notes   # the capture row's: how this model generates
     compiled.apply([p for p in spec.pipeline], verify=verify, progress=progress)
     return compiled
 
@@ -101,11 +108,23 @@ def _weight_dims(module: nn.Module) -> tuple[int, int] | None:
 
 
 class Compiled:
-    """The result of surgeon.compile: `.module` (an nn.Module), `.report`, adapters, save."""
+    """The result of surgeon.compile: `.module` (an nn.Module), `.report`, adapters, save, `generate`.
+
+    `.original` is the model compile captured: a language model's generator captures its KV-cache graphs
+    from it on the first `generate` (surgeon.generate). It costs little memory while its parameters share
+    storage with `.module`'s; a pass that makes new weights (merge, a kind that rewrites the base weight)
+    leaves the original's in memory too, and its buffers are its own. `.applied` lists the pass instances
+    run on `.module`, in order, which the generator replays."""
 
     def __init__(self, module: fx.GraphModule, ctx: Context, report: Report):
         self.module, self.ctx, self.report = module, ctx, report
         self.nodes_before: list[dict] | None = None   # node table right after capture (for diffs)
+        # every pass instance run on .module, in order (the spec's pipeline, then apply / set_active): the
+        # generator replays them on its graphs (surgeon.generate)
+        self.applied: list = []
+        # the model compile captured (its generator captures the KV-cache graphs from it on the first generate;
+        # parameters share storage with .module's until a pass replaces them, e.g. merged weights)
+        self.original: nn.Module | None = None
 
     @property
     def adapters(self) -> dict[str, AdapterState]:
@@ -122,8 +141,27 @@ class Compiled:
         specs = [p if hasattr(p, "options") else _pass(self.ctx.spec, i, p, set(self.ctx.adapters), table)
                  for i, p in enumerate(pipeline)]
         instances = [table[p.name](**p.options) for p in specs]
-        self.report.rows += run_pipeline(self.module, instances, self.ctx, verify=verify, progress=progress)
+        generator, ran = self.generator, len(self.ctx.history)
+        try:
+            self.report.rows += run_pipeline(self.module, instances, self.ctx, verify=verify, progress=progress)
+        except BaseException:
+            self.applied += instances[:len(self.ctx.history) - ran]   # those that ran changed .module
+            if generator is not None:
+                generator.invalidate()   # rebuilt (all passes replayed) by the next generate
+            raise
+        self.applied += instances
+        if generator is not None:
+            generator.applied(self.module, instances)   # the generation graphs get them too (once built)
         return self
+
+    @property
+    def generator(self):
+        """The module's surgeon.generate.Generator (None for a model that does not generate)."""
+        return self.module.meta.get("surgeon_generator")
+
+    def generate(self, *args, **kwargs) -> torch.Tensor:
+        """Token ids, as transformers' generate returns them: `.module.generate` (see surgeon.generate)."""
+        return self.module.generate(*args, **kwargs)
 
     def adapter_weights(self, name: str) -> dict[str, dict[str, torch.Tensor]]:
         """An adapter's current parameters: module path -> param name -> tensor."""

@@ -99,8 +99,8 @@ class TinyLlama(nn.Module):
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).float()
         freqs = torch.outer(positions, self.inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos(), emb.sin()
         x = self.embed_tokens(input_ids)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)   # the model's dtype: it moves to bf16 too
         for layer in self.layers:
             x = layer(x, cos, sin)
         return self.lm_head(self.norm(x))

@@ -8,6 +8,8 @@
   the failing graph line becomes a note on the exception;
 - it carries the original model's `config` and `generation_config` (where it has them), and
   `device` and `dtype` (of its floating parameters);
+- `.to(dtype / device)`, `.half()`, `.bfloat16()`, `.float()`, `.cuda()` move it like the model (no dtype or
+  device constant of the capture stays baked into the graph: surgeon.portable);
 - `generate(...)` runs the generator the compile attached (surgeon.generate), so the module alone
   is enough to serve;
 - deepcopy keeps all of it.
@@ -23,6 +25,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from . import portable
 from .errors import SurgeonError
 
 
@@ -52,6 +55,16 @@ class SurgeonModule(fx.GraphModule):
         if "__call__" in cls.__dict__:
             delattr(cls, "__call__")
         return code
+
+    def _apply(self, fn, recurse=True):
+        """nn.Module._apply (what .to, .half, .bfloat16, .float, .double, .cuda, .cpu go through), with
+        the graph first made to read the dtype and device that follow the module at run time
+        (surgeon.portable); a move that cannot be made raises SurgeonError before anything converts."""
+        move = portable.prepare(self, fn)
+        result = super()._apply(fn, recurse)
+        if move is not None:
+            portable.finish(self, move)
+        return result
 
     @property
     def device(self) -> torch.device:

@@ -19,6 +19,7 @@ from torch.utils import _pytree as pytree
 
 from .errors import PassError, SurgeonError
 from .graph import compute_nodes, count_parameters, lint
+from .modes import evaluating
 
 if TYPE_CHECKING:   # the spec's classes, for annotations only: spec checks pass entries against passes
     from .spec import AdapterSpec, Spec
@@ -126,7 +127,7 @@ class PassRow:
 def run_outputs(gm: fx.GraphModule, ctx: Context) -> list[torch.Tensor]:
     """The graph's flattened tensor outputs on every example (ctx.examples), one list."""
     outputs = []
-    with torch.no_grad():
+    with torch.no_grad(), evaluating(gm):   # a check never drops or updates BN statistics (surgeon.modes)
         for args, kwargs in ctx.examples:
             out = gm(*args, **kwargs)
             outputs += [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]

@@ -251,6 +251,8 @@ def _check_option(shell: Spec, key: tuple, value: Any, option) -> Any:
         raise shell.error(key, f"must be {_type_name(option.type)}, got {value!r}")
     if option.positive and not value > 0:
         raise shell.error(key, f"must be positive, got {value!r}")
+    if option.bounds and not option.bounds[0] <= value <= option.bounds[1]:
+        raise shell.error(key, f"must be in [{option.bounds[0]:g}, {option.bounds[1]:g}], got {value!r}")
     if option.choices and value not in option.choices:
         raise shell.error(key, f"must be one of {list(option.choices)}, got {value!r}")
     return value

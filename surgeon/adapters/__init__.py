@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 
 from ..graph import call
+from ..modes import ensure_mode, read_flag
 
 aten = torch.ops.aten
 
@@ -27,6 +28,7 @@ class Option:
     default: Any
     choices: tuple | None = None
     positive: bool = False
+    bounds: tuple[float, float] | None = None   # inclusive range of a number (a dropout p: [0, 1])
 
 
 class Branch:
@@ -47,6 +49,7 @@ class Branch:
         self.in_features, self.out_features = dims
         self.conv_geometry = conv
         self.created: list[fx.Node] = []
+        self._training: fx.Node | None = None
 
     def op(self, target: Any, *args: Any, **kwargs: Any) -> fx.Node:
         node = call(self.graph, target, args, kwargs, made_by=self.made_by, path=self.path, adapter=self.adapter)
@@ -87,6 +90,32 @@ class Branch:
         """The site's base weight as an out x in node (a transpose for Conv1D sites)."""
         return self.op(aten.t.default, self.weight) if self.transposed else self.weight
 
+    def training(self) -> fx.Node:
+        """The compiled module's training flag, read when it runs (surgeon.modes: `.train()` / `.eval()`)."""
+        if self._training is None:
+            if self.graph.owning_module is not None:
+                ensure_mode(self.graph.owning_module)
+            self._training = read_flag(self.graph, self.made_by, self.adapter)
+            self.created.append(self._training)
+        return self._training
+
+    def dropout(self, x: fx.Node, p: float) -> fx.Node:
+        """PEFT's adapter dropout: dropout(x, p) in train mode, x in eval (so a merge stays exact);
+        x itself, and no node, when p is 0."""
+        if not p:
+            return x
+        node = self.op(aten.dropout.default, x, float(p), self.training())
+        if isinstance(x, fx.Node) and "val" in x.meta:
+            node.meta["val"] = x.meta["val"]   # eval's dropout returns x; the flag is no tensor for fill_meta
+        return node
+
+    def when_training(self, helper: Callable, *args: Any, like: fx.Node | None = None) -> fx.Node:
+        """A call of a surgeon.modes run-time helper, the training flag first; its meta["val"] is `like`'s."""
+        node = self.op(helper, self.training(), *args)
+        if isinstance(like, fx.Node) and "val" in like.meta:
+            node.meta["val"] = like.meta["val"]
+        return node
+
 
 class EagerBranch(Branch):
     """Runs a kind's graph code at once on tensors, e.g. to build the exact matrix a merge needs."""
@@ -96,6 +125,9 @@ class EagerBranch(Branch):
 
     def op(self, target: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         return target(*args, **kwargs)
+
+    def training(self) -> bool:
+        return False   # eager runs build merge matrices: eval semantics (a dropout is the identity)
 
 
 def input_map(forward_input: Callable, params: dict[str, torch.Tensor], opts: dict, in_features: int,

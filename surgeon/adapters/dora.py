@@ -9,11 +9,16 @@ the norm is detached: it scales the output but takes no gradient. Graph form, wi
 
 At init B = 0, so V == W, g == 1 exactly and out == y bit for bit. Merge writes
 W' = g[:, None] * V. Unmerge is refused: W' does not determine ||V|| (PEFT keeps it in a cache).
+
+With `dropout` (PEFT's lora_dropout), PEFT's DoRA in train mode drops x once and recomputes the base
+term from it: out = y + (g - 1) W x_d + g s B A x_d with x_d = dropout(x); in eval it is the form
+above (surgeon.modes.dora_base picks the base term by the module's mode at run time).
 """
 from __future__ import annotations
 
 import torch
 
+from ..modes import dora_base
 from . import AdapterKind, Option, aten
 from .lora import LORA_OPTIONS, lora_delta, lora_init, lora_scale
 
@@ -34,10 +39,16 @@ def _init(opts, in_features, out_features, dtype, gen, weight):
 def _forward(branch, x, y, params, opts):
     scale = lora_scale(opts)
     lora_BA = branch.mm(params["lora_B"], params["lora_A"])
-    updated = branch.add(branch.base_weight(), lora_BA, alpha=scale)
+    weight = branch.base_weight()
+    updated = branch.add(weight, lora_BA, alpha=scale)
     norm = branch.op(aten.detach.default, branch.op(aten.linalg_vector_norm.default, updated, 2, [1]))
     gain = branch.op(aten.div.Tensor, params["lora_magnitude"], norm)
-    base = y if branch.bias is None else branch.op(aten.sub.Tensor, y, branch.bias)
+    p = opts.get("dropout", 0.0)
+    x = branch.dropout(x, p)
+    if p:   # PEFT: W dropout(x) in train mode, y - b in eval
+        base = branch.when_training(dora_base, x, weight, y, branch.bias, like=y)
+    else:
+        base = y if branch.bias is None else branch.op(aten.sub.Tensor, y, branch.bias)
     lora = branch.linear(branch.linear(x, params["lora_A"]), params["lora_B"])
     rescaled = branch.mul(branch.op(aten.sub.Tensor, gain, 1), base)
     return branch.add(branch.add(y, rescaled), branch.mul(gain, lora), alpha=scale)

@@ -10,6 +10,9 @@ W - s B A (a new tensor). The function is unchanged up to rounding ("close").
 
 On an (ungrouped) conv2d site, in = in_channels * kh * kw: A maps each kernel patch to r values
 (a conv with the site's kernel) and B is a 1x1 conv; the delta is (s B A).view(out, in, kh, kw).
+
+`dropout` (PEFT's lora_dropout) drops the branch's input in train mode, as PEFT does:
+y + s B A dropout(x). In eval it is the identity (surgeon.modes), so merge stays exact.
 """
 from __future__ import annotations
 
@@ -56,6 +59,7 @@ def _forward(branch, x, y, params, opts):
     # y + s * B(A x): two GEMMs and one add (aten.add's alpha carries the scale); on a conv site
     # A is a conv with the site's kernel, stride, padding, dilation and B a 1x1 conv, and
     # conv(x, W) + s conv1x1(conv(x, A), B) == conv(x, W + s (B A).view(W.shape))
+    x = branch.dropout(x, opts.get("dropout", 0.0))
     update = branch.channel_map(branch.site_map(x, params["lora_A"]), params["lora_B"])
     return branch.op(torch.ops.aten.add.Tensor, y, update, alpha=lora_scale(opts))
 
@@ -75,6 +79,7 @@ LORA_OPTIONS = {
     "alpha": Option((int, float), None),
     "use_rslora": Option(bool, False),
     "init": Option(str, "default", choices=("default", "gaussian", "pissa")),
+    "dropout": Option(float, 0.0, bounds=(0.0, 1.0)),   # PEFT's lora_dropout: on the branch input, train mode only
 }
 
 LORA = AdapterKind(

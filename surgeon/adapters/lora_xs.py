@@ -3,7 +3,8 @@
 With W = U S V^T, B = U_r S_r (out x r) and A = V_r^T (r x in) are fixed (`frozen`) and only
 the r x r matrix R is trained, so a site costs r^2 parameters whatever its size. R starts at
 zero (the paper draws it small; zero keeps insertion exact), s = alpha / r.
-Merge identity: W x + s B R A x == (W + s B R A) x.
+Merge identity: W x + s B R A x == (W + s B R A) x. `dropout` drops the branch's input in train
+mode, as LoRA's does: s B R A dropout(x).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ def _init(opts, in_features, out_features, dtype, gen, weight):
 
 def _forward(branch, x, y, params, opts):
     # three skinny GEMMs: A x (r), R (A x) (r), B R A x (out)
+    x = branch.dropout(x, opts.get("dropout", 0.0))
     update = branch.linear(branch.linear(branch.linear(x, params["lora_A"]), params["lora_R"]), params["lora_B"])
     return branch.add(y, update, alpha=_scale(opts))
 
@@ -36,7 +38,8 @@ def _delta(params, opts, weight=None):
 
 LORA_XS = AdapterKind(
     name="lora-xs",
-    options={"rank": Option(int, 8, positive=True), "alpha": Option((int, float), None)},
+    options={"rank": Option(int, 8, positive=True), "alpha": Option((int, float), None),
+             "dropout": Option(float, 0.0, bounds=(0.0, 1.0))},
     init=_init,
     forward=_forward,
     delta_weight=_delta,

@@ -59,6 +59,23 @@ def peft_pattern(config: dict, name: str, path: str, default):
     return default if key is None else config[name][key]
 
 
+def _dropout(config: dict, key: str) -> float:
+    """A dropout probability from the config (absent: 0.0), checked to be a number in [0, 1]."""
+    value = config.get(key) or 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise _fail(f"adapter_config.json: '{key}' must be a number in [0, 1], got {config.get(key)!r}")
+    return float(value)
+
+
+def _no_dropout(config: dict, kind: str, *keys: str) -> None:
+    """Refuse a dropout surgeon does not implement for this kind (it acts only in training)."""
+    for key in keys:
+        if _dropout(config, key):
+            raise _fail(f"adapter_config.json: {key}={config[key]!r} is not supported for a '{kind}' adapter "
+                        "(surgeon implements dropout for lora, dora, vera and lora-xs); it acts only in training, "
+                        f"so setting {key} to 0 loads the same inference function")
+
+
 def _number(config: dict, *keys: str) -> None:
     for key in keys:
         value = config.get(key)
@@ -143,14 +160,14 @@ def _read_lora(config, weights, extras):
             raise _fail(f"module '{path}' needs 2-D lora_A and lora_B weights (4-D, with a 1x1 lora_B, on a conv)")
     entry, sites = _rank_alpha(config, weights, {"lora_A": 0, "lora_B": 1}, "lora_alpha")
     entry.update(type=kind, use_rslora=bool(config.get("use_rslora", False)),
-                 init="pissa" if init == "pissa" else "default")
+                 init="pissa" if init == "pissa" else "default", dropout=_dropout(config, "lora_dropout"))
     return entry, sites
 
 
 def _write_lora(kind, options, weights, site_options):
     ranks = _write_rank_alpha(options, weights, site_options, "lora_alpha", lambda params: params["lora_A"].shape[0])
     config = {**ranks, "use_rslora": options["use_rslora"],
-              "lora_dropout": 0.0, "use_dora": kind == "dora",
+              "lora_dropout": options.get("dropout", 0.0), "use_dora": kind == "dora",
               "init_lora_weights": "pissa" if options.get("init") == "pissa" else True}
     return config, {}
 
@@ -187,12 +204,14 @@ def _write_ia3(kind, options, weights, site_options):
 # ---------------------------------------------------------------- LoHa, LoKr
 
 def _read_loha(config, weights, extras):
+    _no_dropout(config, "loha", "rank_dropout", "module_dropout")
     shown = {"hada_w1_a": 1, "hada_w1_b": 0, "hada_w2_a": 1, "hada_w2_b": 0}
     entry, sites = _rank_alpha(config, weights, shown, "alpha")
     return {**entry, "type": "loha"}, sites
 
 
 def _read_lokr(config, weights, extras):
+    _no_dropout(config, "lokr", "rank_dropout", "module_dropout")
     shown = {"lokr_w1_a": 1, "lokr_w1_b": 0, "lokr_w2_a": 1, "lokr_w2_b": 0}   # full factors show no rank
     entry, sites = _rank_alpha(config, weights, shown, "alpha")
     entry.update(type="lokr", decompose_both=bool(config.get("decompose_both", False)),
@@ -223,7 +242,8 @@ def _read_vera(config, weights, extras):
     for path, params in weights.items():
         _rank(config, path, params, {"vera_lambda_d": 0})
         params.update(vera_A=extras["vera_A"], vera_B=extras["vera_B"])
-    entry = {"type": "vera", "rank": rank, "d_initial": float(config.get("d_initial", 0.1))}
+    entry = {"type": "vera", "rank": rank, "d_initial": float(config.get("d_initial", 0.1)),
+             "dropout": _dropout(config, "vera_dropout")}
     return entry, {}
 
 
@@ -240,7 +260,7 @@ def _write_vera(kind, options, weights, site_options):
                         "needs one shared pair (sites of different shapes initialized by surgeon are independent)")
         del params["vera_A"], params["vera_B"]
     config = {"r": options["rank"], "d_initial": options["d_initial"], "save_projection": True,
-              "projection_prng_key": options["projection_seed"], "vera_dropout": 0.0}
+              "projection_prng_key": options["projection_seed"], "vera_dropout": options.get("dropout", 0.0)}
     return config, {"vera_A": biggest["vera_A"], "vera_B": biggest["vera_B"]}
 
 
@@ -249,6 +269,7 @@ def _write_vera(kind, options, weights, site_options):
 def _read_oft(config, weights, extras):
     if config.get("coft"):
         raise _fail("constrained OFT (coft=True) is not supported: its projection rewrites the weights in place")
+    _no_dropout(config, "oft", "module_dropout")
 
     def block_size(path, params):
         size = (1 + math.isqrt(1 + 8 * params["oft_R"].shape[1])) // 2
@@ -273,6 +294,7 @@ def _write_oft(kind, options, weights, site_options):
 
 
 def _read_boft(config, weights, extras):
+    _no_dropout(config, "boft", "boft_dropout")
     for path, params in weights.items():
         if params["boft_R"].dim() != 4:
             raise _fail(f"module '{path}': boft_R must be (factors, blocks, size, size)")

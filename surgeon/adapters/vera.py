@@ -7,6 +7,7 @@ seeded from `projection_seed` (like PEFT's `projection_prng_key`, one stream for
 for B), kaiming-uniform with gain sqrt(2) as in PEFT, so sites of a shape see the same A and B. An imported
 PEFT adapter holds one A and B sized for its largest layer: a site reads A[:, :in] and
 B[:out, :], as PEFT does. Merge identity: W x + b ⊙ B (d ⊙ A x) == (W + diag(b) B diag(d) A) x.
+`dropout` (PEFT's vera_dropout) drops the branch's input in train mode: b ⊙ B (d ⊙ A dropout(x)).
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ def _forward(branch, x, y, params, opts):
     in_features, out_features = branch.in_features, branch.out_features
     site_A = branch.op(aten.slice.Tensor, params["vera_A"], 1, 0, in_features)
     site_B = branch.op(aten.slice.Tensor, params["vera_B"], 0, 0, out_features)
+    x = branch.dropout(x, opts.get("dropout", 0.0))
     hidden = branch.mul(branch.linear(x, site_A), params["vera_lambda_d"])
     return branch.add(y, branch.mul(branch.linear(hidden, site_B), params["vera_lambda_b"]))
 
@@ -50,7 +52,7 @@ def _delta(params, opts, weight):
 VERA = AdapterKind(
     name="vera",
     options={"rank": Option(int, 256, positive=True), "d_initial": Option(float, 0.1),
-             "projection_seed": Option(int, 0)},
+             "projection_seed": Option(int, 0), "dropout": Option(float, 0.0, bounds=(0.0, 1.0))},
     init=_init,
     forward=_forward,
     delta_weight=_delta,

@@ -1,4 +1,4 @@
-"""The command line: `surgeon demo`, `compile`, `show`, `diff`, `merge-checkpoint`, `bench`.
+"""The command line: `surgeon demo`, `compile`, `generate`, `show`, `diff`, `merge-checkpoint`, `bench`.
 
 views.py adds the graph-view options (show --dot/--svg/--html, diff); bench.py is `surgeon bench`.
 The top layer: it may import anything in surgeon; nothing imports it.
@@ -76,6 +76,87 @@ def cmd_compile(ns) -> int:
     return 0
 
 
+def _prompt_ids(text: str) -> list[int]:
+    """`--prompt-ids '1,2,3'` (or '1 2 3') -> [1, 2, 3]."""
+    words = text.replace(",", " ").split()
+    if not words or not all(w.lstrip("-").isdigit() for w in words):
+        raise SurgeonError(f"--prompt-ids {text!r}: expected token ids separated by commas or spaces, e.g. '1,2,3'")
+    ids = [int(w) for w in words]
+    if any(i < 0 for i in ids):
+        raise SurgeonError(f"--prompt-ids {text!r}: token ids are >= 0")
+    return ids
+
+
+def left_padded(prompts: list[list[int]], pad: int):
+    """A batch of prompts of different lengths, left-padded as transformers' tokenizers pad for generation:
+    (input_ids, attention_mask)."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt):] = 1
+    return ids, mask
+
+
+def print_generated(compiled, ids, mask, out) -> None:
+    """One line per prompt (its tokens -> the new ones), then how the tokens were made and how fast."""
+    width = ids.shape[1]
+    for row in range(ids.shape[0]):
+        prompt = ids[row][mask[row].bool()].tolist()
+        print(f"prompt {row}: {' '.join(map(str, prompt))} -> {' '.join(map(str, out[row, width:].tolist()))}")
+    generator = compiled.generator
+    timings = generator.timings
+    built = f"graphs built in {timings['build_s']:.2f} s, " if "build_s" in timings else ""
+    print(f"generate ({generator.mode}): {built}first token {1000 * timings.get('prefill_s', 0):.1f} ms, "
+          f"then {1000 * timings.get('per_token_s', 0):.2f} ms per token")
+    for note in generator.notes:
+        print(f"  note: {note}")
+
+
+def cmd_generate(ns) -> int:
+    import torch
+
+    import surgeon
+    from ..compiled import load_spec
+
+    factory = _import_factory(ns.model)   # everything that needs no model first
+    spec = load_spec(Path(ns.spec))
+    prompts = [_prompt_ids(text) for text in ns.prompt_ids or []]
+    if ns.max_new_tokens < 0:
+        raise SurgeonError(f"--max-new-tokens must be >= 0, got {ns.max_new_tokens}")
+    model, args, kwargs = _call_factory(ns.model, factory)
+    compiled = surgeon.compile(model, args, spec, kwargs, progress=_progress)
+    if compiled.generator is None:
+        raise SurgeonError(f"{type(model).__name__} does not generate (surgeon generates with causal language "
+                           "models: integer token ids in, logits out)")
+    if not prompts:   # the example's input ids
+        from ..generate import example_ids
+
+        example = example_ids(compiled.module)
+        if example is None:
+            raise SurgeonError("give --prompt-ids: the factory's example has no input ids")
+        prompts = example.tolist()
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is None:   # a model without a config: its (first) token embedding's size
+        vocab = next((m.num_embeddings for m in model.modules() if isinstance(m, torch.nn.Embedding)), None)
+    if vocab is not None and any(i >= vocab for p in prompts for i in p):
+        raise SurgeonError(f"--prompt-ids: token ids must be < the vocabulary size {vocab}")
+    pad = ns.pad_token_id if ns.pad_token_id is not None else 0
+    ids, mask = left_padded(prompts, pad)
+    options = {k: v for k, v in (("temperature", ns.temperature), ("top_k", ns.top_k), ("top_p", ns.top_p),
+                                 ("eos_token_id", ns.eos_token_id), ("pad_token_id", ns.pad_token_id))
+               if v is not None}
+    generator = torch.Generator().manual_seed(ns.seed) if ns.seed is not None else None
+    _progress(f"generating {ns.max_new_tokens} tokens for {len(prompts)} prompt(s)")
+    out = compiled.generate(ids, attention_mask=mask, max_new_tokens=ns.max_new_tokens, do_sample=ns.do_sample,
+                            generator=generator, **options)
+    print_generated(compiled, ids, mask, out)
+    return 0
+
+
 def cmd_demo(ns) -> int:
     import torch
 
@@ -100,12 +181,17 @@ def cmd_demo(ns) -> int:
         optimizer.step()
         losses.append(loss.item())
     _progress(f"trained {len(trainable)} adapter tensors for {ns.steps} steps: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    prompts = [ids[0, :6].tolist(), ids[1, :4].tolist()]   # two prompts of different lengths, from the toy batch
+    prompt_ids, prompt_mask = left_padded(prompts, 0)
+    generated = compiled.generate(prompt_ids, attention_mask=prompt_mask, max_new_tokens=8)
     compiled.save_adapter("demo", real_dir(out / "adapter"))
     compiled.save_adapter("demo", real_dir(out / "adapter_peft"), format="peft")
     lowered = _demo_lowered(model, ids, compiled, out)
     compiled.apply(["merge"], progress=_progress)
     print(compiled.report)
     print(f"\ntraining loss {losses[0]:.4f} -> {losses[-1]:.4f} over {ns.steps} steps (adapter only)")
+    print("\ngenerated with the trained adapter (greedy, 8 new tokens):")
+    print_generated(compiled, prompt_ids, prompt_mask, generated)
     compiled.save(out)
     print(f"\nserving copy (unmerged, fuse + lower): {lowered}")
     print(f"wrote {out}/: report.txt/json, spec.yaml, graph.py, graph.html, graph.dot, nodes*.json, groups.json, "
@@ -217,6 +303,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--spec", required=True, help="spec file (.yaml or .toml); checked before the factory runs")
     p.add_argument("--out", required=True, help=out_help.format(""))
     p.set_defaults(fn=cmd_compile)
+    p = sub.add_parser("generate", help="compile a causal LM from a factory with a spec and generate token ids")
+    p.add_argument("--model", required=True, help="package.module:factory returning (model, example_inputs[, kwargs])")
+    p.add_argument("--spec", required=True, help="spec file (.yaml or .toml); checked before the factory runs")
+    p.add_argument("--prompt-ids", action="append", metavar="IDS",
+                   help="one prompt's token ids, e.g. '1,2,3'; repeat for a batch (left-padded); "
+                        "default: the factory's example input ids")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate per prompt (default: 16)")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, help="sampling temperature (default: the model's, else 1.0)")
+    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens (default: the model's, else 50)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass (default: the model's, else 1.0)")
+    p.add_argument("--seed", type=int, help="seed of the sampling generator (default: torch's global RNG)")
+    p.add_argument("--eos-token-id", type=int, help="stop a row at this token (default: the model's)")
+    p.add_argument("--pad-token-id", type=int, help="pads prompts and finished rows (default: the model's, else 0)")
+    p.set_defaults(fn=cmd_generate)
     p = sub.add_parser("show", help="print a saved compile's report and graph, grouped by module path")
     p.add_argument("dir", help="a folder written by surgeon compile/demo")
     p.add_argument("--filter", default="*", help="module-path glob (default: all)")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..bench import family as bench_family, kernels as kernel_bench, models
+from ..bench import family as bench_family, generate, kernels as kernel_bench, models
 from ..bench.harness import write_json
 
 
@@ -29,10 +29,28 @@ def main(argv: list[str] | None = None) -> int:
                                        "to F_kernels.json and F_family.json beside it)")
     parser.add_argument("--kernel-budget", type=float, help="on CUDA, seconds after which each kernel table "
                                                              "starts no new row (default: each table's own)")
+    parser.add_argument("--generate", action="store_true",
+                        help="also the generation table: a 128-token prompt, 64 new tokens, batch 1 and 8, per "
+                             "generated token against transformers' generate (F_generate.json beside --json)")
+    parser.add_argument("--generate-only", action="store_true", help="only the generation table")
+    parser.add_argument("--generate-rounds", type=int, default=5, help="rounds of the generation table (default: 5)")
     ns = parser.parse_args(argv)
     where = (torch.cuda.get_device_name() if ns.device.startswith("cuda") else
              f"CPU ({platform.processor() or platform.machine()}), {ns.threads} threads")
     print(f"device: {where}, torch {torch.__version__}")
+    stem = str(Path(ns.json).with_suffix("")) if ns.json else None   # --json F: the other tables beside it
+    if ns.generate or ns.generate_only:
+        threads = (1, 2) if ns.device == "cpu" else (ns.threads,)
+        print(f"generation: LLaMA-style 4 layers, hidden 512, LoRA r=16 on all 7 projections, {ns.dtype}, prompt 128, "
+              "64 new tokens, greedy; median of interleaved rounds")
+        table = generate.run(ns.generate_rounds, threads, device=ns.device, dtype=ns.dtype)
+        generate.print_rows(table)
+        if stem:
+            write_json(f"{stem}_generate.json", {"device": where, "dtype": ns.dtype, "prompt": 128, "new_tokens": 64,
+                                                 "rows": table})
+        if ns.generate_only:
+            return 0
+        print()
     print(f"LLaMA-style 4 layers, hidden 512, LoRA r=16 on all 7 projections, {ns.dtype}; "
           "ratio to eager base (median of interleaved rounds)")
     rows = models.run(ns.rounds, ns.threads, ns.device, ns.dtype)
@@ -42,7 +60,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<30}" + "".join(f"{rows[label][name]:>15.2f}x" if name in rows[label] else f"{'-':>16}"
                                       for label in rows))
     if ns.device.startswith("cuda"):
-        stem = str(Path(ns.json).with_suffix("")) if ns.json else None   # --json F: F's tables beside it
         budget = ["--budget", str(ns.kernel_budget)] if ns.kernel_budget else []
         print()
         kernel_bench.main((["--json", f"{stem}_kernels.json"] if stem else []) + budget)

@@ -114,7 +114,8 @@ def read_norm(node: Any) -> Norm | None:
     refs = (match["weight"], match["bias"], match["running_mean"], match["running_var"])
     if not all(r is None or _is_param(r) for r in refs):
         return None
-    return Norm(node, match["x"], refs, float(match["eps"]), bool(match["training"]) or refs[2] is None)
+    # training: a literal True (batch statistics always); a flag node follows .train() (eval at capture)
+    return Norm(node, match["x"], refs, float(match["eps"]), match["training"] is True or refs[2] is None)
 
 
 def tensor(gm: fx.GraphModule, ref: fx.Node | None) -> torch.Tensor | None:

@@ -1,6 +1,8 @@
 """DoRA: exact identity at insert, magnitude + direction training, exact merge, PEFT parity."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -38,3 +40,26 @@ def test_peft_parity(tmp_path):
     config = peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "down_proj"])
     compiled = peft_parity(config, tmp_path)
     assert compiled.adapters[NAME].spec.type == "dora"
+
+
+def test_dropout_in_train_mode_matches_peft_on_a_biased_linear(tmp_path):
+    """PEFT's DoRA with a dropout recomputes its base term from the dropped input in train mode
+    (y + (g - 1) W x_d + g s B A x_d) and uses y - b in eval; the imported adapter does both."""
+    torch.manual_seed(0)
+    model, x = torch.nn.Sequential(torch.nn.Linear(16, 12)).eval(), torch.randn(5, 16)
+    config = peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, lora_dropout=0.4, target_modules=["0"])
+    wrapped = peft.get_peft_model(copy.deepcopy(model), config)
+    with torch.no_grad():
+        for p in wrapped.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.3)
+    wrapped.save_pretrained(tmp_path)
+    module = surgeon.compile(model, (x,), {"adapters": [{"name": NAME, "from_peft": str(tmp_path)}]}).module
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), wrapped.eval()(x))
+        module.train(), wrapped.train()
+        for seed in range(3):
+            torch.manual_seed(seed)
+            want = wrapped(x)
+            torch.manual_seed(seed)
+            torch.testing.assert_close(module(x), want)
