@@ -129,9 +129,26 @@ def run_outputs(gm: fx.GraphModule, ctx: Context) -> list[torch.Tensor]:
     outputs = []
     with torch.no_grad(), evaluating(gm):   # a check never drops or updates BN statistics (surgeon.modes)
         for args, kwargs in ctx.examples:
+            args, kwargs = placed(gm, (args, kwargs))
             out = gm(*args, **kwargs)
             outputs += [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
     return outputs
+
+
+def placed(gm: fx.GraphModule, inputs: Any) -> Any:
+    """`inputs` on the module's device, floating ones in the module's dtype where they had the dtype it
+    was captured in: after `.to(...)` of the module, the example is moved with it."""
+    captured = getattr(gm.meta.get("surgeon_capture"), "dtype", None)
+    dtype, device = getattr(gm, "dtype", None), getattr(gm, "device", None)
+    if dtype is None or device is None:
+        return inputs
+
+    def move(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        follows = t.is_floating_point() and t.dtype == captured and dtype != captured
+        return t.to(device=device, dtype=dtype if follows else t.dtype)
+    return pytree.tree_map(move, inputs)
 
 
 def compare(before: list[torch.Tensor], after: list[torch.Tensor], mode: str,

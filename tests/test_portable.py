@@ -385,3 +385,18 @@ def test_finfo_constants_follow():
     fresh = surgeon.compile(copy.deepcopy(model).bfloat16(), (x.bfloat16(), mask), {"pipeline": []})
     assert torch.equal(bf16, run(fresh.module, (x.bfloat16(), mask)))
     assert torch.equal(run(compiled.module.float(), (x, mask)), fp32)
+
+
+def test_passes_applied_after_a_move_check_on_the_example_moved_with_the_module():
+    """A CNN's floating example stayed fp32 after `.double()`: the next pass's check then failed with
+    'Input type (torch.FloatTensor) and weight type (torch.DoubleTensor) should be the same'."""
+    from tests.conftest import small_cnn
+
+    model, (x,) = small_cnn()
+    compiled = surgeon.compile(model, (x,), lora_spec(["head"]))
+    compiled.module.double()
+    compiled.apply(["merge"])
+    assert compiled.report.rows[-1].check.startswith("rel err")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled.module(x.double()), copy.deepcopy(model).double()(x.double()),
+                                   rtol=1e-10, atol=1e-12)
