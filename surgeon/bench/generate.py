@@ -6,7 +6,8 @@ of tokens). A prompt of `prompt` tokens (batch rows left-padded to different len
 tokens. Variants, each with its own cache:
 
   eager base        transformers' generate on the model without an adapter (the baseline)
-  compile base      the same with torch.compile on its forward (where it compiles)
+  compile base      the same with torch.compile on its forward and a static cache (transformers'
+                    recommended way to compile generation; where it compiles)
   surgeon merged    surgeon's generate (captured prefill + one-token decode graphs) after `merge`
   surgeon unmerged  the same with the LoRA branch running
   PEFT unmerged     peft's generate with the LoRA layers
@@ -70,10 +71,11 @@ def generators(model, ids: torch.Tensor, mask: torch.Tensor, log=print) -> dict[
     }
     try:
         compiled_base = copy.deepcopy(model)
-        compiled_base.forward = torch.compile(compiled_base.forward, dynamic=True)
+        compiled_base.forward = torch.compile(compiled_base.forward)
+        static = {**settings, "cache_implementation": "static"}
         with torch.no_grad():
-            compiled_base.generate(ids, max_new_tokens=2, **settings)    # compiles here, or fails here
-        found["compile base"] = lambda n: compiled_base.generate(ids, max_new_tokens=n, **settings)
+            compiled_base.generate(ids, max_new_tokens=2, **static)    # compiles here, or fails here
+        found["compile base"] = lambda n: compiled_base.generate(ids, max_new_tokens=n, **static)
     except Exception as error:  # noqa: BLE001 - reported; the other rows still run
         log(f"  compile base: left out ({type(error).__name__}: {str(error).splitlines()[0][:100]})")
     return {name: found[name] for name in VARIANTS if name in found}
@@ -85,8 +87,9 @@ def measure(fns: dict[str, Callable[[int], torch.Tensor]], new: int, rounds: int
     prefill = {k: [] for k in fns}
     absolute = {k: [] for k in fns}
     with torch.no_grad():
-        for f in fns.values():
-            f(2)                                     # warm: graphs built, kernels chosen
+        for f in fns.values():                       # warm at both lengths: graphs built, compiled, chosen
+            f(1)
+            f(new)
         for _ in range(rounds):
             full, first = {}, {}
             for name, f in fns.items():
