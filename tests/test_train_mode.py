@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import surgeon
+from tests.adapters.helpers import randomized_peft_checkpoint
 from tests.conftest import assert_untouched, hf_llama, lora_spec, randomize_adapters, small_cnn, snapshot
 
 peft = pytest.importorskip("peft")
@@ -208,18 +209,6 @@ def test_dropout_on_a_kind_without_it_is_refused_naming_key_and_kind():
 
 # ---------------------------------------------------------------- PEFT: forward, files, training
 
-def _peft_checkpoint(config, tmp_path, scale=0.2):
-    model, args = hf_llama()
-    wrapped = peft.get_peft_model(copy.deepcopy(model), config)
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in wrapped.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * scale)
-    wrapped.save_pretrained(tmp_path)
-    return model, args, wrapped
-
-
 @pytest.mark.parametrize("config", [
     lambda: peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=["q_proj", "v_proj", "down_proj"]),
     lambda: peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, use_dora=True, target_modules=["q_proj", "down_proj"]),
@@ -227,7 +216,7 @@ def _peft_checkpoint(config, tmp_path, scale=0.2):
 ], ids=["lora", "dora", "vera"])
 def test_train_mode_forward_matches_peft_with_dropout(config, tmp_path):
     """Imported with its dropout, the adapter draws the same masks as PEFT's layers (same ops, same order)."""
-    model, args, wrapped = _peft_checkpoint(config(), tmp_path)
+    model, args, wrapped = randomized_peft_checkpoint(config(), tmp_path)
     compiled = surgeon.compile(model, args, {"adapters": [{"name": "p", "from_peft": str(tmp_path)}]}, KW)
     assert compiled.adapters["p"].spec.options["dropout"] == 0.3
     module = compiled.module
@@ -267,7 +256,7 @@ def test_dropout_round_trips_through_peft_configs(kind, key, tmp_path):
     (lambda: peft.OFTConfig(oft_block_size=4, r=0, module_dropout=0.1, target_modules=["q_proj"]), "module_dropout"),
 ], ids=["loha", "lokr", "boft", "oft"])
 def test_a_peft_dropout_surgeon_does_not_implement_is_refused_on_import(config, key, tmp_path):
-    model, args, _ = _peft_checkpoint(config(), tmp_path, scale=0.01)
+    model, args, _ = randomized_peft_checkpoint(config(), tmp_path, scale=0.01)
     with pytest.raises(surgeon.SpecError, match=f"{key}=0.1 is not supported for a '"):
         surgeon.compile(model, args, {"adapters": [{"name": "p", "from_peft": str(tmp_path)}]}, KW)
 

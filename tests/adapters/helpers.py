@@ -110,8 +110,9 @@ def assert_round_trip(compiled, model, args, tmp_path) -> None:
     assert torch.equal(logits(again.module, args), expected)
 
 
-def peft_parity(config, tmp_path, scale: float = 0.2):
-    """A randomized PEFT checkpoint imports through `from_peft` and matches PEFT before and after merge."""
+def randomized_peft_checkpoint(config, tmp_path, scale: float = 0.2):
+    """(model, args, PEFT model): hf_llama wrapped by PEFT with `config`, adapter weights moved off their
+    init by seeded noise (as training would), saved to `tmp_path`."""
     import peft
 
     model, args = hf_llama()
@@ -122,6 +123,12 @@ def peft_parity(config, tmp_path, scale: float = 0.2):
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=gen) * scale)
     wrapped.save_pretrained(tmp_path)
+    return model, args, wrapped
+
+
+def peft_parity(config, tmp_path, scale: float = 0.2):
+    """A randomized PEFT checkpoint imports through `from_peft` and matches PEFT before and after merge."""
+    model, args, wrapped = randomized_peft_checkpoint(config, tmp_path, scale)
     expected = logits(wrapped, args)
     assert not torch.allclose(expected, logits(model, args), atol=1e-3)
     compiled = surgeon.compile(model, args, {"adapters": [{"name": NAME, "from_peft": str(tmp_path)}]}, KW)
