@@ -22,7 +22,9 @@ log="$venv/install.log"
 
 step() {   # step NAME STAMP-KEY COMMAND...: run COMMAND unless this step already ran with this key
   local name="$1" key="$2"; shift 2
-  local stamp="$venv/.surgeon-step-${name// /-}"
+  local slug
+  slug="$(printf '%s' "$name" | tr -c 'A-Za-z0-9_.=-' '-')"   # a file name: no '/', spaces or brackets
+  local stamp="$venv/.surgeon-step-$slug"
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$key" ]; then
     return 0
   fi

@@ -21,7 +21,7 @@ from .adapters import AdapterKind, kinds
 from .errors import SpecError
 
 TOP_KEYS = {"adapters", "pipeline", "seed", "verify", "static_shapes"}
-ADAPTER_KEYS = {"name", "type", "targets", "exclude", "from_peft", "from_dir", "allow_nonfinite"}
+ADAPTER_KEYS = {"name", "type", "targets", "exclude", "from_peft", "from_dir", "allow_nonfinite", "allow_partial"}
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class AdapterSpec:
     from_peft: Path | None = None
     from_dir: Path | None = None
     loaded: Any = None   # a LoadedAdapter (weights and per-site options) for from_peft / from_dir
+    allow_partial: bool = False   # a loaded adapter may leave modules it holds tensors for unplaced
 
     @property
     def kind(self) -> AdapterKind:
@@ -214,9 +215,12 @@ def _adapter(shell: Spec, i: int, entry: Any) -> AdapterSpec:
     for key, option in kind.options.items():
         value = entry.get(key, option.default)
         options[key] = _check_option(shell, at + (key,), value, option)
+    allow_partial = entry.get("allow_partial", False)
+    if not isinstance(allow_partial, bool):
+        raise shell.error(at + ("allow_partial",), f"must be true or false, got {allow_partial!r}")
     return AdapterSpec(name, kind_name, targets, options, exclude,
                        Path(entry["from_peft"]) if "from_peft" in entry else None,
-                       Path(entry["from_dir"]) if "from_dir" in entry else None, loaded)
+                       Path(entry["from_dir"]) if "from_dir" in entry else None, loaded, allow_partial)
 
 
 def _surgeon_dir_reader(directory: Path, plain):

@@ -65,6 +65,8 @@ class Insert:
                 attach(gm, state, site, calls, tensors, self.name)
                 state.sites.append(site)
                 result.matches += len(calls)
+            if spec.loaded is not None:
+                _check_all_placed(spec, state, result, ctx, index)
             state.status = "inserted"
             result.notes.append(f"{spec.name}: {spec.type} on {len(state.sites)} modules, "
                                 f"{state.param_count:,} parameters")
@@ -91,6 +93,28 @@ class Insert:
         # floating parameters take the site's dtype; integer ones (SHiRA's indices) keep theirs
         return {p: t.to(device=weight.device, dtype=(dtype or weight.dtype) if t.is_floating_point() else t.dtype)
                 .clone() for p, t in tensors.items()}
+
+
+def _check_all_placed(spec, state, result: PassResult, ctx: Context, index: int) -> None:
+    """Every module a loaded adapter holds tensors for got a site, or SpecError names those that did not
+    (a partly placed adapter computes neither the base model nor the adapter's model); `allow_partial`
+    imports the rest with a note saying what was left out."""
+    placed = {site.path for site in state.sites}
+    left = [path for path in spec.loaded.weights if not path.startswith("#") and path not in placed]
+    if not left:
+        return
+    why = {where.split(" @ ", 1)[1]: reason for where, reason in result.rejections if " @ " in where}
+    detail = "; ".join(f"'{path}' ({', '.join(sorted(spec.loaded.weights[path]))}): "
+                       f"{why.get(path, 'no linear/conv op of that module runs in the captured graph')}"
+                       for path in left[:6]) + (f"; and {len(left) - 6} more" if len(left) > 6 else "")
+    total = sum(not path.startswith("#") for path in spec.loaded.weights)
+    what = f"{len(left)} of the {total} modules {spec.name}'s checkpoint holds tensors for were not placed: {detail}"
+    if spec.allow_partial:
+        result.notes.append(f"WARNING (allow_partial): {what}; the compiled model runs the adapter without them")
+        return
+    raise ctx.spec.error(("adapters", index, "from_peft" if spec.from_peft else "from_dir"),
+                         f"{what}. Importing part of an adapter gives neither the base model nor the adapter's; "
+                         "set `allow_partial: true` on the adapter to import the rest anyway")
 
 
 def _check_ordinals(spec, paths: list[str], ctx: Context, index: int) -> None:
