@@ -134,6 +134,7 @@ def attach(gm: fx.GraphModule, state: AdapterState, site: SiteState, calls: list
             for user in node.users:   # where the branch reads the base output (a later adapter may rewire it)
                 if user in branch.created:
                     user.meta["surgeon_base_args"] = [i for i, a in enumerate(user.args) if a is node]
+                    user.meta["surgeon_base_of"] = node.name   # which call: a shared module has several
             if new_y is not node:
                 mine = set(branch.created)
                 node.replace_all_uses_with(new_y, delete_user_cb=lambda user, mine=mine: user not in mine)
@@ -221,7 +222,8 @@ def detach(gm: fx.GraphModule, site: SiteState) -> dict[str, torch.Tensor]:
     for pair in site.output.split(","):
         base, out = (by_name[n] for n in pair.split("->"))
         if out is not base:
-            out.replace_all_uses_with(_current_base(base, mine))
+            out.replace_all_uses_with(_current_base(base, {n for n in mine if n.meta.get("surgeon_base_of",
+                                                                                         base.name) == base.name}))
     for node in mine:
         if "surgeon_input_of" in node.meta:
             original = by_name[node.meta["surgeon_input_of"]]

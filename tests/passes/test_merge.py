@@ -65,3 +65,36 @@ def test_merge_into_a_tied_weight_unties_only_that_use():
     torch.testing.assert_close(logits(compiled.module, args), before, rtol=1e-5, atol=1e-5)
     embedding = compiled.module.get_parameter("transformer.wte.weight")
     assert torch.equal(embedding, model.transformer.wte.weight)
+
+
+def test_a_module_called_from_several_places_shares_one_adapter_through_merge_unmerge_remove(tmp_path):
+    """ALBERT runs one layer's modules at every depth. Before: merge failed with "Argument 'linear_7' of
+    Node 'view' was used before it has been defined" (each call's users were rewired to another call's
+    base output), and the failed merge left unmerge/remove raising AttributeError."""
+    import copy
+
+    import peft
+    from transformers import AlbertConfig, AlbertModel
+
+    torch.manual_seed(0)
+    cfg = AlbertConfig(vocab_size=96, embedding_size=16, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                       intermediate_size=64, max_position_embeddings=32)
+    model = AlbertModel(cfg).eval()
+    ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(0))
+    wrapped = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, target_modules=["query", "ffn"],
+                                                                          init_lora_weights=False)).eval()
+    wrapped.save_pretrained(tmp_path)
+    compiled = surgeon.compile(model, (ids,), {"adapters": [{"name": "p", "from_peft": str(tmp_path)}]})
+    assert compiled.report.rows[-1].matches == 2 * 3          # two modules, each called at three depths
+    with torch.no_grad():
+        want = wrapped(ids).last_hidden_state
+        torch.testing.assert_close(compiled.module(ids).last_hidden_state, want, rtol=1e-5, atol=1e-5)
+        for step in ("merge", "unmerge"):
+            compiled.apply([step])
+            torch.testing.assert_close(compiled.module(ids).last_hidden_state, want, rtol=1e-5, atol=1e-5)
+        compiled.apply(["remove"])       # after merge + unmerge the base is W + d - d, rounded once in fp32
+        torch.testing.assert_close(compiled.module(ids).last_hidden_state, model(ids).last_hidden_state,
+                                   rtol=1e-5, atol=1e-5)
+        fresh = surgeon.compile(model, (ids,), {"adapters": [{"name": "p", "from_peft": str(tmp_path)}]})
+        fresh.apply(["remove"])          # straight after insert: the base exactly
+        torch.testing.assert_close(fresh.module(ids).last_hidden_state, model(ids).last_hidden_state, rtol=0, atol=0)
