@@ -198,6 +198,7 @@ def _capture_export(model, args, tensor_kwargs, constants, dynamic_shapes, dynam
         if dropped and not node.users:
             graph.erase_node(node)
     _drop_full_slices(graph)
+    _linear_from_matmul(graph, unlifted)
     for node in list(graph.find_nodes(op="placeholder")):
         if node.target in constants:
             if node.users:
@@ -222,6 +223,41 @@ def _drop_full_slices(graph: fx.Graph) -> None:
         if full and not node.kwargs:
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
+
+
+_TRANSPOSES = {torch.ops.aten.numpy_T.default, torch.ops.aten.t.default}
+
+
+def _linear_from_matmul(graph: fx.Graph, owner: nn.Module) -> None:
+    """`x @ W.T` of a 2-D parameter W (Falcon's FalconLinear, any hand-written linear) as the
+    `aten.linear(x, W)` it computes, so a module's weight product is one canonical site whatever
+    the model's code spelled: targets select it, adapters attach, merges fold into W."""
+    aten = torch.ops.aten
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in (aten.matmul.default, aten.mm.default) \
+                or len(node.args) != 2 or node.kwargs:
+            continue
+        x, wt = node.args
+        if not isinstance(wt, fx.Node) or wt.op != "call_function" or not wt.args:
+            continue
+        swaps = wt.target in _TRANSPOSES or (wt.target is aten.transpose.int and sorted(wt.args[1:]) in ([0, 1], [-2, -1])) \
+            or (wt.target is aten.permute.default and list(wt.args[1]) == [1, 0])
+        weight = wt.args[0]
+        if not swaps or not isinstance(weight, fx.Node) or weight.op != "get_attr":
+            continue
+        try:
+            param = _get_attr(owner, weight.target)
+        except AttributeError:
+            continue
+        if not isinstance(param, nn.Parameter) or param.dim() != 2:
+            continue
+        with graph.inserting_before(node):
+            linear = graph.call_function(aten.linear.default, (x, weight))
+        linear.meta.update({k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack", "stack_trace")})
+        node.replace_all_uses_with(linear)
+        graph.erase_node(node)
+        if not wt.users:
+            graph.erase_node(wt)
 
 
 def _export_dynamic(model, args, inputs, small: bool):

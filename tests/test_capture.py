@@ -233,3 +233,56 @@ def test_an_error_inside_a_no_grad_block_leaves_grad_mode_on_and_prints_nothing(
     with torch.no_grad():
         gm(torch.randn(2, 4))
         assert not torch.is_grad_enabled()   # and a caller's no_grad stays as it was
+
+
+class _SpelledLinears(nn.Module):
+    """Weight products written four ways, an activation product and a 3-D parameter's (not linear sites)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d = (nn.Parameter(torch.randn(8, 8) / 3) for _ in range(4))
+        self.experts = nn.Parameter(torch.randn(2, 8, 8) / 3)
+
+    def forward(self, x):
+        h = x @ self.a.T
+        h = torch.matmul(h, self.b.t())
+        h = h @ self.c.transpose(0, 1)
+        h = torch.matmul(h, self.d.permute(1, 0))
+        scores = h @ h.transpose(-1, -2)             # activations: stays a matmul
+        return scores @ h + (h.unsqueeze(0) @ self.experts).sum(0)
+
+
+def test_weight_products_are_captured_as_linear_whatever_the_spelling():
+    """Falcon computes x @ W.T: before, targets selected nothing ('select no linear/addmm/conv2d op')."""
+    model, x = _SpelledLinears().eval(), torch.randn(2, 3, 8)
+    gm = surgeon.capture(model, (x,))
+    linears = [n for n in gm.graph.nodes if n.target is torch.ops.aten.linear.default]
+    assert [n.args[1].target for n in linears] == ["a", "b", "c", "d"]
+    assert sum(n.target is torch.ops.aten.matmul.default for n in gm.graph.nodes) == 3   # scores, @ h, experts
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-6, atol=1e-6)
+
+
+def test_falcon_linears_take_adapters_and_match_peft(tmp_path):
+    import copy
+
+    import peft
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(0)
+    cfg = FalconConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       new_decoder_architecture=False, multi_query=True, bias=False)
+    model = FalconForCausalLM(cfg).eval()
+    ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(0))
+    targets = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+    wrapped = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, target_modules=targets,
+                                                                          init_lora_weights=False)).eval()
+    wrapped.save_pretrained(tmp_path)
+    compiled = surgeon.compile(model, (ids,), {"adapters": [{"name": "p", "from_peft": str(tmp_path)}]},
+                               {"use_cache": False})
+    assert len(compiled.adapters["p"].sites) == 4 * 2
+    with torch.no_grad():
+        want = wrapped(ids, use_cache=False).logits
+        torch.testing.assert_close(compiled.module(ids).logits, want, rtol=1e-5, atol=1e-5)
+        compiled.apply(["merge"])
+        torch.testing.assert_close(compiled.module(ids).logits, want, rtol=1e-5, atol=1e-5)
