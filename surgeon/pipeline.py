@@ -9,9 +9,10 @@ tensor: changed weights are new tensors, so the user's model is never modified.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 import torch
 import torch.fx as fx
@@ -125,14 +126,37 @@ class PassRow:
 
 
 def run_outputs(gm: fx.GraphModule, ctx: Context) -> list[torch.Tensor]:
-    """The graph's flattened tensor outputs on every example (ctx.examples), one list."""
+    """The graph's flattened tensor outputs on every example (ctx.examples), one list.
+
+    Run in eval mode (a check never drops or updates BN statistics: surgeon.modes) and with every
+    parameter's requires_grad off (`frozen`), so that graphs compare as functions of their values."""
     outputs = []
-    with torch.no_grad(), evaluating(gm):   # a check never drops or updates BN statistics (surgeon.modes)
+    with torch.no_grad(), evaluating(gm), frozen(gm):
         for args, kwargs in ctx.examples:
             args, kwargs = placed(gm, (args, kwargs))
             out = gm(*args, **kwargs)
             outputs += [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
     return outputs
+
+
+@contextlib.contextmanager
+def frozen(gm: fx.GraphModule) -> Iterator[None]:
+    """Every parameter of `gm` with requires_grad off for the block, each flag restored after.
+
+    The flag picks a kernel even under no_grad: `aten.linear` on a 3-D input that is no 2-D view
+    (a transposed one, as `F.multi_head_attention_forward` feeds its projections) folds into one mm
+    when the weight requires grad and runs a bmm when it does not, and the two round differently.
+    `insert` freezes the base weights, so without this an untouched linear with bit-identical inputs
+    (SigLIP's pooling head, WavLM's attention) differed in its last bit and an exact insert failed.
+    """
+    flags = [(p, p.requires_grad) for p in gm.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def placed(gm: fx.GraphModule, inputs: Any) -> Any:
