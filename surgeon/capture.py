@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import io
+import sys
 from functools import partial
 from typing import Any
 
@@ -96,16 +98,31 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None,
     tensor_kwargs, constants = split_kwargs(kwargs)
     notes: list[str] = []
     with _eval_mode(model):
-        try:
-            gm = _capture_export(model, args, tensor_kwargs, constants, dynamic_shapes, dynamic, small, notes)
-        except Exception as export_error:  # noqa: BLE001 - reported below with the fx reason
-            export_reason = _first_line(export_error)
-        else:   # what a dtype move needs to capture the model again (surgeon.portable), as this capture went
-            static_fallback = bool(notes)   # the only note so far: the dynamic export failed, static was taken
+        gm, export_error, exporter = None, None, torch.export.export
+        while gm is None:
+            tried = []
+            try:
+                with _quiet_draft(), _held_stderr() as held:
+                    gm = _capture_export(model, args, tensor_kwargs, constants, dynamic_shapes, dynamic, small, tried,
+                                         exporter)
+            except Exception as error:  # noqa: BLE001 - reported below with the fx reason
+                export_error, cure = error, _cure(error, model, constants, exporter)
+                if cure is None:
+                    break
+                constants, exporter, note = cure
+                notes += [note] if note else []
+        if gm is not None:
+            sys.stderr.write(held.getvalue())   # what the successful attempt printed (warnings)
+            notes += tried
+            if exporter is torch.export.draft_export:
+                notes.append(_draft_note(gm, export_error))
+            # what a dtype move needs to capture the model again (surgeon.portable), as this capture went
+            static_fallback = any(n.startswith(_STATIC_NOTE) for n in tried)
             again = partial(_capture_export, dynamic_shapes=dynamic_shapes, dynamic=dynamic and not static_fallback,
-                            small=small, notes=[])
+                            small=small, notes=[], exporter=exporter)
             return remember(_with_inputs(gm, model, args, tensor_kwargs, constants, dynamic, notes), model, args,
                             tensor_kwargs, constants, again)
+        export_reason = _reason(export_error)
         try:
             gm = _capture_fx(model, args, tensor_kwargs, constants)
         except Exception as fx_error:  # noqa: BLE001
@@ -119,9 +136,125 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None,
         f"could not capture {type(model).__name__}.\n"
         f"  torch.export failed: {export_reason}\n"
         f"  torch.fx.symbolic_trace (fallback) failed: {fx_reason}\n"
-        "  try: pass keyword inputs that select a static code path (e.g. use_cache=False), "
-        "declare dynamic dims with dynamic_shapes=, or move data-dependent Python control flow "
-        "(if on tensor values, .item(), .tolist()) out of forward.")
+        f"  try: {_hint(export_error)}")
+
+
+# ---------------------------------------------------------------- when torch.export fails
+
+_NO_CACHE_NOTE = ("captured with use_cache=False: the forward returns a cache object, which a graph cannot "
+                  "return (calls with use_cache=True are refused; generate keeps its own cache)")
+_STATIC_NOTE = "captured with the example's static shapes"
+_TORCH_DIR = str(__import__("pathlib").Path(torch.__file__).parent)
+
+
+def _cure(error: Exception, model: nn.Module, constants: dict, exporter) -> tuple | None:
+    """(constants, exporter, note) for another torch.export attempt that may cure `error`, or None.
+
+    A cache object in the output is cured by use_cache=False, where the forward takes it and the caller
+    left it unset. A guard on a data-dependent value is cured by torch.export.draft_export, which follows
+    the example's value and keeps a runtime assertion: a call that would take the other branch raises
+    instead of computing the wrong one."""
+    text = f"{type(error).__name__}: {error}"
+    if _cache_output(text) and "use_cache" not in constants and _takes(model, "use_cache"):
+        return {**constants, "use_cache": False}, exporter, _NO_CACHE_NOTE
+    if _data_dependent(text) and exporter is torch.export.export:
+        return constants, torch.export.draft_export, ""
+    return None
+
+
+def _cache_output(text: str) -> bool:
+    return "in output, which is not a known type" in text and "Cache" in text
+
+
+def _data_dependent(text: str) -> bool:
+    return "data-dependent" in text or "GuardOnDataDependentSymNode" in text
+
+
+def _takes(model: nn.Module, name: str) -> bool:
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+@contextlib.contextmanager
+def _held_stderr():
+    """Hold what an export attempt prints: a failed one prints its partial graph to stderr (torch.export
+    does), which the CaptureError or the next attempt replaces; a successful one's text is written out."""
+    held = io.StringIO()
+    with contextlib.redirect_stderr(held):
+        yield held
+
+
+@contextlib.contextmanager
+def _quiet_draft():
+    """draft_export logs its report as warnings; the note says what matters."""
+    import logging
+    loggers = [logging.getLogger(n) for n in ("torch.export._draft_export", "torch.fx.experimental.symbolic_shapes")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _draft_note(gm: fx.GraphModule, error: Exception | None) -> str:
+    where = _model_line(error) if error is not None else ""
+    asserts = sum(1 for n in gm.graph.nodes if n.target is torch.ops.aten._assert_scalar.default)
+    return (f"captured with torch.export.draft_export: the model branches on a tensor's value"
+            f"{' at ' + where if where else ''}; the graph follows the example's branch and {asserts} runtime "
+            f"assertion{'s' * (asserts != 1)} raise on a call that would take another")
+
+
+def _model_line(error: BaseException | None) -> str:
+    """'file:line (`code`)' of the last frame outside torch and surgeon where `error` was raised: the
+    model's own line ('' when every frame is torch's, e.g. an output torch cannot flatten)."""
+    if error is None:
+        return ""
+    import traceback
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if not f.filename.startswith((_TORCH_DIR, str(_HERE), "<"))]
+    if not frames:
+        return ""
+    last = frames[-1]
+    return f"{_short(last.filename)}:{last.lineno}" + (f" (`{last.line}`)" if last.line else "")
+
+
+_HERE = __import__("pathlib").Path(__file__).parent
+
+
+def _short(path: str) -> str:
+    marker = "site-packages/"
+    return path.split(marker, 1)[1] if marker in path else path
+
+
+def _reason(error: BaseException | None) -> str:
+    """The export failure's first line and where in the model's code it was raised."""
+    if error is None:
+        return "no attempt ran"
+    where = _model_line(error)
+    return _first_line(error) + (f" [at {where}]" if where else "")
+
+
+def _hint(error: BaseException | None) -> str:
+    """What to do, by kind of failure."""
+    text = f"{type(error).__name__}: {error}" if error is not None else ""
+    if _data_dependent(text):
+        return ("the line named above branches on (or sizes a tensor by) a tensor's value, and draft export could "
+                "not follow the example either: add torch._check(...) hints there, or pass inputs that take a "
+                "value-independent path.")
+    if "NoneType" in text:
+        return ("the line named above reads an optional input that was left out: pass it in the example's "
+                "keyword inputs (e.g. attention_mask, decoder_attention_mask).")
+    if _cache_output(text):
+        return "pass use_cache=False in the example's keyword inputs."
+    return ("pass keyword inputs that select a static code path (e.g. use_cache=False), declare dynamic dims "
+            "with dynamic_shapes=, or move data-dependent Python control flow (if on tensor values, .item(), "
+            ".tolist()) out of forward.")
 
 
 def _with_inputs(gm, model, args, tensor_kwargs, constants, dynamic, notes) -> fx.GraphModule:
@@ -178,18 +311,19 @@ def _first_line(error: Exception) -> str:
 
 # ---------------------------------------------------------------- torch.export front end
 
-def _capture_export(model, args, tensor_kwargs, constants, dynamic_shapes, dynamic, small, notes) -> fx.GraphModule:
+def _capture_export(model, args, tensor_kwargs, constants, dynamic_shapes, dynamic, small, notes,
+                    exporter=torch.export.export) -> fx.GraphModule:
     inputs = {**tensor_kwargs, **constants}
     if dynamic_shapes is not None and isinstance(dynamic_shapes, dict) and constants:
         dynamic_shapes = {**{k: None for k in constants}, **dynamic_shapes}
     if dynamic_shapes is None and dynamic:
         try:
-            ep = _export_dynamic(model, args, inputs, small)
+            ep = _export_dynamic(model, args, inputs, small, exporter)
         except Exception as error:  # noqa: BLE001 - a model dynamic shapes break is still captured, static
-            notes.append(f"captured with the example's static shapes: a dynamic export failed ({_first_line(error)})")
-            ep = torch.export.export(model, args, inputs, strict=False)
+            notes.append(f"{_STATIC_NOTE}: a dynamic export failed ({_first_line(error)})")
+            ep = exporter(model, args, inputs, strict=False)
     else:
-        ep = torch.export.export(model, args, inputs, dynamic_shapes=dynamic_shapes, strict=False)
+        ep = exporter(model, args, inputs, dynamic_shapes=dynamic_shapes, strict=False)
     unlifted = ep.module()
     graph = unlifted.graph
     for node in list(graph.nodes):
@@ -260,7 +394,7 @@ def _linear_from_matmul(graph: fx.Graph, owner: nn.Module) -> None:
             graph.erase_node(wt)
 
 
-def _export_dynamic(model, args, inputs, small: bool):
+def _export_dynamic(model, args, inputs, small: bool, exporter=torch.export.export):
     """torch.export with Dim.AUTO on every dimension of every tensor input (with `small`, sizes 0 and 1 too)."""
     auto = torch.export.Dim.AUTO
 
@@ -270,7 +404,7 @@ def _export_dynamic(model, args, inputs, small: bool):
 
     shapes = tuple(spec(a) for a in args) + tuple(spec(v) for v in inputs.values())
     with fx_config.patch(backed_size_oblivious=small):
-        return torch.export.export(model, args, inputs, dynamic_shapes=shapes, strict=False)
+        return exporter(model, args, inputs, dynamic_shapes=shapes, strict=False)
 
 
 def _finite(bound) -> int | None:

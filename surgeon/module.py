@@ -26,7 +26,7 @@ import torch.fx as fx
 from torch import nn
 
 from . import portable
-from .errors import SurgeonError
+from .errors import InputError, SurgeonError
 
 
 class SurgeonModule(fx.GraphModule):
@@ -40,6 +40,10 @@ class SurgeonModule(fx.GraphModule):
         try:
             return nn.Module.__call__(self, *args, **kwargs)
         except Exception as error:
+            followed = _followed_branch(error, inputs)
+            if followed:
+                raise InputError(f"this call takes a path the captured graph does not have ({error}): "
+                                 f"{followed}. Compile with an example that takes this path.") from error
             line = graph_line(error)
             if line:
                 error.add_note(f"(in the graph of {type(self).__name__}: {line})")
@@ -98,3 +102,11 @@ def graph_line(error: BaseException) -> str | None:
     frame = frames[-1]
     source = linecache.getline(frame.filename, frame.lineno).strip()
     return f"line {frame.lineno}: {source}" if source else f"line {frame.lineno}"
+
+
+def _followed_branch(error: Exception, inputs) -> str:
+    """The capture's note when `error` is a runtime assertion of a graph that follows the example's
+    value-dependent branches (surgeon.capture's draft-export path), else ''."""
+    if not isinstance(error, RuntimeError) or "Runtime assertion failed" not in str(error) or inputs is None:
+        return ""
+    return next((note for note in inputs.notes if "draft_export" in note), "")

@@ -79,15 +79,29 @@ class NeedsFallback(nn.Module):
         return self.proj(x) + host_bias(x)
 
 
+class ValueBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:   # Python control flow on a tensor value
+            return self.proj(x)
+        return -x
+
+
+class _Box:   # a plain object holding a tensor: no pytree knows how to flatten it
+    def __init__(self, value):
+        self.value = value
+
+
 class Untraceable(nn.Module):
     def __init__(self):
         super().__init__()
         self.proj = nn.Linear(4, 4)
 
     def forward(self, x):
-        if x.sum() > 0:   # Python control flow on a tensor value: neither front end can capture it
-            return self.proj(x)
-        return -x
+        return _Box(self.proj(x))   # neither front end can return it
 
 
 def test_fx_fallback_normalizes_to_the_same_form():
@@ -112,6 +126,111 @@ def test_capture_error_names_both_front_ends():
     text = str(info.value)
     assert "torch.export failed" in text and "symbolic_trace (fallback) failed" in text and "try:" in text
     assert_untouched(model, before)
+
+
+def test_a_value_dependent_branch_follows_the_example_and_refuses_the_other(capfd):
+    """Before: CaptureError (GuardOnDataDependentSymNode; Longformer, LED, FSMT, DBRX). Now draft export
+    follows the example's branch and keeps runtime assertions: the other branch is refused, never computed
+    wrong, and the note names the model's line. torch.export's partial graph is not printed."""
+    torch.manual_seed(0)
+    model = ValueBranch().eval()
+    before = snapshot(model)
+    compiled = surgeon.compile(model, (torch.ones(2, 4),), EMPTY)
+    note = next(n for n in compiled.report.rows[0].notes if "draft_export" in n)
+    assert "test_capture.py:" in note and "if x.sum() > 0:" in note
+    with torch.no_grad():
+        x = torch.rand(3, 4) + 0.1
+        torch.testing.assert_close(compiled.module(x), model(x), rtol=0, atol=0)
+        with pytest.raises(surgeon.InputError, match="takes a path the captured graph does not have"):
+            compiled.module(-torch.ones(2, 4))
+    assert "def forward" not in capfd.readouterr().err
+    assert_untouched(model, before)
+
+
+def test_longformer_captures_takes_peft_lora_and_merges(tmp_path):
+    """Longformer's global-attention switch reads the mask's values (a data-dependent guard)."""
+    import copy
+
+    import peft
+    from transformers import LongformerConfig, LongformerModel
+
+    torch.manual_seed(0)
+    cfg = LongformerConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, attention_window=[4, 4], max_position_embeddings=64)
+    model = LongformerModel(cfg).eval()
+    ids = torch.randint(2, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    wrapped = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, target_modules=["query", "value"],
+                                                                          init_lora_weights=False)).eval()
+    wrapped.save_pretrained(tmp_path)
+    compiled = surgeon.compile(model, (ids,), {"adapters": [{"name": "p", "from_peft": str(tmp_path)}]})
+    assert len(compiled.adapters["p"].sites) == 2 * 2
+    with torch.no_grad():
+        want = wrapped(ids).last_hidden_state
+        torch.testing.assert_close(compiled.module(ids).last_hidden_state, want, rtol=1e-5, atol=1e-5)
+        compiled.apply(["merge"])
+        torch.testing.assert_close(compiled.module(ids).last_hidden_state, want, rtol=1e-5, atol=1e-5)
+        glob = torch.ones_like(ids)
+        glob[:, 0] = 2   # global attention on the first token: the branch the example did not take
+        with pytest.raises(surgeon.InputError, match="modeling_longformer.py"):
+            compiled.module(ids, attention_mask=glob)
+
+
+class _Cache:
+    def __init__(self, keys):
+        self.keys = keys
+
+
+class CachingModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x, use_cache: bool = True):
+        y = self.proj(x)
+        return (y, _Cache(y)) if use_cache else (y,)
+
+
+def test_a_forward_that_returns_a_cache_object_is_captured_with_use_cache_false():
+    """Before: 'Found <class _Cache> in output, which is not a known type' (T5-style encoder-decoders
+    such as Switch Transformers and LongT5 return an EncoderDecoderCache by default)."""
+    model = CachingModel().eval()
+    compiled = surgeon.compile(model, (torch.randn(2, 4),), EMPTY)
+    assert any("use_cache=False" in n for n in compiled.report.rows[0].notes)
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled.module(x)[0], model(x)[0], rtol=0, atol=0)
+        compiled.module(x, use_cache=False)
+        with pytest.raises(surgeon.InputError, match="use_cache"):
+            compiled.module(x, use_cache=True)
+
+
+def test_switch_transformers_captures_and_takes_lora():
+    from transformers import SwitchTransformersConfig, SwitchTransformersModel
+
+    torch.manual_seed(0)
+    cfg = SwitchTransformersConfig(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                                   num_heads=2, num_experts=4, expert_capacity=8)
+    model = SwitchTransformersModel(cfg).eval()
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    spec = {"adapters": [{"name": "a", "type": "lora", "targets": ["**.q", "**.v"], "rank": 2}], "pipeline": ["insert"]}
+    compiled = surgeon.compile(model, (ids,), spec, {"decoder_input_ids": ids[:, :4]})
+    assert len(compiled.adapters["a"].sites) == 2 * (2 + 2 + 2)   # encoder self, decoder self and cross attention
+    with torch.no_grad():
+        want = model(ids, decoder_input_ids=ids[:, :4], use_cache=False).last_hidden_state
+        got = compiled.module(ids, decoder_input_ids=ids[:, :4]).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_a_capture_error_names_the_models_line():
+    """Nystromformer's landmark attention cannot take the mask export builds: the error says where."""
+    from transformers import NystromformerConfig, NystromformerModel
+
+    cfg = NystromformerConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              intermediate_size=64, num_landmarks=4, segment_means_seq_len=16,
+                              max_position_embeddings=64)
+    with pytest.raises(surgeon.CaptureError) as info:
+        surgeon.compile(NystromformerModel(cfg).eval(), (torch.randint(0, 100, (2, 16)),), EMPTY)
+    assert "modeling_nystromformer.py:" in str(info.value) and "attention_mask" in str(info.value)
 
 
 def test_compiled_module_behaves_like_a_module(llama):
