@@ -11,8 +11,11 @@ The canonical form is what every pass is written against:
 - the forward takes the example's positional and tensor keyword inputs and returns the
   model's own output structure (e.g. a Hugging Face ModelOutput).
 
-`torch.fx.symbolic_trace` is the fallback front end; its leaf modules are normalized to the
-same aten ops. A model neither takes raises CaptureError saying both reasons.
+When torch.export fails: a forward that returned a cache object is exported again with
+use_cache=False; then `torch.fx.symbolic_trace` is tried (its leaf modules are normalized to the
+same aten ops); then, for a guard on a data-dependent value, `torch.export.draft_export`, whose
+graph follows the example's branch and keeps runtime assertions for the others. Each is noted. A
+model none takes raises CaptureError with each reason and the model's line where export failed.
 """
 from __future__ import annotations
 
@@ -98,45 +101,62 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None,
     tensor_kwargs, constants = split_kwargs(kwargs)
     notes: list[str] = []
     with _eval_mode(model):
-        gm, export_error, exporter = None, None, torch.export.export
-        while gm is None:
-            tried = []
+        # torch.export, with the cures that keep the graph faithful on every input; then torch.fx (its
+        # opaque calls stay faithful too); then draft export, which follows the example's branches
+        gm, constants, exporter, export_error = _export(model, args, tensor_kwargs, constants, dynamic_shapes,
+                                                        dynamic, small, notes, draft=False)
+        if gm is None:
             try:
-                with _quiet_draft(), _held_stderr() as held:
-                    gm = _capture_export(model, args, tensor_kwargs, constants, dynamic_shapes, dynamic, small, tried,
-                                         exporter)
-            except Exception as error:  # noqa: BLE001 - reported below with the fx reason
-                export_error, cure = error, _cure(error, model, constants, exporter)
-                if cure is None:
-                    break
-                constants, exporter, note = cure
-                notes += [note] if note else []
-        if gm is not None:
-            sys.stderr.write(held.getvalue())   # what the successful attempt printed (warnings)
-            notes += tried
-            if exporter is torch.export.draft_export:
+                gm = _capture_fx(model, args, tensor_kwargs, constants)
+            except Exception as error:  # noqa: BLE001
+                fx_error = error
+            else:
+                notes.append(f"captured by torch.fx.symbolic_trace (torch.export failed: {_reason(export_error)}); "
+                             "input shapes are not checked")
+                return remember(_with_inputs(gm, model, args, tensor_kwargs, constants, dynamic, notes), model, args,
+                                tensor_kwargs, constants, _capture_fx)
+        if gm is None and _data_dependent(f"{export_error}"):
+            gm, constants, exporter, _ = _export(model, args, tensor_kwargs, constants, dynamic_shapes, dynamic, small,
+                                                 notes, draft=True)
+            if gm is not None:
                 notes.append(_draft_note(gm, export_error))
+        if gm is not None:
             # what a dtype move needs to capture the model again (surgeon.portable), as this capture went
-            static_fallback = any(n.startswith(_STATIC_NOTE) for n in tried)
+            static_fallback = any(n.startswith(_STATIC_NOTE) for n in notes)
             again = partial(_capture_export, dynamic_shapes=dynamic_shapes, dynamic=dynamic and not static_fallback,
                             small=small, notes=[], exporter=exporter)
             return remember(_with_inputs(gm, model, args, tensor_kwargs, constants, dynamic, notes), model, args,
                             tensor_kwargs, constants, again)
-        export_reason = _reason(export_error)
-        try:
-            gm = _capture_fx(model, args, tensor_kwargs, constants)
-        except Exception as fx_error:  # noqa: BLE001
-            fx_reason = _first_line(fx_error)
-        else:
-            notes.append(f"captured by torch.fx.symbolic_trace (torch.export failed: {export_reason}); "
-                         "input shapes are not checked")
-            return remember(_with_inputs(gm, model, args, tensor_kwargs, constants, dynamic, notes), model, args,
-                            tensor_kwargs, constants, _capture_fx)
     raise CaptureError(
         f"could not capture {type(model).__name__}.\n"
-        f"  torch.export failed: {export_reason}\n"
-        f"  torch.fx.symbolic_trace (fallback) failed: {fx_reason}\n"
+        f"  torch.export failed: {_reason(export_error)}\n"
+        f"  torch.fx.symbolic_trace (fallback) failed: {_first_line(fx_error)}\n"
         f"  try: {_hint(export_error)}")
+
+
+def _export(model, args, tensor_kwargs, constants, dynamic_shapes, dynamic, small, notes, draft: bool):
+    """(graph or None, constants, exporter, the last error): torch.export (draft export with `draft`),
+    again with use_cache=False where the forward returned a cache object. A successful attempt's
+    notes join `notes`; what it printed is written out, a failed one's partial graph is not."""
+    exporter = torch.export.draft_export if draft else torch.export.export
+    error = None
+    while True:
+        tried: list[str] = []
+        try:
+            with _quiet_draft(), _held_stderr() as held:
+                gm = _capture_export(model, args, tensor_kwargs, constants, dynamic_shapes, dynamic, small, tried,
+                                     exporter)
+        except Exception as failure:  # noqa: BLE001 - the caller reports it with the other front ends'
+            error = failure
+            if not (_cache_output(f"{failure}") and "use_cache" not in constants and _takes(model, "use_cache")):
+                return None, constants, exporter, error
+            constants = {**constants, "use_cache": False}   # a cache object no graph can return
+            if _NO_CACHE_NOTE not in notes:
+                notes.append(_NO_CACHE_NOTE)
+            continue
+        sys.stderr.write(held.getvalue())
+        notes += tried
+        return gm, constants, exporter, error
 
 
 # ---------------------------------------------------------------- when torch.export fails
@@ -145,21 +165,6 @@ _NO_CACHE_NOTE = ("captured with use_cache=False: the forward returns a cache ob
                   "return (calls with use_cache=True are refused; generate keeps its own cache)")
 _STATIC_NOTE = "captured with the example's static shapes"
 _TORCH_DIR = str(__import__("pathlib").Path(torch.__file__).parent)
-
-
-def _cure(error: Exception, model: nn.Module, constants: dict, exporter) -> tuple | None:
-    """(constants, exporter, note) for another torch.export attempt that may cure `error`, or None.
-
-    A cache object in the output is cured by use_cache=False, where the forward takes it and the caller
-    left it unset. A guard on a data-dependent value is cured by torch.export.draft_export, which follows
-    the example's value and keeps a runtime assertion: a call that would take the other branch raises
-    instead of computing the wrong one."""
-    text = f"{type(error).__name__}: {error}"
-    if _cache_output(text) and "use_cache" not in constants and _takes(model, "use_cache"):
-        return {**constants, "use_cache": False}, exporter, _NO_CACHE_NOTE
-    if _data_dependent(text) and exporter is torch.export.export:
-        return constants, torch.export.draft_export, ""
-    return None
 
 
 def _cache_output(text: str) -> bool:
