@@ -1,8 +1,9 @@
 """Attach and detach adapter branches around sites; shared by insert/merge/unmerge/remove/activate.
 
 A site is an `aten.linear(x, W, b)` (W: out x in), GPT-2 Conv1D's `aten.addmm(b, x, W)`
-(W: in x out) or, for kinds whose `site_ops` list them, an ungrouped `aten.conv2d(x, W, b, ...)`
-(W: out x in x kh x kw, seen by the kinds as out x (in * kh * kw)) or a weightless call such as
+(W: in x out) or, for kinds whose `site_ops` list them, a conv: `aten.conv2d(x, W, b, ...)`
+(W: out x in x kh x kw, seen by the kinds as out x (in * kh * kw)), conv1d, conv3d and their
+`.padding` overloads (`padding="same"`), grouped only for kinds with `conv_groups`; or a weightless call such as
 `aten.scaled_dot_product_attention` (prefix tuning rewrites its arguments). Attaching builds the
 kind's forward from the site's input x and base output y and points every user of y at the
 adapted output; detaching does the reverse.
@@ -14,13 +15,13 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .adapters import Branch
+from .adapters import Branch, ConvGeometry
 from .errors import SpecError
 from .graph import delete_attr, get_attr, get_tensor, set_parameter
 from .pipeline import AdapterState, Context, PassResult, SiteState
-from .rules import SIGNATURES, Pattern, find, path_matches
+from .rules import CONV_OPS, SIGNATURES, Pattern, find, path_matches
 
-SITE_OPS = ("linear", "addmm", "conv2d")
+SITE_OPS = ("linear", "addmm", *CONV_OPS)
 # Call sites: ops with no base weight (attention); the whole call is the site's input x. A kind's
 # forward_input gets the call node and returns {argument name (rules.SIGNATURES): new value};
 # attach rewrites the call's arguments, detach restores them.
@@ -37,7 +38,7 @@ def discover_sites(gm: fx.GraphModule, state: AdapterState, ctx: Context, index:
         for match in _site_matches(gm, spec.kind.site_ops, glob):
             if match.node.meta.get("surgeon_adapter") or any(path_matches(match.path, ex) for ex in spec.exclude):
                 continue   # another adapter's own ops are not sites
-            reason = _site_refusal(match, spec.kind)
+            reason = _site_refusal(match, spec.kind, _declared_options(spec, match.path))
             if reason:
                 if match.path not in refused and glob != "*":   # a bare "*" means: whatever this kind takes
                     result.rejections.append((f"{spec.name} @ {match.path}", reason))
@@ -47,17 +48,26 @@ def discover_sites(gm: fx.GraphModule, state: AdapterState, ctx: Context, index:
             if match.node not in nodes:
                 nodes.append(match.node)
     matched_paths = {n.meta.get("surgeon_path", "") for n in gm.graph.nodes if n.op == "call_function"}
+    ops, more = _op_names(spec.kind.site_ops)
     for glob in (g for g in spec.targets if g != "*"):
         for path in sorted(p for p in matched_paths if path_matches(p, glob) and p not in found):
             if path not in refused and not any(path.startswith(f + ".") for f in found):
-                result.rejections.append((f"{spec.name} @ {path}", f"module has no {'/'.join(spec.kind.site_ops)} "
-                                                                   f"op a '{spec.type}' adapter attaches to"))
+                result.rejections.append((f"{spec.name} @ {path}", f"module has no {ops} "
+                                                                   f"op a '{spec.type}' adapter attaches to{more}"))
     if not found:
         raise ctx.spec.error(("adapters", index, "targets"),
-                             f"targets {list(spec.targets)} select no {'/'.join(spec.kind.site_ops)} op "
+                             f"targets {list(spec.targets)} select no {ops} op{more} "
                              "in the captured graph"
                              + "".join(f"; {p}: {r}" for p, r in result.rejections if p.split(" @ ")[1] in refused))
     return found
+
+
+def _op_names(site_ops: tuple[str, ...]) -> tuple[str, str]:
+    """("linear/addmm/conv2d", " (nor conv1d/conv3d)") for messages: a `.padding` overload is the
+    same op to a user, and the other conv dimensionalities trail so the usual names read first."""
+    extra = [op for op in ("conv1d", "conv3d") if op in site_ops]
+    main = [op for op in site_ops if op not in extra and "." not in op]
+    return "/".join(main), f" (nor {'/'.join(extra)})" if extra else ""
 
 
 def _site_matches(gm: fx.GraphModule, kind_ops: tuple[str, ...], glob: str) -> list:
@@ -69,22 +79,41 @@ def _site_matches(gm: fx.GraphModule, kind_ops: tuple[str, ...], glob: str) -> l
     return [m for node in gm.graph.nodes for p in patterns if (m := p.match(node)) is not None]
 
 
-def _site_refusal(match, kind) -> str:
+def _declared_options(spec, path: str) -> dict:
+    """The options a site at `path` will get from the spec and a loaded adapter's per-module ones
+    (a PEFT rank_pattern), before any the kind reads from the graph."""
+    return {**spec.options, **(spec.loaded.site_options.get(path, {}) if spec.loaded else {})}
+
+
+def _site_refusal(match, kind, opts: dict) -> str:
     """Why a matched base op cannot hold this kind ("" when it can)."""
     if match.op not in kind.site_ops:
         return f"a '{kind.name}' adapter does not attach to {match.op} (it supports {', '.join(kind.site_ops)})"
-    groups = match["groups"] if match.op == "conv2d" else None
-    if groups not in (None, 1):
-        return f"grouped conv2d (groups={groups}) is not supported: its weight is not one out x in map"
-    return ""
+    groups = match["groups"] if match.op in CONV_OPS else None
+    if groups in (None, 1):
+        return ""
+    if kind.conv_groups is None:
+        return (f"grouped {match.op} (groups={groups}) is not supported by a '{kind.name}' adapter: "
+                "its weight is not one out x in map")
+    why = kind.conv_groups(opts, groups)
+    return f"grouped {match.op} (groups={groups}): {why}" if why else ""
 
 
-def conv_geometry(gm: fx.GraphModule, node: fx.Node) -> tuple:
-    """(in_channels, kernel, stride, padding, dilation) of an aten.conv2d node, defaults filled in."""
-    _, channels, *kernel = get_tensor(gm, node.args[1].target).shape
-    given = dict(zip(("stride", "padding", "dilation"), node.args[3:6])) | node.kwargs
-    pairs = [given.get(name) or default for name, default in (("stride", [1]), ("padding", [0]), ("dilation", [1]))]
-    return (channels, tuple(kernel), *(tuple(p) * (2 // len(p)) for p in pairs))
+def conv_geometry(gm: fx.GraphModule, node: fx.Node) -> ConvGeometry:
+    """How a conv node applies its weight (stride, padding, dilation per axis, groups), defaults filled in."""
+    _, per_group, *kernel = get_tensor(gm, node.args[1].target).shape
+    given = dict(zip(("stride", "padding", "dilation", "groups"), node.args[3:7])) | node.kwargs
+    axes = len(kernel)
+
+    def per_axis(name: str, default: int):
+        value = given.get(name)
+        if isinstance(value, str):   # the .padding overloads: "same" / "valid"
+            return value
+        value = list(value) if value else [default]
+        return tuple(value * (axes // len(value)))
+    groups = given.get("groups") or 1
+    return ConvGeometry(per_group * groups, tuple(kernel), per_axis("stride", 1), per_axis("padding", 0),
+                        per_axis("dilation", 1), groups)
 
 
 def site_dims(gm: fx.GraphModule, node: fx.Node, op: str) -> tuple[str, int, int]:
@@ -95,8 +124,8 @@ def site_dims(gm: fx.GraphModule, node: fx.Node, op: str) -> tuple[str, int, int
         return "", int(heads), int(head_dim)
     weight = node.args[2] if op == "addmm" else node.args[1]
     shape = get_tensor(gm, weight.target).shape
-    if op == "conv2d":   # out x in x kh x kw: a linear map over in * kh * kw patch values
-        return weight.target, shape[1:].numel(), shape[0]
+    if op in CONV_OPS:   # out x in x kh x kw: a linear map over in * kh * kw patch values (all groups' inputs)
+        return weight.target, shape[1:].numel() * conv_geometry(gm, node).groups, shape[0]
     rows, cols = shape
     return (weight.target, cols, rows) if op == "linear" else (weight.target, rows, cols)
 
@@ -149,7 +178,7 @@ def _branch(gm: fx.GraphModule, state: AdapterState, site: SiteState, node: fx.N
         weight, bias = None, None
     return Branch(gm.graph, made_by, site.path, state.spec.name, weight, bias, transposed=site.op == "addmm",
                   dims=(site.in_features, site.out_features),
-                  conv=conv_geometry(gm, node) if site.op == "conv2d" else None)
+                  conv=conv_geometry(gm, node) if site.op in CONV_OPS else None)
 
 
 @dataclass(frozen=True)
@@ -357,5 +386,5 @@ def check_loaded_shapes(state: AdapterState, site: SiteState, tensors: dict[str,
                                                        f"(a {state.spec.type} adapter has {sorted(expected)})")
 
 
-__all__ = ["attach", "detach", "discover_sites", "site_dims", "conv_geometry", "add_delta", "site_calls",
-           "site_weight", "merge_site", "unmerge_site", "check_loaded_shapes", "SpecError"]
+__all__ = ["attach", "detach", "discover_sites", "site_dims", "conv_geometry", "CONV_OPS", "SITE_OPS",
+           "add_delta", "site_calls", "site_weight", "merge_site", "unmerge_site", "check_loaded_shapes", "SpecError"]

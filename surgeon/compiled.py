@@ -186,12 +186,27 @@ class Compiled:
         site_options = {s.path: {k: v for k, v in s.options.items() if v != state.spec.options.get(k)}
                         for s in state.sites}
         if format == "peft":
+            weights = self._peft_conv_shapes(state, weights)
             save_peft_dir(Path(directory), state.spec.options, weights,
                           {s.path for s in state.sites if s.op == "addmm"}, kind=state.spec.type,
                           site_options={p: o for p, o in site_options.items() if o})
         else:
             save_adapter_dir(Path(directory), name, state.spec.type, state.spec.options, weights,
                              {p: o for p, o in site_options.items() if o})
+
+    def _peft_conv_shapes(self, state: AdapterState, weights: dict) -> dict:
+        """LoRA factors of conv sites in PEFT's conv layout: A (r, in, *kernel) and B (out, r / groups,
+        1, ...); surgeon keeps them as the 2-D maps (r, in * prod(kernel)) and (out, r / groups)."""
+        out = dict(weights)
+        for site in state.sites:
+            params = weights[site.path]
+            if not site.op.startswith("conv") or not {"lora_A", "lora_B"} <= set(params):
+                continue
+            kernel = tuple(get_tensor(self.module, site.weight).shape[2:])
+            A, B = params["lora_A"], params["lora_B"]
+            out[site.path] = {**params, "lora_A": A.reshape(A.shape[0], -1, *kernel),
+                              "lora_B": B.reshape(*B.shape, *(1,) * len(kernel))}
+        return out
 
     def save(self, directory: str | Path) -> Path:
         """Write the report, spec, readable graph, node tables, graph views (graph.html, graph.dot),

@@ -19,18 +19,28 @@ from .graph import module_path
 
 aten = torch.ops.aten
 
+_CONV_ARGS = ("x", "weight", "bias", "stride", "padding", "dilation", "groups")
+
 # op short name -> (aten overload, argument names in order)
 SIGNATURES: dict[str, tuple[Any, tuple[str, ...]]] = {
     "linear": (aten.linear.default, ("x", "weight", "bias")),
     "addmm": (aten.addmm.default, ("bias", "x", "weight")),
     "add": (aten.add.Tensor, ("x", "other", "alpha")),
-    "conv2d": (aten.conv2d.default, ("x", "weight", "bias", "stride", "padding", "dilation", "groups")),
+    "conv2d": (aten.conv2d.default, _CONV_ARGS),
+    # the other convs, and the string-padding overloads (`padding="same"` / "valid") export writes
+    "conv1d": (aten.conv1d.default, _CONV_ARGS),
+    "conv3d": (aten.conv3d.default, _CONV_ARGS),
+    "conv1d.padding": (aten.conv1d.padding, _CONV_ARGS),
+    "conv2d.padding": (aten.conv2d.padding, _CONV_ARGS),
+    "conv3d.padding": (aten.conv3d.padding, _CONV_ARGS),
     "batch_norm": (aten.batch_norm.default, ("x", "weight", "bias", "running_mean", "running_var",
                                              "training", "momentum", "eps", "cudnn_enabled")),
     "sdpa": (aten.scaled_dot_product_attention.default, ("query", "key", "value", "attn_mask", "dropout_p",
                                                          "is_causal", "scale", "enable_gqa")),
 }
 _BY_TARGET = {target: name for name, (target, _) in SIGNATURES.items()}
+# the conv ops adapters can sit on (rules.SIGNATURES names), every dimensionality and padding overload
+CONV_OPS = ("conv1d", "conv2d", "conv3d", "conv1d.padding", "conv2d.padding", "conv3d.padding")
 
 
 @dataclass(frozen=True)

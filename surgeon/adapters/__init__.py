@@ -11,7 +11,7 @@ interface; adding a kind never touches them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.fx as fx
@@ -31,19 +31,40 @@ class Option:
     bounds: tuple[float, float] | None = None   # inclusive range of a number (a dropout p: [0, 1])
 
 
+class ConvGeometry(NamedTuple):
+    """How a conv site (aten.conv1d / conv2d / conv3d) applies its weight, defaults filled in.
+
+    `channels` counts every input channel (in_channels, not in_channels / groups): an adapter's
+    kernel-sized matrix spans all of them. `padding` is a per-axis list, or the string ("same",
+    "valid") of the `.padding` overloads, which an adapter conv repeats so its output lines up
+    with the site's for any kernel (even kernels pad unevenly under "same").
+    """
+
+    channels: int
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...] | str
+    dilation: tuple[int, ...]
+    groups: int = 1
+
+
+_CONV_BY_DIMS = {1: (aten.conv1d.default, aten.conv1d.padding), 2: (aten.conv2d.default, aten.conv2d.padding),
+                 3: (aten.conv3d.default, aten.conv3d.padding)}
+
+
 class Branch:
     """Builds an adapter's forward in the graph: each call makes one provenance-stamped node.
 
     `weight` and `bias` are the site's base weight and bias nodes (bias may be None); the weight
     is stored out x in for `aten.linear` and in x out (`transposed`) for GPT-2 Conv1D's addmm.
-    `in_features` and `out_features` are the site's sizes. On an `aten.conv2d` site `conv` holds
-    (in_channels, kernel, stride, padding, dilation) and in_features is in_channels * kh * kw: the
-    conv is a linear map over kernel patches, so kinds keep working on out x in matrices.
+    `in_features` and `out_features` are the site's sizes. On a conv site (1-, 2- or 3-d) `conv`
+    is its ConvGeometry and in_features is in_channels * prod(kernel): the conv is a linear map
+    over kernel patches, so kinds keep working on out x in matrices.
     """
 
     def __init__(self, graph: fx.Graph, made_by: str, path: str, adapter: str,
                  weight: fx.Node | None = None, bias: fx.Node | None = None, transposed: bool = False,
-                 dims: tuple[int, int] = (0, 0), conv: tuple | None = None):
+                 dims: tuple[int, int] = (0, 0), conv: ConvGeometry | None = None):
         self.graph, self.made_by, self.path, self.adapter = graph, made_by, path, adapter
         self.weight, self.bias, self.transposed = weight, bias, transposed
         self.in_features, self.out_features = dims
@@ -59,23 +80,42 @@ class Branch:
     def linear(self, x: fx.Node, weight: fx.Node) -> fx.Node:
         return self.op(aten.linear.default, x, weight)
 
-    def conv(self, x: fx.Node, weight: fx.Node, pointwise: bool = False) -> fx.Node:
-        """x through a rows x cols `weight` as a conv2d: with the site's kernel, stride, padding and
-        dilation (cols = in_channels * kh * kw), or as a 1x1 conv over cols channels when `pointwise`."""
-        channels, kernel, stride, padding, dilation = self.conv_geometry
+    @property
+    def conv_groups(self) -> int:
+        """The site conv's groups (1 on a linear site or an ungrouped conv)."""
+        return self.conv_geometry.groups if self.conv_geometry is not None else 1
+
+    def conv(self, x: fx.Node, weight: fx.Node, pointwise: bool = False, groups: int = 1) -> fx.Node:
+        """x through a rows x cols `weight` as a conv of the site's dimensionality: with the site's
+        kernel, stride, padding and dilation over all input channels (cols = in_channels * prod(kernel)),
+        or as a 1x1 conv over cols * groups channels when `pointwise` (`groups` > 1: output block g
+        reads only input block g, as a grouped conv does)."""
+        channels, kernel, stride, padding, dilation, _ = self.conv_geometry
+        plain, by_string = _CONV_BY_DIMS[len(kernel)]
         if pointwise:
-            kernel_weight = self.op(aten.unsqueeze.default, self.op(aten.unsqueeze.default, weight, -1), -1)
-            return self.op(aten.conv2d.default, x, kernel_weight)
+            kernel_weight = weight
+            for _ in kernel:
+                kernel_weight = self.op(aten.unsqueeze.default, kernel_weight, -1)
+            if groups == 1:
+                return self.op(plain, x, kernel_weight)
+            ones = [1] * len(kernel)
+            return self.op(plain, x, kernel_weight, None, ones, [0] * len(kernel), ones, groups)
         kernel_weight = self.op(aten.view.default, weight, [-1, channels, *kernel])
-        return self.op(aten.conv2d.default, x, kernel_weight, None, list(stride), list(padding), list(dilation))
+        target = by_string if isinstance(padding, str) else plain
+        pad = padding if isinstance(padding, str) else list(padding)
+        return self.op(target, x, kernel_weight, None, list(stride), pad, list(dilation))
 
     def site_map(self, x: fx.Node, weight: fx.Node) -> fx.Node:
-        """x through a rows x in_features matrix the way the site applies its own weight (linear or conv)."""
+        """x through a rows x in_features matrix the way the site applies its own weight (linear or
+        conv; on a grouped conv the matrix spans every input channel, so this conv is ungrouped)."""
         return self.conv(x, weight) if self.conv_geometry is not None else self.linear(x, weight)
 
-    def channel_map(self, h: fx.Node, weight: fx.Node) -> fx.Node:
-        """A rows x cols matrix applied at every position of h (linear, or a 1x1 conv on a conv site)."""
-        return self.conv(h, weight, pointwise=True) if self.conv_geometry is not None else self.linear(h, weight)
+    def channel_map(self, h: fx.Node, weight: fx.Node, groups: int = 1) -> fx.Node:
+        """A rows x cols matrix applied at every position of h (linear, or a 1x1 conv on a conv site;
+        with `groups` a grouped 1x1 conv: rows / groups outputs per block of cols inputs)."""
+        if self.conv_geometry is None:
+            return self.linear(h, weight)
+        return self.conv(h, weight, pointwise=True, groups=groups)
 
     def add(self, a: Any, b: Any, alpha: float = 1) -> fx.Node:
         return self.op(aten.add.Tensor, a, b, alpha=alpha) if alpha != 1 else self.op(aten.add.Tensor, a, b)
@@ -167,8 +207,12 @@ class AdapterKind:
     site_ops: the base ops a kind attaches to; a call site ("sdpa", adapter_ops.CALL_SITE_OPS) has
         no weight: its dims are the key's (heads, head_dim), and forward_input gets the call and
         returns the arguments it changes by rules.SIGNATURES name (prefix tuning);
-        a kind that lists "conv2d" builds its forward with
-        Branch.site_map / channel_map and sees a conv's weight as out x (in * kh * kw)
+        a kind that lists a conv ("conv2d"; "conv1d", "conv3d" and the string-padding overloads
+        "conv2d.padding" ...) builds its forward with Branch.site_map / channel_map and sees a
+        conv's weight as out x (in * prod(kernel))
+    conv_groups(opts, groups) -> why this kind cannot attach to a conv with `groups` > 1 ("" when
+        it can); None refuses every grouped conv. A kind that takes them sees in_features as all
+        input channels times the kernel and reads `branch.conv_groups` (LoRA's grouped 1x1 B)
     """
 
     name: str
@@ -189,6 +233,7 @@ class AdapterKind:
     merge_refusal: Callable[[dict], str] | None = None
     site_options: Callable[[fx.GraphModule, str, str, dict], dict] | None = None
     site_ops: tuple[str, ...] = ("linear", "addmm")   # the base ops it attaches to (rules.SIGNATURES names)
+    conv_groups: Callable[[dict, int], str] | None = None
 
     def refusal(self, opts: dict) -> str:
         """Why an adapter of this kind with these options cannot be merged; "" when it can."""

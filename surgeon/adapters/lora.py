@@ -8,8 +8,15 @@ PiSSA (`init: pissa`, Meng et al. 2024): with W = U S V^T, A = sqrt(S_r / s) V_r
 B = U_r sqrt(S_r / s), so s B A is W's top-r part, and the base weight becomes the residual
 W - s B A (a new tensor). The function is unchanged up to rounding ("close").
 
-On an (ungrouped) conv2d site, in = in_channels * kh * kw: A maps each kernel patch to r values
-(a conv with the site's kernel) and B is a 1x1 conv; the delta is (s B A).view(out, in, kh, kw).
+On a conv site (conv1d / conv2d / conv3d, `padding="same"` too), in = in_channels * prod(kernel):
+A maps each kernel patch to r values (a conv with the site's kernel, stride, padding, dilation)
+and B is a 1x1 conv; the delta is (s B A).view(W.shape).
+
+On a grouped conv (groups G, r a multiple of G) the branch is PEFT's: A stays ungrouped over all
+in_channels, B is a grouped 1x1 conv, out x (r / G), so output block g reads only rank block g of
+A's output. The update s B' A (B' the block-diagonal out x r spread of B) reads every input
+channel while W reads only its group's, so W + s B' A is no grouped weight: merge is refused, as
+PEFT refuses it. PiSSA (an SVD of a dense W) is refused on grouped convs.
 
 `dropout` (PEFT's lora_dropout) drops the branch's input in train mode, as PEFT does:
 y + s B A dropout(x). In eval it is the identity (surgeon.modes), so merge stays exact.
@@ -20,6 +27,7 @@ import math
 
 import torch
 
+from ..rules import CONV_OPS, Pattern, find
 from . import AdapterKind, Option
 
 
@@ -52,7 +60,7 @@ def lora_init(opts, in_features, out_features, dtype, gen, weight):
         A = torch.empty(rank, in_features).normal_(0.0, 1.0 / rank, generator=gen)
     else:
         A = kaiming_uniform((rank, in_features), gen)
-    return {"lora_A": A.to(dtype), "lora_B": torch.zeros(out_features, rank, dtype=dtype)}
+    return {"lora_A": A.to(dtype), "lora_B": torch.zeros(out_features, rank // opts.get("groups", 1), dtype=dtype)}
 
 
 def _forward(branch, x, y, params, opts):
@@ -60,13 +68,48 @@ def _forward(branch, x, y, params, opts):
     # A is a conv with the site's kernel, stride, padding, dilation and B a 1x1 conv, and
     # conv(x, W) + s conv1x1(conv(x, A), B) == conv(x, W + s (B A).view(W.shape))
     x = branch.dropout(x, opts.get("dropout", 0.0))
-    update = branch.channel_map(branch.site_map(x, params["lora_A"]), params["lora_B"])
+    update = branch.channel_map(branch.site_map(x, params["lora_A"]), params["lora_B"], groups=branch.conv_groups)
     return branch.op(torch.ops.aten.add.Tensor, y, update, alpha=lora_scale(opts))
 
 
 def lora_delta(params, opts, weight=None):
-    """s * B @ A in float64 (the merge adds it to the base weight)."""
-    return lora_scale(opts) * (params["lora_B"].double() @ params["lora_A"].double())
+    """s * B @ A in float64 (the merge adds it to the base weight); on a grouped conv, the dense
+    out x (in * prod(kernel)) map of the branch, with B spread block-diagonally."""
+    B = _spread(params["lora_B"].double(), opts.get("groups", 1))
+    return lora_scale(opts) * (B @ params["lora_A"].double())
+
+
+def _spread(B: torch.Tensor, groups: int) -> torch.Tensor:
+    """A grouped 1x1 conv's out x (r / G) weight as the out x r matrix it applies: output block g
+    reads rank block g only, so the row blocks go on the diagonal."""
+    if groups == 1:
+        return B
+    return torch.block_diag(*B.reshape(groups, B.shape[0] // groups, B.shape[1]))
+
+
+def _conv_groups(opts: dict, groups: int) -> str:
+    """Why LoRA cannot sit on a conv with `groups` > 1 ("" when it can): its grouped 1x1 B splits
+    the rank into `groups` equal blocks, as PEFT's does."""
+    if opts["rank"] % groups:
+        return f"LoRA's rank {opts['rank']} is not a multiple of groups (PEFT refuses it too)"
+    if opts["init"] == "pissa":
+        return "PiSSA splits a dense weight's SVD; a grouped conv's weight is block-diagonal"
+    return ""
+
+
+def _site_groups(gm, path, weight_target, opts):
+    """{"groups": G} for a grouped conv site (init and merge read it), {} for any other site."""
+    groups = {m["groups"] or 1 for m in find(gm, Pattern(CONV_OPS, path))
+              if m["weight"].target == weight_target}
+    return {"groups": max(groups)} if max(groups, default=1) > 1 else {}
+
+
+def _merge_refusal(opts):
+    """A grouped conv site cannot take its dense delta into its grouped weight; others merge."""
+    if opts.get("groups", 1) > 1:
+        return ("a LoRA on a grouped conv reads every input channel, so the merged weight would not be "
+                "grouped (PEFT refuses this merge too)")
+    return ""
 
 
 def _pissa_base(init_params, opts, weight):
@@ -88,8 +131,11 @@ LORA = AdapterKind(
     init=lora_init,
     forward=_forward,
     delta_weight=lora_delta,
-    param_count=lambda opts, fan_in, fan_out: opts["rank"] * (fan_in + fan_out),
+    param_count=lambda opts, fan_in, fan_out: opts["rank"] * fan_in + fan_out * opts["rank"] // opts.get("groups", 1),
     base_delta=_pissa_base,
     init_check=lambda opts: "close" if opts["init"] == "pissa" else "exact",
-    site_ops=("linear", "addmm", "conv2d"),
+    merge_refusal=_merge_refusal,
+    site_options=_site_groups,
+    site_ops=("linear", "addmm", "conv2d", "conv1d", "conv3d", "conv1d.padding", "conv2d.padding", "conv3d.padding"),
+    conv_groups=_conv_groups,
 )

@@ -152,16 +152,39 @@ def _read_lora(config, weights, extras):
     kind = "dora" if config.get("use_dora") else "lora"
     if kind == "dora" and init == "pissa":
         raise _fail("DoRA with a PiSSA init is not supported")
+    convs = {path for path, params in weights.items() if _conv_lora(params)}
     for path, params in weights.items():
-        if {"lora_A", "lora_B"} <= set(params) and params["lora_A"].dim() == 4 and params["lora_B"].dim() == 4 \
-                and params["lora_B"].shape[2:] == (1, 1):   # a conv2d site: A r x in x kh x kw, B a 1x1 conv
+        if path in convs:   # A r x in x k..., B a 1x1 conv: out x r (out x r / groups on a grouped conv)
             params.update(lora_A=params["lora_A"].flatten(1), lora_B=params["lora_B"].flatten(1))
         if not {"lora_A", "lora_B"} <= set(params) or params["lora_A"].dim() != 2:
-            raise _fail(f"module '{path}' needs 2-D lora_A and lora_B weights (4-D, with a 1x1 lora_B, on a conv)")
-    entry, sites = _rank_alpha(config, weights, {"lora_A": 0, "lora_B": 1}, "lora_alpha")
+            raise _fail(f"module '{path}' needs 2-D lora_A and lora_B weights (3- to 5-D, with a 1x1 lora_B, "
+                        "on a conv)")
+    entry, sites = _rank_alpha(config, {p: w for p, w in weights.items() if p not in convs},
+                               {"lora_A": 0, "lora_B": 1}, "lora_alpha")
+    _, conv_sites = _rank_alpha(config, {p: w for p, w in weights.items() if p in convs},
+                                {"lora_A": 0}, "lora_alpha")
+    sites.update(conv_sites)
+    _check_conv_b(weights, convs, entry, sites)
     entry.update(type=kind, use_rslora=bool(config.get("use_rslora", False)),
                  init="pissa" if init == "pissa" else "default", dropout=_dropout(config, "lora_dropout"))
     return entry, sites
+
+
+def _conv_lora(params: dict) -> bool:
+    """A conv module's LoRA: lora_A with the conv's kernel, lora_B a 1x1 conv of the same dimensionality."""
+    A, B = params.get("lora_A"), params.get("lora_B")
+    return A is not None and B is not None and 3 <= A.dim() <= 5 and B.dim() == A.dim() \
+        and all(size == 1 for size in B.shape[2:])
+
+
+def _check_conv_b(weights: dict, convs: set, entry: dict, sites: dict) -> None:
+    """A conv's lora_B reads r / groups rank channels: PEFT makes it a grouped 1x1 conv on a grouped
+    conv. Its width must divide the rank; insertion checks the group count against the site's."""
+    for path in convs:
+        rank, width = sites.get(path, {}).get("rank", entry["rank"]), weights[path]["lora_B"].shape[1]
+        if rank % width:
+            raise _fail(f"module '{path}': lora_B of shape {list(weights[path]['lora_B'].shape)} does not split "
+                        f"rank {rank} into equal groups")
 
 
 def _write_lora(kind, options, weights, site_options):

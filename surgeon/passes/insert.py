@@ -1,8 +1,9 @@
 """insert: attach each declared adapter to the linear-like ops its targets select.
 
 The base ops a kind takes are its `site_ops` (linear, GPT-2's addmm, and for conv-capable
-kinds an ungrouped conv2d); a selected op of another kind, or a grouped conv, is reported
-as a rejection with the reason.
+kinds an ungrouped conv2d; LoRA also conv1d, conv3d, `padding="same"` convs and, through its
+`conv_groups`, grouped ones); a selected op of another kind, or a grouped conv the kind does not
+take, is reported as a rejection with the reason.
 
 With the kinds' identity inits (LoRA: B = 0) the output is bit-for-bit the original, which
 the pass manager checks ("exact"); inits that are the identity only up to rounding (PiSSA's

@@ -82,7 +82,8 @@ def test_insert_leaves_no_unread_parameter_reads():
 
 
 class _ThreeLinears(torch.nn.Module):
-    """`unused` is adapted by PEFT (it is an nn.Linear) but never runs; `grouped` is a grouped conv."""
+    """`unused` is adapted by PEFT (it is an nn.Linear) but never runs; `grouped` is a grouped conv
+    (LoRA takes it with a rank that is a multiple of its groups)."""
 
     def __init__(self):
         super().__init__()
@@ -123,10 +124,11 @@ def test_the_reason_a_module_was_rejected_is_named_and_allow_partial_imports_the
     model, x = _ThreeLinears().eval(), torch.randn(2, 8)
     gen = torch.Generator().manual_seed(1)
     weights = {"a": {"lora_A": torch.randn(2, 8, generator=gen), "lora_B": torch.randn(8, 2, generator=gen)},
-               "grouped": {"lora_A": torch.randn(2, 2, generator=gen), "lora_B": torch.randn(4, 2, generator=gen)}}
-    save_adapter_dir(tmp_path / "grouped", "p", "lora", {"rank": 2, "alpha": 2}, weights, {})
+               "grouped": {"lora_A": torch.randn(1, 4, generator=gen), "lora_B": torch.randn(4, 1, generator=gen)}}
+    save_adapter_dir(tmp_path / "grouped", "p", "lora", {"rank": 2, "alpha": 2}, weights, {"grouped": {"rank": 1}})
     spec = {"name": "p", "from_dir": str(tmp_path / "grouped")}
-    with pytest.raises(surgeon.SpecError, match=r"'grouped' \(lora_A, lora_B\): grouped conv2d \(groups=2\)"):
+    with pytest.raises(surgeon.SpecError, match=r"'grouped' \(lora_A, lora_B\): grouped conv2d \(groups=2\): "
+                                                r"LoRA's rank 1 is not a multiple of groups"):
         surgeon.compile(model, (x,), {"adapters": [spec]})
     compiled = surgeon.compile(model, (x,), {"adapters": [{**spec, "allow_partial": True}]})
     assert [s.path for s in compiled.adapters["p"].sites] == ["a"]
