@@ -1,6 +1,8 @@
 """Parallel branches on one input, summed, merged into one conv2d / linear (for reparameterize).
 
-A sum is a tree of `aten.add.Tensor` nodes (inner adds used only by the tree). Each term is a
+A sum is a tree of adds (inner adds used only by the tree): `aten.add.Tensor`, and the in-place
+`aten.add_.Tensor` that `out += branch(x)` becomes when nothing else reads `out` (rewritten as a
+plain add, nobody can tell); a literal 0 operand (`out = 0; out += ...`) adds nothing. Each term is a
 branch on some input x: an op (conv2d / linear) reading x, an eval BatchNorm on x (the
 per-channel affine diag(s) x + t), or x itself (the identity). Terms on the same x merge:
 
@@ -12,7 +14,8 @@ the same 2p - d(k - 1) per spatial dim (so padding P = (2p - d(k-1) + d(K-1)) / 
 an identity needs stride 1, that alignment 0, an odd merged kernel and in == out channels.
 Linears merge the same way (sum of weights, + I for the identity, + diag(s) for a BN on a
 rank-2 input). A branch whose output is used elsewhere, a BN in training mode, and branches
-that do not align are left as they are, with the reason.
+that do not align are left as they are, with the reason; so is a sum holding conv2d / linear /
+batch_norm branches of which no two read one input, and an in-place add into a tensor read elsewhere.
 """
 from __future__ import annotations
 
@@ -26,25 +29,61 @@ import torch.fx as fx
 from surgeon.graph import call, module_path
 from surgeon.rules import Match, Pattern, Rule, RuleSet, path_matches
 
-from ._rep_graph import (Norm, Op, Shapes, common_path, emit, finish, norm_affine, read_norm, read_op, rewritable,
-                         tensor)
+from ._rep_graph import (Norm, Op, Shapes, common_path, emit, finish, norm_affine, read_norm, read_op,
+                         rewritable, tensor)
 from ._rep_math import centred, identity_kernel, identity_matrix, zero_bias
+from ._rep_views import describe_node
 
 ADD = torch.ops.aten.add.Tensor
-_ADDS = (ADD, operator.add, torch.add)      # the fx front end leaves Python / torch adds as they are
+ADD_ = torch.ops.aten.add_.Tensor           # `out += branch(x)` (MobileOne, RepVGG's identity) as export writes it
+_ADDS = (ADD, ADD_, operator.add, torch.add)   # the fx front end leaves Python / torch adds as they are
+
+
+def _is_add(node) -> bool:
+    """An add of two operands with alpha 1 (in place or not), whatever its operands are."""
+    return (rewritable(node) and node.op == "call_function" and node.target in _ADDS and len(node.args) == 2
+            and node.kwargs.get("alpha", 1) == 1)
+
+
+def _zero(value) -> bool:
+    """A literal 0: the start of `out = 0; out += branch(x)` or of `scale_out + identity_out` with one absent."""
+    return not isinstance(value, fx.Node) and isinstance(value, (int, float)) and value == 0
+
+
+def _operands(node: fx.Node) -> list[fx.Node]:
+    """The add's tensor operands (a literal 0 adds nothing)."""
+    return [a for a in node.args if not _zero(a)]
+
+
+def _shared_inplace(node: fx.Node) -> list[fx.Node]:
+    """For an in-place add, the other readers of the tensor it writes into (they would see the change)."""
+    if node.target is not ADD_ or not isinstance(node.args[0], fx.Node):
+        return []
+    return [u for u in node.args[0].users if u is not node]
 
 
 def _tree_add(node) -> bool:
-    return (rewritable(node) and node.op == "call_function" and node.target in _ADDS and len(node.args) == 2
-            and all(isinstance(a, fx.Node) for a in node.args) and node.kwargs.get("alpha", 1) == 1)
+    """An add that a sum tree can be made of: tensor operands or 0, and when in place, writing into a
+    tensor nothing else reads (so rewriting it as a plain add changes nothing anyone sees)."""
+    return (_is_add(node) and all(isinstance(a, fx.Node) or _zero(a) for a in node.args) and bool(_operands(node))
+            and not _shared_inplace(node))
 
 
 def add_terms(root: fx.Node) -> list[fx.Node]:
     """The terms of the add tree rooted at `root` (inner adds used only by the tree are expanded)."""
     terms: list[fx.Node] = []
-    for arg in root.args:
+    for arg in _operands(root):
         terms += add_terms(arg) if _tree_add(arg) and len(arg.users) == 1 else [arg]
     return terms
+
+
+def tree_adds(root: fx.Node) -> list[fx.Node]:
+    """The add nodes of the tree rooted at `root`, root first."""
+    adds = [root]
+    for arg in _operands(root):
+        if _tree_add(arg) and len(arg.users) == 1:
+            adds += tree_adds(arg)
+    return adds
 
 
 def sum_root(node: fx.Node) -> fx.Node | None:
@@ -63,10 +102,16 @@ class SumOfTerms(Pattern):
     params: tuple[str, ...] = ()
 
     def match(self, node: fx.Node) -> Match | None:
-        if not _tree_add(node) or (len(node.users) == 1 and _tree_add(next(iter(node.users)))):
+        if not (_tree_add(node) or _blocked(node)) or (len(node.users) == 1 and _tree_add(next(iter(node.users)))):
             return None
         path = module_path(node)
-        return Match(node, "add", path, {"terms": add_terms(node)}) if path_matches(path, self.path) else None
+        terms = add_terms(node) if _tree_add(node) else _operands(node)
+        return Match(node, "add", path, {"terms": terms}) if path_matches(path, self.path) else None
+
+
+def _blocked(node) -> bool:
+    """An in-place add that would be a sum but writes into a tensor read elsewhere too."""
+    return _is_add(node) and bool(_shared_inplace(node))
 
 
 @dataclass
@@ -101,9 +146,12 @@ def branch_rules(gm: fx.GraphModule, shapes: Shapes, made_by: str, log: list[str
 
 def merge_sum(gm: fx.GraphModule, shapes: Shapes, root: fx.Node, made_by: str, log: list[str]) -> bool | str | None:
     """Merge the mergeable branches of the sum at `root`: True, the reasons none merge, or None."""
+    if _blocked(root):
+        return _blocked_reason(gm, root)
     if not _tree_add(root):
         return None
     terms = add_terms(root)
+    adds = tree_adds(root)
     reasons: list[str] = []
     merged: dict[fx.Node, fx.Node] = {}     # first consumed term -> merged op (others map to None)
     for x, branches in _group(terms).items():
@@ -113,7 +161,7 @@ def merge_sum(gm: fx.GraphModule, shapes: Shapes, root: fx.Node, made_by: str, l
             if len(bucket.ops) + len(bucket.identities) >= 2:
                 _merge_bucket(gm, root, bucket, merged, made_by, log)
     if not merged:
-        return "; ".join(dict.fromkeys(reasons)) or None
+        return "; ".join(dict.fromkeys(reasons)) or _unmerged_reason(gm, terms)
     kept, seen = [], set()
     for term in terms:
         if term not in merged:
@@ -121,8 +169,44 @@ def merge_sum(gm: fx.GraphModule, shapes: Shapes, root: fx.Node, made_by: str, l
         elif merged[term] is not None and term not in seen:
             kept.append(merged[term])
         seen.add(term)
+    _functional(adds)
     finish(gm, root, _sum(gm, root, kept, made_by))
     return True
+
+
+def _functional(adds: list[fx.Node]) -> None:
+    """Make the old tree's in-place adds plain adds, so that they die with the tree: fx keeps an unused
+    in-place op as a side effect. Nothing else reads what they write into (`_tree_add`)."""
+    for node in adds:
+        if node.target is ADD_:
+            node.target = ADD
+
+
+def _candidate(term: fx.Node) -> bool:
+    return read_op(term) is not None or read_norm(term) is not None
+
+
+def _unmerged_reason(gm: fx.GraphModule, terms: list[fx.Node]) -> str | None:
+    """Why a sum holding conv2d / linear / batch_norm branches merged nothing (None if it holds none)."""
+    if len(terms) < 2 or not any(_candidate(t) for t in terms):
+        return None
+    parts = []
+    for branch in (b for bs in _group(terms).values() for b in bs):
+        if branch.op is not None or branch.norm is not None:
+            parts.append(f"{branch.describe(gm)} on {branch.x.name}")
+        else:
+            parts.append(f"{describe_node(branch.node)}, not a conv2d / linear / batch_norm")
+    return ("no branches merge (a conv2d / linear merges with the other branches on its own input): "
+            + "; ".join(parts))
+
+
+def _blocked_reason(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """Why an in-place add of branches is not rewritten (None when no operand is a branch op)."""
+    if not any(isinstance(a, fx.Node) and _candidate(a) for a in node.args):
+        return None
+    others = ", ".join(sorted(u.name for u in _shared_inplace(node)))
+    return (f"in-place add into {node.args[0].name}, which {others} also read(s): merging its branches would "
+            "change what they see; left as is")
 
 
 def _group(terms: list[fx.Node]) -> dict[fx.Node, list[Branch]]:

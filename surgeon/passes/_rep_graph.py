@@ -130,17 +130,22 @@ def norm_affine(gm: fx.GraphModule, norm: Norm) -> Affine:
 
 
 class Shapes:
-    """Output ranks of nodes, from meta["val"]; fills missing ones by one run on the example inputs."""
+    """Output shapes of nodes, from meta["val"]; fills missing ones by one run on the example inputs."""
 
     def __init__(self, gm: fx.GraphModule, ctx):
         self.gm, self.ctx, self.filled = gm, ctx, False
 
     def rank(self, node: fx.Node) -> int | None:
+        shape = self.shape(node)
+        return None if shape is None else len(shape)
+
+    def shape(self, node: fx.Node) -> tuple | None:
+        """The node's output sizes (symbolic ones as SymInts), or None when unknown."""
         val = node.meta.get("val")
         if not isinstance(val, torch.Tensor) and not self.filled:
             self._fill()
             val = node.meta.get("val")
-        return val.dim() if isinstance(val, torch.Tensor) else None
+        return tuple(val.shape) if isinstance(val, torch.Tensor) else None
 
     def _fill(self) -> None:
         self.filled = True

@@ -2,10 +2,12 @@
 
 Generic rewrites over the canonical graph, applied until nothing more folds (so a block of
 branches of branches collapses fully); no code knows a model class:
-- fold-bn (see fold_bn.py): an eval BatchNorm into the conv2d / linear next to it;
-- parallel (see _rep_branches.py): conv2d / linear branches on one input, summed, with
-  identities (bare or a BatchNorm) -> one op with zero-padded, centred, summed kernels
-  (RepVGG, ACNet, MobileOne, multi-scale kernels, parallel linears, linear + identity);
+- fold-bn (see fold_bn.py): an eval BatchNorm into the conv2d / linear next to it, through
+  row-preserving reshapes and eval dropouts;
+- parallel (see _rep_branches.py): conv2d / linear branches on one input, summed (plain or
+  in-place adds, `out += branch(x)`), with identities (bare or a BatchNorm) -> one op with
+  zero-padded, centred, summed kernels (RepVGG, ACNet, MobileOne, multi-scale kernels,
+  parallel linears, linear + identity);
 - serial (here): two ops with nothing between, one of them 1x1 (or two linears) -> one op:
       conv_kxk(conv_1x1(x)) == conv_kxk'(x),  conv_1x1(conv_kxk(x)) == conv_kxk'(x),
       W2 (W1 x + b1) + b2 == (W2 W1) x + (W2 b1 + b2).
@@ -15,7 +17,9 @@ branches of branches collapses fully); no code knows a model class:
 Everything is exact up to float rounding (check "close"). What stays unfolded is listed in the
 rejections with why: a nonlinearity between serial ops, a BatchNorm in training mode,
 mismatched stride / groups / dilation / padding between branches, a branch or intermediate
-output used elsewhere, zero padding that would see a bias.
+output used elsewhere, zero padding that would see a bias, a sum of conv2d / linear / batch_norm
+branches of which none share an input, an in-place add into a tensor read elsewhere, a BatchNorm
+with no op next to it. A model with branches never reports nothing.
 """
 from __future__ import annotations
 

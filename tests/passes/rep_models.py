@@ -1,7 +1,9 @@
 """Training-time multi-branch blocks for the fold-bn / reparameterize tests and benchmark.
 
 Plain nn.Modules in the shapes the papers use (RepVGG, ACNet, MobileOne, a RepNeXt-style
-multi-scale depthwise mixer); none has a `reparameterize()` method: the passes must find the
+multi-scale depthwise mixer), and the same families as timm's training-time modules compute them
+(in-place branch sums, BatchNorm1d over flattened tokens, BN -> dropout -> linear heads: LeViT,
+EfficientViT); none has a `reparameterize()` method: the passes must find the
 structure in the captured graph. `randomize_bn` gives every BatchNorm non-trivial statistics
 and affine parameters, as training would. The checks at the end (relative error against the
 eager model, op lists) are shared by test_fold_bn.py, test_reparameterize.py and the benchmark.
@@ -127,6 +129,138 @@ class RepNet(nn.Module):
 
     def forward(self, x):
         return self.head(self.blocks(x).mean((2, 3)))
+
+
+# ---------------------------------------------------------------- as timm writes its reparameterizable families
+# The same structures as above, written the way timm's training-time modules compute them: branch sums
+# in place (`out += branch(x)`, export's aten.add_), absent branches as a literal 0, BatchNorm1d over
+# flattened tokens and classifier heads with a BatchNorm1d and a dropout before the linear. The class
+# docstrings give what timm's reparameterize_model leaves of each (the counts the tests hold us to).
+
+
+class InplaceRepVGGBlock(nn.Module):
+    """RepVGG (timm's RepVggBlock): relu(BN(conv1x1 x) + BN(convkxk x)), then `+= BN(x)` in place when
+    in == out and stride 1. timm's reparameterize_model leaves 1 conv, 0 BatchNorms."""
+
+    def __init__(self, cin: int, cout: int, stride=1, groups=1):
+        super().__init__()
+        self.conv_kxk = conv_bn(cin, cout, 3, stride, 1, groups)
+        self.conv_1x1 = conv_bn(cin, cout, 1, stride, 0, groups)
+        self.identity = nn.BatchNorm2d(cout) if cin == cout and stride == 1 else None
+
+    def forward(self, x):
+        if self.identity is None:
+            return torch.relu(self.conv_1x1(x) + self.conv_kxk(x))
+        identity = self.identity(x)
+        x = self.conv_1x1(x) + self.conv_kxk(x)
+        x += identity
+        return torch.relu(x)
+
+
+class InplaceMobileOneBlock(nn.Module):
+    """MobileOne (timm's MobileOneBlock): a 1x1 conv-BN scale branch (kernel > 1) and a BN identity
+    (in == out, stride 1), each 0 when absent, then k over-parameterized kxk conv-BN branches added in
+    place, then ReLU. timm's reparameterize_model leaves 1 conv, 0 BatchNorms."""
+
+    def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1, k: int = 4):
+        super().__init__()
+        self.identity = nn.BatchNorm2d(cout) if cin == cout and stride == 1 else None
+        self.conv_scale = conv_bn(cin, cout, 1, stride, 0, groups) if kernel > 1 else None
+        self.conv_kxk = nn.ModuleList(conv_bn(cin, cout, kernel, stride, kernel // 2, groups) for _ in range(k))
+
+    def forward(self, x):
+        identity_out = self.identity(x) if self.identity is not None else 0
+        scale_out = self.conv_scale(x) if self.conv_scale is not None else 0
+        out = scale_out + identity_out
+        for branch in self.conv_kxk:
+            out += branch(x)
+        return torch.relu(out)
+
+
+class MobileOneStage(nn.Module):
+    """MobileOne's depthwise-then-pointwise pair, downsampling then not: 4 blocks, so 4 convs after timm."""
+
+    def __init__(self, cin: int, cout: int, k: int = 4):
+        super().__init__()
+        self.blocks = nn.Sequential(
+            InplaceMobileOneBlock(cin, cin, 3, 2, cin, k), InplaceMobileOneBlock(cin, cout, 1, 1, 1, k),
+            InplaceMobileOneBlock(cout, cout, 3, 1, cout, k), InplaceMobileOneBlock(cout, cout, 1, 1, 1, k))
+
+    def forward(self, x):
+        return self.blocks(x)
+
+
+class LinearNorm(nn.Module):
+    """LeViT's linear + BatchNorm1d over the flattened tokens: bn(y.flatten(0, 1)).reshape_as(y)."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.linear = nn.Linear(cin, cout, bias=False)
+        self.bn = nn.BatchNorm1d(cout)
+
+    def forward(self, x):
+        x = self.linear(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+class NormLinear(nn.Module):
+    """The LeViT / EfficientViT classifier head: BatchNorm1d -> dropout -> linear."""
+
+    def __init__(self, features: int, classes: int, drop: float = 0.1):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(features)
+        self.drop = nn.Dropout(drop)
+        self.linear = nn.Linear(features, classes)
+
+    def forward(self, x):
+        return self.linear(self.drop(self.bn(x)))
+
+
+class LeViTTail(nn.Module):
+    """LeViT on tokens (B, N, C): a residual MLP of two LinearNorms around a hardswish, mean over tokens,
+    then the distilled pair of NormLinear heads averaged. timm's reparameterize_model leaves 4 linears,
+    0 convs, 0 BatchNorms."""
+
+    def __init__(self, dim: int = 16, hidden: int = 32, classes: int = 10):
+        super().__init__()
+        self.mlp = nn.Sequential(LinearNorm(dim, hidden), nn.Hardswish(), LinearNorm(hidden, dim))
+        self.head, self.head_dist = NormLinear(dim, classes), NormLinear(dim, classes)
+
+    def forward(self, x):
+        x = x + self.mlp(x)
+        x = x.mean(1)
+        return (self.head(x) + self.head_dist(x)) / 2
+
+
+class FlatConvNorm(nn.Module):
+    """A conv whose BatchNorm1d runs on the output flattened over space: bn(y.flatten(2)).view_as(y)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False)
+        self.bn = nn.BatchNorm1d(cout)
+
+    def forward(self, x):
+        x = self.conv(x)
+        return self.bn(x.flatten(2)).view_as(x)
+
+
+class EfficientViTTail(nn.Module):
+    """EfficientViT-style: conv-BN, a depthwise conv-BN with the BN after a reshape, a pointwise conv-BN,
+    global pool + flatten, and the NormLinear head. timm's reparameterize_model leaves 3 convs, 1 linear,
+    0 BatchNorms."""
+
+    def __init__(self, cin: int = 3, dim: int = 16, classes: int = 10):
+        super().__init__()
+        self.stem = conv_bn(cin, dim, 3, 2, 1)
+        self.dw = FlatConvNorm(dim, dim, 3, 1, dim)
+        self.pw = conv_bn(dim, dim, 1)
+        self.head = NormLinear(dim, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = x + self.pw(torch.relu(self.dw(x)))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -6,11 +6,13 @@ import torch
 from torch import nn
 
 import surgeon
+from surgeon.graph import lint
 from surgeon.passes.fold_bn import FoldBn
 from surgeon.pipeline import Context
 from surgeon.spec import load_spec
 from tests.conftest import assert_untouched, snapshot
-from tests.passes.rep_models import assert_matches_eager, build, conv_bn, op_names
+from tests.passes.rep_models import (FlatConvNorm, LinearNorm, NormLinear, assert_matches_eager, build, conv_bn,
+                                     op_names)
 
 FOLD = {"pipeline": ["fold-bn"]}
 
@@ -126,3 +128,74 @@ def test_bn_over_a_non_feature_dim_is_refused_also_without_captured_shapes():
     result = FoldBn().run(gm, ctx)
     assert result.matches == 0 and "acts on the last dim" in result.rejections[0][1]
     assert op_names(gm) == ["linear", "batch_norm"]
+
+
+# ---------------------------------------------------------------- through reshapes and eval dropouts (issue 18)
+
+@pytest.mark.parametrize("drop_shapes", [False, True])
+def test_levit_bn1d_over_flattened_tokens_folds_into_the_linear(drop_shapes):
+    model = build(LinearNorm, 6, 8)                       # bn(linear(x).flatten(0, 1)).reshape_as(linear(x))
+    x, fresh = _inputs(2, 5, 6)
+    gm = surgeon.capture(model, (x,))
+    assert op_names(gm) == ["linear", "flatten", "batch_norm", "reshape_as"]
+    if drop_shapes:                      # as after a pass that made nodes without meta["val"]
+        for node in gm.graph.nodes:
+            node.meta.pop("val", None)
+    ctx = Context(load_spec({"pipeline": []}), (x,), {}, {}, torch.Generator())
+    result = FoldBn().run(gm, ctx)
+    assert op_names(gm) == ["linear", "flatten", "reshape_as"] and not result.rejections
+    assert result.notes == ["linear 6->8 (linear) <- batch_norm (bn) through flatten"]
+    lint(gm)                             # what the pass manager does after each pass: recompiles the module
+    assert_matches_eager(model, gm, x, fresh)
+
+
+def test_bn1d_on_a_conv_output_flattened_over_space_folds_into_the_conv():
+    model = build(FlatConvNorm, 8, 8, 3, 1, 8)            # bn(conv(x).flatten(2)).view_as(conv(x))
+    x, fresh = _inputs(2, 8, 5, 5)
+    before, compiled, row = _fold(model, x)
+    assert before == ["conv2d", "flatten", "batch_norm", "view_as"]
+    assert op_names(compiled.module) == ["conv2d", "flatten", "view_as"]
+    assert row.notes == ["conv2d 3x3 groups 8 (conv) <- batch_norm (bn) through flatten"]
+    assert_matches_eager(model, compiled.module, x, fresh)
+
+
+def test_bn1d_dropout_linear_head_folds_the_bn_into_the_linear():
+    model = build(NormLinear, 8, 5)
+    x, fresh = _inputs(4, 8)
+    before, compiled, row = _fold(model, x)
+    assert before == ["batch_norm", "dropout", "linear"]
+    assert op_names(compiled.module) == ["dropout", "linear"]
+    assert row.notes == ["batch_norm (bn) -> linear 8->5 (linear) through dropout"]
+    assert_matches_eager(model, compiled.module, x, fresh)
+
+
+class ReshapedAcrossFeatures(nn.Module):
+    """linear (N, L, 8) then a BN over a reshape that does not keep the 8 features as its channels."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.fc, self.norm, self.shape = nn.Linear(6, 8), nn.BatchNorm1d(shape[1]), shape
+
+    def forward(self, x):
+        y = self.fc(x)
+        return self.norm(y.reshape(self.shape)).reshape_as(y)
+
+
+@pytest.mark.parametrize("shape", [(-1, 4), (2, 40)])     # features split in two / tokens and features merged
+def test_a_reshape_that_moves_values_across_channels_is_refused(shape):
+    model = build(ReshapedAcrossFeatures, shape)
+    x, fresh = _inputs(2, 5, 6)
+    _, compiled, row = _fold(model, x)
+    assert op_names(compiled.module) == ["linear", "reshape", "batch_norm", "reshape_as"] and row.matches == 0
+    assert len(row.rejections) == 1
+    assert "does not keep the op's features as the BN's channels" in row.rejections[0][1]
+    assert_matches_eager(model, compiled.module, x, fresh)
+
+
+def test_a_batch_norm_with_no_op_next_to_it_is_reported():
+    model = build(lambda: nn.Sequential(nn.Conv2d(4, 4, 3), nn.ReLU(), nn.BatchNorm2d(4)))
+    x, _ = _inputs(2, 4, 6, 6)
+    _, compiled, row = _fold(model, x)
+    assert op_names(compiled.module) == ["conv2d", "relu", "batch_norm"] and row.matches == 0
+    assert row.rejections == [("fold-bn @ 2", "no conv2d / linear next to it (through reshapes and eval dropouts): "
+                                             "it reads relu (relu), its output goes to output (output)")]

@@ -15,8 +15,9 @@ from torch import nn
 
 import surgeon
 from tests.conftest import assert_untouched, snapshot
-from tests.passes.rep_models import (REP, ACBlock, LinearHead, MobileOneBlock, RepNet, RepNeXtMixer, RepVGGBlock,
-                                     assert_matches_eager, build, op_names, op_nodes)
+from tests.passes.rep_models import (REP, ACBlock, EfficientViTTail, InplaceMobileOneBlock, InplaceRepVGGBlock,
+                                     LeViTTail, LinearHead, MobileOneBlock, MobileOneStage, RepNet, RepNeXtMixer,
+                                     RepVGGBlock, assert_matches_eager, build, op_names, op_nodes)
 
 
 def _inputs(*shape):
@@ -252,3 +253,84 @@ def test_inserted_adapters_are_left_to_their_own_passes():
     row = compiled.report.rows[-1]
     assert op_names(compiled.module) == ["linear", "linear", "linear", "add", "batch_norm"]
     assert row.matches == 0 and compiled.adapters["chat"].status == "inserted"
+
+
+# ---------------------------------------------------------------- timm's families, written as timm computes them
+# (issue 18) expected counts are what timm's reparameterize_model leaves of each block (see the classes'
+# docstrings): no more convs, no more BatchNorms, and no more linears than that.
+
+TIMM = [
+    pytest.param(InplaceRepVGGBlock, (8, 8), (2, 8, 6, 6), 1, 0, id="repvgg-identity-bn-added-in-place"),
+    pytest.param(InplaceRepVGGBlock, (8, 8, 1, 2), (2, 8, 6, 6), 1, 0, id="repvgg-grouped"),
+    pytest.param(InplaceMobileOneBlock, (8, 8, 3, 1, 8), (2, 8, 6, 6), 1, 0, id="mobileone-depthwise"),
+    pytest.param(InplaceMobileOneBlock, (8, 8, 3, 2, 8), (2, 8, 6, 6), 1, 0, id="mobileone-stride2-no-identity"),
+    pytest.param(InplaceMobileOneBlock, (8, 8, 1), (2, 8, 6, 6), 1, 0, id="mobileone-pointwise-no-scale"),
+    pytest.param(InplaceMobileOneBlock, (8, 16, 1), (2, 8, 6, 6), 1, 0, id="mobileone-0-plus-branches"),
+    pytest.param(MobileOneStage, (8, 16), (2, 8, 8, 8), 4, 0, id="mobileone-stage"),
+    pytest.param(LeViTTail, (), (2, 5, 16), 0, 4, id="levit-linear-norm-and-heads"),
+    pytest.param(EfficientViTTail, (), (2, 3, 8, 8), 3, 1, id="efficientvit-flat-bn-and-head"),
+]
+
+
+@pytest.mark.parametrize("factory,args,shape,convs,linears", TIMM)
+def test_timm_families_keep_no_more_convs_or_batch_norms_than_timms_reparameterize(factory, args, shape, convs,
+                                                                                     linears):
+    model = build(factory, *args)
+    x, fresh = _inputs(*shape)
+    compiled, row = _collapse(model, x, fresh)          # outputs equal the eager model within 1e-5
+    gm = compiled.module
+    counts = {op: len(op_nodes(gm, op)) for op in ("conv2d", "batch_norm", "linear", "add_")}
+    assert counts == {"conv2d": convs, "batch_norm": 0, "linear": linears, "add_": 0}
+
+
+def test_mobileone_in_place_sum_is_one_parallel_merge():
+    model = build(InplaceMobileOneBlock, 8, 8, 3, 1, 8, k=3)
+    x, fresh = _inputs(2, 8, 6, 6)
+    captured = op_names(surgeon.capture(model, (x,)))
+    assert captured.count("add_") == 3 and captured.count("batch_norm") == 5
+    compiled, row = _collapse(model, x, fresh)
+    assert op_names(compiled.module) == ["conv2d", "relu"]
+    assert row.matches == 1 and not row.rejections
+    assert row.notes == ["parallel: conv2d 1x1 groups 8 (conv_scale.0) + conv2d 3x3 groups 8 (conv_kxk.0.0) + "
+                         "conv2d 3x3 groups 8 (conv_kxk.1.0) + conv2d 3x3 groups 8 (conv_kxk.2.0) + "
+                         "batch_norm identity (identity) -> conv2d 3x3 (<root>)"]
+
+
+class DifferentInputs(nn.Module):
+    """conv_a(x) + conv_b(relu(x)): branches, but none on a shared input."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return self.a(x) + self.b(torch.relu(x))
+
+
+class SharedInPlace(nn.Module):
+    """y = conv_a(x); z = 2 y; y += conv_b(x): the in-place add writes into a tensor z also reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        z = y * 2
+        y += self.b(x)
+        return y, z
+
+
+@pytest.mark.parametrize("factory,ops,reason", [
+    (DifferentInputs, ["conv2d", "relu", "conv2d", "add"],
+     "no branches merge (a conv2d / linear merges with the other branches on its own input): "
+     "conv2d 3x3 (a) on x; conv2d 1x1 (b) on relu"),
+    (SharedInPlace, ["conv2d", "mul", "conv2d", "add_"],
+     "in-place add into conv2d, which mul also read(s): merging its branches would change what they see"),
+])
+def test_a_sum_of_branches_that_merges_nothing_is_reported_with_the_reason(factory, ops, reason):
+    model = build(factory)
+    x, fresh = _inputs(2, 4, 6, 6)
+    compiled, row = _collapse(model, x, fresh)
+    assert op_names(compiled.module) == ops and row.matches == 0
+    assert len(row.rejections) == 1 and row.rejections[0][1].startswith(reason)
