@@ -1,7 +1,8 @@
 """Every adapter kind in CASES on every model it fits, against the same invariants.
 
 One table of (kind, model) cases; each case is compiled once and checked for: identity insert
-(bit for bit where the kind's init is exact), gradients on adapter parameters only, parameter
+(bit for bit where the kind's init is exact; a kind
+whose init is no identity, e.g. ETHER, must report that it changes the function), gradients on adapter parameters only, parameter
 count (the test's own per-kind formula over the user's module shapes == AdapterState's count ==
 the module's trainable count), a save_adapter / from_dir round trip, and merge (exact within the
 fp32 tolerance, or refused with the kind's reason). Models: LLaMA with GQA (k_proj is 64 -> 32),
@@ -50,9 +51,11 @@ FORMULAS = {
     "ia3": lambda o, i, n: n,
     "dora": lambda o, i, n: o["rank"] * (i + n) + n,
     "bottleneck": lambda o, i, n: 2 * o["rank"] * n,
+    "ether": lambda o, i, n: n,
+    "ether_plus": lambda o, i, n: 2 * (i + n),
 }
 OPTIONS = {"lora": {"rank": 4, "alpha": 8}, "loha": {"rank": 2}, "lokr": {"rank": 2}, "ia3": {},
-           "dora": {"rank": 4}, "bottleneck": {"rank": 4}}
+           "dora": {"rank": 4}, "bottleneck": {"rank": 4}, "ether": {"blocks": 2}, "ether_plus": {"blocks": 2}}
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,8 @@ def _identity(compiled, model, args, kwargs, case):
     want, got = main_output(model, args, kwargs), main_output(compiled.module, args, kwargs)
     if check == "exact":
         assert row.check == "exact" and torch.equal(got, want)
+    elif check == "none":   # the kind's init changes the function (ETHER: a reflection is never I)
+        assert row.check == "changes function" and not torch.allclose(got, want)
     else:
         assert_close(got, want)
 
