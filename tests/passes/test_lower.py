@@ -245,6 +245,7 @@ KIND_REGIONS = {
     "vera": ({"rank": 4}, "lora_linear"), "oft": ({"block_size": 4}, None), "boft": ({"block_size": 4}, "lora_linear"),
     "hra": ({"rank": 4}, None), "shira": ({"rank": 4}, None), "hydra": ({"rank": 4}, None), "delta": ({}, None),
     "prefix": ({"num_virtual_tokens": 2}, None), "s2ft": ({"columns": 4}, None),
+    "ether": ({"blocks": 2}, None), "ether_plus": ({"blocks": 2}, None),
 }
 
 
