@@ -4,9 +4,12 @@ A site is an `aten.linear(x, W, b)` (W: out x in), GPT-2 Conv1D's `aten.addmm(b,
 (W: in x out) or, for kinds whose `site_ops` list them, a conv: `aten.conv2d(x, W, b, ...)`
 (W: out x in x kh x kw, seen by the kinds as out x (in * kh * kw)), conv1d, conv3d and their
 `.padding` overloads (`padding="same"`), grouped only for kinds with `conv_groups`; or a weightless call such as
-`aten.scaled_dot_product_attention` (prefix tuning rewrites its arguments). Attaching builds the
-kind's forward from the site's input x and base output y and points every user of y at the
-adapted output; detaching does the reverse.
+`aten.scaled_dot_product_attention` (prefix tuning rewrites its arguments); or, for kinds that list
+"param", a 3-D parameter (fused MoE experts, E x out x in) targeted by its own name
+(`*.experts.gate_up_proj`): the site is the parameter's get_attr, and the kind's forward replaces
+the weight itself (W + delta), so it holds whatever ops read the weight (grouped_mm, bmm, an
+indexed linear). Attaching builds the kind's forward from the site's input x and base output y
+and points every user of y at the adapted output; detaching does the reverse.
 """
 from __future__ import annotations
 
@@ -14,18 +17,22 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from torch import nn
 
 from .adapters import Branch, ConvGeometry
 from .errors import SpecError
 from .graph import delete_attr, get_attr, get_tensor, set_parameter
 from .pipeline import AdapterState, Context, PassResult, SiteState
-from .rules import CONV_OPS, SIGNATURES, Pattern, find, path_matches
+from .rules import CONV_OPS, SIGNATURES, Match, Pattern, find, path_matches
 
 SITE_OPS = ("linear", "addmm", *CONV_OPS)
 # Call sites: ops with no base weight (attention); the whole call is the site's input x. A kind's
 # forward_input gets the call node and returns {argument name (rules.SIGNATURES): new value};
 # attach rewrites the call's arguments, detach restores them.
 CALL_SITE_OPS = ("sdpa",)
+# A parameter site: a 3-D weight no linear/conv reads directly (transformers 5's fused experts).
+# Its "call" is the weight's get_attr node and its "output" the weight; x is None.
+PARAM_SITE = "param"
 
 
 def discover_sites(gm: fx.GraphModule, state: AdapterState, ctx: Context, index: int,
@@ -51,7 +58,7 @@ def discover_sites(gm: fx.GraphModule, state: AdapterState, ctx: Context, index:
     ops, more = _op_names(spec.kind.site_ops)
     for glob in (g for g in spec.targets if g != "*"):
         for path in sorted(p for p in matched_paths if path_matches(p, glob) and p not in found):
-            if path not in refused and not any(path.startswith(f + ".") for f in found):
+            if path not in refused and not any(path.startswith(f + ".") or f.startswith(path + ".") for f in found):
                 result.rejections.append((f"{spec.name} @ {path}", f"module has no {ops} "
                                                                    f"op a '{spec.type}' adapter attaches to{more}"))
     if not found:
@@ -64,10 +71,14 @@ def discover_sites(gm: fx.GraphModule, state: AdapterState, ctx: Context, index:
 
 def _op_names(site_ops: tuple[str, ...]) -> tuple[str, str]:
     """("linear/addmm/conv2d", " (nor conv1d/conv3d)") for messages: a `.padding` overload is the
-    same op to a user, and the other conv dimensionalities trail so the usual names read first."""
+    same op to a user, and the other conv dimensionalities trail so the usual names read first
+    (a kind that adapts 3-D parameters says so: those are named, not ops)."""
     extra = [op for op in ("conv1d", "conv3d") if op in site_ops]
-    main = [op for op in site_ops if op not in extra and "." not in op]
-    return "/".join(main), f" (nor {'/'.join(extra)})" if extra else ""
+    main = [op for op in site_ops if op not in extra and "." not in op and op != PARAM_SITE]
+    more = f" (nor {'/'.join(extra)})" if extra else ""
+    if PARAM_SITE in site_ops:
+        more += " nor 3-D parameter (fused experts, named in full: '*.experts.gate_up_proj')"
+    return "/".join(main), more
 
 
 def _site_matches(gm: fx.GraphModule, kind_ops: tuple[str, ...], glob: str) -> list:
@@ -76,7 +87,31 @@ def _site_matches(gm: fx.GraphModule, kind_ops: tuple[str, ...], glob: str) -> l
     call_ops = tuple(op for op in kind_ops if op in CALL_SITE_OPS)
     if call_ops:
         patterns.append(Pattern(call_ops, glob, params=()))
-    return [m for node in gm.graph.nodes for p in patterns if (m := p.match(node)) is not None]
+    matches = [m for node in gm.graph.nodes for p in patterns if (m := p.match(node)) is not None]
+    if PARAM_SITE in kind_ops and glob != "*":   # a bare "*" keeps meaning the kind's ops
+        matches += _param_matches(gm, glob)
+    return matches
+
+
+def _param_matches(gm: fx.GraphModule, glob: str) -> list[Match]:
+    """get_attr nodes of 3-D floating parameters whose full name the glob matches and that no
+    linear/conv reads as its weight (a conv1d weight is 3-D too, and is a conv site)."""
+    op_weights = {m["weight"] for node in gm.graph.nodes if (m := Pattern(SITE_OPS).match(node)) is not None}
+    out = []
+    for node in gm.graph.find_nodes(op="get_attr"):
+        value = node.meta.get("val")
+        if value is None or not path_matches(node.target, glob) or node in op_weights:
+            continue
+        if value.dim() == 3 and value.is_floating_point() and isinstance(_try_tensor(gm, node.target), nn.Parameter):
+            out.append(Match(node, PARAM_SITE, node.target, {}))
+    return out
+
+
+def _try_tensor(gm: fx.GraphModule, target: str):
+    try:
+        return get_tensor(gm, target)
+    except AttributeError:
+        return None
 
 
 def _declared_options(spec, path: str) -> dict:
@@ -89,6 +124,9 @@ def _site_refusal(match, kind, opts: dict) -> str:
     """Why a matched base op cannot hold this kind ("" when it can)."""
     if match.op not in kind.site_ops:
         return f"a '{kind.name}' adapter does not attach to {match.op} (it supports {', '.join(kind.site_ops)})"
+    if match.op == PARAM_SITE:
+        why = kind.param_refusal(opts) if kind.param_refusal is not None else ""
+        return f"3-D parameter: {why}" if why else ""
     groups = match["groups"] if match.op in CONV_OPS else None
     if groups in (None, 1):
         return ""
@@ -122,6 +160,9 @@ def site_dims(gm: fx.GraphModule, node: fx.Node, op: str) -> tuple[str, int, int
     if op in CALL_SITE_OPS:
         _, heads, _, head_dim = node.args[1].meta["val"].shape
         return "", int(heads), int(head_dim)
+    if op == PARAM_SITE:   # experts x out x in, PEFT's default expert layout
+        _, rows, cols = get_tensor(gm, node.target).shape
+        return node.target, int(cols), int(rows)
     weight = node.args[2] if op == "addmm" else node.args[1]
     shape = get_tensor(gm, weight.target).shape
     if op in CONV_OPS:   # out x in x kh x kw: a linear map over in * kh * kw patch values (all groups' inputs)
@@ -142,7 +183,7 @@ def attach(gm: fx.GraphModule, state: AdapterState, site: SiteState, calls: list
     site.nodes, site.base_output, site.output = [], "", ""
     outputs = []
     for node in calls:
-        x = node if site.op in CALL_SITE_OPS else node.args[1] if site.op == "addmm" else node.args[0]
+        x = _site_input(node, site.op)
         if kind.forward_input is not None:
             with gm.graph.inserting_before(node):
                 branch = _branch(gm, state, site, node, made_by)
@@ -172,10 +213,21 @@ def attach(gm: fx.GraphModule, state: AdapterState, site: SiteState, calls: list
     site.output = ",".join(outputs)
 
 
+def _site_input(node: fx.Node, op: str):
+    """What a site's forward_input reads as x: the call itself for a call site, nothing for a
+    parameter site (the adapter changes the weight, not an input), else the op's input."""
+    if op == PARAM_SITE:
+        return None
+    return node if op in CALL_SITE_OPS else node.args[1] if op == "addmm" else node.args[0]
+
+
 def _branch(gm: fx.GraphModule, state: AdapterState, site: SiteState, node: fx.Node, made_by: str) -> Branch:
-    weight, bias = (node.args[2], node.args[0]) if site.op == "addmm" else (node.args[1], _arg(node, 2))
     if site.op in CALL_SITE_OPS:
         weight, bias = None, None
+    elif site.op == PARAM_SITE:
+        weight, bias = node, None
+    else:
+        weight, bias = (node.args[2], node.args[0]) if site.op == "addmm" else (node.args[1], _arg(node, 2))
     return Branch(gm.graph, made_by, site.path, state.spec.name, weight, bias, transposed=site.op == "addmm",
                   dims=(site.in_features, site.out_features),
                   conv=conv_geometry(gm, node) if site.op in CONV_OPS else None)
@@ -226,7 +278,10 @@ def _register(gm: fx.GraphModule, state: AdapterState, site: SiteState, pname: s
     """Store one adapter parameter; a shared one once per adapter and shape, reused by later sites."""
     kind, name = state.spec.kind, state.spec.name
     if pname not in kind.shared:
-        target = f"{site.path}.adapter_{name}.{pname}"
+        owner, _, param = site.path.rpartition(".")   # a parameter site's path is a tensor: no submodule under it
+        home = f"{owner + '.' if owner else ''}adapter_{name}.{param}" if site.op == PARAM_SITE else \
+            f"{site.path}.adapter_{name}"
+        target = f"{home}.{pname}"
         set_parameter(gm, target, tensor, requires_grad=pname not in kind.frozen)
         return target
     target = f"adapter_{name}.{pname}_{'x'.join(map(str, tensor.shape))}"
@@ -289,6 +344,9 @@ def site_calls(gm: fx.GraphModule, site: SiteState) -> list[fx.Node]:
     if site.op in CALL_SITE_OPS:   # no weight: the base calls at the site's path
         return [m.node for m in find(gm, Pattern((site.op,), site.path, params=()))
                 if not m.node.meta.get("surgeon_adapter")]
+    if site.op == PARAM_SITE:   # the weight's own reads
+        return [n for n in gm.graph.find_nodes(op="get_attr", target=site.weight)
+                if not n.meta.get("surgeon_adapter")]
     return [m.node for m in find(gm, Pattern(SITE_OPS, site.path))
             if (m["weight"].target == site.weight)]
 
@@ -305,6 +363,9 @@ def add_delta(gm: fx.GraphModule, state: AdapterState, site: SiteState, delta: t
         delta = delta.t()
     delta = delta.reshape(weight.shape)   # a conv's out x (in * kh * kw) delta back to out x in x kh x kw
     new = (weight.double() + delta.double()).to(weight.dtype)
+    if site.op == PARAM_SITE:   # the parameter is the site: every read of it is adapted, so it changes in place
+        set_parameter(gm, site.weight, new, requires_grad=weight.requires_grad)
+        return
     readers = [u for n in gm.graph.find_nodes(op="get_attr", target=site.weight) for u in n.users]
     calls = set(site_calls(gm, site))
     if all(r in calls for r in readers):
@@ -326,6 +387,8 @@ def site_weight(gm: fx.GraphModule, site: SiteState) -> torch.Tensor:
         val = site_calls(gm, site)[0].meta["val"]
         return torch.empty(0, dtype=val.dtype, device=next((p.device for p in gm.parameters()), val.device))
     weight = get_tensor(gm, site.weight).detach()
+    if site.op == PARAM_SITE:   # experts x out x in, as it is
+        return weight
     return weight.t() if site.op == "addmm" else weight.flatten(1)
 
 
@@ -364,6 +427,34 @@ def _scale_bias(gm: fx.GraphModule, site: SiteState, factor: torch.Tensor) -> No
     set_parameter(gm, bias.target, new, requires_grad=old.requires_grad)
 
 
+def place_peft_params(loaded, paths: list[str], found: dict[str, list[fx.Node]], ctx: Context, index: int) -> None:
+    """Key a PEFT checkpoint's LoRA of targeted parameters by the parameters' names.
+
+    PEFT wraps each targeted parameter of a module around the previous wrapper, in the order the
+    module registers them, and saves each under its module with one `.base_layer` per wrapper
+    outside it: of n targeted parameters the first registered is `<module>.base_layer` * (n - 1),
+    the last `<module>`. The sites come in graph order, in which a captured graph lists
+    parameters (torch.export reads them in registration order).
+    """
+    by_module: dict[str, list[str]] = {}
+    for path in paths:
+        if found[path][0].op == "get_attr" and path not in loaded.weights:
+            by_module.setdefault(path.rpartition(".")[0], []).append(path)
+    for module, params in by_module.items():
+        held = [key for key in loaded.weights if key == module or key.startswith(module + ".base_layer")
+                and not key[len(module):].replace(".base_layer", "")]
+        if len(held) != len(params):
+            raise ctx.spec.error(("adapters", index, "from_peft"),
+                                 f"the checkpoint holds {len(held)} nested LoRA(s) of parameters of '{module}' "
+                                 f"({held}), but the targets select {len(params)} there ({params}); PEFT nests one "
+                                 "per targeted parameter, so they cannot be told apart")
+        for i, path in enumerate(params):
+            key = module + ".base_layer" * (len(params) - 1 - i)
+            loaded.weights[path] = loaded.weights.pop(key)
+            if key in loaded.site_options:
+                loaded.site_options[path] = loaded.site_options.pop(key)
+
+
 def check_loaded_shapes(state: AdapterState, site: SiteState, tensors: dict[str, torch.Tensor],
                         ctx: Context, index: int) -> None:
     """Loaded weights must have the shapes the kind would create for this site."""
@@ -386,5 +477,6 @@ def check_loaded_shapes(state: AdapterState, site: SiteState, tensors: dict[str,
                                                        f"(a {state.spec.type} adapter has {sorted(expected)})")
 
 
-__all__ = ["attach", "detach", "discover_sites", "site_dims", "conv_geometry", "CONV_OPS", "SITE_OPS",
-           "add_delta", "site_calls", "site_weight", "merge_site", "unmerge_site", "check_loaded_shapes", "SpecError"]
+__all__ = ["attach", "detach", "discover_sites", "site_dims", "conv_geometry", "CONV_OPS", "SITE_OPS", "PARAM_SITE",
+           "add_delta", "site_calls", "site_weight", "merge_site", "unmerge_site", "check_loaded_shapes",
+           "place_peft_params", "SpecError"]

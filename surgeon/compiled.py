@@ -87,7 +87,8 @@ def validate_against_model(spec: Spec, model: nn.Module) -> None:
             from .rules import path_matches
 
             hits = [p for p in modules if p and path_matches(p, glob)]
-            if not hits:
+            if not hits and not any(path_matches(p, glob) for p, t in model.named_parameters() if t.dim() == 3):
+                # a 3-D parameter (fused MoE experts) is a site by its own name (adapter_ops.PARAM_SITE)
                 raise spec.error(key or ("adapters", i, "targets", j),
                                  f"target '{glob}' matches no module of {type(model).__name__} "
                                  f"(module paths look like: {', '.join(list(p for p in modules if p)[:4])} ...)")

@@ -213,6 +213,10 @@ class AdapterKind:
     conv_groups(opts, groups) -> why this kind cannot attach to a conv with `groups` > 1 ("" when
         it can); None refuses every grouped conv. A kind that takes them sees in_features as all
         input channels times the kernel and reads `branch.conv_groups` (LoRA's grouped 1x1 B)
+    param_refusal(opts) -> why these options cannot adapt a 3-D parameter site ("param" in
+        site_ops: fused MoE experts, E x out x in), "" when they can. On such a site the forward
+        gets x=None and y = the weight's get_attr node, returns the weight to use in its place
+        (W + delta: every op that reads the weight sees it), and the delta is E x out x in
     """
 
     name: str
@@ -234,6 +238,7 @@ class AdapterKind:
     site_options: Callable[[fx.GraphModule, str, str, dict], dict] | None = None
     site_ops: tuple[str, ...] = ("linear", "addmm")   # the base ops it attaches to (rules.SIGNATURES names)
     conv_groups: Callable[[dict, int], str] | None = None
+    param_refusal: Callable[[dict], str] | None = None
 
     def refusal(self, opts: dict) -> str:
         """Why an adapter of this kind with these options cannot be merged; "" when it can."""

@@ -20,6 +20,14 @@ PEFT refuses it. PiSSA (an SVD of a dense W) is refused on grouped convs.
 
 `dropout` (PEFT's lora_dropout) drops the branch's input in train mode, as PEFT does:
 y + s B A dropout(x). In eval it is the identity (surgeon.modes), so merge stays exact.
+
+On a 3-D parameter (fused MoE experts W: E x out x in, targeted by name) the adapter changes the
+weight, not an op: every forward reads W + s * D with D[e] = B_e A_e, so it holds whatever ops
+consume W (transformers' grouped_mm, batched mm or indexed linear). The factors keep PEFT's
+layout for such parameters (its `target_parameters`): A is (r E) x in with expert e's rows at
+e*r .. e*r + r - 1 (expert-major), B is out x (r E) with expert e's columns at e, E + e, ...
+(rank-major, stride E); s = alpha / r with r the per-expert rank. Merge adds s * D to W; PiSSA
+and dropout are refused there (a dropout of x does not factor out of W + s D, PEFT refuses it).
 """
 from __future__ import annotations
 
@@ -27,8 +35,11 @@ import math
 
 import torch
 
+from ..graph import get_tensor
 from ..rules import CONV_OPS, Pattern, find
-from . import AdapterKind, Option
+from . import AdapterKind, EagerBranch, Option
+
+aten = torch.ops.aten
 
 
 def lora_scale(opts: dict) -> float:
@@ -52,18 +63,21 @@ def pissa_factors(weight: torch.Tensor, rank: int, scale: float) -> tuple[torch.
 
 def lora_init(opts, in_features, out_features, dtype, gen, weight):
     """LoRA's A and B for one site (PiSSA reads the base weight)."""
-    rank = opts["rank"]
+    rank = opts["rank"] * opts.get("experts", 1)   # an expert stack keeps every expert's rank-r factors side by side
     if opts["init"] == "pissa":
         A, B = pissa_factors(weight, rank, lora_scale(opts))
         return {"lora_A": A.to(dtype), "lora_B": B.to(dtype)}
     if opts["init"] == "gaussian":
-        A = torch.empty(rank, in_features).normal_(0.0, 1.0 / rank, generator=gen)
+        A = torch.empty(rank, in_features).normal_(0.0, 1.0 / opts["rank"], generator=gen)
     else:
         A = kaiming_uniform((rank, in_features), gen)
     return {"lora_A": A.to(dtype), "lora_B": torch.zeros(out_features, rank // opts.get("groups", 1), dtype=dtype)}
 
 
 def _forward(branch, x, y, params, opts):
+    if "experts" in opts:   # a 3-D parameter site: y is the weight; the weight read becomes W + s * D
+        update = expert_product(branch, params["lora_A"], params["lora_B"], opts["experts"])
+        return branch.op(torch.ops.aten.add.Tensor, y, update, alpha=lora_scale(opts))
     # y + s * B(A x): two GEMMs and one add (aten.add's alpha carries the scale); on a conv site
     # A is a conv with the site's kernel, stride, padding, dilation and B a 1x1 conv, and
     # conv(x, W) + s conv1x1(conv(x, A), B) == conv(x, W + s (B A).view(W.shape))
@@ -75,8 +89,20 @@ def _forward(branch, x, y, params, opts):
 def lora_delta(params, opts, weight=None):
     """s * B @ A in float64 (the merge adds it to the base weight); on a grouped conv, the dense
     out x (in * prod(kernel)) map of the branch, with B spread block-diagonally."""
+    if "experts" in opts:
+        A, B = params["lora_A"].double(), params["lora_B"].double()
+        return lora_scale(opts) * expert_product(EagerBranch((A.shape[1], B.shape[0])), A, B, opts["experts"])
     B = _spread(params["lora_B"].double(), opts.get("groups", 1))
     return lora_scale(opts) * (B @ params["lora_A"].double())
+
+
+def expert_product(branch, A, B, experts: int):
+    """The E x out x in stack of B_e @ A_e from PEFT's expert layout: A's (r E) rows are expert-major
+    (view E x r x in), B's (r E) columns rank-major (view out x r x E, experts to the front)."""
+    per_expert_A = branch.op(aten.view.default, A, [experts, -1, branch.in_features])
+    per_expert_B = branch.op(aten.permute.default,
+                             branch.op(aten.view.default, B, [branch.out_features, -1, experts]), [2, 0, 1])
+    return branch.op(aten.bmm.default, per_expert_B, per_expert_A)
 
 
 def _spread(B: torch.Tensor, groups: int) -> torch.Tensor:
@@ -98,7 +124,10 @@ def _conv_groups(opts: dict, groups: int) -> str:
 
 
 def _site_groups(gm, path, weight_target, opts):
-    """{"groups": G} for a grouped conv site (init and merge read it), {} for any other site."""
+    """{"groups": G} for a grouped conv site (init and merge read it), {"experts": E} for a 3-D
+    parameter site (its path is the parameter's own name), {} for any other site."""
+    if path == weight_target:
+        return {"experts": int(get_tensor(gm, weight_target).shape[0])}
     groups = {m["groups"] or 1 for m in find(gm, Pattern(CONV_OPS, path))
               if m["weight"].target == weight_target}
     return {"groups": max(groups)} if max(groups, default=1) > 1 else {}
@@ -117,6 +146,15 @@ def _pissa_base(init_params, opts, weight):
     return -lora_delta(init_params, opts) if opts["init"] == "pissa" else None
 
 
+def _param_refusal(opts):
+    """Why these options cannot sit on a 3-D expert parameter ("" when they can)."""
+    if opts.get("dropout"):
+        return "LoRA dropout drops the input, which does not factor out of W + s * B A (PEFT refuses it too)"
+    if opts["init"] == "pissa":
+        return "PiSSA needs one SVD per expert, which surgeon does not do"
+    return ""
+
+
 LORA_OPTIONS = {
     "rank": Option(int, 8, positive=True),
     "alpha": Option((int, float), None),
@@ -131,11 +169,14 @@ LORA = AdapterKind(
     init=lora_init,
     forward=_forward,
     delta_weight=lora_delta,
-    param_count=lambda opts, fan_in, fan_out: opts["rank"] * fan_in + fan_out * opts["rank"] // opts.get("groups", 1),
+    param_count=lambda opts, fan_in, fan_out: opts.get("experts", 1) * (opts["rank"] * fan_in
+                                                                         + fan_out * opts["rank"] // opts.get("groups", 1)),
     base_delta=_pissa_base,
     init_check=lambda opts: "close" if opts["init"] == "pissa" else "exact",
     merge_refusal=_merge_refusal,
     site_options=_site_groups,
-    site_ops=("linear", "addmm", "conv2d", "conv1d", "conv3d", "conv1d.padding", "conv2d.padding", "conv3d.padding"),
+    site_ops=("linear", "addmm", "conv2d", "conv1d", "conv3d", "conv1d.padding", "conv2d.padding", "conv3d.padding",
+              "param"),
     conv_groups=_conv_groups,
+    param_refusal=_param_refusal,
 )

@@ -127,13 +127,15 @@ def _rank_alpha(config: dict, weights: dict, shown: dict[str, int], alpha_key: s
 
 
 def _write_rank_alpha(options: dict, weights: dict, site_options: dict, alpha_key: str,
-                      rank_of: Callable[[dict], int] | None = None) -> dict:
+                      rank_of: Callable[[dict], int] | None = None, experts: dict | None = None) -> dict:
     """r, alpha and PEFT's rank/alpha patterns (per-module ranks read from the tensors when given)."""
     def alpha(opts: dict):
         return opts["alpha"] if opts["alpha"] is not None else opts["rank"]
     sites = {path: {**options, **site_options.get(path, {})} for path in weights}
     if rank_of is not None:
-        sites = {path: {**opts, "rank": rank_of(weights[path])} for path, opts in sites.items()}
+        # a parameter LoRA holds every expert's rank-r rows (experts: path -> E)
+        sites = {path: {**opts, "rank": rank_of(weights[path]) // (experts or {}).get(path, 1)}
+                 for path, opts in sites.items()}
     return {"r": options["rank"], alpha_key: alpha(options),
             "rank_pattern": {p: o["rank"] for p, o in sites.items() if o["rank"] != options["rank"]},
             "alpha_pattern": {p: alpha(o) for p, o in sites.items() if alpha(o) != alpha(options)}}
@@ -153,21 +155,74 @@ def _read_lora(config, weights, extras):
     if kind == "dora" and init == "pissa":
         raise _fail("DoRA with a PiSSA init is not supported")
     convs = {path for path, params in weights.items() if _conv_lora(params)}
+    experts = _parameter_loras(config, weights)
     for path, params in weights.items():
         if path in convs:   # A r x in x k..., B a 1x1 conv: out x r (out x r / groups on a grouped conv)
             params.update(lora_A=params["lora_A"].flatten(1), lora_B=params["lora_B"].flatten(1))
         if not {"lora_A", "lora_B"} <= set(params) or params["lora_A"].dim() != 2:
             raise _fail(f"module '{path}' needs 2-D lora_A and lora_B weights (3- to 5-D, with a 1x1 lora_B, "
                         "on a conv)")
-    entry, sites = _rank_alpha(config, {p: w for p, w in weights.items() if p not in convs},
+    entry, sites = _rank_alpha(config, {p: w for p, w in weights.items() if p not in convs | set(experts)},
                                {"lora_A": 0, "lora_B": 1}, "lora_alpha")
+    sites.update(_expert_sites(config, weights, experts, entry))
     _, conv_sites = _rank_alpha(config, {p: w for p, w in weights.items() if p in convs},
                                 {"lora_A": 0}, "lora_alpha")
     sites.update(conv_sites)
     _check_conv_b(weights, convs, entry, sites)
     entry.update(type=kind, use_rslora=bool(config.get("use_rslora", False)),
                  init="pissa" if init == "pissa" else "default", dropout=_dropout(config, "lora_dropout"))
+    if experts:   # targets name the parameters; insert keys the nested entries by them (adapter_ops.place_peft_params)
+        entry["targets"] = sorted({*(p for p in weights if p not in experts), *(t for ts in experts.values() for t in ts)})
     return entry, sites
+
+
+def _parameter_loras(config: dict, weights: dict) -> dict[str, list[str]]:
+    """PEFT module key -> the parameter names (`<module>.<param>`) its `target_parameters` could mean.
+
+    PEFT saves the LoRA of a targeted parameter under the parameter's module, one `.base_layer`
+    deeper per wrapper around it (several parameters of one module nest); a key is such an entry
+    when its module and a target_parameters entry's last name form a name PEFT's rule matches
+    (equal, or ending in "." + the entry)."""
+    targets = config.get("target_parameters") or []
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise _fail(f"adapter_config.json: target_parameters must be a list of names, got {targets!r}")
+    out = {}
+    for key in weights if targets else ():
+        module = re.sub(r"(\.base_layer)+$", "", key)
+        candidates = {f"{module}.{t.rpartition('.')[2]}": t for t in targets}
+        names = sorted(name for name, t in candidates.items() if name == t or name.endswith("." + t))
+        if names:
+            out[key] = names
+        elif module != key:
+            raise _fail(f"module '{key}' is a nested PEFT wrapper, but target_parameters {targets} name no "
+                        f"parameter of '{module}'")
+    return out
+
+
+def _expert_sites(config: dict, weights: dict, experts: dict, entry: dict) -> dict:
+    """Per-entry rank/alpha overrides of parameter LoRAs: A is (r E) x in, B out x (r E), so the
+    rank divides A's rows; PEFT's patterns match the parameter's name, which a nested entry does
+    not give before capture, so its candidate parameters must agree."""
+    sites = {}
+    for key, names in experts.items():
+        A, B = weights[key].get("lora_A"), weights[key].get("lora_B")
+        if A is None or B is None or A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            raise _fail(f"parameter LoRA '{key}' needs lora_A of (r * experts) x in and lora_B of out x "
+                        f"(r * experts), got {None if A is None else list(A.shape)} and "
+                        f"{None if B is None else list(B.shape)}")
+        options = {(_rank(config, name, {}, {}), float(peft_pattern(config, "alpha_pattern", name,
+                                                                    config["lora_alpha"]))) for name in names}
+        if len(options) != 1:
+            raise _fail(f"rank_pattern / alpha_pattern give the parameters {names} different values; their "
+                        f"LoRAs are nested under '{key}' and cannot be told apart before capture")
+        rank, alpha = options.pop()
+        if A.shape[0] % rank:
+            raise _fail(f"adapter_config.json: rank {rank} does not divide lora_A's {A.shape[0]} rows "
+                        f"(r * experts) of '{key}'")
+        differs = {k: v for k, v in {"rank": rank, "alpha": alpha}.items() if v != entry.get(k)}
+        if differs:
+            sites[key] = differs
+    return sites
 
 
 def _conv_lora(params: dict) -> bool:
@@ -188,11 +243,28 @@ def _check_conv_b(weights: dict, convs: set, entry: dict, sites: dict) -> None:
 
 
 def _write_lora(kind, options, weights, site_options):
-    ranks = _write_rank_alpha(options, weights, site_options, "lora_alpha", lambda params: params["lora_A"].shape[0])
+    experts = {path: site_options[path]["experts"] for path in weights if "experts" in site_options.get(path, {})}
+    ranks = _write_rank_alpha(options, weights, site_options, "lora_alpha",
+                              lambda params: params["lora_A"].shape[0], experts)
     config = {**ranks, "use_rslora": options["use_rslora"],
               "lora_dropout": options.get("dropout", 0.0), "use_dora": kind == "dora",
               "init_lora_weights": "pissa" if options.get("init") == "pissa" else True}
+    if experts:
+        config.update(target_modules=sorted(p for p in weights if p not in experts), target_parameters=sorted(experts))
+        _nest_parameter_loras(weights, list(experts))
     return config, {}
+
+
+def _nest_parameter_loras(weights: dict, params: list[str]) -> None:
+    """Re-key parameter LoRAs the way PEFT saves them: under the parameter's module, with one
+    `.base_layer` per later-registered targeted parameter of that module (its wrappers nest in
+    registration order; `params` comes in graph order, which follows it)."""
+    by_module: dict[str, list[str]] = {}
+    for path in params:
+        by_module.setdefault(path.rpartition(".")[0], []).append(path)
+    for module, paths in by_module.items():
+        for i, path in enumerate(paths):
+            weights[module + ".base_layer" * (len(paths) - 1 - i)] = weights.pop(path)
 
 
 # ---------------------------------------------------------------- (IA)^3

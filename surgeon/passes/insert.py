@@ -22,7 +22,8 @@ from typing import ClassVar
 import torch
 import torch.fx as fx
 
-from surgeon.adapter_ops import add_delta, attach, check_loaded_shapes, discover_sites, site_dims, site_weight
+from surgeon.adapter_ops import (PARAM_SITE, add_delta, attach, check_loaded_shapes, discover_sites, place_peft_params,
+                                 site_dims, site_weight)
 from surgeon.pipeline import Context, PassResult, SiteState
 from surgeon.rules import SIGNATURES
 
@@ -52,10 +53,13 @@ class Insert:
             found = discover_sites(gm, state, ctx, index, result)
             position = {node: i for i, node in enumerate(gm.graph.nodes)}
             paths = sorted(found, key=lambda p: position[found[p][0]])
+            if spec.loaded is not None:
+                place_peft_params(spec.loaded, paths, found, ctx, index)
             _check_ordinals(spec, paths, ctx, index)
             for path in paths:
                 calls = found[path]
-                op = next(name for name, (target, _) in SIGNATURES.items() if target is calls[0].target)
+                op = PARAM_SITE if calls[0].op == "get_attr" else \
+                    next(name for name, (target, _) in SIGNATURES.items() if target is calls[0].target)
                 weight, fan_in, fan_out = site_dims(gm, calls[0], op)
                 options = {**spec.options, **(spec.loaded.site_options.get(path, {}) if spec.loaded else {})}
                 if spec.kind.site_options is not None:   # options a kind reads from the graph (S2FT's k)
