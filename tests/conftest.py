@@ -126,5 +126,20 @@ def randomize_adapters(module: nn.Module, seed: int = 1) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
 
 
+def peft_lora_checkpoint(model: nn.Module, config, tmp_path, scale: float = 0.2, seed: int = 7) -> nn.Module:
+    """`model` (a copy) wrapped by PEFT with `config`, its LoRA factors set to seeded noise (as training
+    would leave them), saved to `tmp_path`; returns the PEFT model in eval mode."""
+    import peft
+
+    wrapped = peft.get_peft_model(copy.deepcopy(model), config).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    wrapped.save_pretrained(tmp_path)
+    return wrapped
+
+
 __all__ = ["snapshot", "assert_untouched", "hf_llama", "hf_gpt2", "hf_bert", "small_cnn", "lora_spec",
-           "randomize_adapters", "copy"]
+           "randomize_adapters", "peft_lora_checkpoint", "copy"]

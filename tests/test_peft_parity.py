@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import surgeon
-from tests.conftest import hf_gpt2, hf_llama, lora_spec, randomize_adapters
+from tests.conftest import hf_gpt2, hf_llama, lora_spec, peft_lora_checkpoint, randomize_adapters
 
 peft = pytest.importorskip("peft")
 KW = {"use_cache": False}
@@ -27,14 +27,7 @@ def logits(module, args):
 def peft_model(factory, options, tmp_path):
     model, args = factory()
     config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, **options)
-    wrapped = peft.get_peft_model(copy.deepcopy(model), config).eval()
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in wrapped.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    wrapped.save_pretrained(tmp_path)
-    return model, args, wrapped
+    return model, args, peft_lora_checkpoint(model, config, tmp_path)
 
 
 @pytest.mark.parametrize("case", CASES)

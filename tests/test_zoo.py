@@ -7,7 +7,6 @@ README's "Architectures" table is this list; a family that fails a step is liste
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -15,7 +14,7 @@ import pytest
 import torch
 
 import surgeon
-from tests.conftest import hf_bert, hf_gpt2, hf_llama, small_cnn
+from tests.conftest import hf_bert, hf_gpt2, hf_llama, peft_lora_checkpoint, small_cnn
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -150,14 +149,8 @@ def test_capture_insert_peft_parity_and_merge(case: Case, tmp_path):
     _close(_run(compiled.module, args, kwargs), eager)
 
     # a trained PEFT checkpoint imports with PEFT's outputs, and merges as PEFT does
-    wrapped = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
-        r=2, lora_alpha=4, target_modules=case.targets, **case.peft_options)).eval()
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in wrapped.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    wrapped.save_pretrained(tmp_path)
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=case.targets, **case.peft_options)
+    wrapped = peft_lora_checkpoint(model, config, tmp_path)
     want = _run(wrapped, args, kwargs)
     assert not torch.allclose(want, eager, atol=1e-4), "the adapter changes the output"
     imported = surgeon.compile(model, args, {"adapters": [{"name": "p", "from_peft": str(tmp_path)}]}, kwargs)
