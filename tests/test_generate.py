@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import surgeon
-from tests.conftest import hf_gpt2, hf_llama
+from tests.conftest import hf_gpt2, hf_llama, peft_lora_checkpoint
 
 peft = pytest.importorskip("peft")
 KW = {"use_cache": False}
@@ -67,14 +67,7 @@ def ours(compiled, ids, mask, **kwargs):
 def peft_dir(model, options, path, seed: int, scale: float = 0.3, **extra):
     """A PEFT LoRA (or DoRA) folder with random weights; the PEFT model itself."""
     config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, **options, **extra)
-    wrapped = peft.get_peft_model(copy.deepcopy(model), config).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in wrapped.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * scale)
-    wrapped.save_pretrained(path)
-    return wrapped
+    return peft_lora_checkpoint(model, config, path, scale=scale, seed=seed)
 
 
 def imported(tmp_path, *pipeline) -> dict:
