@@ -23,8 +23,11 @@ import contextlib
 import copy
 import inspect
 import io
+import logging
 import sys
+import traceback
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,6 +41,7 @@ from torch.utils import _pytree as pytree
 from .errors import CaptureError
 from .fastpath import recompile
 from .inputs import Dim, Inputs
+from .modes import evaluating
 from .module import SurgeonModule
 from .portable import remember
 
@@ -72,18 +76,6 @@ def split_kwargs(kwargs: dict[str, Any] | None) -> tuple[dict[str, Any], dict[st
     return tensors, constants
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    """Capture in eval mode (no dropout, BN on running stats); restore the user's flags after."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes.items():
-            module.training = training
-
-
 def capture(model: nn.Module, args: tuple, kwargs: dict | None = None,
             dynamic_shapes: Any = None, dynamic: bool = True, small: bool = True) -> fx.GraphModule:
     """Capture `model` into the canonical SurgeonModule; raise CaptureError if no front end can.
@@ -100,7 +92,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None,
     check_names(model)
     tensor_kwargs, constants = split_kwargs(kwargs)
     notes: list[str] = []
-    with _eval_mode(model):
+    with evaluating(model):   # no dropout, BN on running stats; the user's flags restored after
         # torch.export, with the cures that keep the graph faithful on every input; then torch.fx (its
         # opaque calls stay faithful too); then draft export, which follows the example's branches
         gm, constants, exporter, export_error = _export(model, args, tensor_kwargs, constants, dynamic_shapes,
@@ -164,7 +156,7 @@ def _export(model, args, tensor_kwargs, constants, dynamic_shapes, dynamic, smal
 _NO_CACHE_NOTE = ("captured with use_cache=False: the forward returns a cache object, which a graph cannot "
                   "return (calls with use_cache=True are refused; generate keeps its own cache)")
 _STATIC_NOTE = "captured with the example's static shapes"
-_TORCH_DIR = str(__import__("pathlib").Path(torch.__file__).parent)
+_OUTSIDE_MODEL = (str(Path(torch.__file__).parent), str(Path(__file__).parent), "<")   # torch, surgeon, generated
 
 
 def _cache_output(text: str) -> bool:
@@ -195,7 +187,6 @@ def _held_stderr():
 @contextlib.contextmanager
 def _quiet_draft():
     """draft_export logs its report as warnings; the note says what matters."""
-    import logging
     loggers = [logging.getLogger(n) for n in ("torch.export._draft_export", "torch.fx.experimental.symbolic_shapes")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
@@ -220,16 +211,11 @@ def _model_line(error: BaseException | None) -> str:
     model's own line ('' when every frame is torch's, e.g. an output torch cannot flatten)."""
     if error is None:
         return ""
-    import traceback
-    frames = [f for f in traceback.extract_tb(error.__traceback__)
-              if not f.filename.startswith((_TORCH_DIR, str(_HERE), "<"))]
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if not f.filename.startswith(_OUTSIDE_MODEL)]
     if not frames:
         return ""
     last = frames[-1]
     return f"{_short(last.filename)}:{last.lineno}" + (f" (`{last.line}`)" if last.line else "")
-
-
-_HERE = __import__("pathlib").Path(__file__).parent
 
 
 def _short(path: str) -> str:

@@ -54,8 +54,9 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .capture import _eval_mode, capture
+from .capture import capture
 from .errors import InputError, SurgeonError
+from .modes import evaluating
 from .pipeline import AdapterState, Context, compare, compute_dtypes, run_pipeline
 
 # transformers' global defaults (GenerationConfig._get_default_generation_params) for what we take
@@ -264,7 +265,7 @@ class Generator:
         use_cache = use_cache if use_cache is not None else pick_attr(configs, "use_cache", True)
         if settings.max_new_tokens == 0:
             return ids
-        with torch.no_grad(), _evaluating(module):
+        with torch.no_grad(), evaluating(module):
             if self.mode == "cache" and use_cache:
                 self._ready(module)
             if self.mode == "cache" and use_cache:
@@ -400,7 +401,7 @@ class Generator:
             self.notes.append("the KV-cache graphs were not checked against the compiled module (its example has "
                               "no input ids)")
             return
-        with torch.no_grad(), _evaluating(module):
+        with torch.no_grad(), evaluating(module):
             expected, got = [logits_of(lm_forward(module, ids))[:, -1]], []
             if ids.shape[1] == 1:
                 got.append(_CacheRun(self, ids, torch.ones_like(ids), 1, module).start())
@@ -583,7 +584,7 @@ def _lm_shaped(gm: fx.GraphModule) -> bool:
 def _probe(model: nn.Module, cache_arg: str) -> list[tuple[int, int, int]]:
     """Per layer (kv heads, key dim, value dim), read from the cache the model itself fills on 2 tokens."""
     ids = torch.zeros(1, 2, dtype=torch.long, device=_first_device(model))
-    with _eval_mode(model), torch.no_grad():
+    with evaluating(model), torch.no_grad():
         out = model(input_ids=ids, use_cache=True)
     cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
     layers = getattr(cache, "layers", None)
@@ -652,19 +653,3 @@ def _placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
     dtype = next((t.dtype for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()),
                  torch.get_default_dtype())
     return device, dtype
-
-
-class _evaluating:
-    """Run a module in eval mode and restore its mode after (generation never drops out)."""
-
-    def __init__(self, module: nn.Module):
-        self.module, self.training = module, module.training
-
-    def __enter__(self):
-        if self.training:
-            self.module.eval()
-
-    def __exit__(self, *exc):
-        if self.training:
-            self.module.train(True)
-        return False

@@ -27,9 +27,10 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .capture import _eval_mode, capture, split_kwargs
+from .capture import capture, split_kwargs
 from .errors import SpecError
 from .inputs import Fill, Inputs
+from .modes import evaluating
 from .pipeline import compare, compute_dtypes
 
 # optional inputs a tokenizer returns: name -> (fill kind, the input whose shape it takes)
@@ -42,7 +43,7 @@ def leaves(out: Any) -> list[torch.Tensor]:
 
 
 def eager(model: nn.Module, args: tuple, kwargs: dict) -> list[torch.Tensor]:
-    with _eval_mode(model), torch.no_grad():
+    with evaluating(model), torch.no_grad():
         return leaves(model(*args, **kwargs))
 
 

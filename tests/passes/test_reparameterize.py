@@ -225,7 +225,8 @@ def test_batch_norm_in_training_mode_is_refused_as_branch_and_as_fold():
 
 
 def test_graph_from_the_fx_front_end_collapses_the_same():
-    from surgeon.capture import _capture_fx, _eval_mode
+    from surgeon.capture import _capture_fx
+    from surgeon.modes import evaluating
     from surgeon.passes.fold_bn import FoldBn
     from surgeon.passes.reparameterize import Reparameterize
     from surgeon.pipeline import Context, run_pipeline
@@ -233,7 +234,7 @@ def test_graph_from_the_fx_front_end_collapses_the_same():
 
     model = build(RepNet)
     x, fresh = _inputs(2, 3, 16, 16)
-    with _eval_mode(model):
+    with evaluating(model):
         gm = _capture_fx(model, (x,), {}, {})      # Python adds, torch.relu, no meta["val"]
     assert "add" in op_names(gm) and not any("val" in n.meta for n in gm.graph.nodes)
     ctx = Context(load_spec({"pipeline": []}), (x,), {}, {}, torch.Generator())
