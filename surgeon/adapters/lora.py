@@ -126,8 +126,11 @@ def _conv_groups(opts: dict, groups: int) -> str:
 def _site_groups(gm, path, weight_target, opts):
     """{"groups": G} for a grouped conv site (init and merge read it), {"experts": E} for a 3-D
     parameter site (its path is the parameter's own name), {} for any other site."""
+    weight = get_tensor(gm, weight_target)
     if path == weight_target:
-        return {"experts": int(get_tensor(gm, weight_target).shape[0])}
+        return {"experts": int(weight.shape[0])}
+    if weight.dim() < 3:   # a linear site: no conv to look for (this runs once per site, so no graph scan)
+        return {}
     groups = {m["groups"] or 1 for m in find(gm, Pattern(CONV_OPS, path))
               if m["weight"].target == weight_target}
     return {"groups": max(groups)} if max(groups, default=1) > 1 else {}
