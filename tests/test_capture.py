@@ -8,7 +8,7 @@ from torch import nn
 
 import surgeon
 from surgeon.rules import Pattern, find
-from tests.conftest import assert_untouched, hf_bert, hf_gpt2, hf_llama, small_cnn, snapshot
+from tests.conftest import assert_untouched, hf_bert, hf_gpt2, hf_llama, peft_lora_checkpoint, small_cnn, snapshot
 
 EMPTY = {"adapters": [], "pipeline": []}
 
@@ -149,8 +149,6 @@ def test_a_value_dependent_branch_follows_the_example_and_refuses_the_other(capf
 
 def test_longformer_captures_takes_peft_lora_and_merges(tmp_path):
     """Longformer's global-attention switch reads the mask's values (a data-dependent guard)."""
-    import copy
-
     import peft
     from transformers import LongformerConfig, LongformerModel
 
@@ -159,9 +157,7 @@ def test_longformer_captures_takes_peft_lora_and_merges(tmp_path):
                            intermediate_size=64, attention_window=[4, 4], max_position_embeddings=64)
     model = LongformerModel(cfg).eval()
     ids = torch.randint(2, 100, (2, 16), generator=torch.Generator().manual_seed(0))
-    wrapped = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, target_modules=["query", "value"],
-                                                                          init_lora_weights=False)).eval()
-    wrapped.save_pretrained(tmp_path)
+    wrapped = peft_lora_checkpoint(model, peft.LoraConfig(r=2, target_modules=["query", "value"]), tmp_path)
     compiled = surgeon.compile(model, (ids,), {"adapters": [{"name": "p", "from_peft": str(tmp_path)}]})
     assert len(compiled.adapters["p"].sites) == 2 * 2
     with torch.no_grad():
@@ -383,8 +379,6 @@ def test_weight_products_are_captured_as_linear_whatever_the_spelling():
 
 
 def test_falcon_linears_take_adapters_and_match_peft(tmp_path):
-    import copy
-
     import peft
     from transformers import FalconConfig, FalconForCausalLM
 
@@ -394,9 +388,7 @@ def test_falcon_linears_take_adapters_and_match_peft(tmp_path):
     model = FalconForCausalLM(cfg).eval()
     ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(0))
     targets = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
-    wrapped = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, target_modules=targets,
-                                                                          init_lora_weights=False)).eval()
-    wrapped.save_pretrained(tmp_path)
+    wrapped = peft_lora_checkpoint(model, peft.LoraConfig(r=2, target_modules=targets), tmp_path)
     compiled = surgeon.compile(model, (ids,), {"adapters": [{"name": "p", "from_peft": str(tmp_path)}]},
                                {"use_cache": False})
     assert len(compiled.adapters["p"].sites) == 4 * 2

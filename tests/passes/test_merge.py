@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import surgeon
-from tests.conftest import hf_gpt2, hf_llama, lora_spec, randomize_adapters
+from tests.conftest import hf_gpt2, hf_llama, lora_spec, peft_lora_checkpoint, randomize_adapters
 from tests.passes.helpers import adapter_nodes, logits, op_counts
 
 KW = {"use_cache": False}
@@ -71,8 +71,6 @@ def test_a_module_called_from_several_places_shares_one_adapter_through_merge_un
     """ALBERT runs one layer's modules at every depth. Before: merge failed with "Argument 'linear_7' of
     Node 'view' was used before it has been defined" (each call's users were rewired to another call's
     base output), and the failed merge left unmerge/remove raising AttributeError."""
-    import copy
-
     import peft
     from transformers import AlbertConfig, AlbertModel
 
@@ -81,9 +79,7 @@ def test_a_module_called_from_several_places_shares_one_adapter_through_merge_un
                        intermediate_size=64, max_position_embeddings=32)
     model = AlbertModel(cfg).eval()
     ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(0))
-    wrapped = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, target_modules=["query", "ffn"],
-                                                                          init_lora_weights=False)).eval()
-    wrapped.save_pretrained(tmp_path)
+    wrapped = peft_lora_checkpoint(model, peft.LoraConfig(r=2, target_modules=["query", "ffn"]), tmp_path)
     compiled = surgeon.compile(model, (ids,), {"adapters": [{"name": "p", "from_peft": str(tmp_path)}]})
     assert compiled.report.rows[-1].matches == 2 * 3          # two modules, each called at three depths
     with torch.no_grad():
