@@ -60,6 +60,16 @@ else
   step "install surgeon[dev] with constraints/dev.txt" "$deps_key" \
     "$py" -m pip install -c "$constraints" -e "$root[dev]"
 fi
+# timm (the reparameterization tests against timm's own) needs torchvision, whose wheel for the pinned
+# torch is a CUDA build whose C library does not load on a CPU-only machine; installed in the venv, it
+# would break `import transformers`. So the three go to a folder of their own, without dependencies
+# (they cannot replace torch); only the tests that use timm look there (tests/timm_models.py).
+# Only with the pinned torch, which this torchvision pairs with; those tests skip where it is missing.
+if [ "$torch_req" = "torch==2.13.0" ]; then
+  timm_pins="timm==1.0.31 torchvision==0.28.0 pillow==13.0.0"
+  step "install timm into $venv/extras/timm" "$timm_pins" \
+    "$py" -m pip install --no-deps --upgrade --target "$venv/extras/timm" $timm_pins
+fi
 step "check imports" "$deps_key" "$py" -c "import surgeon, torch, transformers, peft"
 
 export PATH="$venv/bin:$PATH"

@@ -1,14 +1,15 @@
 """Parallel branches on one input, summed, merged into one conv2d / linear (for reparameterize).
 
-A sum is a tree of adds (inner adds used only by the tree): `aten.add.Tensor`, and the in-place
-`aten.add_.Tensor` that `out += branch(x)` becomes when nothing else reads `out` (rewritten as a
-plain add, nobody can tell); a literal 0 operand (`out = 0; out += ...`) adds nothing. Each term is a
-branch on some input x: an op (conv2d / linear) reading x, an eval BatchNorm on x (the
+A sum is a tree of adds and subtractions (inner ones used only by the tree): `aten.add.Tensor`,
+`aten.sub.Tensor` (its second operand's terms enter with a minus sign: FastViT's RepMixer computes
+`mixer(x) - norm(x)`), a negation (one term, negated), and the in-place `aten.add_.Tensor` that `out += branch(x)` becomes when
+nothing else reads `out` (rewritten as a plain add, nobody can tell); a literal 0 operand
+(`out = 0; out += ...`) adds nothing. Each term is a signed branch on some input x: an op (conv2d / linear) reading x, an eval BatchNorm on x (the
 per-channel affine diag(s) x + t), or x itself (the identity). Terms on the same x merge:
 
     sum_i conv(x, W_i, b_i) + diag(s) x + t + x == conv(x, sum_i pad(W_i) + I_s + I, sum_i b_i + t)
 
-where pad() zero-pads each kernel, centred, to the largest one and I_s / I are identity
+(a term with a minus sign enters with its weight and bias negated), where pad() zero-pads each kernel, centred, to the largest one and I_s / I are identity
 kernels. The outputs align only when every conv has the same stride, dilation and groups and
 the same 2p - d(k - 1) per spatial dim (so padding P = (2p - d(k-1) + d(K-1)) / 2 serves all);
 an identity needs stride 1, that alignment 0, an odd merged kernel and in == out channels.
@@ -36,13 +37,21 @@ from ._rep_views import describe_node
 
 ADD = torch.ops.aten.add.Tensor
 ADD_ = torch.ops.aten.add_.Tensor           # `out += branch(x)` (MobileOne, RepVGG's identity) as export writes it
-_ADDS = (ADD, ADD_, operator.add, torch.add)   # the fx front end leaves Python / torch adds as they are
+SUB = torch.ops.aten.sub.Tensor
+NEG = torch.ops.aten.neg.default
+_SUBS = (SUB, operator.sub, torch.sub)
+_NEGS = (NEG, operator.neg, torch.neg)
+_ADDS = (ADD, ADD_, operator.add, torch.add) + _SUBS   # the fx front end leaves Python / torch ops as they are
 
 
 def _is_add(node) -> bool:
-    """An add of two operands with alpha 1 (in place or not), whatever its operands are."""
-    return (rewritable(node) and node.op == "call_function" and node.target in _ADDS and len(node.args) == 2
-            and node.kwargs.get("alpha", 1) == 1)
+    """An add or subtraction of two operands with alpha 1 (in place or not), or a negation, whatever
+    its operands are."""
+    if not (rewritable(node) and node.op == "call_function"):
+        return False
+    if node.target in _NEGS:
+        return len(node.args) == 1 and not node.kwargs
+    return node.target in _ADDS and len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1
 
 
 def _zero(value) -> bool:
@@ -50,9 +59,15 @@ def _zero(value) -> bool:
     return not isinstance(value, fx.Node) and isinstance(value, (int, float)) and value == 0
 
 
+def _signed_operands(node: fx.Node) -> list[tuple[fx.Node, int]]:
+    """The add's (or subtraction's) operands with their signs (a literal 0 adds nothing)."""
+    signs = (1, -1) if node.target in _SUBS else (-1,) if node.target in _NEGS else (1, 1)
+    return [(a, sign) for a, sign in zip(node.args, signs) if not _zero(a)]
+
+
 def _operands(node: fx.Node) -> list[fx.Node]:
     """The add's tensor operands (a literal 0 adds nothing)."""
-    return [a for a in node.args if not _zero(a)]
+    return [a for a, _ in _signed_operands(node)]
 
 
 def _shared_inplace(node: fx.Node) -> list[fx.Node]:
@@ -69,12 +84,19 @@ def _tree_add(node) -> bool:
             and not _shared_inplace(node))
 
 
-def add_terms(root: fx.Node) -> list[fx.Node]:
-    """The terms of the add tree rooted at `root` (inner adds used only by the tree are expanded)."""
-    terms: list[fx.Node] = []
-    for arg in _operands(root):
-        terms += add_terms(arg) if _tree_add(arg) and len(arg.users) == 1 else [arg]
+def signed_terms(root: fx.Node, sign: int = 1) -> list[tuple[fx.Node, int]]:
+    """The terms of the sum tree rooted at `root` with their signs (inner adds and subtractions used
+    only by the tree are expanded)."""
+    terms: list[tuple[fx.Node, int]] = []
+    for arg, s in _signed_operands(root):
+        inner = _tree_add(arg) and len(arg.users) == 1
+        terms += signed_terms(arg, sign * s) if inner else [(arg, sign * s)]
     return terms
+
+
+def add_terms(root: fx.Node) -> list[fx.Node]:
+    """The terms of the sum tree rooted at `root`, whatever their signs."""
+    return [term for term, _ in signed_terms(root)]
 
 
 def tree_adds(root: fx.Node) -> list[fx.Node]:
@@ -122,11 +144,13 @@ class Branch:
     x: fx.Node
     op: Op | None = None
     norm: Norm | None = None
+    sign: int = 1
 
     def describe(self, gm: fx.GraphModule) -> str:
+        minus = "-" if self.sign < 0 else ""
         if self.op is not None:
-            return self.op.describe(gm)
-        return f"batch_norm identity ({self.norm.path})" if self.norm else f"identity ({self.x.name})"
+            return minus + self.op.describe(gm)
+        return minus + (f"batch_norm identity ({self.norm.path})" if self.norm else f"identity ({self.x.name})")
 
 
 @dataclass
@@ -135,6 +159,7 @@ class Bucket:
 
     key: tuple
     ops: list[Op] = field(default_factory=list)
+    signs: list[int] = field(default_factory=list)     # one per op
     identities: list[Branch] = field(default_factory=list)
 
 
@@ -150,11 +175,12 @@ def merge_sum(gm: fx.GraphModule, shapes: Shapes, root: fx.Node, made_by: str, l
         return _blocked_reason(gm, root)
     if not _tree_add(root):
         return None
-    terms = add_terms(root)
+    signed = signed_terms(root)
+    terms = [term for term, _ in signed]
     adds = tree_adds(root)
     reasons: list[str] = []
     merged: dict[fx.Node, fx.Node] = {}     # first consumed term -> merged op (others map to None)
-    for x, branches in _group(terms).items():
+    for x, branches in _group(signed).items():
         if not any(b.op is not None for b in branches) or len(branches) < 2:
             continue
         for bucket in _buckets(gm, shapes, x, branches, reasons):
@@ -163,11 +189,11 @@ def merge_sum(gm: fx.GraphModule, shapes: Shapes, root: fx.Node, made_by: str, l
     if not merged:
         return "; ".join(dict.fromkeys(reasons)) or _unmerged_reason(gm, terms)
     kept, seen = [], set()
-    for term in terms:
+    for term, sign in signed:
         if term not in merged:
-            kept.append(term)
+            kept.append((term, sign))
         elif merged[term] is not None and term not in seen:
-            kept.append(merged[term])
+            kept.append((merged[term], 1))
         seen.add(term)
     _functional(adds)
     finish(gm, root, _sum(gm, root, kept, made_by))
@@ -191,7 +217,7 @@ def _unmerged_reason(gm: fx.GraphModule, terms: list[fx.Node]) -> str | None:
     if len(terms) < 2 or not any(_candidate(t) for t in terms):
         return None
     parts = []
-    for branch in (b for bs in _group(terms).values() for b in bs):
+    for branch in (b for bs in _group([(t, 1) for t in terms]).values() for b in bs):
         if branch.op is not None or branch.norm is not None:
             parts.append(f"{branch.describe(gm)} on {branch.x.name}")
         else:
@@ -209,16 +235,20 @@ def _blocked_reason(gm: fx.GraphModule, node: fx.Node) -> str | None:
             "change what they see; left as is")
 
 
-def _group(terms: list[fx.Node]) -> dict[fx.Node, list[Branch]]:
-    """Terms by the input they read (a term that is another term's input is that input's identity)."""
+def _group(signed: list[tuple[fx.Node, int]]) -> dict[fx.Node, list[Branch]]:
+    """Signed terms by the input they read (a term that is another term's input is that input's identity)."""
     reads = {}
-    for term in terms:
+    for term, _ in signed:
         op, norm = read_op(term), read_norm(term)
-        reads[term] = Branch(term, op.x, op=op) if op else Branch(term, norm.x, norm=norm) if norm else None
-    inputs = {b.x for b in reads.values() if b is not None}
+        reads[term] = (op.x, op, None) if op else (norm.x, None, norm) if norm else None
+    inputs = {r[0] for r in reads.values() if r is not None}
     groups: dict[fx.Node, list[Branch]] = {}
-    for term in terms:
-        branch = Branch(term, term) if term in inputs or reads[term] is None else reads[term]
+    for term, sign in signed:
+        if term in inputs or reads[term] is None:
+            branch = Branch(term, term, sign=sign)
+        else:
+            x, op, norm = reads[term]
+            branch = Branch(term, x, op=op, norm=norm, sign=sign)
         groups.setdefault(branch.x, []).append(branch)
     return groups
 
@@ -236,7 +266,9 @@ def _buckets(gm: fx.GraphModule, shapes: Shapes, x: fx.Node, branches: list[Bran
             reasons.append(f"branch {where} is a batch_norm in training mode (batch statistics): not mergeable")
         elif branch.op is not None:
             key = _key(gm, branch.op)
-            buckets.setdefault(key, Bucket(key)).ops.append(branch.op)
+            bucket = buckets.setdefault(key, Bucket(key))
+            bucket.ops.append(branch.op)
+            bucket.signs.append(branch.sign)
         else:
             identities.append(branch)
     ordered = list(buckets.values())
@@ -289,17 +321,20 @@ def _merge_bucket(gm: fx.GraphModule, root: fx.Node, bucket: Bucket, merged: dic
     first = bucket.ops[0]
     weights = [tensor(gm, op.weight) for op in bucket.ops]
     has_bias = any(op.bias is not None for op in bucket.ops) or any(b.norm for b in bucket.identities)
-    bias = sum(zero_bias(w, tensor(gm, op.bias)) for w, op in zip(weights, bucket.ops))
+    bias = sum(sign * zero_bias(w, tensor(gm, op.bias)) for w, op, sign in zip(weights, bucket.ops, bucket.signs))
     affines = [norm_affine(gm, b.norm) if b.norm else None for b in bucket.identities]
-    bias = bias + sum(a.shift for a in affines if a is not None)
+    bias = bias + sum(b.sign * a.shift for a, b in zip(affines, bucket.identities) if a is not None)
+    channels = weights[0].shape[0]
+    diagonals = [(a.scale if a is not None else torch.ones(channels, dtype=torch.float64)) * b.sign
+                 for a, b in zip(affines, bucket.identities)]
     if first.kind == "linear":
-        weight = sum(w.double() for w in weights) + sum(identity_matrix(weights[0].shape[0], a and a.scale)
-                                                        for a in affines)
+        weight = sum(sign * w.double() for w, sign in zip(weights, bucket.signs)) + sum(
+            identity_matrix(channels, d) for d in diagonals)
         padding = None
     else:
         kernel = tuple(max(w.shape[d] for w in weights) for d in (2, 3))
-        weight = sum(centred(w, kernel) for w in weights) + sum(
-            identity_kernel(weights[0].shape[0], first.groups, kernel, a and a.scale) for a in affines)
+        weight = sum(sign * centred(w, kernel) for w, sign in zip(weights, bucket.signs)) + sum(
+            identity_kernel(channels, first.groups, kernel, d) for d in diagonals)
         align = bucket.key[6]
         padding = tuple((a + d * (k - 1)) // 2 for a, d, k in zip(align, first.dilation, kernel))
     terms = [op.node for op in bucket.ops] + [b.node for b in bucket.identities]
@@ -310,15 +345,20 @@ def _merge_bucket(gm: fx.GraphModule, root: fx.Node, bucket: Bucket, merged: dic
         new.meta["val"] = first.node.meta["val"]
     merged.update({t: None for t in terms})
     merged[terms[0]] = new
-    parts = [op.describe(gm) for op in bucket.ops] + [b.describe(gm) for b in bucket.identities]
+    parts = [("-" if sign < 0 else "") + op.describe(gm) for op, sign in zip(bucket.ops, bucket.signs)]
+    parts += [b.describe(gm) for b in bucket.identities]
     shape = "x".join(map(str, weight.shape[2:]))
     log.append(f"parallel: {' + '.join(parts)} -> {first.kind}{' ' + shape if shape else ''} ({path or '<root>'})")
 
 
-def _sum(gm: fx.GraphModule, root: fx.Node, terms: list[fx.Node], made_by: str) -> fx.Node:
-    """Rebuild a sum of `terms` before `root` (the first term alone when there is one)."""
-    total = terms[0]
+def _sum(gm: fx.GraphModule, root: fx.Node, terms: list[tuple[fx.Node, int]], made_by: str) -> fx.Node:
+    """Rebuild a signed sum of `terms` before `root` (the first term alone when there is one). A merged op
+    carries its signs in its weights, so a positive term leads."""
+    terms = sorted(terms, key=lambda t: t[1] < 0)
+    assert terms[0][1] > 0, "a merged op leads the sum"
+    path = module_path(root)
     with gm.graph.inserting_before(root):
-        for term in terms[1:]:
-            total = call(gm.graph, ADD, (total, term), made_by=made_by, path=module_path(root))
+        total = terms[0][0]
+        for term, sign in terms[1:]:
+            total = call(gm.graph, ADD if sign > 0 else SUB, (total, term), made_by=made_by, path=path)
     return total

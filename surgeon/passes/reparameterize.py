@@ -13,7 +13,11 @@ branches of branches collapses fully); no code knows a model class:
       W2 (W1 x + b1) + b2 == (W2 W1) x + (W2 b1 + b2).
   A composition that would hold more parameters than the pair is only made when the result
   feeds a sum with a branch on the same input that absorbs it (a bottleneck without
-  activation folded into its host); a standalone factorized pair is kept.
+  activation folded into its host); a standalone factorized pair is kept;
+- constant (see _rep_constants.py), before the rules above: a computation that reads only
+  parameters and buffers (attention biases gathered by a fixed index table, as in LeViT and
+  TinyViT; a standardized conv weight, as in BiT) is done once and stored as one frozen tensor,
+  so that the rules then see a plain conv2d / linear where the weight was computed.
 Everything is exact up to float rounding (check "close"). What stays unfolded is listed in the
 rejections with why: a nonlinearity between serial ops, a BatchNorm in training mode,
 mismatched stride / groups / dilation / padding between branches, a branch or intermediate
@@ -31,9 +35,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from surgeon.pipeline import Context, PassResult
-from surgeon.rules import Pattern, Rule, RuleSet
+from surgeon.rules import Pattern, Rule, RuleSet, path_matches
 
 from ._rep_branches import add_terms, branch_rules, sum_root
+from ._rep_constants import precompute
 from ._rep_graph import Op, Shapes, common_path, fixed_point, install, read_op, tensor
 from ._rep_math import compose_convs, compose_linears
 from .fold_bn import bn_rules
@@ -61,7 +66,9 @@ class Reparameterize:
         rules = (bn_rules(gm, shapes, self.name, log, self.path)
                  + branch_rules(gm, shapes, self.name, log, self.path)
                  + serial_rules(gm, self.name, log, self.path))
-        rejections = fixed_point(gm, rules, self.name)
+        precomputed: list[tuple[str, str]] = []
+        precompute(gm, self.name, log, precomputed, lambda path: path_matches(path, self.path))
+        rejections = precomputed + fixed_point(gm, rules, self.name)
         return PassResult(matches=len(log), rejections=rejections, notes=log)
 
 

@@ -177,6 +177,71 @@ class InplaceMobileOneBlock(nn.Module):
         return torch.relu(out)
 
 
+class RepMixer(nn.Module):
+    """FastViT's token mixer (timm's RepMixer): x + gamma * (mixer(x) - norm(x)), where mixer is a
+    depthwise MobileOne block without activation (kxk conv-BN + 1x1 conv-BN + BN identity) and norm
+    one with only its BN identity. timm's reparameterize_model leaves 1 depthwise conv, 0 BatchNorms
+    (it also folds the layer scale and the residual into that conv)."""
+
+    def __init__(self, dim: int, kernel: int = 3):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(dim)
+        self.mixer_kxk = conv_bn(dim, dim, kernel, 1, kernel // 2, dim)
+        self.mixer_scale = conv_bn(dim, dim, 1, 1, 0, dim)
+        self.mixer_identity = nn.BatchNorm2d(dim)
+        self.gamma = nn.Parameter(torch.rand(dim, 1, 1) + 0.5)
+
+    def forward(self, x):
+        mixed = self.mixer_kxk(x) + self.mixer_scale(x) + self.mixer_identity(x)
+        return x + self.gamma * (mixed - self.norm(x))
+
+
+class NegatedBranches(nn.Module):
+    """-conv_a(x) - bn(x) + conv_c(relu(x)): a negation and a subtraction; conv_c merges with nothing."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.a = conv_bn(dim, dim, 3, 1, 1)
+        self.bn = nn.BatchNorm2d(dim)
+        self.c = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x):
+        return -self.a(x) - self.bn(x) - self.c(torch.relu(x))
+
+
+class AttentionBias(nn.Module):
+    """LeViT / TinyViT attention biases: a (heads, offsets) parameter gathered by a fixed index buffer
+    into (heads, N, N) and added to the scores. timm caches the gathered table in eval mode."""
+
+    def __init__(self, heads: int = 2, side: int = 3):
+        super().__init__()
+        points = [(i, j) for i in range(side) for j in range(side)]
+        offsets, idxs = {}, []
+        for p in points:
+            for q in points:
+                idxs.append(offsets.setdefault((abs(p[0] - q[0]), abs(p[1] - q[1])), len(offsets)))
+        self.biases = nn.Parameter(torch.randn(heads, len(offsets)))
+        self.register_buffer("idxs", torch.tensor(idxs).view(len(points), len(points)))
+        self.gamma = nn.Parameter(torch.rand(heads) + 0.5)
+
+    def forward(self, scores):                     # scores: (B, heads, N, N)
+        return (scores + self.biases[:, self.idxs]).softmax(-1) * self.gamma.view(1, -1, 1, 1)
+
+
+class StdConv(nn.Module):
+    """BiT's weight-standardized conv (the weight computed from the parameter on every call), then BN."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(cout, cin, 3, 3))
+        self.bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        w = self.weight
+        mean, var = w.mean((1, 2, 3), keepdim=True), w.var((1, 2, 3), keepdim=True, unbiased=False)
+        return torch.relu(self.bn(nn.functional.conv2d(x, (w - mean) / torch.sqrt(var + 1e-6), padding=1)))
+
+
 class MobileOneStage(nn.Module):
     """MobileOne's depthwise-then-pointwise pair, downsampling then not: 4 blocks, so 4 convs after timm."""
 

@@ -16,8 +16,8 @@ from torch import nn
 import surgeon
 from tests.conftest import assert_untouched, snapshot
 from tests.passes.rep_models import (REP, ACBlock, EfficientViTTail, InplaceMobileOneBlock, InplaceRepVGGBlock,
-                                     LeViTTail, LinearHead, MobileOneBlock, MobileOneStage, RepNet, RepNeXtMixer,
-                                     RepVGGBlock, assert_matches_eager, build, op_names, op_nodes)
+                                     AttentionBias, LeViTTail, LinearHead, MobileOneBlock, MobileOneStage, NegatedBranches, RepMixer,
+                                     RepNet, RepNeXtMixer, RepVGGBlock, StdConv, assert_matches_eager, build, op_names, op_nodes)
 
 
 def _inputs(*shape):
@@ -282,6 +282,57 @@ def test_timm_families_keep_no_more_convs_or_batch_norms_than_timms_reparameteri
     gm = compiled.module
     counts = {op: len(op_nodes(gm, op)) for op in ("conv2d", "batch_norm", "linear", "add_")}
     assert counts == {"conv2d": convs, "batch_norm": 0, "linear": linears, "add_": 0}
+
+
+def test_repmixer_difference_of_branches_merges_into_one_conv():
+    """FastViT: mixer(x) - norm(x) is a sum whose second term enters negated; before subtractions were
+    sums, fold-bn deferred the lone norm BN to reparameterize, which did not see it nor report it."""
+    model = build(RepMixer, 8)
+    x, fresh = _inputs(2, 8, 6, 6)
+    captured = op_names(surgeon.capture(model, (x,)))
+    assert captured.count("batch_norm") == 4 and captured.count("conv2d") == 2 and "sub" in captured
+    compiled, row = _collapse(model, x, fresh)
+    assert op_names(compiled.module) == ["conv2d", "mul", "add"]
+    assert row.matches == 1 and not row.rejections
+    assert row.notes == ["parallel: conv2d 3x3 groups 8 (mixer_kxk.0) + conv2d 1x1 groups 8 (mixer_scale.0) + "
+                         "batch_norm identity (mixer_identity) + -batch_norm identity (norm) -> conv2d 3x3 (<root>)"]
+
+
+def test_negated_branches_merge_with_their_signs_and_the_rest_is_subtracted():
+    model = build(NegatedBranches, 4)
+    x, fresh = _inputs(2, 4, 5, 5)
+    assert op_names(surgeon.capture(model, (x,))) == ["conv2d", "batch_norm", "neg", "batch_norm", "sub", "relu",
+                                                      "conv2d", "sub"]
+    compiled, row = _collapse(model, x, fresh)
+    assert sorted(op_names(compiled.module)) == ["conv2d", "conv2d", "relu", "sub"]
+    assert row.matches == 1 and row.notes == [
+        "parallel: -conv2d 3x3 (a.0) + -batch_norm identity (bn) -> conv2d 3x3 (<root>)"]
+
+
+def test_attention_bias_gather_of_parameters_is_computed_once():
+    model = build(AttentionBias)
+    x, fresh = _inputs(2, 2, 9, 9)
+    assert op_names(surgeon.capture(model, (x,))) == ["index", "add", "softmax", "view", "mul"]
+    compiled, row = _collapse(model, x, fresh)
+    gm = compiled.module
+    assert op_names(gm) == ["add", "softmax", "view", "mul"]        # the view of gamma is free: kept
+    assert row.matches == 1 and not row.rejections
+    assert row.notes == ["constant: index (index) of parameters only -> a precomputed 2x9x9 tensor (<root>)"]
+    names = dict(gm.named_parameters())
+    assert "biases" not in names and not names["precomputed"].requires_grad
+    assert names["gamma"].requires_grad
+
+
+def test_weight_standardized_conv_becomes_a_plain_conv_and_takes_its_batch_norm():
+    """BiT: the conv weight is computed from the parameter; once computed, the BN folds into the conv."""
+    model = build(StdConv, 4, 6)
+    x, fresh = _inputs(2, 4, 5, 5)
+    captured = op_names(surgeon.capture(model, (x,)))
+    assert captured.count("conv2d") == 1 and "batch_norm" in captured and "var" in captured
+    compiled, row = _collapse(model, x, fresh)
+    assert op_names(compiled.module) == ["conv2d", "relu"]
+    assert row.notes[0].startswith("constant: div (div) of parameters only -> a precomputed 6x4x3x3 tensor")
+    assert row.notes[1].startswith("fold-bn: ")
 
 
 def test_mobileone_in_place_sum_is_one_parallel_merge():
