@@ -71,11 +71,13 @@ def constants(gm: fx.GraphModule) -> dict[fx.Node, bool]:
 
 
 def precompute(gm: fx.GraphModule, made_by: str, log: list[str], rejections: list[tuple[str, str]],
-               path_ok=lambda path: True) -> None:
-    """Replace each maximal input-independent computation by its value (see the module's docstring)."""
+               wanted=lambda node: True, stem: str = "precomputed") -> list[str]:
+    """Replace each maximal input-independent computation that `wanted` accepts by its value, a new
+    tensor `<module path>.<stem>` (see the module's docstring); the new tensors' targets."""
     const = constants(gm)
     frontier = [n for n, computes in const.items() if computes and n.op == "call_function"
-                and any(u not in const for u in n.users) and path_ok(module_path(n))]
+                and any(u not in const for u in n.users) and wanted(n)]
+    made = []
     values: dict[fx.Node, object] = {}
 
     def value(node):
@@ -100,8 +102,10 @@ def precompute(gm: fx.GraphModule, made_by: str, log: list[str], rejections: lis
                 continue
             path = module_path(node)
             with gm.graph.inserting_before(node):
-                ref = _new_param(gm, path, "precomputed", result.detach().clone(), False, made_by)
+                ref = _new_param(gm, path, stem, result.detach().clone(), False, made_by)
             shape = "x".join(map(str, result.shape)) or "scalar"
+            what = f"{op_name(node)} ({node.name})"
             finish(gm, node, ref)
-            log.append(f"constant: {op_name(node)} ({node.name}) of parameters only -> a precomputed "
-                       f"{shape} tensor ({path or '<root>'})")
+            made.append(ref.target)
+            log.append(f"constant: {what} of parameters only -> a precomputed {shape} tensor ({path or '<root>'})")
+    return made

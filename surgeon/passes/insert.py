@@ -11,7 +11,11 @@ residual split, HRA's paired reflections) are checked "close"; adapters loaded f
 change the function ("none"). A kind may rewrite the base weight at insertion (PiSSA keeps
 the residual W - s B0 A0); the new weight is a new tensor, recomputed for loaded adapters.
 Base parameters are frozen: after insertion only adapter parameters require grad.
-Sites are taken in graph order; loaded weights keyed "#k" (checkpoints that name no modules,
+A selected conv / linear whose weight is computed from parameters on every call (BiT's weight
+standardization) gets its weight computed once, as a frozen tensor `<path>.weight_computed`
+that then is the site's weight: the base is frozen while adapters train, so this is exact, and
+merge then adds into the weight the op really uses (PEFT adds into the raw parameter, which the
+standardization then rescales). Sites are taken in graph order; loaded weights keyed "#k" (checkpoints that name no modules,
 PEFT prefix tuning) go to the k-th site, and then their count must equal the site count.
 """
 from __future__ import annotations
@@ -22,10 +26,13 @@ from typing import ClassVar
 import torch
 import torch.fx as fx
 
-from surgeon.adapter_ops import (PARAM_SITE, add_delta, attach, check_loaded_shapes, discover_sites, place_peft_params,
-                                 site_dims, site_weight)
+from surgeon.adapter_ops import (PARAM_SITE, SITE_OPS, add_delta, attach, check_loaded_shapes, discover_sites,
+                                 place_peft_params, site_dims, site_weight)
+from surgeon.graph import module_path
 from surgeon.pipeline import Context, PassResult, SiteState
-from surgeon.rules import SIGNATURES
+from surgeon.rules import SIGNATURES, Pattern, path_matches
+
+from ._rep_constants import precompute
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,7 @@ class Insert:
         for target, param in gm.named_parameters():
             if target not in adapter_targets:
                 param.requires_grad_(False)   # our own Parameter objects, never the user's
+        computed = _compute_weights(gm, ctx.select(self.adapters, ("declared", "removed")), result)
         for state in ctx.select(self.adapters, ("declared", "removed")):
             index = list(ctx.adapters).index(state.spec.name)
             spec = state.spec
@@ -53,6 +61,8 @@ class Insert:
             found = discover_sites(gm, state, ctx, index, result)
             position = {node: i for i, node in enumerate(gm.graph.nodes)}
             paths = sorted(found, key=lambda p: position[found[p][0]])
+            if spec.from_peft is not None:
+                _refuse_peft_computed_convs(computed, paths, found, ctx, index)
             if spec.loaded is not None:
                 place_peft_params(spec.loaded, paths, found, ctx, index)
             _check_ordinals(spec, paths, ctx, index)
@@ -98,6 +108,52 @@ class Insert:
         # floating parameters take the site's dtype; integer ones (SHiRA's indices) keep theirs
         return {p: t.to(device=weight.device, dtype=(dtype or weight.dtype) if t.is_floating_point() else t.dtype)
                 .clone() for p, t in tensors.items()}
+
+
+def _compute_weights(gm: fx.GraphModule, states, result: PassResult) -> dict[str, str]:
+    """Weights computed from parameters only, of the conv / linear ops some adapter's targets select,
+    computed once and stored frozen (see the module's docstring); {new weight target: module class}."""
+    takers = [s.spec for s in states if set(s.spec.kind.site_ops) & set(SITE_OPS)]
+
+    def selected(path: str) -> bool:
+        return any(path_matches(path, glob) and not any(path_matches(path, ex) for ex in spec.exclude)
+                   for spec in takers for glob in spec.targets)
+
+    weights = {m["weight"] for node in gm.graph.nodes
+               if (m := Pattern(SITE_OPS, params=()).match(node)) is not None and isinstance(m["weight"], fx.Node)
+               and m["weight"].op == "call_function" and not node.meta.get("surgeon_adapter") and selected(m.path)}
+    if not weights:
+        return {}
+    classes = {module_path(op): _module_class(op) for w in weights for op in w.users}
+    log: list[str] = []
+    made = precompute(gm, "insert", log, result.rejections, lambda node: node in weights, stem="weight_computed")
+    result.notes += [f"{target}: the op's weight is computed from parameters on every call; computed once and "
+                     "frozen here (the base is frozen while adapters train)" for target in made]
+    return {target: classes.get(target.rpartition(".")[0], "?") for target in made}
+
+
+def _module_class(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    return str(list(stack.values())[-1][1]).rpartition(".")[2] if stack else "?"
+
+
+def _refuse_peft_computed_convs(computed: dict[str, str], paths: list[str], found: dict, ctx: Context,
+                                index: int) -> None:
+    """PEFT builds a conv's lora_A as an instance of the conv's own class, so where that class computes
+    its weight (BiT's StdConv2d standardizes it), PEFT's A is transformed the same way on every call:
+    a computation surgeon cannot replay on A's shape. Say so rather than import something else."""
+    for path in paths:
+        calls = found[path]
+        weight = calls[0].args[1] if calls[0].op == "call_function" and len(calls[0].args) > 1 else None
+        if not (isinstance(weight, fx.Node) and weight.target in computed) or "conv" not in str(calls[0].target):
+            continue
+        cls = computed[weight.target].strip("'>")
+        raise ctx.spec.error(("adapters", index, "from_peft"),
+                             f"module '{path}' ({cls}) computes its conv weight from its parameter on every call; "
+                             f"PEFT builds that module's lora_A as a {cls} too, so the checkpoint's A is transformed "
+                             "the same way, which surgeon cannot replay on A's shape. Train this adapter with "
+                             "surgeon (a LoRA spec on the same targets), or target modules whose weight is a "
+                             "plain parameter")
 
 
 def _check_all_placed(spec, state, result: PassResult, ctx: Context, index: int) -> None:

@@ -34,6 +34,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from surgeon.graph import module_path
 from surgeon.pipeline import Context, PassResult
 from surgeon.rules import Pattern, Rule, RuleSet, path_matches
 
@@ -67,7 +68,7 @@ class Reparameterize:
                  + branch_rules(gm, shapes, self.name, log, self.path)
                  + serial_rules(gm, self.name, log, self.path))
         precomputed: list[tuple[str, str]] = []
-        precompute(gm, self.name, log, precomputed, lambda path: path_matches(path, self.path))
+        precompute(gm, self.name, log, precomputed, lambda node: path_matches(module_path(node), self.path))
         rejections = precomputed + fixed_point(gm, rules, self.name)
         return PassResult(matches=len(log), rejections=rejections, notes=log)
 

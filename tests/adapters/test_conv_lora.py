@@ -363,3 +363,64 @@ def test_conv_lora_exports_in_peft_layout(tmp_path):
     assert_close(logits(loaded, args), expected)
     again = surgeon.compile(model, args, {"adapters": [{"name": NAME, "from_peft": str(tmp_path)}]})
     assert_close(logits(again.module, args), expected)
+
+
+class StdConv2d(nn.Conv2d):
+    """BiT's weight-standardized conv (timm's StdConv2d): the weight is standardized on every call."""
+
+    def forward(self, x):
+        w = nn.functional.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True,
+                                     momentum=0.0, eps=1e-6).reshape_as(self.weight)
+        return nn.functional.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class BiTBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = StdConv2d(3, 8, 3, padding=1, bias=False)
+        self.conv2 = StdConv2d(8, 8, 1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv2(torch.relu(self.conv1(x)))).mean((2, 3)))
+
+
+def test_weight_standardized_conv_takes_lora_on_the_weight_it_uses():
+    """Issue 18: before, targets on a BiT conv selected nothing (its conv reads a computed weight, not a
+    parameter). The standardized weight is computed once and frozen (the base is frozen while LoRA
+    trains), and merge adds into the weight the conv really uses, so it is exact."""
+    torch.manual_seed(0)
+    model = BiTBlock().eval()
+    args = (torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(1)),)
+    compiled = surgeon.compile(model, args, spec("lora", ["conv1", "conv2"], rank=2, alpha=4))
+    row = compiled.report.rows[-1]
+    assert (row.matches, row.check) == (2, "exact")
+    assert torch.equal(logits(compiled.module, args), logits(model, args))
+    params = dict(compiled.module.named_parameters())
+    assert {"conv1.weight_computed", "conv2.weight_computed"} <= set(params) and "conv1.weight" not in params
+    assert [n for n in row.notes if "weight_computed" in n] == [
+        f"{m}.weight_computed: the op's weight is computed from parameters on every call; computed once and "
+        "frozen here (the base is frozen while adapters train)" for m in ("conv1", "conv2")]
+    assert sorted(k for k, p in params.items() if p.requires_grad) == sorted(
+        f"{m}.adapter_{NAME}.lora_{f}" for m in ("conv1", "conv2") for f in "AB")
+    randomize_adapters(compiled.module)
+    before = logits(compiled.module, args)
+    assert not torch.allclose(before, logits(model, args), atol=1e-3)
+    compiled.apply(["merge"])
+    assert_close(logits(compiled.module, args), before)
+    assert not any(n.meta.get("surgeon_adapter") for n in compiled.module.graph.nodes)
+
+
+def test_peft_lora_on_a_weight_standardized_conv_is_refused_naming_the_module(tmp_path):
+    """PEFT makes lora_A a StdConv2d too (type(base_layer)), so its A is standardized on every call;
+    importing it as a plain A would silently compute another model."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = BiTBlock().eval()
+    args = (torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(1)),)
+    wrapped = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["conv1"]))
+    assert type(wrapped.base_model.model.conv1.lora_A["default"]) is StdConv2d
+    wrapped.save_pretrained(tmp_path)
+    with pytest.raises(surgeon.SpecError, match=r"adapters\[0\]\.from_peft.*module 'conv1' \(StdConv2d\) computes its "
+                                                r"conv weight.*lora_A as a StdConv2d too"):
+        surgeon.compile(model, args, {"adapters": [{"name": NAME, "from_peft": str(tmp_path)}]})
