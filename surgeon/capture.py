@@ -302,19 +302,49 @@ def _first_line(error: Exception) -> str:
 
 # ---------------------------------------------------------------- torch.export front end
 
+@contextlib.contextmanager
+def _moves_that_change_nothing_skipped():
+    """`module.to(dtype)` inside forward (NLLB-MoE's router casts its classifier on every call) reassigns
+    the module's parameters even when they already have that dtype; once an export attempt has failed
+    (a dynamic export, then the static retry or draft export), the next one finds parameters it cannot
+    swap ("_apply(): Couldn't swap Linear.weight"). While exporting, a `.to` that would change no
+    tensor's dtype or device returns the module as it is, which is what it computes; a real move still
+    runs as before."""
+    original = nn.Module.to
+
+    def to(self, *args, **kwargs):
+        try:
+            device, dtype, _, memory_format = torch._C._nn._parse_to(*args, **kwargs)
+        except (TypeError, RuntimeError):
+            return original(self, *args, **kwargs)
+        tensors = [*self.parameters(), *self.buffers()]
+        unchanged = memory_format is None and all(
+            (device is None or t.device == torch.device(device))
+            and (dtype is None or not (t.is_floating_point() or t.is_complex()) or t.dtype == dtype)
+            for t in tensors)
+        return self if unchanged else original(self, *args, **kwargs)
+
+    nn.Module.to = to
+    try:
+        yield
+    finally:
+        nn.Module.to = original
+
+
 def _capture_export(model, args, tensor_kwargs, constants, dynamic_shapes, dynamic, small, notes,
                     exporter=torch.export.export) -> fx.GraphModule:
     inputs = {**tensor_kwargs, **constants}
     if dynamic_shapes is not None and isinstance(dynamic_shapes, dict) and constants:
         dynamic_shapes = {**{k: None for k in constants}, **dynamic_shapes}
-    if dynamic_shapes is None and dynamic:
-        try:
-            ep = _export_dynamic(model, args, inputs, small, exporter)
-        except Exception as error:  # noqa: BLE001 - a model dynamic shapes break is still captured, static
-            notes.append(f"{_STATIC_NOTE}: a dynamic export failed ({_first_line(error)})")
-            ep = exporter(model, args, inputs, strict=False)
-    else:
-        ep = exporter(model, args, inputs, dynamic_shapes=dynamic_shapes, strict=False)
+    with _moves_that_change_nothing_skipped():
+        if dynamic_shapes is None and dynamic:
+            try:
+                ep = _export_dynamic(model, args, inputs, small, exporter)
+            except Exception as error:  # noqa: BLE001 - a model dynamic shapes break is still captured, static
+                notes.append(f"{_STATIC_NOTE}: a dynamic export failed ({_first_line(error)})")
+                ep = exporter(model, args, inputs, strict=False)
+        else:
+            ep = exporter(model, args, inputs, dynamic_shapes=dynamic_shapes, strict=False)
     unlifted = ep.module()
     graph = unlifted.graph
     for node in list(graph.nodes):

@@ -229,6 +229,39 @@ def test_a_capture_error_names_the_models_line():
     assert "modeling_nystromformer.py:" in str(info.value) and "attention_mask" in str(info.value)
 
 
+class CastsItsRouter(nn.Module):
+    """NLLB-MoE's router: `self.classifier = self.classifier.to(self.dtype)` on every call; then a
+    branch on a tensor's value (NLLB-MoE's expert loop), so that export is tried more than once."""
+
+    def __init__(self):
+        super().__init__()
+        self.to_dtype = torch.float32
+        self.classifier, self.out = nn.Linear(8, 4), nn.Linear(8, 8)
+
+    def forward(self, x):
+        self.classifier = self.classifier.to(self.to_dtype)
+        y = self.out(x) * self.classifier(x.to(self.to_dtype)).softmax(-1).amax(-1, keepdim=True).to(x.dtype)
+        if y.abs().sum() >= 0:     # always taken
+            y = y * 2
+        return y
+
+
+def test_a_module_cast_to_its_own_dtype_inside_forward_is_captured():
+    """Before, capture failed with "_apply(): Couldn't swap Linear.weight" (NLLB-MoE): a `.to` that
+    changes nothing still reassigns the parameters, and after a failed export attempt (the value
+    branch) the next attempt found them in a state it could not swap."""
+    torch.manual_seed(0)
+    model, x = CastsItsRouter().eval(), torch.randn(2, 5, 8)
+    compiled = surgeon.compile(model, (x,), {"adapters": [{"name": "a", "type": "lora", "targets": ["classifier"],
+                                                                "rank": 2}]})
+    with torch.no_grad():
+        assert torch.equal(compiled.module(x), model(x))
+        other = torch.randn(3, 2, 8)
+        assert torch.equal(compiled.module(other), model(other))
+    assert [s.path for s in compiled.adapters["a"].sites] == ["classifier"]
+    assert nn.Module.to is torch.nn.modules.module.Module.to and "to" not in vars(CastsItsRouter)
+
+
 def test_compiled_module_behaves_like_a_module(llama):
     model, args = llama
     compiled = surgeon.compile(model, args, {"adapters": [{"name": "a", "type": "lora", "targets": ["*.q_proj"],
