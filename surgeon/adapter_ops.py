@@ -154,14 +154,22 @@ def conv_geometry(gm: fx.GraphModule, node: fx.Node) -> ConvGeometry:
                         per_axis("dilation", 1), groups)
 
 
+def transposed_param(gm: fx.GraphModule, target: str) -> bool:
+    """Whether the 3-D parameter `target` holds experts as E x in x out (its module says `is_transposed`,
+    as transformers' GPT-OSS experts do) rather than E x out x in."""
+    return target in gm.meta.get("surgeon_transposed_params", ())
+
+
 def site_dims(gm: fx.GraphModule, node: fx.Node, op: str) -> tuple[str, int, int]:
     """(weight target, in_features, out_features) of a site node; for a call site (no weight, target
     "") the key's (heads, head_dim) as the call sees it: (batch, heads, seq, head_dim)."""
     if op in CALL_SITE_OPS:
         _, heads, _, head_dim = node.args[1].meta["val"].shape
         return "", int(heads), int(head_dim)
-    if op == PARAM_SITE:   # experts x out x in, PEFT's default expert layout
+    if op == PARAM_SITE:   # experts x out x in, PEFT's default expert layout; experts x in x out if transposed
         _, rows, cols = get_tensor(gm, node.target).shape
+        if transposed_param(gm, node.target):
+            return node.target, int(rows), int(cols)
         return node.target, int(cols), int(rows)
     weight = node.args[2] if op == "addmm" else node.args[1]
     shape = get_tensor(gm, weight.target).shape
@@ -478,5 +486,6 @@ def check_loaded_shapes(state: AdapterState, site: SiteState, tensors: dict[str,
 
 
 __all__ = ["attach", "detach", "discover_sites", "site_dims", "conv_geometry", "CONV_OPS", "SITE_OPS", "PARAM_SITE",
+           "transposed_param",
            "add_delta", "site_calls", "site_weight", "merge_site", "unmerge_site", "check_loaded_shapes",
            "place_peft_params", "SpecError"]

@@ -262,6 +262,11 @@ def _with_inputs(gm, model, args, tensor_kwargs, constants, dynamic, notes) -> f
     gm.meta["surgeon_example"] = (args, tensor_kwargs)   # for analyses that need concrete sizes
     used = set(gm.state_dict(keep_vars=True))            # the model's state the graph never reads, by reference
     gm.meta["surgeon_unused_state"] = {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in used}
+    # fused experts stored E x in x out (transformers' `is_transposed` experts: GPT-OSS), by parameter name
+    gm.meta["surgeon_transposed_params"] = {
+        f"{path}.{name}" if path else name for path, module in model.named_modules()
+        if getattr(module, "is_transposed", False) is True
+        for name, param in module.named_parameters(recurse=False) if param.dim() == 3}
     for attr in ("config", "generation_config"):
         if getattr(model, attr, None) is not None:
             setattr(gm, attr, getattr(model, attr))

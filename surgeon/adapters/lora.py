@@ -26,7 +26,8 @@ weight, not an op: every forward reads W + s * D with D[e] = B_e A_e, so it hold
 consume W (transformers' grouped_mm, batched mm or indexed linear). The factors keep PEFT's
 layout for such parameters (its `target_parameters`): A is (r E) x in with expert e's rows at
 e*r .. e*r + r - 1 (expert-major), B is out x (r E) with expert e's columns at e, E + e, ...
-(rank-major, stride E); s = alpha / r with r the per-expert rank. Merge adds s * D to W; PiSSA
+(rank-major, stride E); s = alpha / r with r the per-expert rank. Experts stored E x in x out
+(the module says `is_transposed`, as GPT-OSS's do) read W + s * D^T per expert, as PEFT does. Merge adds s * D to W; PiSSA
 and dropout are refused there (a dropout of x does not factor out of W + s D, PEFT refuses it).
 """
 from __future__ import annotations
@@ -76,7 +77,7 @@ def lora_init(opts, in_features, out_features, dtype, gen, weight):
 
 def _forward(branch, x, y, params, opts):
     if "experts" in opts:   # a 3-D parameter site: y is the weight; the weight read becomes W + s * D
-        update = expert_product(branch, params["lora_A"], params["lora_B"], opts["experts"])
+        update = expert_product(branch, params["lora_A"], params["lora_B"], opts["experts"], opts.get("transposed"))
         return branch.op(torch.ops.aten.add.Tensor, y, update, alpha=lora_scale(opts))
     # y + s * B(A x): two GEMMs and one add (aten.add's alpha carries the scale); on a conv site
     # A is a conv with the site's kernel, stride, padding, dilation and B a 1x1 conv, and
@@ -91,17 +92,22 @@ def lora_delta(params, opts, weight=None):
     out x (in * prod(kernel)) map of the branch, with B spread block-diagonally."""
     if "experts" in opts:
         A, B = params["lora_A"].double(), params["lora_B"].double()
-        return lora_scale(opts) * expert_product(EagerBranch((A.shape[1], B.shape[0])), A, B, opts["experts"])
+        return lora_scale(opts) * expert_product(EagerBranch((A.shape[1], B.shape[0])), A, B, opts["experts"],
+                                                 opts.get("transposed"))
     B = _spread(params["lora_B"].double(), opts.get("groups", 1))
     return lora_scale(opts) * (B @ params["lora_A"].double())
 
 
-def expert_product(branch, A, B, experts: int):
+def expert_product(branch, A, B, experts: int, transposed: bool = False):
     """The E x out x in stack of B_e @ A_e from PEFT's expert layout: A's (r E) rows are expert-major
-    (view E x r x in), B's (r E) columns rank-major (view out x r x E, experts to the front)."""
+    (view E x r x in), B's (r E) columns rank-major (view out x r x E, experts to the front). For
+    experts stored E x in x out (`transposed`, GPT-OSS) the stack of (B_e A_e)^T = A_e^T B_e^T."""
     per_expert_A = branch.op(aten.view.default, A, [experts, -1, branch.in_features])
     per_expert_B = branch.op(aten.permute.default,
                              branch.op(aten.view.default, B, [branch.out_features, -1, experts]), [2, 0, 1])
+    if transposed:
+        return branch.op(aten.bmm.default, branch.op(aten.permute.default, per_expert_A, [0, 2, 1]),
+                         branch.op(aten.permute.default, per_expert_B, [0, 2, 1]))
     return branch.op(aten.bmm.default, per_expert_B, per_expert_A)
 
 
@@ -128,6 +134,8 @@ def _site_groups(gm, path, weight_target, opts):
     parameter site (its path is the parameter's own name), {} for any other site."""
     weight = get_tensor(gm, weight_target)
     if path == weight_target:
+        if weight_target in gm.meta.get("surgeon_transposed_params", ()):   # E x in x out (GPT-OSS)
+            return {"experts": int(weight.shape[0]), "transposed": True}
         return {"experts": int(weight.shape[0])}
     if weight.dim() < 3:   # a linear site: no conv to look for (this runs once per site, so no graph scan)
         return {}

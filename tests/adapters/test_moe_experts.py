@@ -42,6 +42,23 @@ def qwen2_moe(seed: int = 0):
     return Qwen2MoeForCausalLM(cfg).eval(), (torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0)),)
 
 
+def gpt_oss(seed: int = 0):
+    """GPT-OSS: experts stored E x in x out (`is_transposed`), with biases and attention sinks."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = GptOssConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+                       head_dim=8, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    model = GptOssForCausalLM(cfg).eval()
+    with torch.no_grad():   # transformers leaves biases and sinks at zero: make them matter
+        for name, param in model.named_parameters():
+            if "bias" in name or "sinks" in name:
+                param.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    return model, (torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0)),)
+
+
 def peft_checkpoint(model, tmp_path, target_modules=(), **options):
     """A PEFT LoRA on the experts' parameters with random factors, saved; returns (peft model, folder)."""
     from peft import LoraConfig, get_peft_model
@@ -167,3 +184,30 @@ def test_dropout_on_expert_parameters_is_refused_with_the_reason():
     model, args = mixtral()
     with pytest.raises(surgeon.SpecError, match="dropout .* does not factor out"):
         surgeon.compile(model, args, spec("lora", EXPERTS, rank=2, dropout=0.1), KW)
+
+
+def test_transposed_experts_gpt_oss_match_peft_before_and_after_merge_and_export(tmp_path):
+    """Issue 18: GPT-OSS stores experts E x in x out. Before, the import was refused by shape (A was
+    expected (r E) x out); the delta is now transposed per expert, as PEFT's is."""
+    from peft import PeftModel
+
+    model, args = gpt_oss()
+    assert model.model.layers[0].mlp.experts.is_transposed and \
+        tuple(model.model.layers[0].mlp.experts.gate_up_proj.shape) == (4, 32, 96)
+    peft, folder = peft_checkpoint(model, tmp_path)
+    with torch.no_grad():
+        want = peft(*args, **KW).logits
+    compiled = surgeon.compile(model, args, {"adapters": [{"name": "p", "from_peft": str(folder)}]}, KW)
+    assert not torch.allclose(want, logits(model, args), atol=1e-3)
+    assert (logits(compiled.module, args) - want).abs().max() <= 1e-5
+    assert compiled.adapters["p"].param_count == peft_trainable(model)
+    compiled.save_adapter("p", tmp_path / "again", format="peft")
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "again").eval()
+    with torch.no_grad():
+        assert (reloaded(*args, **KW).logits - want).abs().max() <= 1e-5
+    compiled.apply(["merge"])
+    merged = peft.merge_and_unload()
+    for param in ("gate_up_proj", "down_proj"):
+        target = f"model.layers.1.mlp.experts.{param}"
+        assert torch.allclose(compiled.module.get_parameter(target), merged.get_parameter(target), atol=1e-6, rtol=0)
+    assert (logits(compiled.module, args) - want).abs().max() <= 1e-5
