@@ -39,7 +39,7 @@ def _init(opts, in_features, out_features, dtype, gen, weight):
                          "weight")
     if opts["mask"] == "magnitude":
         # the k largest |W| entries (out x in, row-major flat positions)
-        indices = torch.topk(weight.detach().abs().flatten(), count).indices.cpu()
+        indices = torch.topk(weight.detach().abs().flatten(), count).indices   # on W's device (meta in a shape check)
     else:
         indices = torch.randperm(in_features * out_features, generator=gen)[:count]
     flat = torch.sort(indices).values

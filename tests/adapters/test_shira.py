@@ -51,6 +51,14 @@ def test_magnitude_mask_on_conv1d_sites():
     assert_merge(compiled, args)
 
 
+def test_magnitude_mask_adapter_reloads_from_its_folder(tmp_path):
+    """Loading checks shapes with a meta weight; the magnitude mask's `.cpu()` then failed
+    ("Cannot copy out of meta tensor"), so a saved magnitude-mask SHiRA could not be loaded."""
+    model, args, compiled = compile_kind("shira", ["*.q_proj"], fraction=0.05, mask="magnitude")
+    randomize_adapters(compiled.module)
+    assert_round_trip(compiled, model, args, tmp_path)
+
+
 def test_peft_parity(tmp_path):
     """PEFT's SHiRA (k = r * (in + out), its own seeded masks) imports with PEFT's exact support."""
     peft = pytest.importorskip("peft")
