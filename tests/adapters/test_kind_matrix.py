@@ -53,9 +53,12 @@ FORMULAS = {
     "bottleneck": lambda o, i, n: 2 * o["rank"] * n,
     "ether": lambda o, i, n: n,
     "ether_plus": lambda o, i, n: 2 * (i + n),
+    "rosa": lambda o, i, n: o["rank"] * (i + n) + max(1, round(o["density"] * i * n)),
+    "lori": lambda o, i, n: max(1, round(o["density"] * n * o["rank"])),
 }
 OPTIONS = {"lora": {"rank": 4, "alpha": 8}, "loha": {"rank": 2}, "lokr": {"rank": 2}, "ia3": {},
-           "dora": {"rank": 4}, "bottleneck": {"rank": 4}, "ether": {"blocks": 2}, "ether_plus": {"blocks": 2}}
+           "dora": {"rank": 4}, "bottleneck": {"rank": 4}, "ether": {"blocks": 2}, "ether_plus": {"blocks": 2},
+           "rosa": {"rank": 2, "density": 0.05}, "lori": {"rank": 4, "density": 0.2}}
 
 
 @dataclass(frozen=True)

@@ -246,6 +246,7 @@ KIND_REGIONS = {
     "hra": ({"rank": 4}, None), "shira": ({"rank": 4}, None), "hydra": ({"rank": 4}, None), "delta": ({}, None),
     "prefix": ({"num_virtual_tokens": 2}, None), "s2ft": ({"columns": 4}, None),
     "ether": ({"blocks": 2}, None), "ether_plus": ({"blocks": 2}, None),
+    "rosa": ({"rank": 4}, None), "lori": ({"rank": 4}, "lora_linear"),
 }
 
 

@@ -1,0 +1,98 @@
+"""RoSA (Nikdan et al. 2024, Robust Adaptation): y = W x + b + s B A x + S x, low-rank plus sparse.
+
+A (r x in) and B (out x r) are LoRA's factors with s = alpha / r; S is an out x in update that is
+zero except on a fixed support of k = max(1, round(density * out * in)) entries. The paper picks
+that support from gradients accumulated in a short warm-up; surgeon picks it at insertion, with
+no data: `mask: magnitude` (the default) takes the k largest |W| entries of the site's base
+weight (deterministic, the same on every run), `mask: random` draws k distinct entries from the
+spec's seeded generator. The support is then fixed: the k trained values (`rosa_values`) sit at
+`rosa_indices`, a 2 x k int64 tensor of (row, column) pairs in row-major order, frozen and saved
+with the adapter, so a loaded adapter keeps its support (it is never re-selected).
+
+Trained: A, B and the k values; a site costs r * (in + out) + k parameters. Init: A
+kaiming-uniform (nn.Linear's), B = 0 and the values 0, so s B A x = 0, S = 0 and insertion is
+the identity bit for bit. Forward: two GEMMs for the low-rank part, and the dense S built in the
+graph (new_zeros + index_put) applied with one more. Merge identity:
+W x + s B A x + S x == (W + s B A + S) x, exact (built in float64); unmerge subtracts the same.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import AdapterKind, Option, aten
+from .lora import kaiming_uniform
+
+
+def support_size(density: float, rows: int, cols: int) -> int:
+    """k, the number of trained entries of a rows x cols matrix at this density (at least one)."""
+    return max(1, round(density * rows * cols))
+
+
+def pick_support(count: int, rows: int, cols: int, mask: str, gen: torch.Generator,
+                 weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The 2 x count int64 (row, column) pairs of a fixed support, sorted row-major: the count
+    largest |weight| entries (`magnitude`) or count distinct entries drawn from `gen` (`random`)."""
+    if mask == "magnitude":   # on the weight's device (meta too: a loaded adapter's shape check calls init)
+        flat = torch.topk(weight.detach().abs().flatten(), count).indices
+    else:
+        flat = torch.randperm(rows * cols, generator=gen)[:count]
+    flat = torch.sort(flat).values
+    return torch.stack([flat // cols, flat % cols])
+
+
+def scatter(branch, values, indices, rows: int, cols: int):
+    """The rows x cols matrix that is `values` at `indices` and zero elsewhere, as graph code."""
+    zeros = branch.op(aten.new_zeros.default, values, [rows, cols])
+    at = [branch.op(aten.select.int, indices, 0, axis) for axis in (0, 1)]
+    return branch.op(aten.index_put.default, zeros, at, values)
+
+
+def dense(values: torch.Tensor, indices: torch.Tensor, shape) -> torch.Tensor:
+    """`values` at `indices` in a zero matrix of `shape`, float64 (for a merge)."""
+    out = torch.zeros(shape, dtype=torch.float64, device=values.device)
+    rows, cols = indices.long()
+    out[rows, cols] = values.double()
+    return out
+
+
+def scale(opts: dict) -> float:
+    alpha = opts["alpha"] if opts["alpha"] is not None else opts["rank"]
+    return alpha / opts["rank"]
+
+
+def _init(opts, in_features, out_features, dtype, gen, weight):
+    rank = opts["rank"]
+    A = kaiming_uniform((rank, in_features), gen)
+    count = support_size(opts["density"], out_features, in_features)
+    indices = pick_support(count, out_features, in_features, opts["mask"], gen, weight)
+    return {"rosa_A": A.to(dtype), "rosa_B": torch.zeros(out_features, rank, dtype=dtype),
+            "rosa_values": torch.zeros(count, dtype=dtype), "rosa_indices": indices}
+
+
+def _forward(branch, x, y, params, opts):
+    # y + s B(A x), then + S x with S the scattered values
+    low_rank = branch.linear(branch.linear(x, params["rosa_A"]), params["rosa_B"])
+    y = branch.add(y, low_rank, alpha=scale(opts))
+    sparse = scatter(branch, params["rosa_values"], params["rosa_indices"], branch.out_features, branch.in_features)
+    return branch.add(y, branch.linear(x, sparse))
+
+
+def _delta(params, opts, weight):
+    """s B A + S in float64, out x in."""
+    low_rank = scale(opts) * (params["rosa_B"].double() @ params["rosa_A"].double())
+    return low_rank + dense(params["rosa_values"], params["rosa_indices"], weight.shape)
+
+
+ROSA = AdapterKind(
+    name="rosa",
+    options={"rank": Option(int, 8, positive=True),
+             "alpha": Option((int, float), None),
+             "density": Option(float, 0.01, positive=True, bounds=(0.0, 1.0)),   # (0, 1]: positive and <= 1
+             "mask": Option(str, "magnitude", choices=("magnitude", "random"))},
+    init=_init,
+    forward=_forward,
+    delta_weight=_delta,
+    param_count=lambda opts, fan_in, fan_out: opts["rank"] * (fan_in + fan_out)
+    + support_size(opts["density"], fan_out, fan_in),
+    frozen=frozenset({"rosa_indices"}),
+)
