@@ -355,8 +355,10 @@ def site_calls(gm: fx.GraphModule, site: SiteState) -> list[fx.Node]:
     if site.op == PARAM_SITE:   # the weight's own reads
         return [n for n in gm.graph.find_nodes(op="get_attr", target=site.weight)
                 if not n.meta.get("surgeon_adapter")]
-    return [m.node for m in find(gm, Pattern(SITE_OPS, site.path))
-            if (m["weight"].target == site.weight)]
+    # the weight's readers, not a scan of the graph (this runs once per site in merge / activate)
+    pattern = Pattern(SITE_OPS, site.path)
+    readers = sorted({u for ref in gm.graph.find_nodes(op="get_attr", target=site.weight) for u in ref.users})
+    return [node for node in readers if (m := pattern.match(node)) is not None and m["weight"].target == site.weight]
 
 
 def add_delta(gm: fx.GraphModule, state: AdapterState, site: SiteState, delta: torch.Tensor,

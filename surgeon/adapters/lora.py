@@ -8,6 +8,18 @@ PiSSA (`init: pissa`, Meng et al. 2024): with W = U S V^T, A = sqrt(S_r / s) V_r
 B = U_r sqrt(S_r / s), so s B A is W's top-r part, and the base weight becomes the residual
 W - s B A (a new tensor). The function is unchanged up to rounding ("close").
 
+OLoRA (`init: olora`, Buyukakyuz 2024), as PEFT's `init_lora_weights="olora"`: with the reduced QR
+W = Q R (in float32), B = Q[:, :r] (orthonormal columns) and A = R[:r] (upper trapezoidal), taken
+as they are (the scale is not folded in), and the base weight becomes W - s B A, as for PiSSA
+("close"; recomputed from W for loaded adapters, as PEFT recomputes it on load).
+
+Orthogonal (`init: orthogonal`, PEFT's `init_lora_weights="orthogonal"`, even r only): Q = the QR
+factor of an r x r Gaussian; A = (G_a Q_odd)^T / 10 and B = G_b^T Q_even / 10 with Q_odd = Q's rows
+0, 2, 4, .. and Q_even = its rows 1, 3, 5, .. (PEFT's names, counting from 1) and G_a (in x r/2),
+G_b (r/2 x out) Gaussian, drawn in PEFT's order (r x r, then G_a, then G_b). Q_even Q_odd^T = 0, so B A = 0 in
+exact arithmetic and the base weight is left alone (PEFT leaves it too); in floating point B A is
+about 1e-8, not 0, so the insert is the identity up to rounding ("close"), not bit for bit.
+
 On a conv site (conv1d / conv2d / conv3d, `padding="same"` too), in = in_channels * prod(kernel):
 A maps each kernel patch to r values (a conv with the site's kernel, stride, padding, dilation)
 and B is a 1x1 conv; the delta is (s B A).view(W.shape).
@@ -36,6 +48,7 @@ import math
 
 import torch
 
+from ..errors import SpecError
 from ..graph import get_tensor
 from ..rules import CONV_OPS, Pattern, find
 from . import AdapterKind, EagerBranch, Option
@@ -62,11 +75,35 @@ def pissa_factors(weight: torch.Tensor, rank: int, scale: float) -> tuple[torch.
     return root[:, None] * Vh[:rank], U[:, :rank] * root[None, :]
 
 
+def olora_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) = (R[:rank], Q[:, :rank]) of the reduced QR W = Q R of `weight` (out x in)."""
+    if rank > min(weight.shape):
+        raise SpecError("init", f"olora takes rank {rank} columns of Q from the QR of a {weight.shape[0]}x"
+                                f"{weight.shape[1]} weight, which has only {min(weight.shape)}")
+    Q, R = torch.linalg.qr(weight.float())
+    return R[:rank].contiguous(), Q[:, :rank].contiguous()
+
+
+def orthogonal_factors(rank: int, in_features: int, out_features: int,
+                       gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) with B A = 0 up to rounding: A's columns span the even-indexed rows of a random
+    orthogonal r x r matrix, B's rows the odd-indexed ones (PEFT's draws, in its order)."""
+    if rank % 2:
+        raise SpecError("init", f"orthogonal needs an even rank (it pairs the rows of an r x r orthogonal "
+                                f"matrix; PEFT refuses an odd one too), got rank {rank}")
+    Q, _ = torch.linalg.qr(torch.randn(rank, rank, generator=gen))
+    A = (torch.randn(in_features, rank // 2, generator=gen) @ Q[0::2]).T / 10.0
+    B = torch.randn(rank // 2, out_features, generator=gen).T @ Q[1::2] / 10.0
+    return A.contiguous(), B.contiguous()
+
+
 def lora_init(opts, in_features, out_features, dtype, gen, weight):
-    """LoRA's A and B for one site (PiSSA reads the base weight)."""
+    """LoRA's A and B for one site (PiSSA and OLoRA read the base weight)."""
     rank = opts["rank"] * opts.get("experts", 1)   # an expert stack keeps every expert's rank-r factors side by side
-    if opts["init"] == "pissa":
-        A, B = pissa_factors(weight, rank, lora_scale(opts))
+    if opts["init"] in ("pissa", "olora", "orthogonal"):
+        A, B = (pissa_factors(weight, rank, lora_scale(opts)) if opts["init"] == "pissa" else
+                olora_factors(weight, rank) if opts["init"] == "olora" else
+                orthogonal_factors(rank, in_features, out_features, gen))
         return {"lora_A": A.to(dtype), "lora_B": B.to(dtype)}
     if opts["init"] == "gaussian":
         A = torch.empty(rank, in_features).normal_(0.0, 1.0 / opts["rank"], generator=gen)
@@ -126,6 +163,8 @@ def _conv_groups(opts: dict, groups: int) -> str:
         return f"LoRA's rank {opts['rank']} is not a multiple of groups (PEFT refuses it too)"
     if opts["init"] == "pissa":
         return "PiSSA splits a dense weight's SVD; a grouped conv's weight is block-diagonal"
+    if opts["init"] in ("olora", "orthogonal"):
+        return f"the {opts['init']} init makes a dense out x r B, a grouped conv's B is out x (r / groups)"
     return ""
 
 
@@ -153,8 +192,9 @@ def _merge_refusal(opts):
 
 
 def _pissa_base(init_params, opts, weight):
-    # W_res = W - s B0 A0: the residual the adapter's principal part is taken out of
-    return -lora_delta(init_params, opts) if opts["init"] == "pissa" else None
+    # W_res = W - s B0 A0: the residual the adapter's principal (PiSSA) or QR (OLoRA) part is taken out of;
+    # the orthogonal init's B0 A0 is 0 up to rounding, and PEFT leaves W alone for it
+    return -lora_delta(init_params, opts) if opts["init"] in ("pissa", "olora") else None
 
 
 def _param_refusal(opts):
@@ -163,6 +203,8 @@ def _param_refusal(opts):
         return "LoRA dropout drops the input, which does not factor out of W + s * B A (PEFT refuses it too)"
     if opts["init"] == "pissa":
         return "PiSSA needs one SVD per expert, which surgeon does not do"
+    if opts["init"] in ("olora", "orthogonal"):
+        return f"the {opts['init']} init makes one rank-r pair for a 2-D weight, not one per expert"
     return ""
 
 
@@ -170,7 +212,7 @@ LORA_OPTIONS = {
     "rank": Option(int, 8, positive=True),
     "alpha": Option((int, float), None),
     "use_rslora": Option(bool, False),
-    "init": Option(str, "default", choices=("default", "gaussian", "pissa")),
+    "init": Option(str, "default", choices=("default", "gaussian", "pissa", "olora", "orthogonal")),
     "dropout": Option(float, 0.0, bounds=(0.0, 1.0)),   # PEFT's lora_dropout: on the branch input, train mode only
 }
 
@@ -183,7 +225,7 @@ LORA = AdapterKind(
     param_count=lambda opts, fan_in, fan_out: opts.get("experts", 1) * (opts["rank"] * fan_in
                                                                          + fan_out * opts["rank"] // opts.get("groups", 1)),
     base_delta=_pissa_base,
-    init_check=lambda opts: "close" if opts["init"] == "pissa" else "exact",
+    init_check=lambda opts: "close" if opts["init"] in ("pissa", "olora", "orthogonal") else "exact",
     merge_refusal=_merge_refusal,
     site_options=_site_groups,
     site_ops=("linear", "addmm", "conv2d", "conv1d", "conv3d", "conv1d.padding", "conv2d.padding", "conv3d.padding",
