@@ -7,7 +7,6 @@ import torch
 
 import surgeon
 from surgeon.graph import get_tensor
-from tests.adapters import test_kind_matrix as matrix
 from tests.adapters.helpers import (NAME, assert_close, assert_identity_insert, assert_merge, assert_param_count,
                                     assert_round_trip, assert_trains, compile_kind, spec)
 from tests.conftest import hf_gpt2, hf_llama, randomize_adapters
@@ -92,11 +91,3 @@ def test_bad_options_are_refused_naming_the_option(key, value, message):
     options = {"rank": 4, "density": 0.1, key: value}
     with pytest.raises(surgeon.SpecError, match=rf"adapters\[0\]\.{key}: {message}"):
         surgeon.compile(model, args, spec("lori", TARGETS, **options), {"use_cache": False})
-
-
-@pytest.mark.parametrize("model_name", ["llama", "gpt2", "bert"])
-def test_kind_matrix_invariants(model_name, tmp_path, monkeypatch):
-    """The kind matrix's checks (identity, count against its own formula over the user's module shapes,
-    gradients, round trip, merge) on its models: LLaMA with GQA, GPT-2's addmm, BERT."""
-    monkeypatch.setitem(matrix.FORMULAS, "lori", lambda o, i, n: _count(o["rank"], o["density"], n))
-    matrix.test_kind_on_model(matrix.Case("lori", model_name, {"rank": 4, "density": 0.2}), tmp_path)
