@@ -76,10 +76,8 @@ def pissa_factors(weight: torch.Tensor, rank: int, scale: float) -> tuple[torch.
 
 
 def olora_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) = (R[:rank], Q[:, :rank]) of the reduced QR W = Q R of `weight` (out x in)."""
-    if rank > min(weight.shape):
-        raise SpecError("init", f"olora takes rank {rank} columns of Q from the QR of a {weight.shape[0]}x"
-                                f"{weight.shape[1]} weight, which has only {min(weight.shape)}")
+    """(A, B) = (R[:rank], Q[:, :rank]) of the reduced QR W = Q R of `weight` (out x in); the spec check
+    keeps rank <= min(out, in), so Q has the rank columns."""
     Q, R = torch.linalg.qr(weight.float())
     return R[:rank].contiguous(), Q[:, :rank].contiguous()
 

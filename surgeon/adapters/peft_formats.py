@@ -143,7 +143,7 @@ def _write_rank_alpha(options: dict, weights: dict, site_options: dict, alpha_ke
 
 # ---------------------------------------------------------------- LoRA, DoRA, PiSSA
 
-LORA_INITS = (True, False, "gaussian", "pissa", "eva", "orthogonal")   # inits that leave W alone, or PiSSA
+LORA_INITS = (True, False, "gaussian", "pissa", "olora", "eva", "orthogonal")   # leave W alone, or PiSSA / OLoRA
 
 
 def _read_lora(config, weights, extras):
@@ -151,9 +151,10 @@ def _read_lora(config, weights, extras):
     if init not in LORA_INITS:
         raise _fail(f"init_lora_weights={init!r} changes the base weights in a way surgeon does not reproduce "
                     f"(supported: {list(LORA_INITS)}; PiSSA only with the full SVD)")
+    residual = init if init in ("pissa", "olora") else None   # the base holds W - s B0 A0, recomputed from W
     kind = "dora" if config.get("use_dora") else "lora"
-    if kind == "dora" and init == "pissa":
-        raise _fail("DoRA with a PiSSA init is not supported")
+    if kind == "dora" and residual:
+        raise _fail(f"DoRA with a {residual} init is not supported")
     convs = {path for path, params in weights.items() if _conv_lora(params)}
     experts = _parameter_loras(config, weights)
     for path, params in weights.items():
@@ -170,7 +171,7 @@ def _read_lora(config, weights, extras):
     sites.update(conv_sites)
     _check_conv_b(weights, convs, entry, sites)
     entry.update(type=kind, use_rslora=bool(config.get("use_rslora", False)),
-                 init="pissa" if init == "pissa" else "default", dropout=_dropout(config, "lora_dropout"))
+                 init=residual or "default", dropout=_dropout(config, "lora_dropout"))
     if experts:   # targets name the parameters; insert keys the nested entries by them (adapter_ops.place_peft_params)
         entry["targets"] = sorted({*(p for p in weights if p not in experts), *(t for ts in experts.values() for t in ts)})
     return entry, sites
@@ -248,7 +249,7 @@ def _write_lora(kind, options, weights, site_options):
                               lambda params: params["lora_A"].shape[0], experts)
     config = {**ranks, "use_rslora": options["use_rslora"],
               "lora_dropout": options.get("dropout", 0.0), "use_dora": kind == "dora",
-              "init_lora_weights": "pissa" if options.get("init") == "pissa" else True}
+              "init_lora_weights": options["init"] if options.get("init") in ("pissa", "olora") else True}
     if experts:
         config.update(target_modules=sorted(p for p in weights if p not in experts), target_parameters=sorted(experts))
         _nest_parameter_loras(weights, list(experts))

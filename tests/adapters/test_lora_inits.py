@@ -125,6 +125,29 @@ def test_peft_parity_of_factors_base_weights_outputs_and_merge(init):
 
 
 @pytest.mark.parametrize("init", INITS)
+def test_peft_checkpoints_import_and_export_with_their_init(init, tmp_path):
+    """A trained PEFT olora adapter holds A and B for the residual base W - s B0 A0, which PEFT rebuilds
+    from W on load: surgeon imports it with init olora (the residual recomputed) and exports
+    init_lora_weights "olora" (before, export wrote True and PEFT loaded it onto W: 1e-2 off)."""
+    model, args = hf_llama()
+    wrapped = _peft_model(model, init)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    wrapped.save_pretrained(tmp_path / "peft")
+    want = logits(wrapped, args)
+    assert not torch.allclose(want, logits(model, args), atol=1e-3)
+    compiled = surgeon.compile(model, args, {"adapters": [{"name": NAME, "from_peft": str(tmp_path / "peft")}]}, KW)
+    assert compiled.adapters[NAME].spec.options["init"] == ("olora" if init == "olora" else "default")
+    assert_close(logits(compiled.module, args), want)
+    compiled.save_adapter(NAME, tmp_path / "out", format="peft")
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "out").eval()
+    assert_close(logits(reloaded, args), want)
+
+
+@pytest.mark.parametrize("init", INITS)
 def test_merge_is_the_original_weight_plus_the_trained_delta(init):
     model, args, compiled = compile_kind("lora", TARGETS, rank=RANK, alpha=ALPHA, init=init)
     initial = _factors(compiled)
@@ -177,3 +200,12 @@ def test_a_bad_init_is_refused_naming_the_option_and_the_choices():
     message = str(error.value)
     assert "init" in message and "bogus" in message
     assert "must be one of ['default', 'gaussian', 'pissa', 'olora', 'orthogonal']" in message
+
+
+@pytest.mark.parametrize("init", INITS)
+def test_expert_parameters_are_refused_with_the_reason(init):
+    from tests.adapters.test_moe_experts import EXPERTS, mixtral
+
+    model, args = mixtral()
+    with pytest.raises(surgeon.SpecError, match=f"the {init} init makes one rank-r pair for a 2-D weight"):
+        surgeon.compile(model, args, spec("lora", EXPERTS, rank=2, init=init), KW)
