@@ -11,8 +11,9 @@ with the adapter, so a loaded adapter keeps its support (it is never re-selected
 
 Trained: A, B and the k values; a site costs r * (in + out) + k parameters. Init: A
 kaiming-uniform (nn.Linear's), B = 0 and the values 0, so s B A x = 0, S = 0 and insertion is
-the identity bit for bit. Forward: two GEMMs for the low-rank part, and the dense S built in the
-graph (new_zeros + index_put) applied with one more. Merge identity:
+the identity bit for bit. Forward: two GEMMs for the low-rank part; S x without a dense S: the k
+inputs S reads are gathered (index_select on x's last dim), scaled by the values and added into
+their output rows (index_add), O(tokens * k) instead of a dense out x in GEMM. Merge identity:
 W x + s B A x + S x == (W + s B A + S) x, exact (built in float64); unmerge subtracts the same.
 """
 from __future__ import annotations
@@ -70,11 +71,12 @@ def _init(opts, in_features, out_features, dtype, gen, weight):
 
 
 def _forward(branch, x, y, params, opts):
-    # y + s B(A x), then + S x with S the scattered values
+    # y + s B(A x), then + S x: (S x)[.., r] = sum over the support entries (r, c) of value * x[.., c]
     low_rank = branch.linear(branch.linear(x, params["rosa_A"]), params["rosa_B"])
     y = branch.add(y, low_rank, alpha=scale(opts))
-    sparse = scatter(branch, params["rosa_values"], params["rosa_indices"], branch.out_features, branch.in_features)
-    return branch.add(y, branch.linear(x, sparse))
+    rows, cols = (branch.op(aten.select.int, params["rosa_indices"], 0, axis) for axis in (0, 1))
+    picked = branch.op(aten.mul.Tensor, branch.op(aten.index_select.default, x, -1, cols), params["rosa_values"])
+    return branch.op(aten.index_add.default, y, -1, rows, picked)
 
 
 def _delta(params, opts, weight):
