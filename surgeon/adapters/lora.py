@@ -39,8 +39,9 @@ consume W (transformers' grouped_mm, batched mm or indexed linear). The factors 
 layout for such parameters (its `target_parameters`): A is (r E) x in with expert e's rows at
 e*r .. e*r + r - 1 (expert-major), B is out x (r E) with expert e's columns at e, E + e, ...
 (rank-major, stride E); s = alpha / r with r the per-expert rank. Experts stored E x in x out
-(the module says `is_transposed`, as GPT-OSS's do) read W + s * D^T per expert, as PEFT does. Merge adds s * D to W; PiSSA
-and dropout are refused there (a dropout of x does not factor out of W + s D, PEFT refuses it).
+(the module says `is_transposed`, as GPT-OSS's do) read W + s * D^T per expert, as PEFT does.
+Merge adds s * D to W; PiSSA and dropout are refused there (a dropout of x does not factor out
+of W + s D, PEFT refuses it).
 """
 from __future__ import annotations
 
@@ -57,9 +58,9 @@ aten = torch.ops.aten
 
 
 def lora_scale(opts: dict) -> float:
-    """The LoRA scaling factor alpha/r (or alpha/sqrt(r) with rsLoRA)."""
+    """The LoRA scaling factor alpha/r (or alpha/sqrt(r) with rsLoRA; kinds without the option: alpha/r)."""
     rank, alpha = opts["rank"], opts["alpha"] if opts["alpha"] is not None else opts["rank"]
-    return alpha / math.sqrt(rank) if opts["use_rslora"] else alpha / rank
+    return alpha / math.sqrt(rank) if opts.get("use_rslora") else alpha / rank
 
 
 def kaiming_uniform(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
@@ -98,10 +99,11 @@ def orthogonal_factors(rank: int, in_features: int, out_features: int,
 def lora_init(opts, in_features, out_features, dtype, gen, weight):
     """LoRA's A and B for one site (PiSSA and OLoRA read the base weight)."""
     rank = opts["rank"] * opts.get("experts", 1)   # an expert stack keeps every expert's rank-r factors side by side
-    if opts["init"] in ("pissa", "olora", "orthogonal"):
-        A, B = (pissa_factors(weight, rank, lora_scale(opts)) if opts["init"] == "pissa" else
-                olora_factors(weight, rank) if opts["init"] == "olora" else
-                orthogonal_factors(rank, in_features, out_features, gen))
+    factors = {"pissa": lambda: pissa_factors(weight, rank, lora_scale(opts)),
+               "olora": lambda: olora_factors(weight, rank),
+               "orthogonal": lambda: orthogonal_factors(rank, in_features, out_features, gen)}.get(opts["init"])
+    if factors is not None:   # both factors non-zero
+        A, B = factors()
         return {"lora_A": A.to(dtype), "lora_B": B.to(dtype)}
     if opts["init"] == "gaussian":
         A = torch.empty(rank, in_features).normal_(0.0, 1.0 / opts["rank"], generator=gen)

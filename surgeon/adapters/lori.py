@@ -22,8 +22,9 @@ from __future__ import annotations
 import torch
 
 from . import AdapterKind, Option
-from .lora import kaiming_uniform
-from .rosa import dense, pick_support, scale, scatter, support_size
+from .lora import kaiming_uniform, lora_scale
+from .rosa import support_size
+from .shira import dense, pick_support, scatter
 
 
 def _init(opts, in_features, out_features, dtype, gen, weight):
@@ -38,13 +39,13 @@ def _forward(branch, x, y, params, opts):
     # y + s B(A x), B the scattered masked values (out x r)
     B = scatter(branch, params["lori_values"], params["lori_indices"], branch.out_features, opts["rank"])
     update = branch.linear(branch.linear(x, params["lori_A"]), B)
-    return branch.add(y, update, alpha=scale(opts))
+    return branch.add(y, update, alpha=lora_scale(opts))
 
 
 def _delta(params, opts, weight):
     """s B A in float64, out x in."""
     B = dense(params["lori_values"], params["lori_indices"], (weight.shape[0], opts["rank"]))
-    return scale(opts) * (B @ params["lori_A"].double())
+    return lora_scale(opts) * (B @ params["lori_A"].double())
 
 
 LORI = AdapterKind(

@@ -21,44 +21,13 @@ from __future__ import annotations
 import torch
 
 from . import AdapterKind, Option, aten
-from .lora import kaiming_uniform
+from .lora import kaiming_uniform, lora_scale
+from .shira import dense, pick_support
 
 
 def support_size(density: float, rows: int, cols: int) -> int:
     """k, the number of trained entries of a rows x cols matrix at this density (at least one)."""
     return max(1, round(density * rows * cols))
-
-
-def pick_support(count: int, rows: int, cols: int, mask: str, gen: torch.Generator,
-                 weight: torch.Tensor | None = None) -> torch.Tensor:
-    """The 2 x count int64 (row, column) pairs of a fixed support, sorted row-major: the count
-    largest |weight| entries (`magnitude`) or count distinct entries drawn from `gen` (`random`)."""
-    if mask == "magnitude":   # on the weight's device (meta too: a loaded adapter's shape check calls init)
-        flat = torch.topk(weight.detach().abs().flatten(), count).indices
-    else:
-        flat = torch.randperm(rows * cols, generator=gen)[:count]
-    flat = torch.sort(flat).values
-    return torch.stack([flat // cols, flat % cols])
-
-
-def scatter(branch, values, indices, rows: int, cols: int):
-    """The rows x cols matrix that is `values` at `indices` and zero elsewhere, as graph code."""
-    zeros = branch.op(aten.new_zeros.default, values, [rows, cols])
-    at = [branch.op(aten.select.int, indices, 0, axis) for axis in (0, 1)]
-    return branch.op(aten.index_put.default, zeros, at, values)
-
-
-def dense(values: torch.Tensor, indices: torch.Tensor, shape) -> torch.Tensor:
-    """`values` at `indices` in a zero matrix of `shape`, float64 (for a merge)."""
-    out = torch.zeros(shape, dtype=torch.float64, device=values.device)
-    rows, cols = indices.long()
-    out[rows, cols] = values.double()
-    return out
-
-
-def scale(opts: dict) -> float:
-    alpha = opts["alpha"] if opts["alpha"] is not None else opts["rank"]
-    return alpha / opts["rank"]
 
 
 def _init(opts, in_features, out_features, dtype, gen, weight):
@@ -73,7 +42,7 @@ def _init(opts, in_features, out_features, dtype, gen, weight):
 def _forward(branch, x, y, params, opts):
     # y + s B(A x), then + S x: (S x)[.., r] = sum over the support entries (r, c) of value * x[.., c]
     low_rank = branch.linear(branch.linear(x, params["rosa_A"]), params["rosa_B"])
-    y = branch.add(y, low_rank, alpha=scale(opts))
+    y = branch.add(y, low_rank, alpha=lora_scale(opts))
     rows, cols = (branch.op(aten.select.int, params["rosa_indices"], 0, axis) for axis in (0, 1))
     picked = branch.op(aten.mul.Tensor, branch.op(aten.index_select.default, x, -1, cols), params["rosa_values"])
     return branch.op(aten.index_add.default, y, -1, rows, picked)
@@ -81,7 +50,7 @@ def _forward(branch, x, y, params, opts):
 
 def _delta(params, opts, weight):
     """s B A + S in float64, out x in."""
-    low_rank = scale(opts) * (params["rosa_B"].double() @ params["rosa_A"].double())
+    low_rank = lora_scale(opts) * (params["rosa_B"].double() @ params["rosa_A"].double())
     return low_rank + dense(params["rosa_values"], params["rosa_indices"], weight.shape)
 
 

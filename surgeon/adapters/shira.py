@@ -37,31 +37,48 @@ def _init(opts, in_features, out_features, dtype, gen, weight):
     if count > in_features * out_features:
         raise ValueError(f"shira: rank {opts['rank']} asks for {count} entries of a {out_features} x {in_features} "
                          "weight")
-    if opts["mask"] == "magnitude":
-        # the k largest |W| entries (out x in, row-major flat positions)
-        indices = torch.topk(weight.detach().abs().flatten(), count).indices   # on W's device (meta in a shape check)
-    else:
-        indices = torch.randperm(in_features * out_features, generator=gen)[:count]
-    flat = torch.sort(indices).values
     return {"shira_values": torch.zeros(count, dtype=dtype),
-            "shira_indices": torch.stack([flat // in_features, flat % in_features])}
+            "shira_indices": pick_support(count, out_features, in_features, opts["mask"], gen, weight)}
+
+
+def pick_support(count: int, rows: int, cols: int, mask: str, gen: torch.Generator,
+                 weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The 2 x count int64 (row, column) pairs of a fixed support of a rows x cols matrix, sorted
+    row-major: the count largest |weight| entries (`magnitude`) or count distinct entries drawn from
+    `gen` (`random`). (SHiRA's, RoSA's and LoRI's supports.)"""
+    if mask == "magnitude":   # on the weight's device (meta too: a loaded adapter's shape check calls init)
+        flat = torch.topk(weight.detach().abs().flatten(), count).indices
+    else:
+        flat = torch.randperm(rows * cols, generator=gen)[:count]
+    flat = torch.sort(flat).values
+    return torch.stack([flat // cols, flat % cols])
+
+
+def scatter(branch, values, indices, rows: int, cols: int):
+    """The rows x cols matrix that is `values` at `indices` and zero elsewhere, as graph code."""
+    zeros = branch.op(aten.new_zeros.default, values, [rows, cols])
+    at = [branch.op(aten.select.int, indices, 0, axis) for axis in (0, 1)]
+    return branch.op(aten.index_put.default, zeros, at, values)
+
+
+def dense(values: torch.Tensor, indices: torch.Tensor, shape) -> torch.Tensor:
+    """`values` at `indices` in a zero matrix of `shape`, float64 (for a merge)."""
+    out = torch.zeros(shape, dtype=torch.float64, device=values.device)
+    rows, cols = indices.long()
+    out[rows, cols] = values.double()
+    return out
 
 
 def _forward(branch, x, y, params, opts):
     # y + S x with S = scatter(values at indices) in an out x in zero matrix
-    rows, cols = branch.out_features, branch.in_features
-    zeros = branch.op(aten.new_zeros.default, params["shira_values"], [rows, cols])
-    at = [branch.op(aten.select.int, params["shira_indices"], 0, axis) for axis in (0, 1)]
-    sparse = branch.op(aten.index_put.default, zeros, at, params["shira_values"])
+    sparse = scatter(branch, params["shira_values"], params["shira_indices"], branch.out_features,
+                     branch.in_features)
     return branch.add(y, branch.linear(x, sparse))
 
 
 def _delta(params, opts, weight):
     """S in float64, the shape of `weight` (out x in)."""
-    dense = torch.zeros(weight.shape, dtype=torch.float64, device=params["shira_values"].device)
-    rows, cols = params["shira_indices"].long()
-    dense[rows, cols] = params["shira_values"].double()
-    return dense
+    return dense(params["shira_values"], params["shira_indices"], weight.shape)
 
 
 SHIRA = AdapterKind(
