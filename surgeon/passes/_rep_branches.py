@@ -2,17 +2,19 @@
 
 A sum is a tree of adds and subtractions (inner ones used only by the tree): `aten.add.Tensor`,
 `aten.sub.Tensor` (its second operand's terms enter with a minus sign: FastViT's RepMixer computes
-`mixer(x) - norm(x)`), a negation (one term, negated), and the in-place `aten.add_.Tensor` that `out += branch(x)` becomes when
-nothing else reads `out` (rewritten as a plain add, nobody can tell); a literal 0 operand
-(`out = 0; out += ...`) adds nothing. Each term is a signed branch on some input x: an op (conv2d / linear) reading x, an eval BatchNorm on x (the
-per-channel affine diag(s) x + t), or x itself (the identity). Terms on the same x merge:
+`mixer(x) - norm(x)`), a negation (one term, negated), and the in-place `aten.add_.Tensor` that
+`out += branch(x)` becomes when nothing else reads `out` (rewritten as a plain add, nobody can
+tell); a literal 0 operand (`out = 0; out += ...`) adds nothing. Each term is a signed branch on
+some input x: an op (conv2d / linear) reading x, an eval BatchNorm on x (the per-channel affine
+diag(s) x + t), or x itself (the identity). Terms on the same x merge:
 
     sum_i conv(x, W_i, b_i) + diag(s) x + t + x == conv(x, sum_i pad(W_i) + I_s + I, sum_i b_i + t)
 
-(a term with a minus sign enters with its weight and bias negated), where pad() zero-pads each kernel, centred, to the largest one and I_s / I are identity
-kernels. The outputs align only when every conv has the same stride, dilation and groups and
-the same 2p - d(k - 1) per spatial dim (so padding P = (2p - d(k-1) + d(K-1)) / 2 serves all);
-an identity needs stride 1, that alignment 0, an odd merged kernel and in == out channels.
+(a term with a minus sign enters with its weight and bias negated), where pad() zero-pads each
+kernel, centred, to the largest one and I_s / I are identity kernels. The outputs align only
+when every conv has the same stride, dilation and groups and the same 2p - d(k - 1) per spatial
+dim (so padding P = (2p - d(k-1) + d(K-1)) / 2 serves all); an identity needs stride 1, that
+alignment 0, an odd merged kernel and in == out channels.
 Linears merge the same way (sum of weights, + I for the identity, + diag(s) for a BN on a
 rank-2 input). A branch whose output is used elsewhere, a BN in training mode, and branches
 that do not align are left as they are, with the reason; so is a sum holding conv2d / linear /
@@ -158,9 +160,12 @@ class Bucket:
     """Branches that merge into one op: ops with one alignment key, plus the identities they take."""
 
     key: tuple
-    ops: list[Op] = field(default_factory=list)
-    signs: list[int] = field(default_factory=list)     # one per op
+    branches: list[Branch] = field(default_factory=list)     # the op branches
     identities: list[Branch] = field(default_factory=list)
+
+    @property
+    def ops(self) -> list[Op]:
+        return [b.op for b in self.branches]
 
 
 def branch_rules(gm: fx.GraphModule, shapes: Shapes, made_by: str, log: list[str], path: str = "*") -> RuleSet:
@@ -176,7 +181,6 @@ def merge_sum(gm: fx.GraphModule, shapes: Shapes, root: fx.Node, made_by: str, l
     if not _tree_add(root):
         return None
     signed = signed_terms(root)
-    terms = [term for term, _ in signed]
     adds = tree_adds(root)
     reasons: list[str] = []
     merged: dict[fx.Node, fx.Node] = {}     # first consumed term -> merged op (others map to None)
@@ -187,7 +191,7 @@ def merge_sum(gm: fx.GraphModule, shapes: Shapes, root: fx.Node, made_by: str, l
             if len(bucket.ops) + len(bucket.identities) >= 2:
                 _merge_bucket(gm, root, bucket, merged, made_by, log)
     if not merged:
-        return "; ".join(dict.fromkeys(reasons)) or _unmerged_reason(gm, terms)
+        return "; ".join(dict.fromkeys(reasons)) or _unmerged_reason(gm, signed)
     kept, seen = [], set()
     for term, sign in signed:
         if term not in merged:
@@ -212,12 +216,12 @@ def _candidate(term: fx.Node) -> bool:
     return read_op(term) is not None or read_norm(term) is not None
 
 
-def _unmerged_reason(gm: fx.GraphModule, terms: list[fx.Node]) -> str | None:
+def _unmerged_reason(gm: fx.GraphModule, signed: list[tuple[fx.Node, int]]) -> str | None:
     """Why a sum holding conv2d / linear / batch_norm branches merged nothing (None if it holds none)."""
-    if len(terms) < 2 or not any(_candidate(t) for t in terms):
+    if len(signed) < 2 or not any(_candidate(t) for t, _ in signed):
         return None
     parts = []
-    for branch in (b for bs in _group([(t, 1) for t in terms]).values() for b in bs):
+    for branch in (b for bs in _group(signed).values() for b in bs):
         if branch.op is not None or branch.norm is not None:
             parts.append(f"{branch.describe(gm)} on {branch.x.name}")
         else:
@@ -266,9 +270,7 @@ def _buckets(gm: fx.GraphModule, shapes: Shapes, x: fx.Node, branches: list[Bran
             reasons.append(f"branch {where} is a batch_norm in training mode (batch statistics): not mergeable")
         elif branch.op is not None:
             key = _key(gm, branch.op)
-            bucket = buckets.setdefault(key, Bucket(key))
-            bucket.ops.append(branch.op)
-            bucket.signs.append(branch.sign)
+            buckets.setdefault(key, Bucket(key)).branches.append(branch)
         else:
             identities.append(branch)
     ordered = list(buckets.values())
@@ -321,19 +323,19 @@ def _merge_bucket(gm: fx.GraphModule, root: fx.Node, bucket: Bucket, merged: dic
     first = bucket.ops[0]
     weights = [tensor(gm, op.weight) for op in bucket.ops]
     has_bias = any(op.bias is not None for op in bucket.ops) or any(b.norm for b in bucket.identities)
-    bias = sum(sign * zero_bias(w, tensor(gm, op.bias)) for w, op, sign in zip(weights, bucket.ops, bucket.signs))
+    bias = sum(b.sign * zero_bias(w, tensor(gm, b.op.bias)) for w, b in zip(weights, bucket.branches))
     affines = [norm_affine(gm, b.norm) if b.norm else None for b in bucket.identities]
     bias = bias + sum(b.sign * a.shift for a, b in zip(affines, bucket.identities) if a is not None)
     channels = weights[0].shape[0]
     diagonals = [(a.scale if a is not None else torch.ones(channels, dtype=torch.float64)) * b.sign
                  for a, b in zip(affines, bucket.identities)]
     if first.kind == "linear":
-        weight = sum(sign * w.double() for w, sign in zip(weights, bucket.signs)) + sum(
+        weight = sum(b.sign * w.double() for w, b in zip(weights, bucket.branches)) + sum(
             identity_matrix(channels, d) for d in diagonals)
         padding = None
     else:
         kernel = tuple(max(w.shape[d] for w in weights) for d in (2, 3))
-        weight = sum(sign * centred(w, kernel) for w, sign in zip(weights, bucket.signs)) + sum(
+        weight = sum(b.sign * centred(w, kernel) for w, b in zip(weights, bucket.branches)) + sum(
             identity_kernel(channels, first.groups, kernel, d) for d in diagonals)
         align = bucket.key[6]
         padding = tuple((a + d * (k - 1)) // 2 for a, d, k in zip(align, first.dilation, kernel))
@@ -345,8 +347,7 @@ def _merge_bucket(gm: fx.GraphModule, root: fx.Node, bucket: Bucket, merged: dic
         new.meta["val"] = first.node.meta["val"]
     merged.update({t: None for t in terms})
     merged[terms[0]] = new
-    parts = [("-" if sign < 0 else "") + op.describe(gm) for op, sign in zip(bucket.ops, bucket.signs)]
-    parts += [b.describe(gm) for b in bucket.identities]
+    parts = [b.describe(gm) for b in bucket.branches + bucket.identities]
     shape = "x".join(map(str, weight.shape[2:]))
     log.append(f"parallel: {' + '.join(parts)} -> {first.kind}{' ' + shape if shape else ''} ({path or '<root>'})")
 

@@ -92,19 +92,17 @@ def precompute(gm: fx.GraphModule, made_by: str, log: list[str], rejections: lis
 
     with torch.no_grad():
         for node in frontier:
-            where = f"{made_by} @ {module_path(node) or '<root>'}"
-            result = value(node)
+            path, what, result = module_path(node), f"{op_name(node)} ({node.name})", value(node)
             if not isinstance(result, torch.Tensor):
                 continue
             if result.numel() > LIMIT:
-                rejections.append((where, f"{op_name(node)} ({node.name}) reads only parameters but its result holds "
-                                          f"{result.numel():,} elements (> {LIMIT:,}): computed on every call"))
+                rejections.append((f"{made_by} @ {path or '<root>'}",
+                                   f"{what} reads only parameters but its result holds {result.numel():,} elements "
+                                   f"(> {LIMIT:,}): computed on every call"))
                 continue
-            path = module_path(node)
             with gm.graph.inserting_before(node):
                 ref = _new_param(gm, path, stem, result.detach().clone(), False, made_by)
             shape = "x".join(map(str, result.shape)) or "scalar"
-            what = f"{op_name(node)} ({node.name})"
             finish(gm, node, ref)
             made.append(ref.target)
             log.append(f"constant: {what} of parameters only -> a precomputed {shape} tensor ({path or '<root>'})")

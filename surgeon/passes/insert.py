@@ -15,8 +15,9 @@ A selected conv / linear whose weight is computed from parameters on every call 
 standardization) gets its weight computed once, as a frozen tensor `<path>.weight_computed`
 that then is the site's weight: the base is frozen while adapters train, so this is exact, and
 merge then adds into the weight the op really uses (PEFT adds into the raw parameter, which the
-standardization then rescales). Sites are taken in graph order; loaded weights keyed "#k" (checkpoints that name no modules,
-PEFT prefix tuning) go to the k-th site, and then their count must equal the site count.
+standardization then rescales). Sites are taken in graph order; loaded weights keyed "#k"
+(checkpoints that name no modules, PEFT prefix tuning) go to the k-th site, and then their count
+must equal the site count.
 """
 from __future__ import annotations
 
@@ -124,7 +125,7 @@ def _compute_weights(gm: fx.GraphModule, states, result: PassResult) -> dict[str
                and m["weight"].op == "call_function" and not node.meta.get("surgeon_adapter") and selected(m.path)}
     if not weights:
         return {}
-    classes = {module_path(op): _module_class(op) for w in weights for op in w.users}
+    classes = {module_path(w): _module_class(w) for w in weights}
     log: list[str] = []
     made = precompute(gm, "insert", log, result.rejections, lambda node: node in weights, stem="weight_computed")
     result.notes += [f"{target}: the op's weight is computed from parameters on every call; computed once and "
@@ -133,6 +134,7 @@ def _compute_weights(gm: fx.GraphModule, states, result: PassResult) -> dict[str
 
 
 def _module_class(node: fx.Node) -> str:
+    """The class name of the module a node came from (export records its qualified name)."""
     stack = node.meta.get("nn_module_stack") or {}
     return str(list(stack.values())[-1][1]).rpartition(".")[2] if stack else "?"
 
@@ -147,7 +149,7 @@ def _refuse_peft_computed_convs(computed: dict[str, str], paths: list[str], foun
         weight = calls[0].args[1] if calls[0].op == "call_function" and len(calls[0].args) > 1 else None
         if not (isinstance(weight, fx.Node) and weight.target in computed) or "conv" not in str(calls[0].target):
             continue
-        cls = computed[weight.target].strip("'>")
+        cls = computed[weight.target]
         raise ctx.spec.error(("adapters", index, "from_peft"),
                              f"module '{path}' ({cls}) computes its conv weight from its parameter on every call; "
                              f"PEFT builds that module's lora_A as a {cls} too, so the checkpoint's A is transformed "
