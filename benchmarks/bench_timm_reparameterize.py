@@ -27,13 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests.timm_mode
 
 from bench_reparameterize import cpu_name  # noqa: E402  (this folder)
 from tests.passes.rep_models import REP, randomize_bn  # noqa: E402
-from tests.timm_models import FAMILIES, import_timm  # noqa: E402
-
-
-def counts(gm: torch.fx.GraphModule) -> tuple[int, int]:
-    """(conv ops, batch_norm ops) in a captured graph."""
-    targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
-    return (sum("aten.conv" in t for t in targets), sum("batch_norm" in t for t in targets))
+from tests.timm_models import FAMILIES, counts, import_timm  # noqa: E402
 
 
 def ratio(a, b, rounds: int) -> float:
@@ -83,8 +77,9 @@ def main() -> None:
             want = model(x)
             errs = [float((m(x) - want).abs().max() / want.abs().max()) for m in (timm_model, ours)]
         speed = ratio(lambda: ours(x), lambda: timm_model(x), args.rounds)
-        print(f"| {name} | {'x'.join(map(str, size))} | {before[0]} / {after_timm[0]} / {after[0]} "
-              f"| {before[1]} / {after_timm[1]} / {after[1]} | {errs[0]:.1e} / {errs[1]:.1e} | {speed:.2f}x |",
+        convs, norms = (" / ".join(str(c[k]) for c in (before, after_timm, after)) for k in ("conv", "batch_norm"))
+        print(f"| {name} | {'x'.join(map(str, size))} | {convs} | {norms} | {errs[0]:.1e} / {errs[1]:.1e} "
+              f"| {speed:.2f}x |",
               flush=True)
 
 

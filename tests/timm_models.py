@@ -26,23 +26,23 @@ import torch
 _REGISTRATIONS = ("torchvision._meta_registrations", "torchvision._autograd_registrations")
 
 # One small model per timm family that ships `reparameterize_model` support (timm 1.0.31:
-# every model file with a `reparameterize` or `fuse` method), with the input size it is tested at.
+# every model file with a `reparameterize` or `fuse` method) -> the input size it is tested at.
 # Sizes are the smallest the family's fixed-resolution parts (attention biases, windows) accept.
 FAMILIES = {
-    "repvgg_a0": {"size": 64},            # byobnet: RepVGG blocks (3x3 + 1x1 + identity BN)
-    "mobileone_s0": {"size": 64},         # byobnet: MobileOne (k over-parameterized branches)
-    "fastvit_t8": {"size": 64},           # RepMixer, RepCPE, MobileOne stems
-    "levit_128s": {"size": 224},          # Linear + BatchNorm1d (ConvNorm / LinearNorm)
-    "efficientvit_m0": {"size": 224},     # cascaded group attention, ConvNorm
-    "repghostnet_050": {"size": 64},      # RepGhost: BN-only identity branch
-    "repvit_m0_9": {"size": 64},          # RepViT: RepVGGDW, Conv2d_BN
-    "tiny_vit_5m_224": {"size": 224},     # ConvNorm, windowed attention
-    "efficientvim_m1": {"size": 64},      # ConvLayer2D / ConvLayer1D with BN
-    "ghostnetv3_050": {"size": 64},       # GhostNetV3: re-parameterized ghost modules
-    "iformer_t": {"size": 64},            # RepCPE, ConvNorm
-    "lcnetv2_small": {"size": 64},        # LCNetV2 reparameterizable depthwise blocks
-    "nextvit_small": {"size": 64},        # NextViT: ConvBNReLU, BN before linear
-    "shvit_s1": {"size": 64},             # SHViT: Conv2d_BN, BN_Linear
+    "repvgg_a0": 64,         # byobnet: RepVGG blocks (3x3 + 1x1 + identity BN)
+    "mobileone_s0": 64,      # byobnet: MobileOne (k over-parameterized branches)
+    "fastvit_t8": 64,        # RepMixer, RepCPE, MobileOne stems
+    "levit_128s": 224,       # Linear + BatchNorm1d (ConvNorm / LinearNorm)
+    "efficientvit_m0": 224,  # cascaded group attention, ConvNorm
+    "repghostnet_050": 64,   # RepGhost: BN-only identity branch
+    "repvit_m0_9": 64,       # RepViT: RepVGGDW, Conv2d_BN
+    "tiny_vit_5m_224": 224,  # ConvNorm, windowed attention
+    "efficientvim_m1": 64,   # ConvLayer2D / ConvLayer1D with BN
+    "ghostnetv3_050": 64,    # GhostNetV3: re-parameterized ghost modules
+    "iformer_t": 64,         # RepCPE, ConvNorm
+    "lcnetv2_small": 64,     # LCNetV2 reparameterizable depthwise blocks
+    "nextvit_small": 64,     # NextViT: ConvBNReLU, BN before linear
+    "shvit_s1": 64,          # SHViT: Conv2d_BN, BN_Linear
 }
 
 
@@ -84,11 +84,17 @@ def import_timm(skip: bool = True):
     return timm
 
 
+def counts(gm) -> dict[str, int]:
+    """conv and batch_norm ops in a captured graph."""
+    targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    return {"conv": sum("aten.conv" in t for t in targets), "batch_norm": sum("batch_norm" in t for t in targets)}
+
+
 def create(timm, name: str, seed: int = 0, classes: int = 10) -> tuple[torch.nn.Module, torch.Tensor]:
     """A timm model with random weights and non-trivial BN statistics, in eval, and its input."""
     from tests.passes.rep_models import randomize_bn
 
-    size = FAMILIES[name]["size"]
+    size = FAMILIES[name]
     torch.manual_seed(seed)
     model = randomize_bn(timm.create_model(name, pretrained=False, num_classes=classes), seed=seed)
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed + 1))

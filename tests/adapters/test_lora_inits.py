@@ -17,7 +17,7 @@ import surgeon
 from surgeon.graph import get_tensor
 from tests.adapters.helpers import (KW, NAME, assert_close, assert_identity_insert, assert_merge, assert_param_count,
                                     assert_round_trip, assert_trains, compile_kind, spec)
-from tests.conftest import assert_untouched, hf_llama, randomize_adapters, small_cnn, snapshot
+from tests.conftest import assert_untouched, hf_llama, peft_lora_checkpoint, randomize_adapters, small_cnn, snapshot
 from tests.passes.helpers import logits
 
 peft = pytest.importorskip("peft")
@@ -128,15 +128,10 @@ def test_peft_parity_of_factors_base_weights_outputs_and_merge(init):
 def test_peft_checkpoints_import_and_export_with_their_init(init, tmp_path):
     """A trained PEFT olora adapter holds A and B for the residual base W - s B0 A0, which PEFT rebuilds
     from W on load: surgeon imports it with init olora (the residual recomputed) and exports
-    init_lora_weights "olora" (before, export wrote True and PEFT loaded it onto W: 1e-2 off)."""
+    init_lora_weights "olora" (with True, PEFT loads it onto W instead of the residual)."""
     model, args = hf_llama()
-    wrapped = _peft_model(model, init)
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, p in wrapped.named_parameters():
-            if "lora_" in name:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    wrapped.save_pretrained(tmp_path / "peft")
+    config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"], init_lora_weights=init)
+    wrapped = peft_lora_checkpoint(model, config, tmp_path / "peft", scale=0.05, seed=5)
     want = logits(wrapped, args)
     assert not torch.allclose(want, logits(model, args), atol=1e-3)
     compiled = surgeon.compile(model, args, {"adapters": [{"name": NAME, "from_peft": str(tmp_path / "peft")}]}, KW)

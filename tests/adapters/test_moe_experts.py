@@ -15,7 +15,7 @@ import torch
 
 import surgeon
 from tests.adapters.helpers import KW, NAME, assert_close, spec
-from tests.conftest import hf_llama, randomize_adapters
+from tests.conftest import hf_llama, peft_lora_checkpoint, randomize_adapters
 from tests.passes.helpers import adapter_nodes, logits
 
 EXPERTS = ["*.experts.gate_up_proj", "*.experts.down_proj"]
@@ -61,18 +61,11 @@ def gpt_oss(seed: int = 0):
 
 def peft_checkpoint(model, tmp_path, target_modules=(), **options):
     """A PEFT LoRA on the experts' parameters with random factors, saved; returns (peft model, folder)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     config = LoraConfig(r=2, lora_alpha=4, target_modules=list(target_modules), target_parameters=PEFT_EXPERTS,
                         **options)
-    peft = get_peft_model(copy.deepcopy(model), config).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in peft.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
-    peft.save_pretrained(tmp_path / "peft")
-    return peft, tmp_path / "peft"
+    return peft_lora_checkpoint(model, config, tmp_path / "peft", scale=0.3, seed=1), tmp_path / "peft"
 
 
 def peft_trainable(model, target_modules=()) -> int:

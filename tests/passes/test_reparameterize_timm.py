@@ -15,19 +15,10 @@ import pytest
 import torch
 
 import surgeon
+from surgeon.graph import module_path
 from tests.conftest import assert_untouched, snapshot
 from tests.passes.rep_models import REP, rel_err
-from tests.timm_models import FAMILIES, create, import_timm
-
-
-def _counts(gm) -> dict[str, int]:
-    targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
-    return {"conv": sum("aten.conv" in t for t in targets), "batch_norm": sum("batch_norm" in t for t in targets)}
-
-
-def _module_path(node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    return list(stack.values())[-1][0] if stack else ""
+from tests.timm_models import FAMILIES, counts, create, import_timm
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -38,9 +29,9 @@ def test_timm_family_reparameterizes_to_no_more_convs_or_batch_norms_than_timm(n
     model, x = create(timm, name)
     saved = snapshot(model)
     timms = reparameterize_model(copy.deepcopy(model)).eval()
-    theirs = _counts(surgeon.compile(timms, (x,), {"pipeline": []}).module)
+    theirs = counts(surgeon.compile(timms, (x,), {"pipeline": []}).module)
     compiled = surgeon.compile(model, (x,), REP)
-    ours = _counts(compiled.module)
+    ours = counts(compiled.module)
 
     assert ours["conv"] <= theirs["conv"] and ours["batch_norm"] <= theirs["batch_norm"], (theirs, ours)
     fresh = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
@@ -49,8 +40,10 @@ def test_timm_family_reparameterizes_to_no_more_convs_or_batch_norms_than_timm(n
             assert rel_err(model(inp), compiled.module(inp)) < 1e-5
     rows = {r.name: r for r in compiled.report.rows}
     assert rows["fold-bn"].matches > 0, "fold-bn folded nothing"
-    rejected = " ".join(where + " " + why for r in rows.values() for where, why in r.rejections)
-    left = [_module_path(n) for n in compiled.module.graph.nodes if "batch_norm" in str(n.target)]
-    unexplained = [path for path in left if path not in rejected]
+    # a BN left is named by a rejection: as its place ("fold-bn @ path") or inside a reason ("... (path)")
+    places = {where.split(" @ ", 1)[1] for r in rows.values() for where, _ in r.rejections}
+    reasons = " ".join(why for r in rows.values() for _, why in r.rejections)
+    left = [module_path(n) or "<root>" for n in compiled.module.graph.nodes if "batch_norm" in str(n.target)]
+    unexplained = [path for path in left if path not in places and f"({path})" not in reasons]
     assert not unexplained, f"batch_norms left with no rejection naming them: {unexplained}"
     assert_untouched(model, saved)
