@@ -36,7 +36,16 @@ parameters share storage with the compiled module's until a pass replaces them (
 weights: then the original's remain as well); its buffers are its own. Once built, the two
 generation graphs hold no weights of their own (all tied), only their graph code.
 
-Encoder-decoder models (T5, BART) are not served yet: their generator says so (see docs/guide.md).
+Encoder-decoder models (transformers' T5, BART: config.is_encoder_decoder) recompute: each new token runs
+the compiled module itself (so every pass applied to it is in effect) on the prompt, its attention mask
+(padding on either side) and the decoder's tokens so far, and takes the decoder's last position's logits
+(`_EncoderDecoderRun`). `generate` returns what transformers' does for them: the decoder's tokens, from
+`decoder_start_token_id` (the call's, else the generation config's, else its `bos_token_id`), so (batch,
+1 + new); `max_length` counts those; the `forced_bos_token_id` / `forced_eos_token_id` of the call or the
+generation config replace the first / last new token (BART sets the latter), as transformers' processors do.
+The module must have been captured with a `decoder_input_ids` input of dynamic length; otherwise its
+generator is "unsupported" and says how to compile it. No cache path yet: the encoder and the whole decoder
+sequence run again for every token.
 """
 from __future__ import annotations
 
@@ -63,6 +72,8 @@ from .pipeline import AdapterState, Context, compare, compute_dtypes, run_pipeli
 DEFAULTS = {"max_length": 20, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
 KEYWORDS = ("input_ids", "attention_mask", "max_new_tokens", "max_length", "do_sample", "temperature", "top_k",
             "top_p", "eos_token_id", "pad_token_id", "generator", "use_cache", "generation_config")
+# what an encoder-decoder's generate takes as well
+ENCODER_DECODER_KEYWORDS = ("decoder_start_token_id", "forced_bos_token_id", "forced_eos_token_id")
 
 
 @dataclass(frozen=True)
@@ -100,9 +111,7 @@ def resolve(given: dict[str, Any], configs: list[Any], prompt_length: int) -> Se
         raise SurgeonError(f"generate: max_new_tokens must be an int >= 0, got {new!r}"
                            + (f" (max_length {pick('max_length')} < the prompt's {prompt_length} tokens)"
                               if given.get("max_new_tokens") is None else ""))
-    eos = pick("eos_token_id")
-    eos = tuple(int(e) for e in (eos.tolist() if isinstance(eos, torch.Tensor) else
-                                  eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]))
+    eos = token_ids(pick("eos_token_id"))
     pad = pick("pad_token_id")
     pad = int(pad) if pad is not None else (eos[0] if eos else 0)
     do_sample = bool(pick("do_sample"))
@@ -116,6 +125,25 @@ def resolve(given: dict[str, Any], configs: list[Any], prompt_length: int) -> Se
         if not 0 <= top_p <= 1:
             raise SurgeonError(f"generate: top_p must be in [0, 1], got {top_p}")
     return Settings(new, do_sample, temperature, top_k, top_p, eos, pad)
+
+
+def token_ids(value: Any) -> tuple[int, ...]:
+    """Token ids given as one id, a list or a tensor (None: none)."""
+    return tuple(int(e) for e in (value.flatten().tolist() if isinstance(value, torch.Tensor) else
+                                  value if isinstance(value, (list, tuple)) else [] if value is None else [value]))
+
+
+def forced_tokens(given: dict[str, Any], configs: list[Any], settings: Settings) -> dict[int, tuple[int, ...]]:
+    """transformers' forced tokens, by the index of the new token they replace: `forced_bos_token_id` the first,
+    `forced_eos_token_id` (one id or several) the last; where both fall on one token the EOS wins (it is
+    transformers' later processor). Applied to encoder-decoders (BART's generation config sets forced_eos)."""
+    forced = {}
+    for name, index in (("forced_bos_token_id", 0), ("forced_eos_token_id", settings.max_new_tokens - 1)):
+        value = given.get(name)
+        ids = token_ids(pick_attr(configs, name, None) if value is None else value)
+        if ids:
+            forced[index] = ids
+    return forced
 
 
 def process_logits(scores: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -223,9 +251,10 @@ class Generator:
     "unsupported"; `notes` say which and why; `timings` holds the last call's (build, prefill, per token)."""
 
     def __init__(self, model: nn.Module, ctx: Context, passes: list, mode: str, notes: list[str],
-                 cache_arg: str | None = None, keep_logits: bool = False):
+                 cache_arg: str | None = None, keep_logits: bool = False, encoder_decoder: bool = False):
         self.model, self.ctx, self.passes = model, ctx, passes
         self.mode, self.notes = mode, list(notes)
+        self.encoder_decoder = encoder_decoder   # returns the decoder's tokens (from its start token), not the prompt
         self.cache_arg, self.keep_logits = cache_arg, keep_logits
         self.graphs: dict[str, _Graph] | None = None
         self.layout: list[tuple[int, int, int]] | None = None      # per layer: kv heads, key dim, value dim
@@ -244,11 +273,13 @@ class Generator:
     # ------------------------------------------------------------------ what the compiled module calls
 
     def generate(self, module: nn.Module, inputs: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
-        """Token ids (batch, prompt + new), as transformers' generate returns them (see the module docstring)."""
-        unknown = sorted(set(kwargs) - set(KEYWORDS))
+        """Token ids, as transformers' generate returns them (see the module docstring): (batch, prompt + new),
+        or for an encoder-decoder the decoder's (batch, 1 + new), from its start token."""
+        keywords = KEYWORDS + (ENCODER_DECODER_KEYWORDS if self.encoder_decoder else ())
+        unknown = sorted(set(kwargs) - set(keywords))
         if unknown:
             raise SurgeonError(f"generate: unsupported argument{'s' * (len(unknown) > 1)} {', '.join(unknown)} "
-                               f"(surgeon's generate takes: inputs, {', '.join(KEYWORDS)})")
+                               f"(surgeon's generate takes: inputs, {', '.join(keywords)})")
         if self.mode == "unsupported":
             raise SurgeonError("generate: " + " ".join(self.notes))
         ids = kwargs.pop("input_ids", None)
@@ -259,20 +290,26 @@ class Generator:
             raise SurgeonError(f"generate: input_ids must be a 2-D integer tensor (batch, length), got "
                                f"{type(ids).__name__}{list(ids.shape) if isinstance(ids, torch.Tensor) else ''}")
         configs = [kwargs.get("generation_config"), getattr(module, "generation_config", None)]
-        settings = resolve(kwargs, configs, ids.shape[1])
+        start = _decoder_start(module, ids, kwargs, configs) if self.encoder_decoder else None
+        out = ids if start is None else start   # what the new tokens follow
+        settings = resolve(kwargs, configs, out.shape[1])
         mask = _mask(ids, kwargs.get("attention_mask"), settings)
+        forced = forced_tokens(kwargs, configs, settings) if start is not None else None
         use_cache = kwargs.get("use_cache")
         use_cache = use_cache if use_cache is not None else pick_attr(configs, "use_cache", True)
         if settings.max_new_tokens == 0:
-            return ids
+            return out
         with torch.no_grad(), evaluating(module):
-            if self.mode == "cache" and use_cache:
-                self._ready(module)
-            if self.mode == "cache" and use_cache:
-                run = _CacheRun(self, ids, mask, settings.max_new_tokens, module)
+            if start is not None:
+                run = _EncoderDecoderRun(module, ids, mask, start, settings.pad)
             else:
-                run = _RecomputeRun(module, ids, mask)
-            return self._loop(run, ids, settings, kwargs.get("generator"))
+                if self.mode == "cache" and use_cache:
+                    self._ready(module)   # falls back to recompute (mode) when the graphs cannot serve
+                if self.mode == "cache" and use_cache:
+                    run = _CacheRun(self, ids, mask, settings.max_new_tokens, module)
+                else:
+                    run = _RecomputeRun(module, ids, mask)
+            return self._loop(run, out, settings, kwargs.get("generator"), forced)
 
     def applied(self, module: nn.Module, passes: list) -> None:
         """Run passes just applied to the compiled module on the generation graphs too (when built), re-tie
@@ -421,7 +458,9 @@ class Generator:
 
     # ------------------------------------------------------------------ the decoding loop
 
-    def _loop(self, run, ids: torch.Tensor, settings: Settings, generator: torch.Generator | None) -> torch.Tensor:
+    def _loop(self, run, ids: torch.Tensor, settings: Settings, generator: torch.Generator | None,
+              forced: dict[int, tuple[int, ...]] | None = None) -> torch.Tensor:
+        """Choose, pad finished rows, advance `run`; `forced`: new token index -> the only tokens allowed there."""
         start = time.perf_counter()
         logits = run.start()
         self.timings["prefill_s"] = time.perf_counter() - start
@@ -430,6 +469,9 @@ class Generator:
         tokens = []
         start = time.perf_counter()
         for index in range(settings.max_new_tokens):
+            if forced and index in forced:   # every other token -inf, as transformers' forced-token processors
+                logits = torch.full_like(logits, -float("inf")).index_fill_(
+                    -1, torch.tensor(forced[index], device=logits.device), 0.0)
             token = choose(logits, settings, generator).to(ids.device)
             if eos is not None:
                 token = torch.where(unfinished, token, torch.full_like(token, settings.pad))
@@ -516,12 +558,56 @@ class _RecomputeRun:
         return self._logits()
 
 
+class _EncoderDecoderRun:
+    """One generate call of an encoder-decoder (recompute): each step runs the compiled module on the prompt,
+    its attention mask and the decoder's tokens so far, and takes the logits at the decoder's last position.
+    Sizes below the least the graph takes (a compile with verify=False keeps torch.export's range, from 2) are
+    padded up: the batch with copies of the first row, the prompt with pad tokens its mask hides, the decoder
+    with pad tokens after its last one (its self-attention is causal: that position does not see them)."""
+
+    def __init__(self, module: nn.Module, ids: torch.Tensor, mask: torch.Tensor, start: torch.Tensor, pad: int):
+        inputs = getattr(module, "meta", {}).get("surgeon_inputs")
+        names = getattr(inputs, "names", ())
+        device = _first_device(module)
+        self.module, self.pad, self.batch = module, pad, ids.shape[0]
+        self.rows = _least(inputs, ("input_ids", 0), ("attention_mask", 0), ("decoder_input_ids", 0))
+        self.length = _least(inputs, ("decoder_input_ids", 1))
+        self.decoder = start.to(device)
+        self.decoder_mask = "decoder_attention_mask" in names and "decoder_attention_mask" not in inputs.fills
+        ids, mask = ids.to(device), mask.to(device)
+        if "attention_mask" in names:
+            width = _least(inputs, ("input_ids", 1), ("attention_mask", 1))
+            self.encoder = {"input_ids": _pad_to(ids, self.rows, width, pad),
+                            "attention_mask": _pad_to(mask, self.rows, width, 0)}
+        elif bool(mask.all()):
+            self.encoder = {"input_ids": _pad_to(ids, self.rows, 0, pad)}
+        else:
+            raise SurgeonError(f"generate: the prompts are padded, but {getattr(inputs, 'model', 'the model')} was "
+                               "compiled without an attention_mask input to hide the padding: compile it with "
+                               "example_kwargs={'attention_mask': <the example's mask>, 'decoder_input_ids': ...}")
+
+    def _logits(self) -> torch.Tensor:
+        decoder = _pad_to(self.decoder, self.rows, self.length, self.pad)
+        extra = {"decoder_attention_mask": torch.ones_like(decoder)} if self.decoder_mask else {}
+        out = self.module(**self.encoder, decoder_input_ids=decoder, **extra)
+        return logits_of(out)[:self.batch, self.decoder.shape[1] - 1]
+
+    def start(self) -> torch.Tensor:
+        return self._logits()
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        self.decoder = torch.cat([self.decoder, token.reshape(-1, 1).to(self.decoder)], dim=1)
+        return self._logits()
+
+
 # ---------------------------------------------------------------------------------------- attaching
 
 def generator_for(model: nn.Module, gm: fx.GraphModule, ctx: Context, passes: list) -> Generator | None:
     """The generator a compiled module gets: cache for a causal LM whose forward takes an attention cache,
     recompute for one that does not (or any module mapping integer ids (batch, length) to 3-D float
-    logits), "unsupported" for encoder-decoders; None for a model that does not generate."""
+    logits) and for an encoder-decoder captured with a dynamic-length decoder_input_ids input,
+    "unsupported" (saying how to compile it) for one captured otherwise; None for a model that does not
+    generate."""
     name = type(model).__name__
     can_generate = getattr(model, "can_generate", None)
     config = getattr(model, "config", None)
@@ -533,9 +619,13 @@ def generator_for(model: nn.Module, gm: fx.GraphModule, ctx: Context, passes: li
         if not generates:
             return None
         if getattr(config, "is_encoder_decoder", False):
-            return Generator(model, ctx, passes, "unsupported", [
-                f"{name} is an encoder-decoder model; surgeon generates with decoder-only models so far (a "
-                "decoder graph over the encoder's output is not built yet): use the original model's generate"])
+            problem = _decoder_input_problem(name, gm)
+            if problem:
+                return Generator(model, ctx, passes, "unsupported", [problem])
+            return Generator(model, ctx, passes, "recompute", [
+                f"generate recomputes the encoder and the whole decoder sequence for each new token with the "
+                f"compiled module: {name} is an encoder-decoder model (a decoder graph over a cache of the "
+                "encoder's output is not built yet)"], encoder_decoder=True)
         try:
             parameters = inspect.signature(model.forward).parameters
         except (TypeError, ValueError):
@@ -555,6 +645,22 @@ def generator_for(model: nn.Module, gm: fx.GraphModule, ctx: Context, passes: li
 def _recompute_note(name: str) -> str:
     return (f"generate recomputes the full sequence for each new token with the compiled module: {name}'s "
             "forward takes no attention cache")
+
+
+def _decoder_input_problem(name: str, gm: fx.GraphModule | None) -> str | None:
+    """Why an encoder-decoder's compiled module cannot be fed the decoder's tokens (None: it can)."""
+    inputs = gm.meta.get("surgeon_inputs") if gm is not None else None
+    how = ("compile it with example_kwargs={'decoder_input_ids': <(batch, length) token ids>} (and "
+           "'attention_mask' for padded prompts) and dynamic shapes (the default)")
+    if inputs is None or "decoder_input_ids" not in inputs.names:
+        return (f"{name} is an encoder-decoder model compiled without a decoder_input_ids input, so generate "
+                f"cannot feed it the tokens it makes: to generate, {how}")
+    dims = inputs.shapes.get("decoder_input_ids", ())
+    if len(dims) == 2 and dims[1].size is not None:
+        return (f"{name} is an encoder-decoder model whose decoder_input_ids length was captured static at "
+                f"{dims[1].size}, so generate cannot grow the decoder's sequence: to generate, {how}, without "
+                "static_shapes: true / dynamic=False")
+    return None
 
 
 def _transformers_cache_available() -> bool:
@@ -624,6 +730,42 @@ def _mask(ids: torch.Tensor, mask: torch.Tensor | None, settings: Settings) -> t
     if bool((mask.sum(dim=1) == 0).any()):
         raise SurgeonError("generate: a prompt row has no tokens (its attention_mask is all zeros)")
     return mask
+
+
+def _decoder_start(module: nn.Module, ids: torch.Tensor, given: dict, configs: list) -> torch.Tensor:
+    """An encoder-decoder's first decoder tokens (batch, 1): the call's decoder_start_token_id, else the generation
+    configs', else their bos_token_id (as transformers picks it); one id, or one per row."""
+    start = given.get("decoder_start_token_id")
+    for name in ("decoder_start_token_id", "bos_token_id"):
+        start = pick_attr(configs, name, None) if start is None else start
+    if start is None:
+        raise SurgeonError(f"generate: {type(module).__name__} has no decoder_start_token_id (nor bos_token_id) in "
+                           "its generation config: pass decoder_start_token_id=")
+    start = torch.as_tensor(start, dtype=ids.dtype, device=ids.device)
+    if start.dim() > 1 or (start.dim() == 1 and start.numel() != ids.shape[0]):
+        raise SurgeonError(f"generate: decoder_start_token_id must be one id or one per prompt row "
+                           f"({ids.shape[0]}), got shape {list(start.shape)}")
+    return start.reshape(-1, 1).expand(ids.shape[0], 1).clone()
+
+
+def _least(inputs: Any, *axes: tuple[str, int]) -> int:
+    """The least size the graph takes on all of these (input name, axis): a static size, or a range's low end."""
+    least = 0
+    for name, axis in axes:
+        dims = getattr(inputs, "shapes", {}).get(name, ())
+        if axis < len(dims):
+            least = max(least, dims[axis].size if dims[axis].size is not None else dims[axis].low)
+    return least
+
+
+def _pad_to(x: torch.Tensor, rows: int, length: int, value: int) -> torch.Tensor:
+    """`x` (batch, length) padded on the right with `value` to `length`, then with copies of its first row to
+    `rows` (each only where it is shorter)."""
+    if x.shape[1] < length:
+        x = torch.cat([x, x.new_full((x.shape[0], length - x.shape[1]), value)], dim=1)
+    if x.shape[0] < rows:
+        x = torch.cat([x, x[:1].expand(rows - x.shape[0], -1)], dim=0)
+    return x
 
 
 def pick_attr(configs: list, name: str, default: Any) -> Any:

@@ -100,16 +100,16 @@ def test_models_that_do_not_generate_have_no_generator():
     assert surgeon.compile(model, args, {"pipeline": []}, kwargs, verify=False).generator is None
 
 
-def test_an_encoder_decoder_says_it_is_not_served():
+def test_an_encoder_decoder_without_a_decoder_input_says_how_to_compile_it():
     from transformers import T5Config, T5ForConditionalGeneration
 
     from surgeon.generate import generator_for
 
     model = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1,
                                                 num_heads=2, decoder_start_token_id=0)).eval()
-    generator = generator_for(model, None, None, [])
+    generator = generator_for(model, None, None, [])   # no graph inputs: none takes the decoder's tokens
     assert generator.mode == "unsupported"
-    with pytest.raises(SurgeonError, match="encoder-decoder"):
+    with pytest.raises(SurgeonError, match="encoder-decoder.*example_kwargs=.*'decoder_input_ids'"):
         generator.generate(None, torch.zeros(1, 3, dtype=torch.long))
 
 
