@@ -407,9 +407,7 @@ def merge_site(gm: fx.GraphModule, state: AdapterState, site: SiteState, made_by
     kind = state.spec.kind
     tensors = detach(gm, site)
     add_delta(gm, state, site, kind.delta_weight(tensors, site.options, site_weight(gm, site)), made_by)
-    factor = kind.bias_scale(tensors, site.options) if kind.bias_scale is not None else None
-    if factor is not None:
-        _scale_bias(gm, site, factor.double())
+    _map_bias(gm, site, kind, tensors, undo=False)
     site.merged = tensors
 
 
@@ -420,21 +418,23 @@ def unmerge_site(gm: fx.GraphModule, state: AdapterState, site: SiteState, made_
     undo = kind.undo_delta(params, site.options, weight) if kind.undo_delta is not None \
         else -kind.delta_weight(params, site.options, weight)
     add_delta(gm, state, site, undo, made_by)
-    factor = kind.bias_scale(params, site.options) if kind.bias_scale is not None else None
-    if factor is not None:
-        _scale_bias(gm, site, 1.0 / factor.double())
+    _map_bias(gm, site, kind, params, undo=True)
     attach(gm, state, site, site_calls(gm, site), params, made_by)
     site.merged = {}
 
 
-def _scale_bias(gm: fx.GraphModule, site: SiteState, factor: torch.Tensor) -> None:
+def _map_bias(gm: fx.GraphModule, site: SiteState, kind, params: dict, undo: bool) -> None:
+    """The site's bias through the kind's bias_map (merge; `undo`: unmerge), as a new tensor."""
+    if kind.bias_map is None:
+        return
     call = site_calls(gm, site)[0]
     bias = call.args[0] if site.op == "addmm" else _arg(call, 2)
     if bias is None:
         return
     old = get_tensor(gm, bias.target)
-    new = (old.double() * factor.reshape(old.shape).to(old.device)).to(old.dtype)
-    set_parameter(gm, bias.target, new, requires_grad=old.requires_grad)
+    new = kind.bias_map({p: t.to(old.device) for p, t in params.items()}, site.options, old.double(), undo)
+    if new is not None:
+        set_parameter(gm, bias.target, new.reshape(old.shape).to(old.dtype), requires_grad=old.requires_grad)
 
 
 def place_peft_params(loaded, paths: list[str], found: dict[str, list[fx.Node]], ctx: Context, index: int) -> None:

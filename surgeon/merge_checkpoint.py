@@ -242,7 +242,7 @@ def plan_targets(adapter: Adapter, shapes: dict[str, list[int]]) -> dict[str, Ta
     plan = {}
     for path, transposed in layouts.items():
         plan[f"{path}.weight"] = Target(path, "weight", default if transposed is None else transposed)
-        if adapter.kind.bias_scale is not None and f"{path}.bias" in shapes:
+        if adapter.kind.bias_map is not None and f"{path}.bias" in shapes:
             plan[f"{path}.bias"] = Target(path, "bias")
     return plan
 
@@ -296,10 +296,10 @@ def merged_tensor(tensor: torch.Tensor, target: Target, adapter: Adapter) -> tor
     """The merged value of one checkpoint tensor (same dtype and shape)."""
     kind, params, options = adapter.kind, adapter.weights[target.path], adapter.options[target.path]
     if target.role == "bias":
-        factor = kind.bias_scale(params, options)
-        if factor is None:   # e.g. IA3 scaling a layer's input: the bias is left as it is
+        new = kind.bias_map(params, options, tensor.double(), False)
+        if new is None:   # e.g. IA3 scaling a layer's input: the bias is left as it is
             return tensor
-        return (tensor.double() * factor.double().reshape(tensor.shape)).to(tensor.dtype)
+        return new.reshape(tensor.shape).to(tensor.dtype)
     weight = tensor.t() if target.transposed else tensor
     if kind.base_delta is not None:   # e.g. PiSSA: the base holds W - s B0 A0, as at insertion
         fresh = kind.init(options, weight.shape[1], weight.shape[0], weight.dtype,

@@ -191,8 +191,9 @@ class AdapterKind:
     delta_weight(params, opts, weight) -> W' - W for the merge (weight: the base weight it lands on)
     undo_delta(params, opts, merged_weight) -> W - W' for unmerge; when None, the delta does not
         depend on the weight and unmerge subtracts delta_weight
-    bias_scale(params, opts) -> per-output factor the merge applies to the bias (output scaling),
-        or None for no change
+    bias_map(params, opts, bias, undo) -> the bias after the merge (undo: before it, from the merged
+        one), given and returned in float64, for kinds that transform the base output (IA3's output
+        scale: l b; RoAd's rotation: R b); None for no change
     base_delta(init_params, opts, weight) -> change written into the base weight at insertion, or
         None (PiSSA keeps the residual W - s B0 A0 in the base; recomputed for loaded adapters)
     frozen / shared: parameters that take no gradient; shared ones are stored once per adapter
@@ -229,7 +230,7 @@ class AdapterKind:
     forward_input: Callable[[Branch, fx.Node, dict[str, fx.Node], dict], fx.Node] | None = None
     undo_delta: Callable[[ParamDict, dict, torch.Tensor], torch.Tensor] | None = None
     refuse_unmerge: str = ""   # why unmerge is impossible (the merged weight lost what it needs)
-    bias_scale: Callable[[ParamDict, dict], torch.Tensor] | None = None
+    bias_map: Callable[[ParamDict, dict, torch.Tensor, bool], torch.Tensor | None] | None = None
     base_delta: Callable[[ParamDict, dict, torch.Tensor], torch.Tensor | None] | None = None
     frozen: frozenset[str] = frozenset()
     shared: frozenset[str] = frozenset()
@@ -249,10 +250,11 @@ class AdapterKind:
 
 def kinds() -> dict[str, AdapterKind]:
     """The adapter kinds by spec `type` name (an explicit table; nothing registers at import)."""
-    from . import (boft, bottleneck, delta, dora, ether, hra, hydra, ia3, loha, lokr, lora, lora_xs, lori, oft,
-                   parallel_adapter, prefix, rosa, s2ft, shira, vera)
+    from . import (boft, bottleneck, delta, dora, ether, fourierft, hra, hydra, ia3, loha, lokr, lora, lora_xs, lori,
+                   oft, parallel_adapter, prefix, road, rosa, s2ft, shira, vera)
 
     table = [lora.LORA, delta.DELTA, dora.DORA, ia3.IA3, loha.LOHA, lokr.LOKR, vera.VERA, lora_xs.LORA_XS,
              oft.OFT, boft.BOFT, hra.HRA, shira.SHIRA, parallel_adapter.PARALLEL_ADAPTER, bottleneck.BOTTLENECK,
-             hydra.HYDRA, s2ft.S2FT, prefix.PREFIX, ether.ETHER, ether.ETHER_PLUS, rosa.ROSA, lori.LORI]
+             hydra.HYDRA, s2ft.S2FT, prefix.PREFIX, ether.ETHER, ether.ETHER_PLUS, rosa.ROSA, lori.LORI, road.ROAD,
+             fourierft.FOURIERFT]
     return {kind.name: kind for kind in table}

@@ -53,7 +53,8 @@ IA3 = AdapterKind(
     forward_input=_forward_input,
     delta_weight=lambda params, opts, weight: _scaled(params, opts, weight, 1),
     undo_delta=lambda params, opts, merged: _scaled(params, opts, merged, -1),
-    bias_scale=lambda params, opts: params["ia3_l"] if opts["on"] == "output" else None,
+    bias_map=lambda params, opts, bias, undo: (bias * params["ia3_l"].double() ** (-1 if undo else 1)
+                                               if opts["on"] == "output" else None),
     param_count=lambda opts, fan_in, fan_out: fan_out if opts["on"] == "output" else fan_in,
     site_ops=("linear", "addmm", "conv2d"),
 )

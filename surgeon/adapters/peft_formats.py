@@ -442,6 +442,63 @@ def _write_shira(kind, options, weights, site_options):
     return {"r": ranks.pop(), "mask_type": "random", "random_seed": None, "init_weights": True}, {}
 
 
+# ---------------------------------------------------------------- RoAd, FourierFT
+
+ROAD_VARIANTS = ("road_1", "road_2", "road_4")
+
+
+def _read_road(config, weights, extras):
+    """One theta and one alpha vector per module (out / 2, out or 2 out long by variant)."""
+    variant = config.get("variant", "road_1")
+    if variant not in ROAD_VARIANTS:
+        raise _fail(f"adapter_config.json: variant must be one of {list(ROAD_VARIANTS)}, got {variant!r}")
+    group_size = _positive_int("group_size", config.get("group_size", 64))
+    for path, params in weights.items():
+        theta, alpha = params.get("road_theta"), params.get("road_alpha")
+        if theta is None or alpha is None or theta.dim() != 1 or theta.shape != alpha.shape:
+            raise _fail(f"module '{path}' needs 1-D road_theta and road_alpha of one size, got "
+                        f"{None if theta is None else list(theta.shape)} and {None if alpha is None else list(alpha.shape)}")
+    return {"type": "road", "variant": variant, "group_size": group_size}, {}
+
+
+def _write_road(kind, options, weights, site_options):
+    return {"variant": options["variant"], "group_size": options["group_size"], "init_weights": True}, {}
+
+
+def _read_fourierft(config, weights, extras):
+    """One spectrum per module; PEFT saves no frequency positions, they are redrawn from random_loc_seed."""
+    seed = config.get("random_loc_seed", 777)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise _fail(f"adapter_config.json: random_loc_seed must be an integer (PEFT draws the frequency positions "
+                    f"from it), got {seed!r}")
+    config = {**config, "scaling": config.get("scaling", 150.0)}
+    _number(config, "scaling")
+    entry = {"type": "fourierft", "frequencies": _positive_int("n_frequency", config.get("n_frequency", 1000)),
+             "scaling": float(config["scaling"]), "frequency_seed": seed}
+    for path, params in weights.items():
+        spectrum = params.get("fourierft_spectrum")
+        if spectrum is None or spectrum.dim() != 1 or not spectrum.numel():
+            raise _fail(f"module '{path}' needs a 1-D fourierft_spectrum, got "
+                        f"{None if spectrum is None else list(spectrum.shape)}")
+    return entry, _overrides(weights, lambda path, params: {"frequencies": params["fourierft_spectrum"].numel()},
+                             entry)
+
+
+def _write_fourierft(kind, options, weights, site_options):
+    """n_frequency_pattern keys are matched by PEFT as `.*\\.<key>$`: the module path after its first name."""
+    pattern = {}
+    for path, params in weights.items():
+        count = params["fourierft_spectrum"].numel()
+        if count != options["frequencies"]:
+            head, dot, rest = path.partition(".")
+            if not dot:
+                raise _fail(f"PEFT's n_frequency_pattern cannot name the top-level module '{path}' alone; it has "
+                            f"{count} frequencies, the adapter {options['frequencies']}")
+            pattern[re.escape(rest)] = count
+    return {"n_frequency": options["frequencies"], "n_frequency_pattern": pattern, "scaling": options["scaling"],
+            "random_loc_seed": options["frequency_seed"], "init_weights": True}, {}
+
+
 # ---------------------------------------------------------------- prefix tuning
 
 def _read_prefix(config, weights, extras):
@@ -497,6 +554,10 @@ FORMATS = [
     PeftFormat("PREFIX_TUNING", ("prefix",), {}, _read_prefix, _write_prefix, (), ("prompt_embeddings",), ""),
     PeftFormat("SHIRA", ("shira",), {"shira_values": "shira_weight", "shira_indices": "shira_indices"},
                _read_shira, _write_shira, ("fan_in_fan_out",)),
+    PeftFormat("ROAD", ("road",), {"road_theta": "road_theta", "road_alpha": "road_alpha"}, _read_road, _write_road,
+               ()),
+    PeftFormat("FOURIERFT", ("fourierft",), {"fourierft_spectrum": "fourierft_spectrum"}, _read_fourierft,
+               _write_fourierft),
 ]
 BY_PEFT_TYPE = {f.peft_type: f for f in FORMATS}
 BY_KIND = {kind: f for f in FORMATS for kind in f.kinds}

@@ -247,6 +247,7 @@ KIND_REGIONS = {
     "prefix": ({"num_virtual_tokens": 2}, None), "s2ft": ({"columns": 4}, None),
     "ether": ({"blocks": 2}, None), "ether_plus": ({"blocks": 2}, None),
     "rosa": ({"rank": 4}, None), "lori": ({"rank": 4}, "lora_linear"),
+    "road": ({"group_size": 16}, None), "fourierft": ({"frequencies": 32}, None),
 }
 
 
