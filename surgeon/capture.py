@@ -132,6 +132,10 @@ def _export(model, args, tensor_kwargs, constants, dynamic_shapes, dynamic, smal
     notes join `notes`; what it printed is written out, a failed one's partial graph is not."""
     exporter = torch.export.draft_export if draft else torch.export.export
     error = None
+    if "use_cache" not in constants and _returns_cache(model, args, {**tensor_kwargs, **constants}):
+        constants = {**constants, "use_cache": False}   # what the export below would find, one export later
+        if _NO_CACHE_NOTE not in notes:
+            notes.append(_NO_CACHE_NOTE)
     while True:
         tried: list[str] = []
         try:
@@ -161,6 +165,40 @@ _OUTSIDE_MODEL = (str(Path(torch.__file__).parent), str(Path(__file__).parent), 
 
 def _cache_output(text: str) -> bool:
     return "in output, which is not a known type" in text and "Cache" in text
+
+
+def _returns_cache(model: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """Whether the forward returns a cache object (a transformers Cache), found by one run on fake tensors
+    (no weight data is read; well under a second for a 32-layer LLaMA) before any export: an export of
+    such a forward traces the whole model and only then fails on its output, which costs a full export.
+    Asked only of a model whose config turns the cache on and whose forward takes `use_cache`; False
+    where the fake run fails (the export then finds out, as before)."""
+    if not (getattr(getattr(model, "config", None), "use_cache", False) is True and _takes(model, "use_cache")):
+        return False
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    # a forward may set tensors on its modules (a rotary embedding recomputing its frequencies): fake ones must
+    # not stay on the user's model, so every module's parameters and buffers are put back as they were
+    held = [(m, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
+    try:
+        with torch.no_grad(), _moves_that_change_nothing_skipped(), FakeTensorMode(allow_non_fake_inputs=True), \
+                _held_stderr():
+            out = model(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - not answerable this way: the export decides
+        return False
+    finally:
+        for module, parameters, buffers in held:
+            if not (_same_entries(module._parameters, parameters) and _same_entries(module._buffers, buffers)):
+                module._parameters.clear()
+                module._parameters.update(parameters)
+                module._buffers.clear()
+                module._buffers.update(buffers)
+    return any("Cache" in type(leaf).__name__ for leaf in pytree.tree_leaves(out)
+               if not isinstance(leaf, (torch.Tensor, int, float, bool, str, type(None))))
+
+
+def _same_entries(now: dict, before: dict) -> bool:
+    return now.keys() == before.keys() and all(now[k] is before[k] for k in before)
 
 
 def _data_dependent(text: str) -> bool:

@@ -14,10 +14,10 @@ from torch import nn
 from .adapter_io import save_adapter_dir, save_peft_dir
 from .capture import split_kwargs
 from .errors import SpecError
-from .graph import compute_nodes, count_parameters, get_tensor
+from .graph import compute_nodes, count_parameters, get_tensor, meta_tensors
 from .pipeline import AdapterState, Context, PassRow, run_pipeline
 from .fastpath import recompile
-from .generate import generator_for
+from .generate import Generator, generator_for
 from .inputs import install_fills
 from .verify import capture_verified, optional_inputs
 from .passes import passes
@@ -42,18 +42,30 @@ def compile(model: nn.Module, example_inputs: Any, spec: "str | Path | dict | Sp
     the model lets it vary); `dynamic=False` or the spec's `static_shapes: true` captures the example's
     shapes only, and `dynamic_shapes=` (torch.export's structure) takes full control. Verification runs
     on the example and on a second shape derived from it (surgeon.verify).
+
+    Structure only: a model whose weights are on the meta device (built under `torch.device("meta")`),
+    with meta example inputs, is captured and rewritten without reading any weight data: verification
+    is skipped (the report's check column says "skipped (meta weights)"), passes that need the weights'
+    values (merge, fold-bn ...) are refused with a PassError, `Compiled.merge_plan()` lists what a
+    merge would change, and inserted adapters' parameters are real tensors on the CPU (surgeon.passes.insert).
     """
     spec = load_spec(spec)
     validate_against_model(spec, model)
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     verify = spec.verify if verify is None else verify
     dynamic = (not spec.static_shapes) if dynamic is None else dynamic
+    structure_only = bool(meta_tensors(model))
     start = time.perf_counter()
     if progress:
         progress(f"capturing {type(model).__name__}")
-    example_kwargs, fills = optional_inputs(model, args, example_kwargs) if dynamic_shapes is None else \
-        (example_kwargs, {})
+    if structure_only:   # no values: nothing to check against, and optional inputs are decided by comparing outputs
+        verify, fills = False, {}
+    else:
+        example_kwargs, fills = optional_inputs(model, args, example_kwargs) if dynamic_shapes is None else \
+            (example_kwargs, {})
     gm, check, more, notes = capture_verified(model, args, example_kwargs, dynamic_shapes, dynamic, verify)
+    if structure_only:
+        check, notes = "skipped (meta weights)", [STRUCTURE_ONLY_NOTE, *notes]
     if fills:
         gm.meta["surgeon_inputs"].fills.update(fills)
         install_fills(gm, fills)
@@ -70,12 +82,22 @@ def compile(model: nn.Module, example_inputs: Any, spec: "str | Path | dict | Sp
     compiled.nodes_before = node_table(gm)
     compiled.original = model
     generator = generator_for(model, gm, ctx, compiled.applied)
+    if generator is not None and structure_only:   # a meta model generates nothing: say so when asked
+        generator = Generator(model, ctx, compiled.applied, "unsupported", [STRUCTURE_ONLY_GENERATE])
     if generator is not None:
         gm.meta["surgeon_generator"] = generator
         if generator.mode != "cache":
             notes += generator.notes   # the capture row's: how this model generates
     compiled.apply([p for p in spec.pipeline], verify=verify, progress=progress)
     return compiled
+
+
+STRUCTURE_ONLY_NOTE = (
+    "structure only: the model's weights are on the meta device, so no weight data is read; verification is "
+    "skipped (it runs the graph), passes that need the weights' values are refused, and optional tokenizer "
+    "inputs (attention_mask, token_type_ids) are not probed: pass them in example_kwargs to capture them")
+STRUCTURE_ONLY_GENERATE = ("a structure-only compile (meta weights) cannot generate: compile the model with its "
+                           "weights loaded")
 
 
 def validate_against_model(spec: Spec, model: nn.Module) -> None:
@@ -154,6 +176,18 @@ class Compiled:
         if generator is not None:
             generator.applied(self.module, instances)   # the generation graphs get them too (once built)
         return self
+
+    @property
+    def structure_only(self) -> bool:
+        """Whether `.module` has tensors on the meta device (a structure-only compile: surgeon.compile)."""
+        return bool(meta_tensors(self.module))
+
+    def merge_plan(self, adapters: list[str] | None = None) -> list[dict]:
+        """What `apply(["merge"])` would change, per site, without computing it (surgeon.passes.merge.plan):
+        on a structure-only compile, where merge itself is refused, this is what it can say."""
+        from .passes.merge import plan
+
+        return plan(self.module, self.ctx, tuple(adapters) if adapters else None)
 
     @property
     def generator(self):

@@ -162,26 +162,59 @@ def fill_meta(gm: fx.GraphModule) -> None:
             return torch.empty(val.shape, dtype=val.dtype, device=device)   # under fake_mode: a fake tensor
         return value
 
+    # ops with the same target and the same input metadata give the same output metadata: each is run once
+    # (a LoRA site's three nodes repeat across every layer, and an op on symbolic sizes costs milliseconds)
+    seen: dict = {}
     for node in gm.graph.nodes:
         if "val" in node.meta or node.op not in ("get_attr", "call_function"):
             continue
         try:
             if node.op == "get_attr":
                 tensor = get_tensor(gm, node.target)
-                node.meta["val"] = fake_mode.from_tensor(tensor, static_shapes=True) if fake_mode is not None \
-                    else torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
-            else:
-                with fake_mode if fake_mode is not None else contextlib.nullcontext():
-                    args, kwargs = torch.fx.node.map_aggregate((node.args, node.kwargs), value_of)
-                    node.meta["val"] = node.target(*args, **kwargs)
-        except Exception:  # noqa: BLE001 - metadata only: unknown shape is allowed
-            continue
-        try:
-            if node.op == "get_attr":
-                tensor = get_tensor(gm, node.target)
                 node.meta["val"] = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
-            else:
-                args, kwargs = torch.fx.node.map_aggregate((node.args, node.kwargs), as_meta)
+                continue
+            key = _signature(node)
+            if key is not None and key in seen:
+                node.meta["val"] = seen[key]
+                continue
+            with fake_mode if fake_mode is not None else contextlib.nullcontext():
+                args, kwargs = torch.fx.node.map_aggregate((node.args, node.kwargs), value_of)
                 node.meta["val"] = node.target(*args, **kwargs)
+            if key is not None:
+                seen[key] = node.meta["val"]
         except Exception:  # noqa: BLE001 - metadata only: unknown shape is allowed
             continue
+
+
+def _signature(node: fx.Node):
+    """A hashable key of a call's target and its inputs' metadata (shape, stride, dtype, device of each
+    tensor input; constants as they are), or None where an input has no such key."""
+    def key(value):
+        if isinstance(value, fx.Node):
+            val = value.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                return ("tensor", _sizes(val.shape), _sizes(val.stride()) if val.layout == torch.strided else None,
+                        val.dtype, val.device.type, val.requires_grad)
+            if isinstance(val, torch.SymInt):
+                return ("symint", _sizes((val,)))
+            raise LookupError(value.name)
+        if isinstance(value, (list, tuple)):
+            return (type(value).__name__, *map(key, value))
+        if isinstance(value, dict):
+            return ("dict", *((k, key(v)) for k, v in value.items()))
+        hash(value)
+        return (type(value).__name__, value)
+    try:
+        return (node.target, key(node.args), key(node.kwargs))
+    except (LookupError, TypeError):
+        return None
+
+
+def _sizes(sizes) -> tuple:
+    """Sizes as ints, or the expressions of symbolic ones (equal expressions are the same size)."""
+    return tuple(s.node.expr if isinstance(s, torch.SymInt) else int(s) for s in sizes)
+
+
+def meta_tensors(module: nn.Module) -> list[str]:
+    """Names of the module's parameters and buffers on the meta device (no data: a structure-only model)."""
+    return [name for name, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]

@@ -6,6 +6,11 @@ bit, e.g. inserting zero-initialized adapters; "close": equal within a dtype-awa
 e.g. a merge; "none": the function changes, e.g. removing a trained adapter), and
 `run(gm, ctx) -> PassResult`. Passes edit the canonical graph in place but never write into a
 tensor: changed weights are new tensors, so the user's model is never modified.
+
+A pass that reads no weight values declares `needs_weights = False` (insert); every other pass is
+taken to need them. On a structure-only graph (base weights on the meta device: surgeon.compile of
+a model built under `torch.device("meta")`) such a pass is refused before it runs, and the numeric
+checks are skipped, each row's check saying so.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from .errors import PassError, SurgeonError
-from .graph import compute_nodes, count_parameters, lint
+from .graph import compute_nodes, count_parameters, lint, meta_tensors
 from .modes import evaluating
 
 if TYPE_CHECKING:   # the spec's classes, for annotations only: spec checks pass entries against passes
@@ -236,10 +241,18 @@ def run_pipeline(gm: fx.GraphModule, passes: list, ctx: Context, verify: bool = 
                  progress: Callable[[str], None] | None = None) -> list[PassRow]:
     """Run each pass in order; lint, verify and report after each; raise PassError on failure."""
     rows = []
+    meta = meta_tensors(gm)
+    skipped = "skipped (meta weights)" if meta else "skipped"
+    verify = verify and not meta   # nothing to compute on: a structure-only graph is never checked numerically
     before = run_outputs(gm, ctx) if verify else []
     for index, p in enumerate(passes):
         if progress:
             progress(f"[{index + 1}/{len(passes)}] {p.name}")
+        if meta and getattr(p, "needs_weights", True):
+            raise PassError(p.name, f"it needs the weights' values, and {len(meta)} of this graph's tensors are on the "
+                                    f"meta device (a structure-only compile; e.g. '{meta[0]}'): compile the model "
+                                    f"with its weights loaded to run it{getattr(p, 'structure_hint', '')}",
+                            before=ctx.history)
         params0, nodes0 = count_parameters(gm)[0], compute_nodes(gm)
         mode = p.check(ctx) if callable(p.check) else p.check
         start = time.perf_counter()
@@ -255,7 +268,7 @@ def run_pipeline(gm: fx.GraphModule, passes: list, ctx: Context, verify: bool = 
         except Exception as error:
             raise PassError(p.name, f"{type(error).__name__}: {error}", before=ctx.history) from error
         seconds = time.perf_counter() - start
-        check = "skipped"
+        check = skipped
         if verify:
             try:
                 after = run_outputs(gm, ctx)

@@ -430,3 +430,46 @@ def test_falcon_linears_take_adapters_and_match_peft(tmp_path):
         torch.testing.assert_close(compiled.module(ids).logits, want, rtol=1e-5, atol=1e-5)
         compiled.apply(["merge"])
         torch.testing.assert_close(compiled.module(ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
+class _ProbeCache:
+    """Stands in for a transformers Cache object in a forward's output (capture looks for 'Cache' in the name)."""
+
+
+class _CachingModel(nn.Module):
+    """A forward that returns a cache when its config says so, and then recomputes a buffer (as a rotary
+    embedding may, to the same values): the fake-tensor probe for the cache must leave no fake tensor on the model."""
+
+    def __init__(self):
+        super().__init__()
+        import types
+
+        self.config = types.SimpleNamespace(use_cache=True)
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("freq", torch.ones(4))
+
+    def forward(self, x, use_cache=None):
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache:
+            self.freq = self.freq.clone()   # the same values, a new tensor
+            return self.lin(x) + self.freq, _ProbeCache()
+        return (self.lin(x) + self.freq,)
+
+
+def test_the_cache_probe_finds_the_cache_and_leaves_the_model_as_it_was():
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    from surgeon.capture import _returns_cache
+
+    model = _CachingModel().eval()
+    before = snapshot(model)
+    freq = model.freq
+    x = torch.randn(2, 4)
+    assert _returns_cache(model, (x,), {})
+    assert model.freq is freq and not isinstance(model.freq, FakeTensor)
+    assert_untouched(model, before)
+    compiled = surgeon.compile(model, (x,), {"pipeline": []})
+    assert any("use_cache=False" in note for note in compiled.report.rows[0].notes)
+    assert not isinstance(model.freq, FakeTensor)   # (the model's own calls, in verification, replace it)
+    assert_untouched(model, before)
+    torch.testing.assert_close(compiled.module(x)[0], model(x, use_cache=False)[0], rtol=0, atol=0)

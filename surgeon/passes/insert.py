@@ -11,6 +11,11 @@ residual split, HRA's paired reflections) are checked "close"; adapters loaded f
 change the function ("none"). A kind may rewrite the base weight at insertion (PiSSA keeps
 the residual W - s B0 A0); the new weight is a new tensor, recomputed for loaded adapters.
 Base parameters are frozen: after insertion only adapter parameters require grad.
+On a structure-only graph (base weights on the meta device) insert reads no weight values: the
+adapter parameters are real tensors on the CPU, drawn from the spec's seed exactly as a compile
+with the weights loaded draws them; a parameter a kind computes from the base weight's values
+(DoRA's magnitude, PiSSA's factors) has none to compute from, stays on the meta device, and a
+note names it.
 A selected conv / linear whose weight is computed from parameters on every call (BiT's weight
 standardization) gets its weight computed once, as a frozen tensor `<path>.weight_computed`
 that then is the site's weight: the base is frozen while adapters train, so this is exact, and
@@ -40,6 +45,7 @@ from ._rep_constants import precompute
 class Insert:
     adapters: tuple[str, ...] | None = None
     name: ClassVar[str] = "insert"
+    needs_weights: ClassVar[bool] = False   # runs on a structure-only graph (surgeon.pipeline)
 
     def check(self, ctx: Context) -> str:
         chosen = ctx.select(self.adapters, ("declared", "removed"))
@@ -59,6 +65,7 @@ class Insert:
             index = list(ctx.adapters).index(state.spec.name)
             spec = state.spec
             state.sites = []
+            without: dict[str, list[str]] = {}   # adapter params left meta (computed from meta weights) -> sites
             found = discover_sites(gm, state, ctx, index, result)
             position = {node: i for i, node in enumerate(gm.graph.nodes)}
             paths = sorted(found, key=lambda p: position[found[p][0]])
@@ -78,9 +85,16 @@ class Insert:
                 site = SiteState(path, op, weight, fan_in, fan_out, options)
                 dtype = calls[0].meta["val"].dtype if "val" in calls[0].meta else None
                 tensors = self._tensors(gm, state, site, ctx, index, dtype, len(state.sites))
+                unknown = [p for p, t in tensors.items() if t.is_meta]
+                if unknown:
+                    without.setdefault(", ".join(unknown), []).append(path)
                 attach(gm, state, site, calls, tensors, self.name)
                 state.sites.append(site)
                 result.matches += len(calls)
+            for params, where in without.items():
+                result.notes.append(f"{spec.name}: {params} of {len(where)} sites (e.g. '{where[0]}') computed from "
+                                    "the base weight's values, which a structure-only graph has none of: left on "
+                                    "the meta device")
             if spec.loaded is not None:
                 _check_all_placed(spec, state, result, ctx, index)
             state.status = "inserted"
@@ -106,9 +120,12 @@ class Insert:
             base_delta = kind.base_delta(fresh, site.options, weight)
             if base_delta is not None:
                 add_delta(gm, state, site, base_delta, self.name)
-        # floating parameters take the site's dtype; integer ones (SHiRA's indices) keep theirs
-        return {p: t.to(device=weight.device, dtype=(dtype or weight.dtype) if t.is_floating_point() else t.dtype)
-                .clone() for p, t in tensors.items()}
+        # floating parameters take the site's dtype; integer ones (SHiRA's indices) keep theirs; on a meta base
+        # weight they stay where they were made (the CPU; meta when computed from the weight's values). Always
+        # a copy of its own (a kind may return a cached tensor), made once even when the dtype changes
+        return {p: t.to(device=t.device if weight.is_meta else weight.device,
+                        dtype=(dtype or weight.dtype) if t.is_floating_point() else t.dtype, copy=True)
+                for p, t in tensors.items()}
 
 
 def _compute_weights(gm: fx.GraphModule, states, result: PassResult) -> dict[str, str]:

@@ -6,6 +6,10 @@ Conv1D's addmm), e.g. W R - W for an input rotation; a kind that scales the whol
 scales the bias. Kinds with no exact delta (a nonlinearity in the branch) are refused with the
 kind's reason. With no inserted adapter to merge (or a named one not inserted) it raises
 PassError instead of doing nothing.
+
+Merging reads the weights' values, so on a structure-only graph (meta weights) the pass manager
+refuses it; `plan` says what a merge would do there without computing anything: per site, the
+weight (and bias) it would replace, the delta's shape and dtype and the parameters it is made of, and whether the bias changes too.
 """
 from __future__ import annotations
 
@@ -14,7 +18,8 @@ from typing import ClassVar
 
 import torch.fx as fx
 
-from surgeon.adapter_ops import merge_site
+from surgeon.adapter_ops import PARAM_SITE, merge_site, site_calls
+from surgeon.graph import get_tensor
 from surgeon.pipeline import Context, PassResult
 
 
@@ -23,6 +28,8 @@ class Merge:
     adapters: tuple[str, ...] | None = None
     name: ClassVar[str] = "merge"
     check: ClassVar[str] = "close"
+    needs_weights: ClassVar[bool] = True    # W + delta: refused on a structure-only graph (surgeon.pipeline)
+    structure_hint: ClassVar[str] = "; Compiled.merge_plan() lists what it would change without computing it"
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
         result = PassResult()
@@ -37,3 +44,27 @@ class Merge:
                 result.matches += 1
             state.status = "merged"
         return result
+
+
+def plan(gm: fx.GraphModule, ctx: Context, adapters: tuple[str, ...] | None = None) -> list[dict]:
+    """What merging the inserted adapters (all, or those named) would do, one record per site, reading
+    only shapes and dtypes (so it runs on a structure-only graph): the weight replaced (a new tensor
+    named `weight_untied` where other ops read the weight too), its shape and dtype, the delta (same
+    shape; from which adapter parameters), whether the bias changes too, and the kind's refusal if any."""
+    steps = []
+    for state in ctx.select(adapters, ("inserted",), acting=Merge.name):
+        kind = state.spec.kind
+        for site in state.sites:
+            weight = get_tensor(gm, site.weight) if site.weight else None
+            calls = set(site_calls(gm, site))
+            readers = {u for n in gm.graph.find_nodes(op="get_attr", target=site.weight) for u in n.users} \
+                if site.weight else set()
+            untied = site.op != PARAM_SITE and not readers <= calls
+            steps.append({
+                "adapter": state.spec.name, "kind": state.spec.type, "site": site.path, "op": site.op,
+                "weight": f"{site.path}.weight_untied" if untied else site.weight, "replaces": site.weight,
+                "shape": list(weight.shape) if weight is not None else None,
+                "dtype": str(weight.dtype).replace("torch.", "") if weight is not None else None,
+                "delta_from": sorted(site.params), "bias_mapped": kind.bias_map is not None,
+                "refusal": kind.refusal(site.options) or None})
+    return steps
