@@ -22,6 +22,7 @@ from .inputs import install_fills
 from .verify import capture_verified, optional_inputs
 from .passes import passes
 from .report import Report
+from .serving import Serving
 from .safe_io import check_out_dir, real_dir, write_text_nofollow
 from . import spec as spec_module
 from .spec import Spec, _pass, spec_to_dict
@@ -80,6 +81,7 @@ def compile(model: nn.Module, example_inputs: Any, spec: "str | Path | dict | Sp
                     time.perf_counter() - start, check, notes)]
     compiled = Compiled(gm, ctx, Report(type(model).__name__, gm.meta["surgeon_frontend"], rows, ctx.adapters))
     compiled.nodes_before = node_table(gm)
+    gm.meta["surgeon_serving"] = Serving(ctx)   # for calls with adapter_names (surgeon.serving)
     compiled.original = model
     generator = generator_for(model, gm, ctx, compiled.applied)
     if generator is not None and structure_only:   # a meta model generates nothing: say so when asked

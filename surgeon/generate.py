@@ -36,6 +36,10 @@ parameters share storage with the compiled module's until a pass replaces them (
 weights: then the original's remain as well); its buffers are its own. Once built, the two
 generation graphs hold no weights of their own (all tied), only their graph code.
 
+`adapter_names=[...]` (one adapter per prompt row, "__base__" for none: PEFT's mixed batch) runs the cache
+path on mixed-batch copies of the prefill and decode graphs, given the rows' plan as their last input, and the
+recompute paths on the compiled module with each row's name (surgeon.serving).
+
 Encoder-decoder models (transformers' T5, BART: config.is_encoder_decoder) recompute: each new token runs
 the compiled module itself (so every pass applied to it is in effect) on the prompt, its attention mask
 (padding on either side) and the decoder's tokens so far, and takes the decoder's last position's logits
@@ -71,7 +75,7 @@ from .pipeline import AdapterState, Context, compare, compute_dtypes, run_pipeli
 # transformers' global defaults (GenerationConfig._get_default_generation_params) for what we take
 DEFAULTS = {"max_length": 20, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
 KEYWORDS = ("input_ids", "attention_mask", "max_new_tokens", "max_length", "do_sample", "temperature", "top_k",
-            "top_p", "eos_token_id", "pad_token_id", "generator", "use_cache", "generation_config")
+            "top_p", "eos_token_id", "pad_token_id", "generator", "use_cache", "generation_config", "adapter_names")
 # what an encoder-decoder's generate takes as well
 ENCODER_DECODER_KEYWORDS = ("decoder_start_token_id", "forced_bos_token_id", "forced_eos_token_id")
 
@@ -297,18 +301,23 @@ class Generator:
         forced = forced_tokens(kwargs, configs, settings) if start is not None else None
         use_cache = kwargs.get("use_cache")
         use_cache = use_cache if use_cache is not None else pick_attr(configs, "use_cache", True)
+        names = kwargs.get("adapter_names")
+        if names is not None:   # one adapter per row (surgeon.serving): checked before anything runs
+            from .serving import plan_rows, serving_ctx
+
+            plan_rows(serving_ctx(module).adapters, names, ids.shape[0])
         if settings.max_new_tokens == 0:
             return out
         with torch.no_grad(), evaluating(module):
             if start is not None:
-                run = _EncoderDecoderRun(module, ids, mask, start, settings.pad)
+                run = _EncoderDecoderRun(module, ids, mask, start, settings.pad, names)
             else:
                 if self.mode == "cache" and use_cache:
                     self._ready(module)   # falls back to recompute (mode) when the graphs cannot serve
                 if self.mode == "cache" and use_cache:
-                    run = _CacheRun(self, ids, mask, settings.max_new_tokens, module)
+                    run = _CacheRun(self, ids, mask, settings.max_new_tokens, module, names)
                 else:
-                    run = _RecomputeRun(module, ids, mask)
+                    run = _RecomputeRun(module, ids, mask, names)
             return self._loop(run, out, settings, kwargs.get("generator"), forced)
 
     def applied(self, module: nn.Module, passes: list) -> None:
@@ -489,8 +498,18 @@ class Generator:
 class _CacheRun:
     """One generate call on the cache path: the cache, mask and positions, and the graphs that advance them."""
 
-    def __init__(self, owner: Generator, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, module: nn.Module):
+    def __init__(self, owner: Generator, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, module: nn.Module,
+                 adapter_names: list[str] | None = None):
         self.prefill, self.decode = owner.graphs["prefill"].gm, owner.graphs["decode"].gm
+        self.extra = ()
+        if adapter_names is not None:   # the graphs' mixed-batch copies (surgeon.serving), the rows' plan last
+            from .serving import mixed_graph, plan_rows
+
+            self.extra = (plan_rows(owner.graphs["prefill"].ctx.adapters, adapter_names, ids.shape[0]),)
+            self.prefill, self.decode = (mixed_graph(owner.graphs[kind].gm, owner.graphs[kind].ctx).forward
+                                         for kind in ("prefill", "decode"))
+        else:
+            self.prefill, self.decode = self.prefill.forward, self.decode.forward
         batch, length = ids.shape
         device, dtype = _placement(module)
         self.ids, self.length = ids.to(device), length
@@ -502,16 +521,21 @@ class _CacheRun:
 
     def start(self) -> torch.Tensor:
         past = torch.tensor(0, device=self.mask.device)
-        return self.prefill.forward(self.ids, self.mask, self.positions, past, *self.kv)[:, -1]
+        return _logits_out(self.prefill(self.ids, self.mask, self.positions, past, *self.kv, *self.extra))[:, -1]
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
         self.mask[:, self.length] = 1
         self.positions = self.positions[:, -1:] + 1
         past = torch.tensor(self.length, device=self.mask.device)
-        logits = self.decode.forward(token.reshape(-1, 1).to(self.mask.device), self.mask, self.positions, past,
-                                     *self.kv)
+        logits = self.decode(token.reshape(-1, 1).to(self.mask.device), self.mask, self.positions, past,
+                             *self.kv, *self.extra)
         self.length += 1
-        return logits[:, -1]
+        return _logits_out(logits)[:, -1]
+
+
+def _logits_out(out: Any) -> torch.Tensor:
+    """A generation graph's logits (a mixed-batch copy returns its flat outputs: the one tensor in a tuple)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 class _RecomputeRun:
@@ -519,8 +543,9 @@ class _RecomputeRun:
     with padding run without it, those of one length together (a model without a mask input could not
     tell pads from tokens, and one with a mask but no positions input would place them wrong)."""
 
-    def __init__(self, module: nn.Module, ids: torch.Tensor, mask: torch.Tensor):
-        self.module, self.batch = module, ids.shape[0]
+    def __init__(self, module: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
+                 adapter_names: list[str] | None = None):
+        self.module, self.batch, self.names = module, ids.shape[0], adapter_names
         ids, mask = ids.to(_first_device(module)), mask.to(_first_device(module))
         if bool(mask.all()):
             self.groups = [(torch.arange(self.batch, device=ids.device), ids)]
@@ -531,19 +556,21 @@ class _RecomputeRun:
                 rows = (lengths == length).nonzero().flatten()
                 self.groups.append((rows, torch.stack([ids[r][mask[r].bool()] for r in rows.tolist()])))
 
-    def _last(self, seq: torch.Tensor) -> torch.Tensor:
+    def _last(self, seq: torch.Tensor, names: list[str] | None = None) -> torch.Tensor:
+        extra = {} if names is None else {"adapter_names": names}
         try:
-            return logits_of(lm_forward(self.module, seq))[:, -1]
+            return logits_of(lm_forward(self.module, seq, **extra))[:, -1]
         except InputError:
             if seq.shape[0] != 1:
                 raise
             # a module compiled for batches from 2 up (verify=False keeps export's range): the row twice
-            return logits_of(lm_forward(self.module, seq.repeat(2, 1)))[:1, -1]
+            extra = {} if names is None else {"adapter_names": names * 2}
+            return logits_of(lm_forward(self.module, seq.repeat(2, 1), **extra))[:1, -1]
 
     def _logits(self) -> torch.Tensor:
         out = None
         for rows, seq in self.groups:
-            logits = self._last(seq)
+            logits = self._last(seq, None if self.names is None else [self.names[r] for r in rows.tolist()])
             if out is None:
                 out = logits.new_empty((self.batch, logits.shape[-1]))
             out[rows] = logits
@@ -565,7 +592,8 @@ class _EncoderDecoderRun:
     padded up: the batch with copies of the first row, the prompt with pad tokens its mask hides, the decoder
     with pad tokens after its last one (its self-attention is causal: that position does not see them)."""
 
-    def __init__(self, module: nn.Module, ids: torch.Tensor, mask: torch.Tensor, start: torch.Tensor, pad: int):
+    def __init__(self, module: nn.Module, ids: torch.Tensor, mask: torch.Tensor, start: torch.Tensor, pad: int,
+                 adapter_names: list[str] | None = None):
         inputs = getattr(module, "meta", {}).get("surgeon_inputs")
         names = getattr(inputs, "names", ())
         device = _first_device(module)
@@ -573,6 +601,9 @@ class _EncoderDecoderRun:
         self.rows = _least(inputs, ("input_ids", 0), ("attention_mask", 0), ("decoder_input_ids", 0))
         self.length = _least(inputs, ("decoder_input_ids", 1))
         self.decoder = start.to(device)
+        # rows padded up with copies of the first take the first row's adapter
+        self.extra = {} if adapter_names is None else \
+            {"adapter_names": list(adapter_names) + [adapter_names[0]] * max(0, self.rows - self.batch)}
         self.decoder_mask = "decoder_attention_mask" in names and "decoder_attention_mask" not in inputs.fills
         ids, mask = ids.to(device), mask.to(device)
         if "attention_mask" in names:
@@ -589,7 +620,7 @@ class _EncoderDecoderRun:
     def _logits(self) -> torch.Tensor:
         decoder = _pad_to(self.decoder, self.rows, self.length, self.pad)
         extra = {"decoder_attention_mask": torch.ones_like(decoder)} if self.decoder_mask else {}
-        out = self.module(**self.encoder, decoder_input_ids=decoder, **extra)
+        out = self.module(**self.encoder, decoder_input_ids=decoder, **extra, **self.extra)
         return logits_of(out)[:self.batch, self.decoder.shape[1] - 1]
 
     def start(self) -> torch.Tensor:
@@ -707,13 +738,14 @@ def _probe(model: nn.Module, cache_arg: str) -> list[tuple[int, int, int]]:
     return layout
 
 
-def lm_forward(module: nn.Module, ids: torch.Tensor) -> Any:
+def lm_forward(module: nn.Module, ids: torch.Tensor, **extra: Any) -> Any:
     """The compiled module on unpadded token ids, with an all-ones attention mask where the graph takes one
-    (an `attention_mask` given in the example is a required input, not an optional one)."""
+    (an `attention_mask` given in the example is a required input, not an optional one); `extra`: the
+    call's `adapter_names`, if any."""
     names = getattr(getattr(module, "meta", {}).get("surgeon_inputs"), "names", ())
     if "attention_mask" in names:
-        return module(ids, attention_mask=torch.ones_like(ids))
-    return module(ids)
+        return module(ids, attention_mask=torch.ones_like(ids), **extra)
+    return module(ids, **extra)
 
 
 def _mask(ids: torch.Tensor, mask: torch.Tensor | None, settings: Settings) -> torch.Tensor:

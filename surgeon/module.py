@@ -10,6 +10,8 @@
   `device` and `dtype` (of its floating parameters);
 - `.to(dtype / device)`, `.half()`, `.bfloat16()`, `.float()`, `.cuda()` move it like the model (no dtype or
   device constant of the capture stays baked into the graph: surgeon.portable);
+- `adapter_names=[...]` (one adapter name per row, `"__base__"` for none: PEFT's mixed batch) runs a
+  second graph built from this one (surgeon.serving); without it the call is the plain one;
 - `generate(...)` runs the generator the compile attached (surgeon.generate), so the module alone
   is enough to serve;
 - deepcopy keeps all of it.
@@ -33,6 +35,10 @@ class SurgeonModule(fx.GraphModule):
     """A GraphModule that behaves like the model it was captured from (see the module docstring)."""
 
     def __call__(self, *args, **kwargs):
+        if "adapter_names" in kwargs:   # one adapter per row (surgeon.serving); None: the plain call
+            names = kwargs.pop("adapter_names")
+            if names is not None:
+                return self._mixed(names, args, kwargs)
         inputs = self.meta.get("surgeon_inputs")
         if inputs is not None:
             args, kwargs = inputs.bind(args, kwargs), {}
@@ -47,6 +53,24 @@ class SurgeonModule(fx.GraphModule):
             line = graph_line(error)
             if line:
                 error.add_note(f"(in the graph of {type(self).__name__}: {line})")
+            raise
+        finally:
+            if torch.is_grad_enabled() != grad:
+                torch.set_grad_enabled(grad)
+
+    def _mixed(self, names, args, kwargs):
+        """A call with `adapter_names`: the mixed graph (surgeon.serving's, which surgeon.compile attaches),
+        errors noted as the plain call's."""
+        serving = self.meta.get("surgeon_serving")
+        if serving is None:
+            raise SurgeonError(f"{type(self).__name__} takes no adapter_names: compile the model with surgeon.compile")
+        grad = torch.is_grad_enabled()
+        try:
+            return serving.call(self, names, args, kwargs)
+        except Exception as error:
+            line = graph_line(error)
+            if line:
+                error.add_note(f"(in the mixed-batch graph of {type(self).__name__}: {line})")
             raise
         finally:
             if torch.is_grad_enabled() != grad:

@@ -1,0 +1,319 @@
+"""Mixed batches: one adapter per row of a batch, PEFT's `adapter_names` convention.
+
+`compiled.module(input_ids, ..., adapter_names=[...])` and `compiled.generate(..., adapter_names=[...])`
+take one adapter name per row (`"__base__"`: no adapter for that row). The graph the user calls without
+`adapter_names` is never touched: the first mixed call builds, from it, a second GraphModule (the "mixed
+graph") and keeps it until the graph, the adapters' states or the module's placement change. The same is
+done for the generator's prefill and decode graphs.
+
+Design (a torch reference path; generated BGMV/SGMV kernels would replace `MixedSite.forward`):
+- The mixed graph is a copy of the graph (sharing every tensor) with every attached adapter detached
+  (adapter_ops.detach: the base graph) and one `call_module` node per adapted base op, a `MixedSite`,
+  holding the adapters that can join a mixed batch at that op (inserted and inactive ones, their
+  tensors shared with the compiled module: training it changes what the mixed graph computes).
+- The graph takes one more input, a `RowPlan`: the batch's rows grouped by adapter (one index
+  tensor per adapter present, made once per call from the names). A `MixedSite` loops over its
+  adapters (never over rows), skips those absent from the batch, gathers the rows of each present
+  one (`index_select`), runs the adapter kind's own forward on them (the graph code the kind builds
+  for `set_active`, run eagerly) and writes them back (`index_copy`): the cost is per adapter present.
+  When every row names one adapter, its forward runs on the whole batch with no gather: the same ops
+  as `set_active` of that adapter.
+- A site whose input is flattened to (batch * length, features) (GPT-2's Conv1D addmm) gets the
+  rows' token indices (row * length + position), made once per adapter and length.
+
+Kinds that join: LoRA (rsLoRA too; default / gaussian init or loaded weights), LoRA-XS, VeRA (each an
+additive per-row update) and IA3 (a per-row scale of the output, or of the input with `on: input`), on
+linear and GPT-2 Conv1D sites, in eval mode. Everything else is refused with `SurgeonError` saying why
+(`mixable`).
+"""
+from __future__ import annotations
+
+import copy
+import weakref
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .adapters import EagerBranch
+from .errors import InputError, SurgeonError
+
+BASE = "__base__"
+# the kinds whose forward is an independent function of each row (x row -> y row) with no base-weight
+# rewrite, and the halves of it that act ("output": after the base op, "input": before it)
+_HALVES = {
+    "lora": lambda opts: ("output",),
+    "lora-xs": lambda opts: ("output",),
+    "vera": lambda opts: ("output",),
+    "ia3": lambda opts: (opts.get("on", "output"),),
+}
+_SITE_OPS = ("linear", "addmm")
+_ATTACHED = ("inserted",)
+_USABLE = ("inserted", "inactive")
+_BAKED = {"merged": "is merged into the base weights", "combined": "is combined into the base weights",
+          "lowered": "runs as a generated kernel region (lowered)", "quantized": "is quantized"}
+
+
+def refusal(state) -> str:
+    """Why this adapter cannot join a mixed batch ("" when it can)."""
+    spec, status = state.spec, state.status
+    if status in _BAKED:
+        return f"it {_BAKED[status]}, which a per-row selection cannot take back out"
+    if status not in _USABLE:
+        return f"it is {status}, not inserted"
+    halves = _HALVES.get(spec.type)
+    if halves is None:
+        return (f"a '{spec.type}' adapter is not a per-row low-rank update or scale; mixed batches take "
+                f"{', '.join(sorted(_HALVES))}")
+    for site in state.sites:
+        if site.op not in _SITE_OPS:
+            return f"it sits on a {site.op} op at '{site.path}'; mixed batches take linear and GPT-2 Conv1D sites"
+        if site.options.get("init") in ("pissa", "olora"):
+            return (f"its {site.options['init']} init rewrote the base weight of '{site.path}' into a residual, "
+                    "so rows without it would not see the base model")
+        if site.options.get("groups", 1) > 1 or "experts" in site.options:
+            return f"its site '{site.path}' is a grouped conv or an expert stack"
+    return ""
+
+
+class RowPlan:
+    """One call's rows grouped by adapter: `groups[name]` the row indices (ascending), `whole` the one name
+    when every row has it. Token indices of flattened inputs are made once per (name, length)."""
+
+    def __init__(self, batch: int, groups: dict[str, torch.Tensor], whole: str | None):
+        self.batch, self.groups, self.whole = batch, groups, whole
+        self._tokens: dict[tuple[str, int], torch.Tensor] = {}
+
+    def rows(self, name: str, leading: int, device: torch.device) -> torch.Tensor | None:
+        rows = self.groups.get(name)
+        if rows is None:
+            return None
+        if rows.device != device:
+            rows = self.groups[name] = rows.to(device)
+        if leading == self.batch:
+            return rows
+        if leading % self.batch:
+            raise SurgeonError(f"mixed batch: an adapted op's input has {leading} rows, neither the batch "
+                               f"({self.batch}) nor a multiple of it")
+        length = leading // self.batch
+        key = (name, length)
+        if key not in self._tokens:
+            self._tokens[key] = (rows[:, None] * length + torch.arange(length, device=device)).flatten()
+        return self._tokens[key]
+
+
+class MixedSite(nn.Module):
+    """The adapters of one base op in a mixed graph: `side` "output" (after the op: x, y -> y') or "input"
+    (before it: x -> x'). Routes: (adapter, kind, options, (in, out), tensors); the tensors are plain
+    references (shared with the compiled module), not registered: this module is never moved itself."""
+
+    def __init__(self, side: str, routes: list):
+        super().__init__()
+        self.side, self.routes = side, routes
+
+    def forward(self, plan: RowPlan | None, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        base = x if self.side == "input" else y
+        if plan is None or plan.whole == BASE:
+            return base
+        out = base
+        for name, kind, opts, dims, params in self.routes:
+            run = kind.forward_input if self.side == "input" else kind.forward
+            if plan.whole is not None:
+                if plan.whole == name:   # every row: the adapter's own forward, as set_active runs it
+                    return run(EagerBranch(dims), x, params, opts) if self.side == "input" else \
+                        run(EagerBranch(dims), x, y, params, opts)
+                continue
+            rows = plan.rows(name, x.shape[0], x.device)
+            if rows is None:
+                continue
+            x_rows = x.index_select(0, rows)
+            new = run(EagerBranch(dims), x_rows, params, opts) if self.side == "input" else \
+                run(EagerBranch(dims), x_rows, y.index_select(0, rows), params, opts)
+            out = out.index_copy(0, rows, new.to(out.dtype))
+        return out
+
+
+# ------------------------------------------------------------------------------------ the plan
+
+def plan_rows(adapters: dict, names: Any, batch: int) -> RowPlan:
+    """Check `adapter_names` against the compile's adapters and the batch; group the rows by name."""
+    if isinstance(names, str) or not isinstance(names, (list, tuple)) or \
+            not all(isinstance(n, str) for n in names):
+        raise SurgeonError(f"adapter_names must be a list of adapter names, one per row (PEFT's convention, "
+                           f"'{BASE}' for none), got {names!r}"[:300])
+    if len(names) != batch:
+        raise SurgeonError(f"adapter_names has {len(names)} names but the batch has {batch} rows: give one name "
+                           f"per row ('{BASE}' for a row without an adapter)")
+    check_states(adapters, set(names) - {BASE})
+    groups, order = {}, {}
+    for row, name in enumerate(names):
+        order.setdefault(name, []).append(row)
+    for name, rows in order.items():
+        if name != BASE:
+            groups[name] = torch.tensor(rows, dtype=torch.long)
+    whole = names[0] if len(order) == 1 else None
+    return RowPlan(batch, groups, whole)
+
+
+def check_states(adapters: dict, wanted: set[str]) -> None:
+    """Refuse names that are unknown or cannot join, and any adapter baked into the base graph."""
+    mixable = sorted(n for n, s in adapters.items() if not refusal(s))
+    for name in sorted(wanted):
+        if name not in adapters:
+            raise SurgeonError(f"adapter_names: no adapter named '{name}'; known: {[BASE, *mixable]}"
+                               + (f" (and, not usable in a mixed batch: {sorted(set(adapters) - set(mixable))})"
+                                  if set(adapters) - set(mixable) else ""))
+        why = refusal(adapters[name])
+        if why:
+            state = adapters[name]
+            raise SurgeonError(f"adapter_names: adapter '{name}' ({state.spec.type}, {state.status}) cannot join a "
+                               f"mixed batch: {why}")
+    for name, state in adapters.items():
+        if state.status in _BAKED or (state.status in _USABLE and any(
+                s.options.get("init") in ("pissa", "olora") for s in state.sites)):
+            raise SurgeonError(f"adapter_names: adapter '{name}' ({state.spec.type}, {state.status}) "
+                               f"{'changes the base graph' if state.status in _USABLE else 'is part of the graph'}: "
+                               f"{refusal(state)}, so '{BASE}' rows and other adapters' rows would carry it too")
+
+
+# ------------------------------------------------------------------------------------ building
+
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def mixed_graph(gm: fx.GraphModule, ctx) -> fx.GraphModule:
+    """The mixed graph of `gm` (built on first use, rebuilt when the graph, the adapters or the placement
+    changed): the same inputs, then a RowPlan."""
+    key = (gm.code, _placement(gm), tuple((n, s.status) for n, s in ctx.adapters.items()))
+    held = _CACHE.get(gm)
+    if held is not None and held[0] == key:
+        return held[1]
+    mixed = build(gm, ctx)
+    _CACHE[gm] = (key, mixed)
+    return mixed
+
+
+def build(gm: fx.GraphModule, ctx) -> fx.GraphModule:
+    from .adapter_ops import _site_input, detach, site_calls
+    from .fastpath import recompile
+
+    graph = fx.Graph()   # plain codegen: flat inputs (then the plan), flat outputs (`run` restores the structure)
+    output = graph.graph_copy(gm.graph, {})
+    graph.output(output)
+    mixed = fx.GraphModule(gm, graph, class_name=f"Mixed{type(gm).__name__}")
+    device, dtype = _placement(gm)
+    tensors: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    for name, state in ctx.adapters.items():   # take the tensors before detaching deletes them from the copy
+        if state.status in _USABLE and not refusal(state):
+            tensors[name] = {site.path: ({p: _get(gm, t) for p, t in site.params.items()}
+                                         if state.status in _ATTACHED else
+                                         {p: _place(t, device, dtype) for p, t in site.parked.items()})
+                             for site in state.sites}
+    for state in reversed([s for s in ctx.adapters.values() if s.status in _ATTACHED]):
+        for site in reversed(state.sites):
+            detach(mixed, copy.copy(site))
+    placeholders = list(mixed.graph.find_nodes(op="placeholder"))
+    with mixed.graph.inserting_after(placeholders[-1]):
+        plan = mixed.graph.placeholder("adapter_plan", default_value=None)
+    by_call: dict[fx.Node, dict[str, list]] = {}
+    for name, state in ctx.adapters.items():
+        if name not in tensors:
+            continue
+        for site in state.sites:
+            dims = (site.in_features, site.out_features)
+            for call in site_calls(mixed, site):
+                for side in _HALVES[state.spec.type](site.options):
+                    route = (name, state.spec.kind, dict(site.options), dims, tensors[name][site.path])
+                    by_call.setdefault(call, {}).setdefault(side, []).append(route)
+    for index, (call, sides) in enumerate(by_call.items()):
+        op = "addmm" if call.target is torch.ops.aten.addmm.default else "linear"
+        x = _site_input(call, op)
+        if "input" in sides:
+            target = f"_mixed_in_{index}"
+            mixed.add_module(target, MixedSite("input", sides["input"]))
+            with mixed.graph.inserting_before(call):
+                new_x = mixed.graph.call_module(target, (plan, x))
+            call.replace_input_with(x, new_x)
+        if "output" in sides:
+            target = f"_mixed_out_{index}"
+            mixed.add_module(target, MixedSite("output", sides["output"]))
+            with mixed.graph.inserting_after(call):
+                new_y = mixed.graph.call_module(target, (plan, _site_input(call, op), call))
+            call.replace_all_uses_with(new_y, delete_user_cb=lambda user, new_y=new_y: user is not new_y)
+    mixed.graph.lint()
+    recompile(mixed)
+    mixed.eval()
+    return mixed
+
+
+def _get(gm: nn.Module, target: str) -> torch.Tensor:
+    from .graph import get_tensor
+
+    return get_tensor(gm, target)
+
+
+def _place(tensor: torch.Tensor, device, dtype) -> torch.Tensor:
+    return tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+
+
+def _placement(module: nn.Module) -> tuple:
+    first = next((t for t in (*module.parameters(), *module.buffers())), None)
+    floating = next((t.dtype for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()), None)
+    return (first.device if first is not None else torch.device("cpu"), floating)
+
+
+# ------------------------------------------------------------------------------------ calling
+
+class Serving:
+    """What a compiled module keeps for mixed calls: the compile's adapter states (gm.meta["surgeon_serving"])."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def __deepcopy__(self, memo):
+        return Serving(copy.deepcopy(self.ctx, memo))
+
+    def call(self, module: nn.Module, names: Any, args: tuple, kwargs: dict) -> Any:
+        return mixed_call(module, names, args, kwargs)
+
+
+def batch_of(values: tuple) -> int:
+    """The batch size of a call: the first tensor input's leading dimension."""
+    for value in values:
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            return int(value.shape[0])
+    raise InputError("adapter_names: the call has no tensor input to take the batch size from")
+
+
+def serving_ctx(module: nn.Module):
+    serving = getattr(module, "meta", {}).get("surgeon_serving")
+    if serving is None:
+        raise SurgeonError(f"{type(module).__name__} takes no adapter_names: compile the model with surgeon.compile")
+    return serving.ctx
+
+
+def refuse_training(module: nn.Module) -> None:
+    if module.training:
+        raise SurgeonError("adapter_names: a mixed batch runs in eval mode only (as PEFT's); call .eval() first")
+
+
+def mixed_call(module: nn.Module, names: Any, args: tuple, kwargs: dict) -> Any:
+    """`module(*args, **kwargs)` with one adapter per row (SurgeonModule.__call__ with adapter_names)."""
+    ctx = serving_ctx(module)
+    refuse_training(module)
+    inputs = module.meta.get("surgeon_inputs")
+    values = inputs.bind(args, kwargs) if inputs is not None else tuple(args) + tuple(kwargs.values())
+    plan = plan_rows(ctx.adapters, names, batch_of(values))
+    return run(module, mixed_graph(module, ctx), values, plan)
+
+
+def run(gm: fx.GraphModule, mixed: fx.GraphModule, values: tuple, plan: RowPlan) -> Any:
+    """The mixed graph on the graph's flat inputs and a plan; outputs in the structure `gm` returns them."""
+    out = mixed(*values, plan)
+    codegen = getattr(gm.graph, "_codegen", None)
+    return codegen.process_outputs(out) if codegen is not None else out
+
+
+__all__ = ["BASE", "RowPlan", "MixedSite", "Serving", "plan_rows", "check_states", "mixed_graph", "mixed_call",
+           "refusal"]
