@@ -206,6 +206,27 @@ class Compiled:
         return {s.path: (s.merged or s.parked or {p: get_tensor(self.module, t).detach() for p, t in s.params.items()})
                 for s in state.sites}
 
+    def load_adapter(self, path: str | Path, name: str, active: bool = False) -> "Compiled":
+        """Add the adapter saved in `path` (surgeon's or PEFT's folder) as `name`, without recapture; parked
+        unless `active` (rows pick it with adapter_names). surgeon.serving.load_adapter says what is refused."""
+        from .serving import load_adapter
+
+        load_adapter(self, path, name, active)
+        return self
+
+    def unload_adapter(self, name: str) -> "Compiled":
+        """Take an inserted or inactive adapter out (surgeon.serving.unload_adapter), without recapture."""
+        from .serving import unload_adapter
+
+        unload_adapter(self, name)
+        return self
+
+    def adapter_bytes(self) -> dict[str, int]:
+        """Bytes of parameters each adapter holds now (the bank's memory; surgeon.serving.adapter_bytes)."""
+        from .serving import adapter_bytes
+
+        return adapter_bytes(self)
+
     def set_active(self, *names: str) -> "Compiled":
         """Run only the named inserted adapters (others are parked with their weights), no recapture."""
         return self.apply([{"activate": {"adapters": list(names)}}], verify=False)

@@ -315,5 +315,101 @@ def run(gm: fx.GraphModule, mixed: fx.GraphModule, values: tuple, plan: RowPlan)
     return codegen.process_outputs(out) if codegen is not None else out
 
 
+# ------------------------------------------------------------------------------------ the run-time bank
+
+def load_adapter(compiled, path, name: str, active: bool = False) -> None:
+    """Insert the adapter saved in folder `path` (surgeon's or PEFT's) into a compiled model under `name`,
+    without recapture: the spec gains the adapter, the insert pass runs on the module (and on the generation
+    graphs), and unless `active` it is parked at once (PEFT's load_adapter: loaded, not switched on), so
+    plain calls compute what they did; rows name it through adapter_names. Refused before anything changes:
+    a taken or malformed name, a folder that does not load, a kind that cannot join a mixed batch, targets
+    that match no module; a failed insertion leaves the module as it was."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from .compiled import validate_against_model
+    from .errors import SpecError
+    from .pipeline import AdapterState
+    from .spec import Spec, _adapter
+
+    ctx = compiled.ctx
+    if not isinstance(name, str) or not name.isidentifier() or name == BASE:
+        raise SpecError("load_adapter", f"the name must be an identifier other than '{BASE}', got {name!r}")
+    if name in ctx.adapters:
+        raise SpecError("load_adapter", f"an adapter named '{name}' is already in this compile "
+                                        f"({ctx.adapters[name].status}): choose another name")
+    folder = Path(path)
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    key = "from_peft" if isinstance(config, dict) and "peft_type" in config else "from_dir"
+    shell = dataclasses.replace(ctx.spec, adapters=())
+    adapter = _adapter(shell, len(ctx.spec.adapters), {"name": name, key: str(folder)})
+    if adapter.type not in _HALVES:
+        raise SpecError("load_adapter", f"adapter '{name}' from {folder} is a '{adapter.type}' adapter, which cannot "
+                                        f"join a mixed batch ({refusal(AdapterState(adapter, status='inserted'))}); "
+                                        "give it in the compile's spec instead")
+    if compiled.original is not None:
+        validate_against_model(dataclasses.replace(shell, adapters=(adapter,)), compiled.original)
+    before_spec, actives = ctx.spec, [n for n, s in ctx.adapters.items() if s.status == "inserted"]
+    ctx.spec = dataclasses.replace(ctx.spec, adapters=ctx.spec.adapters + (adapter,))
+    ctx.adapters[name] = AdapterState(adapter)
+    generator = compiled.generator
+    for graph in (generator.graphs or {}).values() if generator is not None else ():
+        graph.ctx.spec, graph.ctx.adapters[name] = ctx.spec, AdapterState(adapter)
+    try:
+        compiled.apply([{"insert": {"adapters": [name]}}], verify=False)
+    except BaseException:
+        state = ctx.adapters.pop(name)
+        from .adapter_ops import detach
+
+        for site in state.sites if state.status == "inserted" else ():
+            detach(compiled.module, site)
+        ctx.spec = before_spec
+        if generator is not None:
+            generator.invalidate()
+        raise
+    state = ctx.adapters[name]
+    why = refusal(state)
+    if why:   # a site it cannot join at (a conv, an expert stack): taken back out
+        unload_adapter(compiled, name)
+        raise SpecError("load_adapter", f"adapter '{name}' from {folder} cannot join a mixed batch: {why}; it was "
+                                        "removed again")
+    if not active:
+        compiled.set_active(*actives)
+
+
+def unload_adapter(compiled, name: str) -> None:
+    """Take an adapter out of a compiled model (its branch and parameters), without recapture. Its record stays,
+    as "removed" (the passes that ran keep naming it), so its name is not taken again."""
+    from .errors import SpecError
+
+    state = compiled._state(name)
+    if state.status == "inactive":   # parked: attach it again so that the remove pass (and its replay) takes it
+        compiled.set_active(*[n for n, s in compiled.ctx.adapters.items() if s.status == "inserted"], name)
+    elif state.status != "inserted":
+        raise SpecError("unload_adapter", f"adapter '{name}' is {state.status}: only an inserted or inactive adapter "
+                                          "can be unloaded (unmerge a merged one first)")
+    compiled.apply([{"remove": {"adapters": [name]}}], verify=False)
+
+
+def adapter_bytes(compiled) -> dict[str, int]:
+    """Bytes each adapter holds now: its parameters in the graph (inserted), parked (inactive) or kept beside
+    the merged weights (merged); 0 for one removed or not inserted."""
+    from .graph import get_tensor
+
+    sizes = {}
+    for name, state in compiled.ctx.adapters.items():
+        total = 0
+        for site in state.sites:
+            tensors = site.merged or site.parked or ({p: get_tensor(compiled.module, t) for p, t in site.params.items()}
+                                                     if state.status == "inserted" else {})
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
+        sizes[name] = total
+    return sizes
+
+
 __all__ = ["BASE", "RowPlan", "MixedSite", "Serving", "plan_rows", "check_states", "mixed_graph", "mixed_call",
-           "refusal"]
+           "refusal", "load_adapter", "unload_adapter", "adapter_bytes"]
