@@ -211,7 +211,7 @@ class Compiled:
         unless `active` (rows pick it with adapter_names). surgeon.serving.load_adapter says what is refused."""
         from .serving import load_adapter
 
-        load_adapter(self, path, name, active)
+        load_adapter(self, path, name, active, validate_against_model)
         return self
 
     def unload_adapter(self, name: str) -> "Compiled":

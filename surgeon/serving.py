@@ -317,18 +317,18 @@ def run(gm: fx.GraphModule, mixed: fx.GraphModule, values: tuple, plan: RowPlan)
 
 # ------------------------------------------------------------------------------------ the run-time bank
 
-def load_adapter(compiled, path, name: str, active: bool = False) -> None:
+def load_adapter(compiled, path, name: str, active: bool = False, validate=None) -> None:
     """Insert the adapter saved in folder `path` (surgeon's or PEFT's) into a compiled model under `name`,
     without recapture: the spec gains the adapter, the insert pass runs on the module (and on the generation
     graphs), and unless `active` it is parked at once (PEFT's load_adapter: loaded, not switched on), so
     plain calls compute what they did; rows name it through adapter_names. Refused before anything changes:
     a taken or malformed name, a folder that does not load, a kind that cannot join a mixed batch, targets
-    that match no module; a failed insertion leaves the module as it was."""
+    that match no module (`validate(spec, model)`: surgeon.compiled's check of a spec against the model);
+    a failed insertion leaves the module as it was."""
     import dataclasses
     import json
     from pathlib import Path
 
-    from .compiled import validate_against_model
     from .errors import SpecError
     from .pipeline import AdapterState
     from .spec import Spec, _adapter
@@ -351,8 +351,8 @@ def load_adapter(compiled, path, name: str, active: bool = False) -> None:
         raise SpecError("load_adapter", f"adapter '{name}' from {folder} is a '{adapter.type}' adapter, which cannot "
                                         f"join a mixed batch ({refusal(AdapterState(adapter, status='inserted'))}); "
                                         "give it in the compile's spec instead")
-    if compiled.original is not None:
-        validate_against_model(dataclasses.replace(shell, adapters=(adapter,)), compiled.original)
+    if compiled.original is not None and validate is not None:
+        validate(dataclasses.replace(shell, adapters=(adapter,)), compiled.original)
     before_spec, actives = ctx.spec, [n for n, s in ctx.adapters.items() if s.status == "inserted"]
     ctx.spec = dataclasses.replace(ctx.spec, adapters=ctx.spec.adapters + (adapter,))
     ctx.adapters[name] = AdapterState(adapter)
