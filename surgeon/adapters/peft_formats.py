@@ -499,6 +499,66 @@ def _write_fourierft(kind, options, weights, site_options):
             "random_loc_seed": options["frequency_seed"], "init_weights": True}, {}
 
 
+# ---------------------------------------------------------------- HiRA, MiSS
+
+def _read_hira(config, weights, extras):
+    """hira_A (r x in) and hira_B (out x r) per module. Each module's rank is read from its tensors:
+    PEFT 0.21's HiRA builds every module with `r` (its dispatch ignores rank_pattern), so the tensors,
+    not the config's patterns, say what PEFT ran."""
+    entry = {"type": "hira", "rank": _positive_int("r", config.get("r", 32)),
+             "dropout": _dropout(config, "hira_dropout")}
+    for path, params in weights.items():
+        A, B = params.get("hira_A"), params.get("hira_B")
+        if A is None or B is None or A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            raise _fail(f"module '{path}' needs 2-D hira_A (r x in) and hira_B (out x r) of one rank (surgeon's HiRA "
+                        f"takes Linear and Conv1D modules, not PEFT's conv layers), got "
+                        f"{None if A is None else list(A.shape)} and {None if B is None else list(B.shape)}")
+    return entry, _overrides(weights, lambda path, params: {"rank": params["hira_A"].shape[0]}, entry)
+
+
+def _write_hira(kind, options, weights, site_options):
+    ranks = {path: params["hira_A"].shape[0] for path, params in weights.items()}
+    if set(ranks.values()) != {options["rank"]}:
+        raise _fail(f"PEFT 0.21's HiRA builds every module with one r (it ignores rank_pattern); these modules "
+                    f"have ranks {sorted(set(ranks.values()))}")
+    return {"r": options["rank"], "hira_dropout": options.get("dropout", 0.0), "init_weights": True}, {}
+
+
+MISS_MODES = {True: "balance", False: "balance", "bat": "bat", "mini": "mini"}   # PEFT's init_weights -> mode
+
+
+def _read_miss(config, weights, extras):
+    """One miss_block per module: r x out (balance), r x mini_r (mini) or (out / r) x r x r (bat)."""
+    init = config.get("init_weights", True)
+    if not any(init is key or (isinstance(init, str) and init == key) for key in MISS_MODES):
+        raise _fail(f"adapter_config.json: init_weights={init!r} is no MiSS mode surgeon knows (True, False, "
+                    "'bat', 'mini')")
+    mode = MISS_MODES[init]
+    rank = _positive_int("r", config.get("r", 64))
+    mini_rank = _positive_int("mini_r", config.get("mini_r", 1))
+    for path, params in weights.items():
+        block = params.get("miss_block")
+        fits = block is not None and (block.dim() == 3 and block.shape[1:] == (rank, rank) if mode == "bat"
+                                      else block.dim() == 2 and block.shape[0] == rank
+                                      and (mode != "mini" or block.shape[1] == mini_rank))
+        if not fits:
+            raise _fail(f"module '{path}': miss_block of shape {None if block is None else list(block.shape)} does "
+                        f"not fit r={rank}{f', mini_r={mini_rank}' if mode == 'mini' else ''} in mode {mode}")
+    # PEFT's bat forward never applies miss_dropout: its function has none
+    dropout = 0.0 if mode == "bat" else _dropout(config, "miss_dropout")
+    return {"type": "miss", "rank": rank, "mode": mode, "mini_rank": mini_rank, "dropout": dropout}, {}
+
+
+def _write_miss(kind, options, weights, site_options):
+    """PEFT's MiSS config holds one r, mini_r and mode for every module."""
+    differs = {path: opts for path, opts in site_options.items() if path in weights and opts}
+    if differs:
+        raise _fail(f"PEFT's MiSS config holds one r, mini_r and mode; these modules differ: {differs}")
+    init = {"balance": True, "bat": "bat", "mini": "mini"}[options["mode"]]
+    return {"r": options["rank"], "mini_r": options["mini_rank"], "miss_dropout": options.get("dropout", 0.0),
+            "init_weights": init}, {}
+
+
 # ---------------------------------------------------------------- prefix tuning
 
 def _read_prefix(config, weights, extras):
@@ -558,6 +618,9 @@ FORMATS = [
                ()),
     PeftFormat("FOURIERFT", ("fourierft",), {"fourierft_spectrum": "fourierft_spectrum"}, _read_fourierft,
                _write_fourierft),
+    PeftFormat("HIRA", ("hira",), {"hira_A": "hira_A", "hira_B": "hira_B"}, _read_hira, _write_hira,
+               ("fan_in_fan_out",)),
+    PeftFormat("MISS", ("miss",), {"miss_block": "miss_block"}, _read_miss, _write_miss, ("bias",)),
 ]
 BY_PEFT_TYPE = {f.peft_type: f for f in FORMATS}
 BY_KIND = {kind: f for f in FORMATS for kind in f.kinds}

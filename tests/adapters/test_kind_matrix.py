@@ -57,11 +57,14 @@ FORMULAS = {
     "lori": lambda o, i, n: max(1, round(o["density"] * n * o["rank"])),
     "road": lambda o, i, n: {"road_1": 1, "road_2": 2, "road_4": 4}[o["variant"]] * n,
     "fourierft": lambda o, i, n: o["frequencies"],
+    "hira": lambda o, i, n: o["rank"] * (i + n),
+    "miss": lambda o, i, n: o["rank"] * (o["mini_rank"] if o["mode"] == "mini" else n),
 }
 OPTIONS = {"lora": {"rank": 4, "alpha": 8}, "loha": {"rank": 2}, "lokr": {"rank": 2}, "ia3": {},
            "dora": {"rank": 4}, "bottleneck": {"rank": 4}, "ether": {"blocks": 2}, "ether_plus": {"blocks": 2},
            "rosa": {"rank": 2, "density": 0.05}, "lori": {"rank": 4, "density": 0.2},
-           "road": {"variant": "road_2", "group_size": 16}, "fourierft": {"frequencies": 24, "scaling": 30.0}}
+           "road": {"variant": "road_2", "group_size": 16}, "fourierft": {"frequencies": 24, "scaling": 30.0},
+           "hira": {"rank": 4}, "miss": {"rank": 8}}
 
 
 @dataclass(frozen=True)
