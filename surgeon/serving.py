@@ -111,11 +111,14 @@ class MixedSite(nn.Module):
     def __init__(self, side: str, routes: list):
         super().__init__()
         self.side, self.routes = side, routes
+        self._bank = None   # (key, LoraBank): the routes' LoRA tensors as one padded bank, for the kernels
 
     def forward(self, plan: RowPlan | None, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         base = x if self.side == "input" else y
         if plan is None or plan.whole == BASE:
             return base
+        if plan.whole is None and self._kernel_device(x) and self._kernel_ready(x, y):
+            return self._kernel_forward(plan, x, y)
         out = base
         for name, kind, opts, dims, params in self.routes:
             run = kind.forward_input if self.side == "input" else kind.forward
@@ -132,6 +135,64 @@ class MixedSite(nn.Module):
                 run(EagerBranch(dims), x_rows, y.index_select(0, rows), params, opts)
             out = out.index_copy(0, rows, new.to(out.dtype))
         return out
+
+    # the CUDA path: a batch of several adapters at an output site whose routes are all plain LoRA runs the
+    # mixed-batch kernels (kernels/mixed_lora.py: BGMV for decode-sized row counts, SGMV above) on a bank
+    # built from the routes' tensors once, and again only when one of them changed (its version counter)
+
+    @staticmethod
+    def _kernel_device(x: torch.Tensor) -> bool:
+        """Whether this call may run the kernels: CUDA tensors (CPU calls keep the torch path above)."""
+        return x.is_cuda
+
+    def _kernel_ready(self, x: torch.Tensor, y: torch.Tensor | None) -> bool:
+        from .adapters.lora import LORA
+        from .kernels.dispatch import KERNEL_DTYPES
+
+        if self.side != "output" or y is None or x.dim() < 2 or x.dtype != y.dtype or x.dtype not in KERNEL_DTYPES:
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad or any(
+                t.requires_grad for *_, params in self.routes for t in params.values())):
+            return False    # the kernels have no backward: a call that records gradients keeps the torch path
+        for _, kind, opts, _, params in self.routes:
+            a, b = params.get("lora_A"), params.get("lora_B")
+            if kind is not LORA or set(params) != {"lora_A", "lora_B"} or "experts" in opts or \
+                    opts.get("groups", 1) != 1 or a.dim() != 2 or b.dim() != 2 or a.shape[1] != x.shape[-1] or \
+                    b.shape != (y.shape[-1], a.shape[0]) or a.device != x.device or b.device != x.device:
+                return False
+        return True
+
+    def _kernel_bank(self, x: torch.Tensor):
+        from .adapters.lora import lora_scale
+        from .kernels.mixed_lora import LoraBank
+
+        tensors = [(params["lora_A"], params["lora_B"]) for _, _, _, _, params in self.routes]
+        key = (x.dtype, x.device, tuple((id(t), t._version) for pair in tensors for t in pair))
+        if self._bank is None or self._bank[0] != key:
+            bank = LoraBank.build([(a.detach(), b.detach(), lora_scale(opts))
+                                   for (a, b), (_, _, opts, _, _) in zip(tensors, self.routes)],
+                                  dtype=x.dtype, device=x.device)
+            self._bank = (key, bank)
+        return self._bank[1]
+
+    def _kernel_forward(self, plan: RowPlan, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y + s B A x per row, by the kernels: each row's adapter index in the bank (-1: none; a loop over
+        the routes, not the rows), repeated over the tokens of a row when x keeps the batch dim."""
+        from .kernels.mixed_lora import mixed_lora
+
+        with torch.no_grad():
+            leading = x.shape[0]
+            index = torch.full((leading,), -1, dtype=torch.int32, device=x.device)
+            for i, (name, *_) in enumerate(self.routes):
+                rows = plan.rows(name, leading, x.device)
+                if rows is not None:
+                    index.index_fill_(0, rows, i)
+            tokens = 1
+            for size in x.shape[1:-1]:   # a row's positions when x keeps the batch dim
+                tokens *= size
+            if tokens != 1:
+                index = index.repeat_interleave(tokens)
+            return mixed_lora(x, y, self._kernel_bank(x), index, check_index=False)
 
 
 # ------------------------------------------------------------------------------------ the plan
@@ -331,7 +392,7 @@ def load_adapter(compiled, path, name: str, active: bool = False, validate=None)
 
     from .errors import SpecError
     from .pipeline import AdapterState
-    from .spec import Spec, _adapter
+    from .spec import _adapter
 
     ctx = compiled.ctx
     if not isinstance(name, str) or not name.isidentifier() or name == BASE:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import surgeon
 from surgeon import fastpath
 
-from .conftest import hf_llama, lora_spec, randomize_adapters
+from .conftest import lora_spec, randomize_adapters
 
 aten = torch.ops.aten
 

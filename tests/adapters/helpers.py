@@ -110,12 +110,12 @@ def assert_round_trip(compiled, model, args, tmp_path) -> None:
     assert torch.equal(logits(again.module, args), expected)
 
 
-def randomized_peft_checkpoint(config, tmp_path, scale: float = 0.2):
-    """(model, args, PEFT model): hf_llama wrapped by PEFT with `config`, adapter weights moved off their
-    init by seeded noise (as training would), saved to `tmp_path`."""
+def randomized_peft_checkpoint(config, tmp_path, scale: float = 0.2, factory=hf_llama):
+    """(model, args, PEFT model): the `factory`'s model wrapped by PEFT with `config`, adapter weights moved off
+    their init by seeded noise (as training would), saved to `tmp_path`."""
     import peft
 
-    model, args = hf_llama()
+    model, args = factory()
     wrapped = peft.get_peft_model(copy.deepcopy(model), config).eval()
     gen = torch.Generator().manual_seed(7)
     with torch.no_grad():
@@ -126,9 +126,9 @@ def randomized_peft_checkpoint(config, tmp_path, scale: float = 0.2):
     return model, args, wrapped
 
 
-def peft_parity(config, tmp_path, scale: float = 0.2):
+def peft_parity(config, tmp_path, scale: float = 0.2, factory=hf_llama):
     """A randomized PEFT checkpoint imports through `from_peft` and matches PEFT before and after merge."""
-    model, args, wrapped = randomized_peft_checkpoint(config, tmp_path, scale)
+    model, args, wrapped = randomized_peft_checkpoint(config, tmp_path, scale, factory)
     expected = logits(wrapped, args)
     assert not torch.allclose(expected, logits(model, args), atol=1e-3)
     compiled = surgeon.compile(model, args, {"adapters": [{"name": NAME, "from_peft": str(tmp_path)}]}, KW)

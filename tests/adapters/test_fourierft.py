@@ -79,16 +79,8 @@ def test_peft_parity(tmp_path):
 
 def test_peft_parity_on_gpt2_conv1d(tmp_path):
     peft = pytest.importorskip("peft")
-    model, args = hf_gpt2()
-    config = peft.FourierFTConfig(target_modules=["c_attn", "c_fc"], n_frequency=20, scaling=25.0)
-    wrapped = peft.get_peft_model(copy.deepcopy(model), config).eval()
-    wrapped.save_pretrained(tmp_path)
-    expected = logits(wrapped, args)
-    assert not torch.allclose(expected, logits(model, args), atol=1e-3)
-    compiled = surgeon.compile(model, args, {"adapters": [{"name": NAME, "from_peft": str(tmp_path)}]}, KW)
-    assert_close(logits(compiled.module, args), expected)
-    compiled.apply(["merge"])
-    assert_close(logits(compiled.module, args), logits(wrapped.merge_and_unload(), args))
+    peft_parity(peft.FourierFTConfig(target_modules=["c_attn", "c_fc"], n_frequency=20, scaling=25.0), tmp_path,
+                factory=hf_gpt2)
 
 
 def test_peft_export(tmp_path):

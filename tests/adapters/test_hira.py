@@ -10,7 +10,7 @@ import torch
 import surgeon
 from surgeon.adapter_io import save_peft_dir
 from surgeon.adapters import kinds
-from tests.adapters.helpers import (KW, NAME, assert_close, assert_identity_insert, assert_merge, assert_param_count,
+from tests.adapters.helpers import (KW, NAME, assert_identity_insert, assert_merge, assert_param_count,
                                     assert_round_trip, assert_trains, compile_kind, peft_export, peft_parity)
 from tests.conftest import hf_gpt2, hf_llama, randomize_adapters
 from tests.passes.helpers import logits
@@ -115,21 +115,8 @@ def test_per_module_ranks_come_from_the_tensors(tmp_path):
 
 def test_peft_parity_on_gpt2_conv1d(tmp_path):
     peft = pytest.importorskip("peft")
-    model, args = hf_gpt2()
-    config = peft.HiraConfig(target_modules=["c_attn", "c_fc"], r=4, fan_in_fan_out=True)
-    wrapped = peft.get_peft_model(copy.deepcopy(model), config).eval()
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in wrapped.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.2)
-    wrapped.save_pretrained(tmp_path)
-    expected = logits(wrapped, args)
-    assert not torch.allclose(expected, logits(model, args), atol=1e-3)
-    compiled = surgeon.compile(model, args, {"adapters": [{"name": NAME, "from_peft": str(tmp_path)}]}, KW)
-    assert_close(logits(compiled.module, args), expected)
-    compiled.apply(["merge"])
-    assert_close(logits(compiled.module, args), logits(wrapped.merge_and_unload(), args))
+    peft_parity(peft.HiraConfig(target_modules=["c_attn", "c_fc"], r=4, fan_in_fan_out=True), tmp_path,
+                factory=hf_gpt2)
 
 
 def test_peft_export(tmp_path):
