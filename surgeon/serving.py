@@ -167,8 +167,11 @@ class MixedSite(nn.Module):
         from .kernels.mixed_lora import LoraBank
 
         tensors = [(params["lora_A"], params["lora_B"]) for _, _, _, _, params in self.routes]
-        key = (x.dtype, x.device, tuple((id(t), t._version) for pair in tensors for t in pair))
-        if self._bank is None or self._bank[0] != key:
+        try:
+            key = (x.dtype, x.device, tuple((id(t), t._version) for pair in tensors for t in pair))
+        except RuntimeError:   # inference tensors keep no version counter: rebuilt on every call
+            key = None
+        if self._bank is None or key is None or self._bank[0] != key:
             bank = LoraBank.build([(a.detach(), b.detach(), lora_scale(opts))
                                    for (a, b), (_, _, opts, _, _) in zip(tensors, self.routes)],
                                   dtype=x.dtype, device=x.device)
