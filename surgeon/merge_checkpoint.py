@@ -208,7 +208,9 @@ def read_adapter(adapter_dir: Path, allow_nonfinite: bool = False) -> Adapter:
         raise SpecError("type", f"'{config_path}': unknown adapter type {loaded.entry['type']!r}; "
                                 f"known: {sorted(kinds())}")
     options = _site_options(kind, loaded, str(config_path))
-    reason = next((r for o in options.values() if (r := kind.refusal(o))), "")
+    # whether a layer has a bias (a kind's `biased` site option, e.g. LoRA's lora_bias) is read from the
+    # checkpoint's tensors when planning (plan_targets); until then it is taken as present
+    reason = next((r for o in options.values() if (r := kind.refusal(_bias_assumed(kind, o)))), "")
     if reason:
         raise SurgeonError(f"merge-checkpoint: a {kind.name} adapter cannot be merged: {reason}")
     return Adapter(kind, loaded.weights, options, flag)
@@ -227,8 +229,20 @@ def _site_options(kind: AdapterKind, loaded: LoadedAdapter, source: str) -> dict
     return sites
 
 
+def _bias_assumed(kind: AdapterKind, options: dict) -> dict:
+    return {**options, "biased": True} if "biased" in kind.options and options.get("biased") is None else options
+
+
 def plan_targets(adapter: Adapter, shapes: dict[str, list[int]]) -> dict[str, Target]:
     """Checkpoint tensor name -> how to rewrite it; every adapter module must be found."""
+    if "biased" in adapter.kind.options:   # now known: whether each layer has a bias in the checkpoint
+        for path, options in adapter.options.items():
+            if options.get("biased") is None:
+                options["biased"] = f"{path}.bias" in shapes
+            reason = adapter.kind.refusal(options)
+            if reason:
+                raise SurgeonError(f"merge-checkpoint: a {adapter.kind.name} adapter cannot be merged at '{path}': "
+                                   f"{reason}")
     layouts: dict[str, bool | None] = {}
     for path in adapter.weights:
         name = f"{path}.weight"

@@ -251,10 +251,10 @@ class AdapterKind:
 def kinds() -> dict[str, AdapterKind]:
     """The adapter kinds by spec `type` name (an explicit table; nothing registers at import)."""
     from . import (boft, bottleneck, delta, dora, ether, fourierft, hira, hra, hydra, ia3, loha, lokr, lora, lora_xs,
-                   lori, miss, oft, parallel_adapter, prefix, road, rosa, s2ft, shira, vera)
+                   lori, miss, oft, parallel_adapter, prefix, randlora, road, rosa, s2ft, shira, vera)
 
     table = [lora.LORA, delta.DELTA, dora.DORA, ia3.IA3, loha.LOHA, lokr.LOKR, vera.VERA, lora_xs.LORA_XS,
              oft.OFT, boft.BOFT, hra.HRA, shira.SHIRA, parallel_adapter.PARALLEL_ADAPTER, bottleneck.BOTTLENECK,
              hydra.HYDRA, s2ft.S2FT, prefix.PREFIX, ether.ETHER, ether.ETHER_PLUS, rosa.ROSA, lori.LORI, road.ROAD,
-             fourierft.FOURIERFT, hira.HIRA, miss.MISS]
+             fourierft.FOURIERFT, hira.HIRA, miss.MISS, randlora.RANDLORA]
     return {kind.name: kind for kind in table}

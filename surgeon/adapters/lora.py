@@ -33,6 +33,11 @@ PEFT refuses it. PiSSA (an SVD of a dense W) is refused on grouped convs.
 `dropout` (PEFT's lora_dropout) drops the branch's input in train mode, as PEFT does:
 y + s B A dropout(x). In eval it is the identity (surgeon.modes), so merge stays exact.
 
+`bias: true` (PEFT's lora_bias) gives B a bias b_B (`lora_bias`, out, zero at init):
+y + s (B A x + b_B). The merge adds s B A to W and s b_B to the base bias (bias_map), so it needs
+a base bias: on a site without one (the site option `biased`, read from the graph) the merge is
+refused, as PEFT refuses it. Linear and GPT-2 Conv1D sites only.
+
 On a 3-D parameter (fused MoE experts W: E x out x in, targeted by name) the adapter changes the
 weight, not an op: every forward reads W + s * D with D[e] = B_e A_e, so it holds whatever ops
 consume W (transformers' grouped_mm, batched mm or indexed linear). The factors keep PEFT's
@@ -109,7 +114,10 @@ def lora_init(opts, in_features, out_features, dtype, gen, weight):
         A = torch.empty(rank, in_features).normal_(0.0, 1.0 / opts["rank"], generator=gen)
     else:
         A = kaiming_uniform((rank, in_features), gen)
-    return {"lora_A": A.to(dtype), "lora_B": torch.zeros(out_features, rank // opts.get("groups", 1), dtype=dtype)}
+    tensors = {"lora_A": A.to(dtype), "lora_B": torch.zeros(out_features, rank // opts.get("groups", 1), dtype=dtype)}
+    if opts.get("bias"):
+        tensors["lora_bias"] = torch.zeros(out_features, dtype=dtype)
+    return tensors
 
 
 def _forward(branch, x, y, params, opts):
@@ -121,6 +129,8 @@ def _forward(branch, x, y, params, opts):
     # conv(x, W) + s conv1x1(conv(x, A), B) == conv(x, W + s (B A).view(W.shape))
     x = branch.dropout(x, opts.get("dropout", 0.0))
     update = branch.channel_map(branch.site_map(x, params["lora_A"]), params["lora_B"], groups=branch.conv_groups)
+    if "lora_bias" in params:   # B's bias, inside the scale: y + s (B A x + b_B), as PEFT's lora_B Linear
+        update = branch.op(torch.ops.aten.add.Tensor, update, params["lora_bias"])
     return branch.op(torch.ops.aten.add.Tensor, y, update, alpha=lora_scale(opts))
 
 
@@ -184,11 +194,37 @@ def _site_groups(gm, path, weight_target, opts):
 
 
 def _merge_refusal(opts):
-    """A grouped conv site cannot take its dense delta into its grouped weight; others merge."""
+    """A grouped conv site cannot take its dense delta into its grouped weight; B's bias needs a base bias."""
     if opts.get("groups", 1) > 1:
         return ("a LoRA on a grouped conv reads every input channel, so the merged weight would not be "
                 "grouped (PEFT refuses this merge too)")
+    if opts.get("bias") and opts.get("biased") is False:
+        return "its lora_bias needs a bias in the base layer to merge into, which the layer has not (PEFT refuses too)"
+    if opts.get("bias") and opts.get("biased") is None:
+        return ("it is not known whether the adapter's layers have a bias for its lora_bias to merge into; insert it "
+                "into the model and merge there")
     return ""
+
+
+def _site_options(gm, path, weight_target, opts):
+    """Conv groups (`_site_groups`) and, with `bias`, whether the site's op adds a base bias (`biased`)."""
+    found = _site_groups(gm, path, weight_target, opts)
+    if opts.get("bias"):
+        pattern = Pattern(("linear", "addmm"), path)
+        calls = [m for ref in gm.graph.find_nodes(op="get_attr", target=weight_target) for u in ref.users
+                 if (m := pattern.match(u)) is not None]
+        if not calls:
+            raise ValueError(f"lora: bias (PEFT's lora_bias) is supported on linear and Conv1D sites only, and "
+                             f"'{path}' is not one")
+        found["biased"] = all(m["bias"] is not None for m in calls)
+    return found
+
+
+def _bias_map(params, opts, bias, undo):
+    """b + s b_B (undo: b' - s b_B), float64; None without a lora_bias."""
+    if "lora_bias" not in params:
+        return None
+    return bias + (-1.0 if undo else 1.0) * lora_scale(opts) * params["lora_bias"].double().to(bias.device)
 
 
 def _pissa_base(init_params, opts, weight):
@@ -218,16 +254,20 @@ LORA_OPTIONS = {
 
 LORA = AdapterKind(
     name="lora",
-    options=LORA_OPTIONS,
+    options={**LORA_OPTIONS,
+             "bias": Option(bool, False),     # PEFT's lora_bias: a bias on B (linear and Conv1D sites)
+             "biased": Option(bool, None)},   # per site with `bias`, read from the graph (whether the base has one)
     init=lora_init,
     forward=_forward,
     delta_weight=lora_delta,
+    bias_map=_bias_map,
     param_count=lambda opts, fan_in, fan_out: opts.get("experts", 1) * (opts["rank"] * fan_in
-                                                                         + fan_out * opts["rank"] // opts.get("groups", 1)),
+                                                                         + fan_out * opts["rank"] // opts.get("groups", 1))
+    + (fan_out if opts.get("bias") else 0),
     base_delta=_pissa_base,
     init_check=lambda opts: "close" if opts["init"] in ("pissa", "olora", "orthogonal") else "exact",
     merge_refusal=_merge_refusal,
-    site_options=_site_groups,
+    site_options=_site_options,
     site_ops=("linear", "addmm", "conv2d", "conv1d", "conv3d", "conv1d.padding", "conv2d.padding", "conv3d.padding",
               "param"),
     conv_groups=_conv_groups,

@@ -155,6 +155,13 @@ def _read_lora(config, weights, extras):
     kind = "dora" if config.get("use_dora") else "lora"
     if kind == "dora" and residual:
         raise _fail(f"DoRA with a {residual} init is not supported")
+    bias = bool(config.get("lora_bias", False))   # lora_B's bias (PEFT's lora_bias): surgeon's lora `bias` option
+    if bias and kind == "dora":
+        raise _fail("lora_bias with DoRA is not supported (PEFT refuses it too)")
+    for path, params in weights.items():
+        if ("lora_bias" in params) != bias:
+            raise _fail(f"module '{path}' {'has' if 'lora_bias' in params else 'lacks'} a lora_B.bias, but the config "
+                        f"says lora_bias={bias}")
     convs = {path for path, params in weights.items() if _conv_lora(params)}
     experts = _parameter_loras(config, weights)
     for path, params in weights.items():
@@ -172,6 +179,8 @@ def _read_lora(config, weights, extras):
     _check_conv_b(weights, convs, entry, sites)
     entry.update(type=kind, use_rslora=bool(config.get("use_rslora", False)),
                  init=residual or "default", dropout=_dropout(config, "lora_dropout"))
+    if bias:
+        entry["bias"] = True
     if experts:   # targets name the parameters; insert keys the nested entries by them (adapter_ops.place_peft_params)
         entry["targets"] = sorted({*(p for p in weights if p not in experts), *(t for ts in experts.values() for t in ts)})
     return entry, sites
@@ -247,7 +256,7 @@ def _write_lora(kind, options, weights, site_options):
     experts = {path: site_options[path]["experts"] for path in weights if "experts" in site_options.get(path, {})}
     ranks = _write_rank_alpha(options, weights, site_options, "lora_alpha",
                               lambda params: params["lora_A"].shape[0], experts)
-    config = {**ranks, "use_rslora": options["use_rslora"],
+    config = {**ranks, "use_rslora": options["use_rslora"], "lora_bias": bool(options.get("bias", False)),
               "lora_dropout": options.get("dropout", 0.0), "use_dora": kind == "dora",
               "init_lora_weights": options["init"] if options.get("init") in ("pissa", "olora") else True}
     if experts:
@@ -559,6 +568,68 @@ def _write_miss(kind, options, weights, site_options):
             "init_weights": init}, {}
 
 
+# ---------------------------------------------------------------- RandLoRA
+
+def _randlora_basis(config: dict) -> str:
+    return "very_sparse" if config.get("very_sparse") else "sparse" if config.get("sparse") else "dense"
+
+
+def _read_randlora(config, weights, extras):
+    """Per module randlora_lambda (r x n) and randlora_gamma (n x m); one randlora_A (r x 1 x m) and
+    randlora_B (M x n x r) sized for the model's largest target (sites read their leading part), which
+    PEFT saves at the model level and again under every module."""
+    held = [params.get(name) for params in weights.values() for name in ("randlora_A", "randlora_B")]
+    if not config.get("save_projection", True) or not {"randlora_A", "randlora_B"} <= set(extras) and None in held:
+        raise _fail("the checkpoint does not hold randlora_A / randlora_B (save_projection=False); surgeon does not "
+                    "regenerate PEFT's bases for a model it has not seen whole")
+    rank = _positive_int("r", config.get("r", 32))
+    seed = config.get("projection_prng_key", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise _fail(f"adapter_config.json: projection_prng_key must be an integer, got {seed!r}")
+    config = {**config, "randlora_alpha": config.get("randlora_alpha", 640)}
+    _number(config, "randlora_alpha")
+    first = next(iter(weights.values()))
+    A, B = (extras.get(name, first.get(name)) for name in ("randlora_A", "randlora_B"))
+    if A is None or B is None or A.dim() != 3 or A.shape[0] != rank or A.shape[1] != 1 or B.dim() != 3 \
+            or B.shape[2] != rank:
+        raise _fail(f"adapter_config.json: r={rank} disagrees with the shared bases: randlora_A of shape "
+                    f"{None if A is None else list(A.shape)} (r x 1 x m), randlora_B of shape "
+                    f"{None if B is None else list(B.shape)} (M x n x r)")
+    for path, params in weights.items():
+        scale, gamma = params.get("randlora_lambda"), params.get("randlora_gamma")
+        if scale is None or gamma is None or scale.dim() != 2 or gamma.dim() != 2 or scale.shape[0] != rank \
+                or gamma.shape[0] != scale.shape[1]:
+            raise _fail(f"module '{path}' needs randlora_lambda (r x n) and randlora_gamma (n x m) with r={rank}, got "
+                        f"{None if scale is None else list(scale.shape)} and "
+                        f"{None if gamma is None else list(gamma.shape)}")
+        for name, shared in (("randlora_A", A), ("randlora_B", B)):
+            own = params.get(name)
+            if own is not None and (own.shape != shared.shape or not torch.equal(own, shared)):
+                raise _fail(f"module '{path}' holds a {name} that differs from the model's; PEFT shares one pair")
+        params.update(randlora_A=A, randlora_B=B)
+    return {"type": "randlora", "rank": rank, "alpha": float(config["randlora_alpha"]), "projection_seed": seed,
+            "basis": _randlora_basis(config), "dropout": _dropout(config, "randlora_dropout")}, {}
+
+
+def _write_randlora(kind, options, weights, site_options):
+    """PEFT keeps one A and B sized for the largest target; every site's must be their leading part."""
+    biggest = {name: max((params[name] for params in weights.values()), key=lambda t: t.numel())
+               for name in ("randlora_A", "randlora_B")}
+    for path, params in weights.items():
+        A, B = params["randlora_A"], params["randlora_B"]
+        if not (torch.equal(biggest["randlora_A"][:, :, :A.shape[2]], A)
+                and torch.equal(biggest["randlora_B"][:B.shape[0], :B.shape[1], :], B)):
+            raise _fail(f"RandLoRA module '{path}' has bases that are not slices of the largest ones; PEFT needs one "
+                        "shared pair (sites of different shapes initialized by surgeon draw their own)")
+        params.update(randlora_A=biggest["randlora_A"], randlora_B=biggest["randlora_B"])   # as PEFT saves them
+    config = {"r": options["rank"], "randlora_alpha": options["alpha"],
+              "projection_prng_key": options["projection_seed"], "save_projection": True,
+              "sparse": options["basis"] == "sparse", "very_sparse": options["basis"] == "very_sparse",
+              "randlora_dropout": options.get("dropout", 0.0),
+              "init_weights": True}
+    return config, {"randlora_A": biggest["randlora_A"], "randlora_B": biggest["randlora_B"]}
+
+
 # ---------------------------------------------------------------- prefix tuning
 
 def _read_prefix(config, weights, extras):
@@ -600,6 +671,7 @@ def _write_prefix(kind, options, weights, site_options):
 
 FORMATS = [
     PeftFormat("LORA", ("lora", "dora"), {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight",
+                                          "lora_bias": "lora_B.bias",
                                           "lora_magnitude": "lora_magnitude_vector"}, _read_lora, _write_lora),
     PeftFormat("IA3", ("ia3",), {"ia3_l": "ia3_l"}, _read_ia3, _write_ia3, ("fan_in_fan_out",)),
     PeftFormat("LOHA", ("loha",), {n: n for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")},
@@ -621,6 +693,9 @@ FORMATS = [
     PeftFormat("HIRA", ("hira",), {"hira_A": "hira_A", "hira_B": "hira_B"}, _read_hira, _write_hira,
                ("fan_in_fan_out",)),
     PeftFormat("MISS", ("miss",), {"miss_block": "miss_block"}, _read_miss, _write_miss, ("bias",)),
+    PeftFormat("RANDLORA", ("randlora",), {n: n for n in ("randlora_lambda", "randlora_gamma", "randlora_A",
+                                                           "randlora_B")}, _read_randlora, _write_randlora,
+               model_level=("randlora_A", "randlora_B")),
 ]
 BY_PEFT_TYPE = {f.peft_type: f for f in FORMATS}
 BY_KIND = {kind: f for f in FORMATS for kind in f.kinds}

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 import torch.fx as fx
 
 from surgeon.adapter_ops import PARAM_SITE, merge_site, site_calls
@@ -65,6 +66,20 @@ def plan(gm: fx.GraphModule, ctx: Context, adapters: tuple[str, ...] | None = No
                 "weight": f"{site.path}.weight_untied" if untied else site.weight, "replaces": site.weight,
                 "shape": list(weight.shape) if weight is not None else None,
                 "dtype": str(weight.dtype).replace("torch.", "") if weight is not None else None,
-                "delta_from": sorted(site.params), "bias_mapped": kind.bias_map is not None,
+                "delta_from": sorted(site.params), "bias_mapped": _maps_bias(gm, kind, site),
                 "refusal": kind.refusal(site.options) or None})
     return steps
+
+
+def _maps_bias(gm: fx.GraphModule, kind, site) -> bool:
+    """Whether the kind's merge changes a bias at this site (where the site has one): its bias_map asked on
+    meta tensors of the parameters' shapes (no values read), e.g. False for a LoRA without lora_bias."""
+    if kind.bias_map is None:
+        return False
+    params = {p: torch.empty(get_tensor(gm, t).shape, dtype=torch.float64, device="meta")
+              for p, t in site.params.items()}
+    bias = torch.empty(site.out_features, dtype=torch.float64, device="meta")
+    try:
+        return kind.bias_map(params, site.options, bias, False) is not None
+    except Exception:  # noqa: BLE001 - not answerable on shapes alone: say it may
+        return True

@@ -248,7 +248,7 @@ KIND_REGIONS = {
     "ether": ({"blocks": 2}, None), "ether_plus": ({"blocks": 2}, None),
     "rosa": ({"rank": 4}, None), "lori": ({"rank": 4}, "lora_linear"),
     "road": ({"group_size": 16}, None), "fourierft": ({"frequencies": 32}, None),
-    "hira": ({"rank": 4}, None), "miss": ({"rank": 8}, None),
+    "hira": ({"rank": 4}, None), "miss": ({"rank": 8}, None), "randlora": ({"rank": 8}, "lora_linear"),
 }
 
 
