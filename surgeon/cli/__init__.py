@@ -63,6 +63,14 @@ def cmd_compile(ns) -> int:
     import surgeon
     from ..compiled import load_spec
 
+    if ns.model.startswith(HF_PREFIX):
+        return _compile_pretrained(ns)
+    for option, value in (("--merge-to", ns.merge_to), ("--example-shape", ns.example_shape)):
+        if value is not None:
+            raise SurgeonError(f"{option} needs --model {HF_PREFIX}PATH (a checkpoint folder); a factory's model "
+                               "is merged with the spec's `merge` pass and its own example inputs")
+    if ns.out is None:
+        raise SurgeonError("--out is required (only --model hf:PATH with --merge-to can do without it)")
     # everything that needs no model first: building it may load gigabytes of weights
     factory = _import_factory(ns.model)
     spec = load_spec(Path(ns.spec))
@@ -73,6 +81,45 @@ def cmd_compile(ns) -> int:
     out = compiled.save(ns.out)
     print(f"\nwrote {out}/: report.txt/json, spec.yaml, graph.py, graph.html, graph.dot, nodes*.json, groups.json, "
           "adapters/")
+    return 0
+
+
+HF_PREFIX = "hf:"
+
+
+def _example_shape(text: str) -> tuple[int, int]:
+    """`--example-shape 2x16` (or '2,16') -> (2, 16)."""
+    words = text.lower().replace(",", "x").split("x")
+    if len(words) != 2 or not all(w.strip().isdigit() and int(w) >= 1 for w in words):
+        raise SurgeonError(f"--example-shape {text!r}: expected BATCHxLENGTH with sizes >= 1, e.g. 2x16")
+    return int(words[0]), int(words[1])
+
+
+def _compile_pretrained(ns) -> int:
+    """`compile --model hf:PATH`: the folder's config.json built on the meta device, compiled structure only;
+    with --merge-to, the merged checkpoint written in the folder's layout (surgeon.from_folder)."""
+    from ..compiled import load_spec
+    from ..from_folder import compile_pretrained
+
+    path = ns.model[len(HF_PREFIX):]
+    if not path:
+        raise SurgeonError(f"--model {ns.model!r}: name the checkpoint folder after '{HF_PREFIX}', e.g. hf:./llama")
+    if ns.out is None and ns.merge_to is None:
+        raise SurgeonError("--out is required (or --merge-to, for the merged checkpoint only)")
+    example = _example_shape(ns.example_shape) if ns.example_shape is not None else None
+    spec = load_spec(Path(ns.spec))
+    if ns.out is not None:
+        check_out_dir(ns.out)
+    compiled = compile_pretrained(path, spec, example, merge_to=ns.merge_to, progress=_progress)
+    print(compiled.report)
+    if compiled.merged_checkpoint is not None:
+        summary = compiled.merged_checkpoint
+        print(f"\nwrote {summary.out_dir}/ (merged checkpoint): {len(summary.shards)} shard file(s), "
+              f"{len(summary.merged)} tensors merged, {summary.copied} copied, {summary.bytes_written:,} bytes")
+    if ns.out is not None:
+        out = compiled.save(ns.out)
+        print(f"\nwrote {out}/: report.txt/json, spec.yaml, graph.py, graph.html, graph.dot, nodes*.json, "
+              "groups.json, adapters/")
     return 0
 
 
@@ -122,6 +169,9 @@ def cmd_generate(ns) -> int:
     import surgeon
     from ..compiled import load_spec
 
+    if ns.model.startswith(HF_PREFIX):
+        raise SurgeonError(f"generate --model {ns.model!r}: a checkpoint folder is compiled structure only (meta "
+                           "weights), which cannot generate; give a factory that loads the model's weights")
     factory = _import_factory(ns.model)   # everything that needs no model first
     spec = load_spec(Path(ns.spec))
     prompts = [_prompt_ids(text) for text in ns.prompt_ids or []]
@@ -298,10 +348,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_out", help=out_help.format(" (default: demo_out)"))
     p.add_argument("--steps", type=int, default=20, help="training steps before the merge (default: 20)")
     p.set_defaults(fn=cmd_demo)
-    p = sub.add_parser("compile", help="compile a model from a factory with a spec")
-    p.add_argument("--model", required=True, help="package.module:factory returning (model, example_inputs[, kwargs])")
+    p = sub.add_parser("compile", help="compile a model from a factory, or from a checkpoint folder, with a spec")
+    p.add_argument("--model", required=True,
+                   help="package.module:factory returning (model, example_inputs[, kwargs]); or hf:PATH, a "
+                        "checkpoint folder: its config.json is built on the meta device and compiled structure "
+                        "only, no weight read")
     p.add_argument("--spec", required=True, help="spec file (.yaml or .toml); checked before the factory runs")
-    p.add_argument("--out", required=True, help=out_help.format(""))
+    p.add_argument("--out", help=out_help.format("") + "; required unless --merge-to is given")
+    p.add_argument("--merge-to", metavar="DIR",
+                   help="with --model hf:PATH: write the folder's checkpoint with the compile's adapters merged "
+                        "into DIR (must not exist), tensor by tensor, in the folder's layout")
+    p.add_argument("--example-shape", metavar="BxL",
+                   help="with --model hf:PATH: the meta example input ids' shape (default: 2x16)")
     p.set_defaults(fn=cmd_compile)
     p = sub.add_parser("generate", help="compile a causal LM from a factory with a spec and generate token ids")
     p.add_argument("--model", required=True, help="package.module:factory returning (model, example_inputs[, kwargs])")
