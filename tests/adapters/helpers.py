@@ -110,6 +110,21 @@ def assert_round_trip(compiled, model, args, tmp_path) -> None:
     assert torch.equal(logits(again.module, args), expected)
 
 
+def assert_dropout_in_training_only(compiled, args) -> None:
+    """With the adapter's dropout on: train mode drops (outputs change), eval mode is deterministic and equal
+    to what it was before training mode was entered."""
+    randomize_adapters(compiled.module)
+    evaluated = logits(compiled.module, args)
+    assert torch.equal(logits(compiled.module, args), evaluated)
+    compiled.module.train()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        trained = compiled.module(*args).logits
+    compiled.module.eval()
+    assert not torch.allclose(trained, evaluated)
+    assert torch.equal(logits(compiled.module, args), evaluated)
+
+
 def randomized_peft_checkpoint(config, tmp_path, scale: float = 0.2, factory=hf_llama):
     """(model, args, PEFT model): the `factory`'s model wrapped by PEFT with `config`, adapter weights moved off
     their init by seeded noise (as training would), saved to `tmp_path`."""

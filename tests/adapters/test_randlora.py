@@ -12,10 +12,10 @@ import torch
 import surgeon
 from surgeon.adapter_io import save_peft_dir
 from surgeon.adapters import kinds
-from tests.adapters.helpers import (KW, NAME, assert_close, assert_identity_insert, assert_merge, assert_param_count,
-                                    assert_round_trip, assert_trains, compile_kind, peft_export, peft_parity,
-                                    randomized_peft_checkpoint)
-from tests.conftest import hf_gpt2, hf_llama, randomize_adapters
+from tests.adapters.helpers import (KW, NAME, assert_dropout_in_training_only, assert_identity_insert, assert_merge,
+                                    assert_param_count, assert_round_trip, assert_trains, compile_kind, peft_export,
+                                    peft_parity, randomized_peft_checkpoint)
+from tests.conftest import hf_gpt2, hf_llama
 from tests.passes.helpers import logits
 
 
@@ -60,16 +60,8 @@ def test_random_init_changes_the_function():
 
 
 def test_dropout_acts_in_training_only():
-    model, args, compiled = compile_kind("randlora", ["*.q_proj", "*.down_proj"], rank=8, alpha=16.0, dropout=0.5)
-    randomize_adapters(compiled.module)
-    evaluated = logits(compiled.module, args)
-    compiled.module.train()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        trained = compiled.module(*args).logits
-    compiled.module.eval()
-    assert not torch.allclose(trained, evaluated)
-    assert torch.equal(logits(compiled.module, args), evaluated)
+    _, args, compiled = compile_kind("randlora", ["*.q_proj", "*.down_proj"], rank=8, alpha=16.0, dropout=0.5)
+    assert_dropout_in_training_only(compiled, args)
 
 
 @pytest.mark.parametrize("basis", ["dense", "sparse", "very_sparse"])
@@ -128,21 +120,8 @@ def test_peft_parity(sparse, tmp_path):
 
 def test_peft_parity_on_gpt2_conv1d(tmp_path):
     peft = pytest.importorskip("peft")
-    model, args = hf_gpt2()
     config = peft.RandLoraConfig(target_modules=["c_attn", "c_fc"], r=4, randlora_alpha=8, fan_in_fan_out=True)
-    wrapped = peft.get_peft_model(copy.deepcopy(model), config).eval()
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in wrapped.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.2)
-    wrapped.save_pretrained(tmp_path)
-    expected = logits(wrapped, args)
-    assert not torch.allclose(expected, logits(model, args), atol=1e-3)
-    compiled = surgeon.compile(model, args, {"adapters": [{"name": NAME, "from_peft": str(tmp_path)}]}, KW)
-    assert_close(logits(compiled.module, args), expected)
-    compiled.apply(["merge"])
-    assert_close(logits(compiled.module, args), logits(wrapped.merge_and_unload(), args))
+    peft_parity(config, tmp_path, factory=hf_gpt2)
 
 
 def test_peft_export(tmp_path):
