@@ -1,0 +1,125 @@
+"""Mixed batches: one adapter per row, generated with a KV cache, per generated token (issue 17's table).
+
+The 4-layer LLaMA-style model of `surgeon bench` (hidden 512, GQA 8/4, vocab 2048), LoRA r=16 on all
+7 projections, a bank of 16 adapters with random weights; a batch of 16 prompts (left-padded), rows
+spread round-robin over 1, 4 or 16 adapters; greedy. Variants, each timed interleaved in every round
+as a full generate and a one-token generate (the prefill); per token = (full - prefill) / (new - 1);
+each figure is the median over rounds of the variant's time / the eager base model's:
+
+  eager base               transformers' generate on the model without adapters
+  surgeon one adapter      surgeon's generate with one adapter active, no adapter_names (unmerged)
+  surgeon mixed            surgeon's generate with adapter_names (surgeon.serving's mixed graphs)
+  PEFT mixed               peft's generate with adapter_names
+  surgeon one at a time    surgeon, each adapter's rows as their own batch, one after another
+
+    python benchmarks/bench_mixed_batch.py [--rounds 3] [--threads 2] [--new 16] [--prompt 32]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from surgeon.bench.generate import prompts  # noqa: E402
+from surgeon.bench.models import TARGETS, build  # noqa: E402
+
+BANK = 16
+
+
+def variants(model, ids, mask, spread: int, folder: Path) -> dict:
+    import peft
+
+    import surgeon
+
+    spec = {"adapters": [{"name": f"a{i}", "type": "lora", "targets": TARGETS, "rank": 16, "alpha": 32}
+                         for i in range(BANK)], "pipeline": ["insert", {"activate": {"adapters": ["a0"]}}]}
+    compiled = surgeon.compile(model, (ids[:2, :8],), spec, {"attention_mask": mask[:2, :8], "use_cache": False},
+                               verify=False)
+    gen = torch.Generator().manual_seed(1)
+    for i in range(BANK):   # random weights, the same for surgeon and PEFT
+        compiled.set_active(f"a{i}")
+        with torch.no_grad():
+            for p in compiled.module.parameters():
+                if p.requires_grad:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
+        compiled.save_adapter(f"a{i}", folder / f"a{i}", format="peft")
+    compiled.set_active("a0")
+    wrapped = peft.PeftModel.from_pretrained(copy.deepcopy(model), folder / "a0", adapter_name="a0").eval()
+    for i in range(1, BANK):
+        wrapped.load_adapter(folder / f"a{i}", adapter_name=f"a{i}")
+    names = [f"a{row % spread}" for row in range(ids.shape[0])]
+    settings = {"attention_mask": mask, "do_sample": False, "pad_token_id": 0}
+
+    def one_at_a_time(n):
+        for i in range(spread):
+            rows = [r for r, name in enumerate(names) if name == f"a{i}"]
+            compiled.set_active(f"a{i}")
+            compiled.generate(ids[rows], attention_mask=mask[rows], max_new_tokens=n, do_sample=False,
+                              pad_token_id=0)
+        compiled.set_active("a0")
+
+    return {
+        "eager base": lambda n: model.generate(ids, max_new_tokens=n, **settings),
+        "surgeon one adapter": lambda n: compiled.generate(ids, max_new_tokens=n, **settings),
+        "surgeon mixed": lambda n: compiled.generate(ids, max_new_tokens=n, adapter_names=names, **settings),
+        "PEFT mixed": lambda n: wrapped.generate(input_ids=ids, max_new_tokens=n, adapter_names=names, **settings),
+        "surgeon one at a time": one_at_a_time,
+    }
+
+
+def measure(fns: dict, new: int, rounds: int) -> dict:
+    per_token, prefill = {k: [] for k in fns}, {k: [] for k in fns}
+    with torch.no_grad():
+        for f in fns.values():   # warm: graphs built and mixed copies made at both lengths
+            f(1)
+            f(new)
+        for _ in range(rounds):
+            full, first = {}, {}
+            for name, f in fns.items():
+                start = time.perf_counter()
+                f(1)
+                first[name] = time.perf_counter() - start
+                start = time.perf_counter()
+                f(new)
+                full[name] = time.perf_counter() - start
+            token = {k: max(full[k] - first[k], 1e-9) / (new - 1) for k in fns}
+            for name in fns:
+                per_token[name].append(token[name] / token["eager base"])
+                prefill[name].append(first[name] / first["eager base"])
+    return {k: (statistics.median(per_token[k]), statistics.median(prefill[k])) for k in fns}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--new", type=int, default=16)
+    parser.add_argument("--prompt", type=int, default=32)
+    parser.add_argument("--spreads", type=int, nargs="+", default=[1, 4, 16])
+    ns = parser.parse_args(argv)
+    torch.set_num_threads(ns.threads)
+    model = build()
+    model.generation_config.eos_token_id = None
+    ids, mask = prompts(16, ns.prompt)
+    print(f"CPU, {ns.threads} threads, torch {torch.__version__}, fp32; batch 16, prompt {ns.prompt}, {ns.new} new "
+          f"tokens, LoRA r=16 on 7 projections, a bank of {BANK}; per token / prefill, ratio to the eager base")
+    print(f"{'adapters in the batch':<24}" + "".join(f"{k:>24}" for k in ("surgeon one adapter", "surgeon mixed",
+                                                                         "PEFT mixed", "surgeon one at a time")))
+    with tempfile.TemporaryDirectory() as folder:
+        for spread in ns.spreads:
+            figures = measure(variants(model, ids, mask, spread, Path(folder)), ns.new, ns.rounds)
+            print(f"{spread:<24}" + "".join(f"{f'{t:.2f}x / {p:.2f}x':>24}" for name, (t, p) in figures.items()
+                                            if name != "eager base"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
