@@ -18,17 +18,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from surgeon.bench.generate import prompts  # noqa: E402
+from surgeon.bench.generate import measure, prompts  # noqa: E402
 from surgeon.bench.models import TARGETS, build  # noqa: E402
 
 BANK = 16
@@ -75,28 +73,6 @@ def variants(model, ids, mask, spread: int, folder: Path) -> dict:
     }
 
 
-def measure(fns: dict, new: int, rounds: int) -> dict:
-    per_token, prefill = {k: [] for k in fns}, {k: [] for k in fns}
-    with torch.no_grad():
-        for f in fns.values():   # warm: graphs built and mixed copies made at both lengths
-            f(1)
-            f(new)
-        for _ in range(rounds):
-            full, first = {}, {}
-            for name, f in fns.items():
-                start = time.perf_counter()
-                f(1)
-                first[name] = time.perf_counter() - start
-                start = time.perf_counter()
-                f(new)
-                full[name] = time.perf_counter() - start
-            token = {k: max(full[k] - first[k], 1e-9) / (new - 1) for k in fns}
-            for name in fns:
-                per_token[name].append(token[name] / token["eager base"])
-                prefill[name].append(first[name] / first["eager base"])
-    return {k: (statistics.median(per_token[k]), statistics.median(prefill[k])) for k in fns}
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -116,8 +92,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as folder:
         for spread in ns.spreads:
             figures = measure(variants(model, ids, mask, spread, Path(folder)), ns.new, ns.rounds)
-            print(f"{spread:<24}" + "".join(f"{f'{t:.2f}x / {p:.2f}x':>24}" for name, (t, p) in figures.items()
-                                            if name != "eager base"))
+            cells = [f"{f['per token']:.2f}x / {f['prefill']:.2f}x" for name, f in figures.items()
+                     if name != "eager base"]
+            print(f"{spread:<24}" + "".join(f"{cell:>24}" for cell in cells))
     return 0
 
 
