@@ -69,6 +69,7 @@ from torch.utils import _pytree as pytree
 
 from .capture import capture
 from .errors import InputError, SurgeonError
+from .graph import first_device, placement
 from .modes import evaluating
 from .pipeline import AdapterState, Context, compare, compute_dtypes, run_pipeline
 
@@ -344,7 +345,7 @@ class Generator:
 
     def _ready(self, module: nn.Module) -> None:
         """Build the graphs (first call), or re-tie them to the module's current tensors; on failure fall back."""
-        if self.graphs is not None and self.built_for != _placement(module):
+        if self.graphs is not None and self.built_for != placement(module):
             # the module moved to another dtype or device: build again and move the new graphs while their
             # tensors are their own (tied to the moved module's, they would look moved already)
             self.graphs = None
@@ -388,7 +389,7 @@ class Generator:
         """Example inputs and torch.export dynamic shapes of the prefill (batch x length) or decode (batch x 1)
         graph: batch 2, prompt 3, cache 7 (distinct sizes, none 0 or 1, so none is mistaken for another)."""
         batch, length, total = 2, 3, 7
-        device = _first_device(self.model)
+        device = first_device(self.model)
         dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
         new = length if kind == "prefill" else 1
         ids = torch.zeros(batch, new, dtype=torch.long, device=device)
@@ -432,9 +433,9 @@ class Generator:
     def _place(self, module: nn.Module) -> None:
         """Move the graphs, before they are tied, to the module's device and dtype (what `.to` does to a
         SurgeonModule's graph code: surgeon.portable), and remember it."""
-        device, dtype = _placement(module)
+        device, dtype = placement(module)
         for graph in self.graphs.values():
-            if _placement(graph.gm) != (device, dtype):
+            if placement(graph.gm) != (device, dtype):
                 graph.gm.to(device=device, dtype=dtype)
         self.built_for = (device, dtype)
 
@@ -511,7 +512,7 @@ class _CacheRun:
         else:
             self.prefill, self.decode = self.prefill.forward, self.decode.forward
         batch, length = ids.shape
-        device, dtype = _placement(module)
+        device, dtype = placement(module)
         self.ids, self.length = ids.to(device), length
         self.mask = torch.zeros(batch, length + new_tokens, dtype=torch.long, device=device)
         self.mask[:, :length] = mask
@@ -546,7 +547,7 @@ class _RecomputeRun:
     def __init__(self, module: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
                  adapter_names: list[str] | None = None):
         self.module, self.batch, self.names = module, ids.shape[0], adapter_names
-        ids, mask = ids.to(_first_device(module)), mask.to(_first_device(module))
+        ids, mask = ids.to(first_device(module)), mask.to(first_device(module))
         if bool(mask.all()):
             self.groups = [(torch.arange(self.batch, device=ids.device), ids)]
         else:
@@ -596,7 +597,7 @@ class _EncoderDecoderRun:
                  adapter_names: list[str] | None = None):
         inputs = getattr(module, "meta", {}).get("surgeon_inputs")
         names = getattr(inputs, "names", ())
-        device = _first_device(module)
+        device = first_device(module)
         self.module, self.pad, self.batch = module, pad, ids.shape[0]
         self.rows = _least(inputs, ("input_ids", 0), ("attention_mask", 0), ("decoder_input_ids", 0))
         self.length = _least(inputs, ("decoder_input_ids", 1))
@@ -720,7 +721,7 @@ def _lm_shaped(gm: fx.GraphModule) -> bool:
 
 def _probe(model: nn.Module, cache_arg: str) -> list[tuple[int, int, int]]:
     """Per layer (kv heads, key dim, value dim), read from the cache the model itself fills on 2 tokens."""
-    ids = torch.zeros(1, 2, dtype=torch.long, device=_first_device(model))
+    ids = torch.zeros(1, 2, dtype=torch.long, device=first_device(model))
     with evaluating(model), torch.no_grad():
         out = model(input_ids=ids, use_cache=True)
     cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
@@ -815,15 +816,3 @@ def example_ids(module: nn.Module) -> torch.Tensor | None:
         if isinstance(leaf, torch.Tensor) and leaf.dim() == 2 and not leaf.is_floating_point():
             return leaf
     return None
-
-
-def _first_device(module: nn.Module) -> torch.device:
-    return next((t.device for t in (*module.parameters(), *module.buffers())), torch.device("cpu"))
-
-
-def _placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
-    """(device, floating dtype) of a module's tensors, as SurgeonModule reports them."""
-    device = _first_device(module)
-    dtype = next((t.dtype for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()),
-                 torch.get_default_dtype())
-    return device, dtype

@@ -218,3 +218,16 @@ def _sizes(sizes) -> tuple:
 def meta_tensors(module: nn.Module) -> list[str]:
     """Names of the module's parameters and buffers on the meta device (no data: a structure-only model)."""
     return [name for name, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
+
+
+def first_device(module: nn.Module) -> torch.device:
+    """The device of a module's first parameter or buffer (CPU for one without any)."""
+    return next((t.device for t in (*module.parameters(), *module.buffers())), torch.device("cpu"))
+
+
+def placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """(device, floating dtype) of a module's tensors, as SurgeonModule reports them (the default dtype for
+    a module without floating tensors)."""
+    dtype = next((t.dtype for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()),
+                 torch.get_default_dtype())
+    return first_device(module), dtype

@@ -38,6 +38,7 @@ from torch import nn
 
 from .adapters import EagerBranch
 from .errors import InputError, SurgeonError
+from .graph import get_tensor, placement
 
 BASE = "__base__"
 # the kinds whose forward is an independent function of each row (x row -> y row) with no base-weight
@@ -249,7 +250,7 @@ _CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionar
 def mixed_graph(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     """The mixed graph of `gm` (built on first use, rebuilt when the graph, the adapters or the placement
     changed): the same inputs, then a RowPlan."""
-    key = (gm.code, _placement(gm), tuple((n, s.status) for n, s in ctx.adapters.items()))
+    key = (gm.code, placement(gm), tuple((n, s.status) for n, s in ctx.adapters.items()))
     held = _CACHE.get(gm)
     if held is not None and held[0] == key:
         return held[1]
@@ -266,11 +267,11 @@ def build(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     output = graph.graph_copy(gm.graph, {})
     graph.output(output)
     mixed = fx.GraphModule(gm, graph, class_name=f"Mixed{type(gm).__name__}")
-    device, dtype = _placement(gm)
+    device, dtype = placement(gm)
     tensors: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
     for name, state in ctx.adapters.items():   # take the tensors before detaching deletes them from the copy
         if state.status in _USABLE and not refusal(state):
-            tensors[name] = {site.path: ({p: _get(gm, t) for p, t in site.params.items()}
+            tensors[name] = {site.path: ({p: get_tensor(gm, t) for p, t in site.params.items()}
                                          if state.status in _ATTACHED else
                                          {p: _place(t, device, dtype) for p, t in site.parked.items()})
                              for site in state.sites}
@@ -311,20 +312,8 @@ def build(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     return mixed
 
 
-def _get(gm: nn.Module, target: str) -> torch.Tensor:
-    from .graph import get_tensor
-
-    return get_tensor(gm, target)
-
-
 def _place(tensor: torch.Tensor, device, dtype) -> torch.Tensor:
     return tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
-
-
-def _placement(module: nn.Module) -> tuple:
-    first = next((t for t in (*module.parameters(), *module.buffers())), None)
-    floating = next((t.dtype for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()), None)
-    return (first.device if first is not None else torch.device("cpu"), floating)
 
 
 # ------------------------------------------------------------------------------------ calling
@@ -462,8 +451,6 @@ def unload_adapter(compiled, name: str) -> None:
 def adapter_bytes(compiled) -> dict[str, int]:
     """Bytes each adapter holds now: its parameters in the graph (inserted), parked (inactive) or kept beside
     the merged weights (merged); 0 for one removed or not inserted."""
-    from .graph import get_tensor
-
     sizes = {}
     for name, state in compiled.ctx.adapters.items():
         total = 0
