@@ -321,6 +321,10 @@ def detach(gm: fx.GraphModule, site: SiteState) -> dict[str, torch.Tensor]:
             original = by_name[node.meta["surgeon_input_of"]]
             for user in [u for u in node.users if u not in mine]:
                 user.replace_input_with(node, original)
+            # an input-side adapter stacked after this one took `node` as its input: it now takes `original`
+            for other in gm.graph.nodes:
+                if other not in mine and other.meta.get("surgeon_input_of") == node.name:
+                    other.meta["surgeon_input_of"] = original.name
         if "surgeon_call_of" in node.meta:   # a call site gets its arguments back
             call_name, (args, kwargs) = node.meta["surgeon_call_of"]
             refs = fx.node.map_aggregate((args, kwargs), lambda a: by_name[a.name] if isinstance(a, _NodeRef) else a)
