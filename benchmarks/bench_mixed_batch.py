@@ -12,7 +12,8 @@ each figure is the median over rounds of the variant's time / the eager base mod
   PEFT mixed               peft's generate with adapter_names
   surgeon one at a time    surgeon, each adapter's rows as their own batch, one after another
 
-    python benchmarks/bench_mixed_batch.py [--rounds 3] [--threads 2] [--new 16] [--prompt 32]
+    python benchmarks/bench_mixed_batch.py [--rounds 3] [--threads 2] [--new 16] [--prompt 32] [--spreads 1 4 16]
+        [--skip "surgeon one at a time"]
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from surgeon.bench.generate import measure, prompts  # noqa: E402
 from surgeon.bench.models import TARGETS, build  # noqa: E402
 
 BANK = 16
+COLUMNS = ("surgeon one adapter", "surgeon mixed", "PEFT mixed", "surgeon one at a time")
 
 
 def variants(model, ids, mask, spread: int, folder: Path) -> dict:
@@ -80,6 +82,8 @@ def main(argv=None) -> int:
     parser.add_argument("--new", type=int, default=16)
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--spreads", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--skip", nargs="*", default=[], choices=COLUMNS,
+                        help="variants not to time (their cells print as -)")
     ns = parser.parse_args(argv)
     torch.set_num_threads(ns.threads)
     model = build()
@@ -87,13 +91,14 @@ def main(argv=None) -> int:
     ids, mask = prompts(16, ns.prompt)
     print(f"CPU, {ns.threads} threads, torch {torch.__version__}, fp32; batch 16, prompt {ns.prompt}, {ns.new} new "
           f"tokens, LoRA r=16 on 7 projections, a bank of {BANK}; per token / prefill, ratio to the eager base")
-    print(f"{'adapters in the batch':<24}" + "".join(f"{k:>24}" for k in ("surgeon one adapter", "surgeon mixed",
-                                                                         "PEFT mixed", "surgeon one at a time")))
+    print(f"{'adapters in the batch':<24}" + "".join(f"{k:>24}" for k in COLUMNS))
     with tempfile.TemporaryDirectory() as folder:
         for spread in ns.spreads:
-            figures = measure(variants(model, ids, mask, spread, Path(folder)), ns.new, ns.rounds)
-            cells = [f"{f['per token']:.2f}x / {f['prefill']:.2f}x" for name, f in figures.items()
-                     if name != "eager base"]
+            timed = {name: run for name, run in variants(model, ids, mask, spread, Path(folder)).items()
+                     if name not in ns.skip}
+            figures = measure(timed, ns.new, ns.rounds)
+            cells = [f"{figures[name]['per token']:.2f}x / {figures[name]['prefill']:.2f}x" if name in figures
+                     else "-" for name in COLUMNS]
             print(f"{spread:<24}" + "".join(f"{cell:>24}" for cell in cells))
     return 0
 

@@ -6,20 +6,26 @@ take one adapter name per row (`"__base__"`: no adapter for that row). The graph
 graph") and keeps it until the graph, the adapters' states or the module's placement change. The same is
 done for the generator's prefill and decode graphs.
 
-Design (a torch reference path; generated BGMV/SGMV kernels would replace `MixedSite.forward`):
+Design:
 - The mixed graph is a copy of the graph (sharing every tensor) with every attached adapter detached
   (adapter_ops.detach: the base graph) and one `call_module` node per adapted base op, a `MixedSite`,
   holding the adapters that can join a mixed batch at that op (inserted and inactive ones, their
   tensors shared with the compiled module: training it changes what the mixed graph computes).
-- The graph takes one more input, a `RowPlan`: the batch's rows grouped by adapter (one index
-  tensor per adapter present, made once per call from the names). A `MixedSite` loops over its
-  adapters (never over rows), skips those absent from the batch, gathers the rows of each present
-  one (`index_select`), runs the adapter kind's own forward on them (the graph code the kind builds
-  for `set_active`, run eagerly) and writes them back (`index_copy`): the cost is per adapter present.
-  When every row names one adapter, its forward runs on the whole batch with no gather: the same ops
-  as `set_active` of that adapter.
-- A site whose input is flattened to (batch * length, features) (GPT-2's Conv1D addmm) gets the
-  rows' token indices (row * length + position), made once per adapter and length.
+- The graph takes one more input, a `RowPlan`: each row's adapter name and the rows grouped by adapter,
+  made once per call from the names.
+- A batch of several adapters runs the stacked path, a fixed number of ops per site whatever adapters
+  are present: the site's LoRA / LoRA-XS / VeRA routes as one bank of low-rank factors (A' [n+1, K, R_MAX],
+  B' [n+1, R_MAX, N], the scale in B', slot 0 zero: "__base__") and its IA3 routes as scale vectors
+  (slot 0 ones), built once and rebuilt when a tensor changes (version counters) or with the mixed graph;
+  each row gathers its slot (`index_select`) and the update is `y * scale`, then `baddbmm(y, bmm(x, A'),
+  B')` over the rows (an input scale: `x * scale`). A flattened site input (batch * length, features;
+  GPT-2's Conv1D addmm) is viewed as (batch, length, features).
+- The loop runs the rest: per adapter present, gather its rows (`index_select`), run the kind's own
+  forward on them (the graph code the kind builds for `set_active`, run eagerly) and write them back
+  (`index_copy`). It serves a batch whose rows all name one adapter (its forward on the whole batch,
+  no gather: the same ops as `set_active`, bit for bit), a call that records gradients, a route that
+  does not stack (a LoRA with a bias on B) and a large batch with few adapters (GATHER_MAX_ROWS).
+- On CUDA, a site whose routes are all plain LoRA runs the mixed-batch kernels (kernels/mixed_lora.py).
 
 Kinds that join: LoRA (rsLoRA too; default / gaussian init or loaded weights), LoRA-XS, VeRA (each an
 additive per-row update) and IA3 (a per-row scale of the output, or of the input with `on: input`), on
@@ -29,6 +35,7 @@ linear and GPT-2 Conv1D sites, in eval mode. Everything else is refused with `Su
 from __future__ import annotations
 
 import copy
+import operator
 import weakref
 from typing import Any
 
@@ -80,11 +87,23 @@ def refusal(state) -> str:
 
 class RowPlan:
     """One call's rows grouped by adapter: `groups[name]` the row indices (ascending), `whole` the one name
-    when every row has it. Token indices of flattened inputs are made once per (name, length)."""
+    when every row has it, `names` the name of each row. Token indices of flattened inputs are made once per
+    (name, length), and each site's slot index (`slots`) once per set of adapter names and device."""
 
-    def __init__(self, batch: int, groups: dict[str, torch.Tensor], whole: str | None):
+    def __init__(self, batch: int, groups: dict[str, torch.Tensor], whole: str | None,
+                 names: list[str] | None = None):
         self.batch, self.groups, self.whole = batch, groups, whole
+        if names is None:   # from the groups: every row not in one is a __base__ row
+            names = [BASE] * batch
+            for name, rows in groups.items():
+                for row in rows.tolist():
+                    names[row] = name
+        self.names = tuple(names)
         self._tokens: dict[tuple[str, int], torch.Tensor] = {}
+        self._slots: dict[tuple, tuple[torch.Tensor, int] | None] = {}
+        # MixedSite -> (its SiteBank, the rows' factors gathered from it): a generate's decode steps share one
+        # plan, so each step after the first reuses the gather while the bank is the same object
+        self.gathered: dict[nn.Module, tuple[Any, torch.Tensor]] = {}
 
     def rows(self, name: str, leading: int, device: torch.device) -> torch.Tensor | None:
         rows = self.groups.get(name)
@@ -103,16 +122,99 @@ class RowPlan:
             self._tokens[key] = (rows[:, None] * length + torch.arange(length, device=device)).flatten()
         return self._tokens[key]
 
+    def slots(self, names: tuple[str, ...], device: torch.device) -> tuple[torch.Tensor, int] | None:
+        """(each row's slot in a bank over `names`: 1 + the position of its adapter there, 0 for a row whose
+        adapter is not in `names`; how many of `names` the batch holds), or None when it holds none. Made
+        once per call for each set of names (sites with the same adapters share it) and device."""
+        key = (names, device)
+        if key not in self._slots:
+            where = {name: slot for slot, name in enumerate(names, 1)}
+            slots = [where.get(name, 0) for name in self.names]
+            present = len({slot for slot in slots if slot})
+            self._slots[key] = (torch.tensor(slots, dtype=torch.long, device=device), present) if present else None
+        return self._slots[key]
+
+
+# rows (sequences) up to which a site always runs the gathered path; above, only while the batch has at most
+# GATHER_ROWS_PER_ADAPTER rows per adapter present at the site (the gather copies R_MAX (K + N) numbers per row,
+# the loop reads each present adapter once)
+GATHER_MAX_ROWS = 64
+GATHER_ROWS_PER_ADAPTER = 8
+_VERSION = operator.attrgetter("_version")
+
+
+def _form(side: str, kind_name: str, params: dict, opts: dict, dims: tuple[int, int]) -> str | None:
+    """How a route joins a site's stacked bank: "lowrank" (an update B' A' x, B' A' = the kind's low-rank
+    map with its scale), "scale" (IA3: a per-row scale vector of the site's output or input), or None (it
+    keeps the loop: e.g. a LoRA with a bias on B)."""
+    if kind_name == "ia3":
+        want = dims[1] if side == "output" else dims[0]
+        scale = params.get("ia3_l")
+        return "scale" if set(params) == {"ia3_l"} and scale.dim() == 1 and scale.shape[0] == want else None
+    if side != "output" or "experts" in opts or opts.get("groups", 1) != 1:
+        return None
+    keys = {"lora": {"lora_A", "lora_B"}, "lora-xs": {"lora_A", "lora_R", "lora_B"},
+            "vera": {"vera_A", "vera_B", "vera_lambda_d", "vera_lambda_b"}}.get(kind_name)
+    if keys is None or set(params) != keys or any(t.dim() not in (1, 2) for t in params.values()):
+        return None
+    return "lowrank"
+
+
+def _factors(kind_name: str, params: dict, opts: dict, dims: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A' [r, K], B' [N, r]) in float64 with the kind's update B' A' x, its scale inside B'."""
+    from .adapters.lora import lora_scale
+
+    p = {name: t.detach().double() for name, t in params.items()}
+    K, N = dims
+    if kind_name == "lora":
+        return p["lora_A"], lora_scale(opts) * p["lora_B"]
+    if kind_name == "lora-xs":   # B R A x, scaled as the kind's forward scales it
+        from .adapters.lora_xs import _scale
+
+        return p["lora_A"], _scale(opts) * (p["lora_B"] @ p["lora_R"])
+    # vera: lambda_b * (B[:N] (lambda_d * (A[:, :K] x)))
+    return p["vera_lambda_d"][:, None] * p["vera_A"][:, :K], p["vera_lambda_b"][:, None] * p["vera_B"][:N]
+
+
+class SiteBank:
+    """The stacked bank of one MixedSite, slot 0 the "__base__" slot (adds nothing, scales by 1) and slot i
+    the i-th of the site's stacked adapters: `a` [n + 1, K, R_MAX] and `b` [n + 1, R_MAX, N] (the low-rank
+    routes' A'^T and B'^T, the scale folded into B', zeros past each rank and in the slots of other
+    routes), views of `factors` [n + 1, R_MAX (K + N)] (slot i's row: A'[i] then B'[i], so that one gather
+    takes both), `scale` [n + 1, features] (IA3 routes; ones elsewhere); None where the site has no such
+    route."""
+
+    def __init__(self, factors: torch.Tensor | None, a: torch.Tensor | None, b: torch.Tensor | None,
+                 scale: torch.Tensor | None):
+        self.factors, self.a, self.b, self.scale = factors, a, b, scale
+
 
 class MixedSite(nn.Module):
     """The adapters of one base op in a mixed graph: `side` "output" (after the op: x, y -> y') or "input"
     (before it: x -> x'). Routes: (adapter, kind, options, (in, out), tensors); the tensors are plain
-    references (shared with the compiled module), not registered: this module is never moved itself."""
+    references (shared with the compiled module), not registered: this module is never moved itself.
+
+    A batch of several adapters runs the gathered path: the routes that stack (LoRA, LoRA-XS and VeRA as a
+    low-rank A', B'; IA3 as a scale vector) are held as one `SiteBank`, each row picks its slot with one
+    `index_select` per bank tensor, and the update is a fixed number of ops whatever adapters are present
+    (output: y * scale[slot], then baddbmm(y, bmm(x, A'[slot]), B'[slot]) over the rows, in place on y, the
+    base op's fresh output that only this site reads; input: x * scale[slot], a new tensor).
+    Routes that do not stack, a call that records gradients, and a large batch with few adapters run the
+    loop: per adapter present, index_select of its rows, the kind's own forward, index_copy."""
 
     def __init__(self, side: str, routes: list):
         super().__init__()
         self.side, self.routes = side, routes
         self._bank = None   # (key, LoraBank): the routes' LoRA tensors as one padded bank, for the kernels
+        forms = [_form(side, kind.name, params, opts, dims) for _, kind, opts, dims, params in routes]
+        names = [route[0] for route in routes]
+        if len(set(names)) != len(names):   # one adapter twice at an op: keep the loop, in route order
+            forms = [None] * len(routes)
+        self._stacked = [(route, form) for route, form in zip(routes, forms) if form is not None]
+        self._looped = [route for route, form in zip(routes, forms) if form is None]
+        self._names = tuple(route[0] for route, _ in self._stacked)
+        self._tensors = [t for (*_, params), _ in self._stacked for t in params.values()]
+        self._site_bank = None   # (key, SiteBank), rebuilt when a stacked tensor changed (its version counter)
 
     def forward(self, plan: RowPlan | None, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         base = x if self.side == "input" else y
@@ -120,8 +222,12 @@ class MixedSite(nn.Module):
             return base
         if plan.whole is None and self._kernel_device(x) and self._kernel_ready(x, y):
             return self._kernel_forward(plan, x, y)
-        out = base
-        for name, kind, opts, dims, params in self.routes:
+        out, looped = base, self.routes
+        if plan.whole is None and self._stacked:
+            index = self._gathers(plan, x, y)
+            if index is not None:
+                out, looped = self._gathered(plan, index, x, y), self._looped
+        for name, kind, opts, dims, params in looped:
             run = kind.forward_input if self.side == "input" else kind.forward
             if plan.whole is not None:
                 if plan.whole == name:   # every row: the adapter's own forward, as set_active runs it
@@ -136,6 +242,86 @@ class MixedSite(nn.Module):
                 run(EagerBranch(dims), x_rows, y.index_select(0, rows), params, opts)
             out = out.index_copy(0, rows, new.to(out.dtype))
         return out
+
+    # the gathered path (every device; on CUDA the kernels below come first where they apply)
+
+    def _gathers(self, plan: RowPlan, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor | None:
+        """Each row's slot when this call runs the gathered path (no gradient to record, one dtype, and a
+        batch that is small or has few rows per adapter present), else None."""
+        if y is not None and y.dtype != x.dtype or not x.is_floating_point() or x.dim() < 2:
+            return None
+        if torch.is_grad_enabled() and (x.requires_grad or (y is not None and y.requires_grad) or
+                                        any(t.requires_grad for t in self._tensors)):
+            return None    # the stacked bank is a detached copy: a call that records gradients keeps the loop
+        slots = plan.slots(self._names, x.device)
+        if slots is None:   # none of the stacked adapters in this batch
+            return None
+        index, present = slots
+        return index if plan.batch <= GATHER_MAX_ROWS or plan.batch <= GATHER_ROWS_PER_ADAPTER * present else None
+
+    def _gathered(self, plan: RowPlan, index: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """The stacked routes' rows in one pass: each row's slot (`index`) gathers its adapter's factors (or
+        scale). An output site updates y in place: the base op's own result, which only this site reads."""
+        bank = self._stacked_bank(x)
+        batch = plan.batch
+        if x.shape[0] % batch:
+            raise SurgeonError(f"mixed batch: an adapted op's input has {x.shape[0]} rows, neither the batch "
+                               f"({batch}) nor a multiple of it")
+        # rows first: x [batch, ..., K] as it is, or x [batch * length, K] (a flattened site) as [batch, length, K]
+        x3 = x.reshape(batch, -1, x.shape[-1])
+        if self.side == "input":
+            return (x3 * bank.scale.index_select(0, index)[:, None, :]).view(x.shape)
+        y3 = y.reshape(batch, -1, y.shape[-1])
+        if bank.scale is not None:
+            y3.mul_(bank.scale.index_select(0, index)[:, None, :])
+        if bank.a is not None:   # one gather of each row's A' and B' (one tensor per slot), two batched GEMMs
+            held = plan.gathered.get(self)
+            if held is not None and held[0] is bank:   # a decode step after the first: the rows gathered then
+                rows = held[1]
+            else:
+                rows = bank.factors.index_select(0, index)
+                if batch <= bank.factors.shape[0]:   # kept for the plan's next steps: at most the bank's size
+                    plan.gathered[self] = (bank, rows)
+            K, N, rank = x3.shape[-1], y3.shape[-1], bank.a.shape[-1]
+            y3.baddbmm_(torch.bmm(x3, rows[:, :K * rank].view(batch, K, rank)),
+                        rows[:, K * rank:].view(batch, rank, N))
+        return y3.view(y.shape)
+
+    def _stacked_bank(self, x: torch.Tensor) -> SiteBank:
+        try:   # a tensor's version only grows: their sum changes when any of them was updated in place
+            key = (x.dtype, x.device, sum(map(_VERSION, self._tensors)))
+        except RuntimeError:   # inference tensors keep no version counter: rebuilt on every call
+            key = None
+        if self._site_bank is None or key is None or self._site_bank[0] != key:
+            self._site_bank = (key, self._build_bank(x.dtype, x.device))
+        return self._site_bank[1]
+
+    def _build_bank(self, dtype: torch.dtype, device: torch.device) -> SiteBank:
+        """Stack the routes once per change: the factors made in float64 from the kind's tensors, then cast."""
+        n = len(self._stacked)
+        K, N = self._stacked[0][0][3]
+        lowrank, scales = [], []
+        for slot, ((name, kind, opts, dims, params), form) in enumerate(self._stacked, 1):
+            if form == "lowrank":
+                lowrank.append((slot, *_factors(kind.name, params, opts, dims)))
+            else:
+                scales.append((slot, params["ia3_l"].detach()))
+        factors = a = b = scale = None
+        with torch.no_grad():
+            if lowrank:   # A' and B' of a slot side by side in one row of `factors`: one gather per call
+                r_max = max(factor_a.shape[0] for _, factor_a, _ in lowrank)
+                factors = torch.zeros((n + 1, r_max * (K + N)), dtype=dtype, device=device)
+                a = factors[:, :K * r_max].view(n + 1, K, r_max)
+                b = factors[:, K * r_max:].view(n + 1, r_max, N)
+                for slot, factor_a, factor_b in lowrank:
+                    rank = factor_a.shape[0]
+                    a[slot, :, :rank] = factor_a.t().to(device=device, dtype=dtype)
+                    b[slot, :rank] = factor_b.t().to(device=device, dtype=dtype)
+            if scales:
+                scale = torch.ones((n + 1, N if self.side == "output" else K), dtype=dtype, device=device)
+                for slot, vector in scales:
+                    scale[slot] = vector.to(device=device, dtype=dtype)
+        return SiteBank(factors, a, b, scale)
 
     # the CUDA path: a batch of several adapters at an output site whose routes are all plain LoRA runs the
     # mixed-batch kernels (kernels/mixed_lora.py: BGMV for decode-sized row counts, SGMV above) on a bank
@@ -218,7 +404,7 @@ def plan_rows(adapters: dict, names: Any, batch: int) -> RowPlan:
         if name != BASE:
             groups[name] = torch.tensor(rows, dtype=torch.long)
     whole = names[0] if len(order) == 1 else None
-    return RowPlan(batch, groups, whole)
+    return RowPlan(batch, groups, whole, list(names))
 
 
 def check_states(adapters: dict, wanted: set[str]) -> None:
@@ -462,5 +648,5 @@ def adapter_bytes(compiled) -> dict[str, int]:
     return sizes
 
 
-__all__ = ["BASE", "RowPlan", "MixedSite", "Serving", "plan_rows", "check_states", "mixed_graph", "mixed_call",
+__all__ = ["BASE", "GATHER_MAX_ROWS", "GATHER_ROWS_PER_ADAPTER", "RowPlan", "MixedSite", "SiteBank", "Serving", "plan_rows", "check_states", "mixed_graph", "mixed_call",
            "refusal", "load_adapter", "unload_adapter", "adapter_bytes"]

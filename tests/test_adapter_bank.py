@@ -103,3 +103,50 @@ def test_unloading_a_parked_adapter_and_the_refusals(tmp_path):
     assert set(compiled.adapters) == {"d", "b"}
     with torch.no_grad():
         assert torch.equal(compiled.module(ids).logits, expected)
+
+
+def test_stacked_banks_follow_the_bank(tmp_path):
+    """The mixed graph's stacked banks (surgeon.serving.SiteBank) follow load_adapter / unload_adapter and
+    in-place updates, and are not rebuilt between calls that change nothing."""
+    from surgeon import serving
+
+    model, args = hf_llama()
+    folders(model, tmp_path)
+    compiled = surgeon.compile(model, args, {"pipeline": []}, KW)
+    compiled.load_adapter(tmp_path / "a", "a")
+    rows = torch.randint(1, 128, (3, 6), generator=torch.Generator().manual_seed(5))
+
+    def banks():
+        mixed = serving.mixed_graph(compiled.module, serving.serving_ctx(compiled.module))
+        return {name: (site._names, site._site_bank and site._site_bank[1]) for name, site in mixed.named_children()
+                if isinstance(site, serving.MixedSite)}
+
+    def alone(name):
+        compiled.set_active(name)
+        out = compiled.module(rows).logits
+        compiled.set_active()
+        return out
+
+    with torch.no_grad():
+        first = compiled.module(rows, adapter_names=["a", "__base__", "a"]).logits
+        held = banks()
+        assert held and all(names == ("a",) and bank is not None for names, bank in held.values())
+        compiled.module(rows, adapter_names=["a", "__base__", "a"])
+        assert banks() == held                                       # the same banks: nothing rebuilt
+        compiled.load_adapter(tmp_path / "b", "b")                   # a new bank, with b's slots
+        got = compiled.module(rows, adapter_names=["a", "b", "__base__"]).logits
+        assert {names for names, _ in banks().values()} == {("a",), ("a", "b"), ("b",)}
+        torch.testing.assert_close(got[0], first[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[1], alone("b")[1], rtol=1e-5, atol=1e-5)
+        before = banks()
+        for site in compiled.adapters["a"].sites:                     # a's (parked) tensors, updated in place
+            for tensor in site.parked.values():
+                tensor.mul_(2.0)
+        changed = compiled.module(rows, adapter_names=["a", "b", "__base__"]).logits
+        assert all(banks()[site][1] is not bank for site, (names, bank) in before.items() if "a" in names)
+        torch.testing.assert_close(changed[0], alone("a")[0], rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(changed[0], got[0], atol=1e-4)
+        compiled.unload_adapter("a")                                  # a's slots gone
+        after = compiled.module(rows, adapter_names=["b", "b", "__base__"]).logits
+        assert {names for names, _ in banks().values()} == {("b",)}
+        torch.testing.assert_close(after[1], got[1], rtol=1e-5, atol=1e-5)

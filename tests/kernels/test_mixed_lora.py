@@ -252,19 +252,20 @@ def test_mixed_site_runs_the_kernels_where_allowed_and_matches_its_torch_path(mo
     site = MixedSite("output", routes)
     plan = RowPlan(3, {"a": torch.tensor([0, 2]), "b": torch.tensor([1])}, None)
     x, y = torch.randn(3, 2, K, generator=gen), torch.randn(3, 2, N, generator=gen)
-    cases = [(x, y), (x.reshape(6, K), y.reshape(6, N))]      # batch dim kept, and flattened tokens (Conv1D)
-    expected = [site(plan, *case) for case in cases]          # CPU: the torch path, no bank
+    # batch dim kept, and flattened tokens (Conv1D); y copied per call (the CPU path updates it in place)
+    cases = [(x, y), (x.reshape(6, K), y.reshape(6, N))]
+    expected = [site(plan, x_, y_.clone()) for x_, y_ in cases]   # CPU: the torch path, no kernel bank
     assert site._bank is None
     monkeypatch.setattr(MixedSite, "_kernel_device", staticmethod(lambda x: True))
     for case, want in zip(cases, expected):
-        torch.testing.assert_close(site(plan, *case), want, **TOLERANCE[torch.float32])
+        torch.testing.assert_close(site(plan, case[0], case[1].clone()), want, **TOLERANCE[torch.float32])
     bank = site._bank[1]
-    assert bank.ranks.tolist() == [2, 8, 1] and site(plan, x, y) is not None and site._bank[1] is bank   # kept
+    assert bank.ranks.tolist() == [2, 8, 1] and site(plan, x, y.clone()) is not None and site._bank[1] is bank
     routes[0][4]["lora_A"].mul_(2.0)                          # an in-place update: the bank is rebuilt
     monkeypatch.setattr(MixedSite, "_kernel_device", staticmethod(lambda x: False))
-    want = site(plan, x, y)
+    want = site(plan, x, y.clone())
     monkeypatch.setattr(MixedSite, "_kernel_device", staticmethod(lambda x: True))
-    torch.testing.assert_close(site(plan, x, y), want, **TOLERANCE[torch.float32])
+    torch.testing.assert_close(site(plan, x, y.clone()), want, **TOLERANCE[torch.float32])
     assert site._bank[1] is not bank
     whole = RowPlan(3, {"b": torch.arange(3)}, "b")          # one adapter for every row: set_active's ops
     monkeypatch.setattr(MixedSite, "_kernel_device", staticmethod(lambda x: False))
