@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .adapters import Branch, ConvGeometry
+from .adapters import Branch, ConvGeometry, merged_weight
 from .errors import SpecError
 from .graph import delete_attr, get_attr, get_tensor, set_parameter
 from .pipeline import AdapterState, Context, PassResult, SiteState
@@ -376,7 +376,7 @@ def add_delta(gm: fx.GraphModule, state: AdapterState, site: SiteState, delta: t
     if site.op == "addmm":
         delta = delta.t()
     delta = delta.reshape(weight.shape)   # a conv's out x (in * kh * kw) delta back to out x in x kh x kw
-    new = (weight.double() + delta.double()).to(weight.dtype)
+    new = merged_weight(weight, delta)   # W + dW rounded once to W's dtype, no float64 copy of W
     if site.op == PARAM_SITE:   # the parameter is the site: every read of it is adapted, so it changes in place
         set_parameter(gm, site.weight, new, requires_grad=weight.requires_grad)
         return

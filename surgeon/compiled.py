@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -13,7 +14,7 @@ from torch import nn
 
 from .adapter_io import save_adapter_dir, save_peft_dir
 from .capture import split_kwargs
-from .errors import SpecError
+from .errors import SpecError, SurgeonError
 from .graph import compute_nodes, count_parameters, get_tensor, meta_tensors
 from .pipeline import AdapterState, Context, PassRow, run_pipeline
 from .fastpath import recompile
@@ -116,20 +117,24 @@ def validate_against_model(spec: Spec, model: nn.Module) -> None:
                 raise spec.error(key or ("adapters", i, "targets", j),
                                  f"target '{glob}' matches no module of {type(model).__name__} "
                                  f"(module paths look like: {', '.join(list(p for p in modules if p)[:4])} ...)")
-            rank = adapter.options.get("rank")
             for path in hits:
                 dims = _weight_dims(modules[path])
-                site_rank = adapter.loaded.site_options.get(path, {}).get("rank", rank) if adapter.loaded else rank
-                if dims and site_rank is not None and site_rank > min(dims):
+                options = {**adapter.options, **(adapter.loaded.site_options.get(path, {}) if adapter.loaded else {})}
+                site_rank = options.get("rank")
+                limit = adapter.kind.rank_limit(options, *dims) if dims and site_rank is not None else None
+                if limit is not None and site_rank > limit[0]:
                     raise spec.error(key or ("adapters", i, "rank"),
-                                     f"rank {site_rank} exceeds the dimensions {dims[0]}x{dims[1]} of '{path}'")
+                                     f"rank {site_rank} exceeds what a {adapter.type} adapter takes on '{path}' "
+                                     f"({dims[0]} in, {dims[1]} out): at most {limit[1]} = {limit[0]}")
 
 
 def _weight_dims(module: nn.Module) -> tuple[int, int] | None:
+    """(in_features, out_features) of a module with a 2-D weight (GPT-2's Conv1D stores it in x out)."""
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or isinstance(module, nn.Embedding):
         return None
-    return tuple(weight.shape)
+    rows, cols = weight.shape
+    return (rows, cols) if type(module).__name__ == "Conv1D" else (cols, rows)
 
 
 class Compiled:
@@ -232,8 +237,18 @@ class Compiled:
         return self.apply([{"activate": {"adapters": list(names)}}], verify=False)
 
     def save_adapter(self, name: str, directory: str | Path, format: str = "surgeon") -> None:
-        """Write one adapter as surgeon's safetensors + JSON folder, or (format='peft') PEFT's."""
+        """Write one adapter as surgeon's safetensors + JSON folder, or (format='peft') PEFT's.
+
+        Under FSDP2 (`fully_shard`) each process holds shards: call `.module.unshard()` on every process first
+        (and `.module.reshard()` after); sharded parameters are refused before anything is written."""
         state = self._state(name)
+        dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)   # never imported: none
+        sharded = [f"{path}.{p}" for path, ps in self.adapter_weights(name).items() for p, t in ps.items()
+                   if dtensor is not None and isinstance(t, dtensor)]
+        if sharded:
+            raise SurgeonError(f"save_adapter: adapter '{name}' has parameters sharded by FSDP (fully_shard), e.g. "
+                               f"{sharded[0]}: call compiled.module.unshard() on every process, save_adapter on one, "
+                               "then compiled.module.reshard() (docs/distributed.md)")
         if state.status == "quantized":
             if format == "peft":
                 raise SpecError(f"adapters.{name}", "a quantized adapter has no PEFT format; save it as surgeon's")

@@ -4,14 +4,17 @@
 shards `model-0000i-of-0000n.safetensors` listed by `model.safetensors.index.json`;
 adapter_dir is a surgeon adapter folder (save_adapter, or save_quantized_adapter) or a PEFT
 LoRA folder. The merged weight of module P is `P.weight` + the kind's delta weight, computed
-exactly as the merge pass does: W' = (W.double() + dW.double()).to(W.dtype), so the result
-equals an in-memory merge bit for bit.
+exactly as the merge pass does: the kind's dW, built once in float32 (float64 for a float64
+weight: adapters.merge_dtype), is added to W in that dtype and the sum rounded to W's dtype by
+adapters.merged_weight (one add, no float64 copy of W; bit for bit the earlier rule
+(W.double() + dW.double()).to(W.dtype)), so the result equals an in-memory merge bit for bit.
 
 Guarantees:
-- memory: each tensor is read through its own short-lived safe_open handle (so no mapping of
-  a whole shard stays resident), merged, and written straight into the output file, whose
-  header is computed up front from the input headers; peak memory is a small multiple of the
-  largest tensor (the tensor, its float64 copy, the delta and its float64 copy), never a shard;
+- memory: a merged tensor's bytes are read straight from its shard into one buffer (no mapping of
+  a whole shard stays resident), merged, and written into the output file, whose header is
+  computed up front from the input headers; an untouched tensor is copied file to file by the
+  kernel (copy_file_range), never held in memory. Peak memory is a small multiple of the largest
+  merged tensor (the tensor, the float32 delta, the result), never a shard;
 - layout: the same shard files with the same tensor names, dtypes and shapes, the index file
   and every other top-level file copied byte for byte; untouched tensors are copied bit for bit;
 - safety: inputs are only read; everything is written into a temporary sibling folder that is
@@ -42,6 +45,7 @@ import shutil
 import signal
 import socket
 import struct
+import sys
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -51,14 +55,17 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .adapter_io import LoadedAdapter, _isfinite, _read_json, load_adapter_dir, load_peft_dir
-from .adapters import AdapterKind, kinds
+from .adapters import AdapterKind, kinds, merged_weight
 from .errors import SpecError, SurgeonError
+from .pipeline import all_finite
 from .spec import Spec, _check_option
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
                "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
+FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 @dataclass
@@ -299,15 +306,8 @@ def _misfit(adapter: Adapter, path: str, in_f: int, out_f: int) -> str | None:
 
 # ---------------------------------------------------------------- merging and writing
 
-def _add(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    # the merge pass's rounding, (W.double() + dW.double()).to(W.dtype), with one float64 buffer
-    total = weight.to(torch.float64, copy=True)
-    total += delta
-    return total.to(weight.dtype)
-
-
 def merged_tensor(tensor: torch.Tensor, target: Target, adapter: Adapter) -> torch.Tensor:
-    """The merged value of one checkpoint tensor (same dtype and shape)."""
+    """The merged value of one checkpoint tensor (same dtype and shape, contiguous)."""
     kind, params, options = adapter.kind, adapter.weights[target.path], adapter.options[target.path]
     if target.role == "bias":
         new = kind.bias_map(params, options, tensor.double(), False)
@@ -319,9 +319,11 @@ def merged_tensor(tensor: torch.Tensor, target: Target, adapter: Adapter) -> tor
         fresh = kind.init(options, weight.shape[1], weight.shape[0], weight.dtype,
                           torch.Generator().manual_seed(0), weight)
         base_delta = kind.base_delta(fresh, options, weight)
-        weight = weight if base_delta is None else _add(weight, base_delta)
-    merged = _add(weight, kind.delta_weight(params, options, weight))
-    return (merged.t() if target.transposed else merged).contiguous()
+        weight = weight if base_delta is None else merged_weight(weight, base_delta)
+    delta = kind.delta_weight(params, options, weight)
+    if target.transposed:   # rounded in the stored in x out layout, as the merge pass rounds a Conv1D weight
+        return merged_weight(weight.t(), delta.t())
+    return merged_weight(weight, delta)
 
 
 def _write_shard(src: Path, dst: Path, header: tuple[dict, dict | None], plan: dict[str, Target],
@@ -336,34 +338,125 @@ def _write_shard(src: Path, dst: Path, header: tuple[dict, dict | None], plan: d
         layout["__metadata__"] = metadata
     blob = json.dumps(layout, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)   # the data starts 8-byte aligned
-    with _create(dst) as out:
-        out.write(struct.pack("<Q", len(blob)) + blob)
-        for name in sorted(entries):
-            with safe_open(str(src), framework="pt") as handle:
-                tensor = handle.get_tensor(name)
-            if name in plan:
+    source = os.open(src, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        where = _data_offsets(source, src, entries)
+        out = _create_fd(dst)
+        try:
+            written = _write_all(out, struct.pack("<Q", len(blob)) + blob)
+            for name in sorted(entries):
+                start, end = where[name]
+                if name not in plan:
+                    written += _copy_range(source, out, start, end - start, src)
+                    summary.copied += 1
+                    continue
+                tensor = _read_tensor(source, src, name, start, *entries[name])
                 merged = merged_tensor(tensor, plan[name], adapter)
                 if not allow_nonfinite:
                     _check_finite(name, src, tensor, merged)
-                tensor = merged
-                del merged
                 summary.merged.append(name)
-            else:
-                summary.copied += 1
-            data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
-            start, end = layout[name]["data_offsets"]
-            if data.nbytes != end - start:
-                raise SurgeonError(f"merge-checkpoint: tensor '{name}' came out {data.nbytes} bytes, expected "
-                                   f"{end - start}")
-            out.write(data.data)
-            del tensor, data
-            _release_freed_memory()
-        summary.bytes_written += out.tell()
+                data = merged.contiguous().reshape(-1).view(torch.uint8).numpy()
+                first, last = layout[name]["data_offsets"]
+                if data.nbytes != last - first:
+                    raise SurgeonError(f"merge-checkpoint: tensor '{name}' came out {data.nbytes} bytes, expected "
+                                       f"{last - first}")
+                written += _write_all(out, data)
+                del tensor, merged, data
+                _release_freed_memory()
+        finally:
+            os.close(out)
+        summary.bytes_written += written
+    finally:
+        os.close(source)
+
+
+def _data_offsets(fd: int, path: Path, entries: dict) -> dict[str, tuple[int, int]]:
+    """Tensor name -> (first, last) byte of its data in the file, from the file's own header, each
+    checked against the dtype and shape _read_header found and against the file's size."""
+    size = os.fstat(fd).st_size
+    head = _pread(fd, 8, 0)
+    length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+    what = f"merge-checkpoint: '{path}' is not a readable safetensors file"
+    if not 0 < length <= size - 8:
+        raise SurgeonError(f"{what}: header length {length} in a {size}-byte file")
+    try:
+        table = json.loads(_pread(fd, length, 8))
+    except (ValueError, RecursionError) as error:
+        raise SurgeonError(f"{what}: {error}") from error
+    where = {}
+    for name, (dtype, shape) in entries.items():
+        info = table.get(name) if isinstance(table, dict) else None
+        span = info.get("data_offsets") if isinstance(info, dict) else None
+        first, last = span if isinstance(span, list) and len(span) == 2 else (None, None)
+        if not (isinstance(first, int) and isinstance(last, int) and 0 <= first <= last
+                and last - first == math.prod(shape) * DTYPE_BYTES[dtype] and 8 + length + last <= size):
+            raise SurgeonError(f"{what}: tensor '{name}' has data offsets {span!r}, which do not fit its "
+                               f"{dtype}{shape} in the file")
+        where[name] = (8 + length + first, 8 + length + last)
+    return where
+
+
+def _pread(fd: int, count: int, offset: int) -> bytes:
+    parts = []
+    while count:
+        part = os.pread(fd, min(count, 1 << 30), offset)
+        if not part:
+            break
+        parts.append(part)
+        count -= len(part)
+        offset += len(part)
+    return b"".join(parts)
+
+
+def _read_tensor(fd: int, path: Path, name: str, offset: int, dtype: str, shape: list[int]) -> torch.Tensor:
+    """One tensor's data read from the shard into a new tensor (safetensors stores little-endian)."""
+    if dtype not in FLOAT_DTYPES or sys.byteorder != "little":
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.get_tensor(name)
+    tensor = torch.empty(shape, dtype=FLOAT_DTYPES[dtype])
+    view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise SurgeonError(f"merge-checkpoint: '{path}' ended inside tensor '{name}'")
+        done += got
+    return tensor
+
+
+def _write_all(fd: int, data) -> int:
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.write(fd, view[done:])
+    return done
+
+
+def _copy_range(source: int, out: int, offset: int, count: int, path: Path) -> int:
+    """count bytes of source from offset onto out's end: file to file in the kernel (copy_file_range),
+    or through a 1 MiB buffer where the kernel or file system cannot."""
+    done = 0
+    kernel = getattr(os, "copy_file_range", None)
+    while done < count:
+        got = 0
+        if kernel is not None:
+            try:
+                got = kernel(source, out, count - done, offset + done)
+            except OSError:   # not between these files (another file system, an old kernel): copy by hand
+                kernel = None
+                continue
+        else:
+            part = os.pread(source, min(count - done, 1 << 20), offset + done)
+            got = len(part) and _write_all(out, part)
+        if got <= 0:
+            raise SurgeonError(f"merge-checkpoint: '{path}' ended {count - done} bytes early")
+        done += got
+    return done
 
 
 def _check_finite(name: str, src: Path, base: torch.Tensor, merged: torch.Tensor) -> None:
     """A merged tensor may be NaN or Inf only where the base tensor already is."""
-    if not merged.is_floating_point() or not (bad := ~_isfinite(merged)).any():
+    if not merged.is_floating_point() or all_finite(merged) or not (bad := ~_isfinite(merged)).any():
         return
     count = int((bad & _isfinite(base)).sum())
     if count:
@@ -372,10 +465,13 @@ def _check_finite(name: str, src: Path, base: torch.Tensor, merged: torch.Tensor
                            "check the adapter, or write it anyway with allow_nonfinite=True")
 
 
-def _create(path: Path):
+def _create_fd(path: Path) -> int:
     """A new file for writing: never an existing one, never through a symbolic link."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
-    return os.fdopen(fd, "wb")
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+
+
+def _create(path: Path):
+    return os.fdopen(_create_fd(path), "wb")
 
 
 def _copy_file(src: Path, dst: Path) -> None:

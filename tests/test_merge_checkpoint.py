@@ -174,9 +174,10 @@ def test_peak_memory_is_a_few_tensors_not_the_checkpoint(tmp_path):
     summary = mc.merge_checkpoint(tmp_path / "big" / "base", tmp_path / "big" / "adapter", tmp_path / "big" / "out")
     extra = _status_bytes("VmHWM") - start
     assert len(summary.merged) == count // 2
-    # at most: the tensor, its float64 copy, the LoRA delta with its float64 temporaries, the
-    # output: 8 tensors' worth, plus 4 MiB of slack; the whole checkpoint is 96 tensors
-    assert extra < 8 * tensor_bytes + 4 * 2**20, f"peak grew by {extra / 2**20:.1f} MiB"
+    # at most: the tensor, the LoRA delta (float32) and the merged result: 3 tensors' worth, plus 4 MiB of
+    # slack (the allocator; the 2 MiB float64 piece buffer of a merge into a non-float32 weight); the whole
+    # checkpoint is 96 tensors (measured 3.8; with float64 copies of the tensor and the delta it was 7.9)
+    assert extra < 3 * tensor_bytes + 4 * 2**20, f"peak grew by {extra / 2**20:.1f} MiB"
     assert extra < count * tensor_bytes / 8
 
 

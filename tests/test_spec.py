@@ -42,7 +42,7 @@ CASES = [
     ("rank negative", with_adapter(rank=-2), "adapters[0].rank", "positive"),
     ("rank not an int", with_adapter(rank="8"), "adapters[0].rank", "integer"),
     ("rank float", with_adapter(rank=4.0), "adapters[0].rank", "integer"),
-    ("rank exceeds dims", with_adapter(rank=65), "adapters[0].rank", "exceeds"),
+    ("rank exceeds dims", with_adapter(rank=65, init="pissa"), "adapters[0].rank", "exceeds"),   # PiSSA: r <= min
     ("missing name", with_adapter(name=None), "adapters[0].name", "missing"),
     ("missing targets", with_adapter(targets=None), "adapters[0].targets", "non-empty list"),
     ("duplicate name", {"adapters": good()["adapters"] * 2, "pipeline": ["insert"]}, "adapters[1].name", "duplicate"),

@@ -171,11 +171,63 @@ class EagerBranch(Branch):
 
 
 def input_map(forward_input: Callable, params: dict[str, torch.Tensor], opts: dict, in_features: int,
-              out_features: int = 0) -> torch.Tensor:
-    """The in x in matrix M with forward_input(x) == x @ M, in float64 (run on the identity)."""
-    params = {name: tensor.double() for name, tensor in params.items()}
-    eye = torch.eye(in_features, dtype=torch.float64, device=next(iter(params.values())).device)
+              out_features: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The in x in matrix M with forward_input(x) == x @ M, in `dtype` (run on the identity; a merge
+    passes merge_dtype(weight))."""
+    params = {name: tensor.to(dtype) for name, tensor in params.items()}
+    eye = torch.eye(in_features, dtype=dtype, device=next(iter(params.values())).device)
     return forward_input(EagerBranch((in_features, out_features)), eye, params, opts)
+
+
+def merge_dtype(weight: torch.Tensor | None) -> torch.dtype:
+    """The dtype a kind builds its delta weight in for a merge into `weight`: float64 for a float64
+    weight, float32 for any other (float32 holds a bf16 or fp16 weight exactly, and its rounding of
+    the delta is far below the rounding of W + dW to a bf16 or fp16 weight's dtype); float64 when no
+    weight is given (a delta that does not depend on it, asked for on its own)."""
+    return torch.float64 if weight is None or weight.dtype == torch.float64 else torch.float32
+
+
+# elements per piece of merged_weight's add: a 128 KiB float32 buffer, reused, so the widened weight never
+# exists as a whole (one mixed-dtype torch.add runs ~5x slower than these three passes), and no more than
+# ATen's grain size, so each op runs on the calling thread: no hand-off between threads per piece, which
+# on a busy 2-core machine cost milliseconds each
+MERGE_PIECE = 1 << 15
+
+
+def merged_weight(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """W + dW rounded to W's dtype, as a new contiguous tensor: what the merge pass (adapter_ops.add_delta)
+    and surgeon.merge_checkpoint write, so the two agree bit for bit.
+
+    The sum is computed in the wider of the two dtypes (float32 for a bf16, fp16 or fp32 W and a float32
+    dW; W is exact in it) and rounded to W's dtype once it is formed, a cache-sized piece at a time, so
+    no widened copy of W is ever whole. That is bit for bit (W.double() + dW.double()).to(W.dtype), the
+    rule before float32 deltas, whose float64 copies of W and dW were up to 8x a bf16 weight's size:
+    torch casts float64 to bf16 and fp16 through float32, and rounding the sum of two float32 values to
+    float64 first never changes its float32 rounding (53 >= 2 x 24 + 2).
+    """
+    if tuple(delta.shape) != tuple(weight.shape):
+        raise ValueError(f"a delta of shape {list(delta.shape)} cannot merge into a weight of shape "
+                         f"{list(weight.shape)}")
+    weight, delta = weight.detach(), delta.detach().to(weight.device)
+    if weight.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):   # float8: no add
+        return (weight.double() + delta.double()).to(weight.dtype).contiguous()
+    out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    wide = torch.promote_types(weight.dtype, delta.dtype)
+    if wide == weight.dtype == delta.dtype or weight.device.type != "cpu" or weight.numel() <= MERGE_PIECE:
+        torch.add(weight, delta, out=out)   # one op: no temporary, or too small to matter
+        return out
+    target = out
+    if weight.is_contiguous() and delta.is_contiguous():   # flat pieces
+        weight, delta, target = weight.reshape(-1), delta.reshape(-1), out.view(-1)
+    step = max(1, MERGE_PIECE // max(1, weight[0].numel()))   # else whole rows of the first dimension
+    buffer = torch.empty((min(step, weight.shape[0]), *weight.shape[1:]), dtype=wide, device=weight.device)
+    for start in range(0, weight.shape[0], step):
+        rows = min(step, weight.shape[0] - start)
+        piece = buffer[:rows]
+        piece.copy_(weight[start:start + rows])   # exact: W widens without rounding
+        piece.add_(delta[start:start + rows])     # the sum, rounded to the wide dtype
+        target[start:start + rows].copy_(piece)   # ... and to W's
+    return out
 
 
 ParamDict = dict[str, torch.Tensor]
@@ -188,9 +240,12 @@ class AdapterKind:
     init(opts, in_features, out_features, dtype, generator, weight) -> parameters
     forward(branch, x, y, params, opts) -> adapted output; forward_input(branch, x, params, opts)
         -> adapted input; at least one of the two is given
-    delta_weight(params, opts, weight) -> W' - W for the merge (weight: the base weight it lands on)
-    undo_delta(params, opts, merged_weight) -> W - W' for unmerge; when None, the delta does not
-        depend on the weight and unmerge subtracts delta_weight
+    delta_weight(params, opts, weight) -> W' - W for the merge (weight: the base weight it lands on),
+        built once in merge_dtype(weight): float32, or float64 for a float64 weight (never a float64
+        copy of a bf16/fp16/fp32 weight); the merge adds it with merged_weight (one rounding to the
+        weight's dtype). It may be a parameter itself (delta's D): callers never write into it
+    undo_delta(params, opts, merged_weight) -> W - W' for unmerge, in merge_dtype(merged_weight) too;
+        when None, the delta does not depend on the weight and unmerge subtracts delta_weight
     bias_map(params, opts, bias, undo) -> the bias after the merge (undo: before it, from the merged
         one), given and returned in float64, for kinds that transform the base output (IA3's output
         scale: l b; RoAd's rotation: R b); None for no change
@@ -214,10 +269,18 @@ class AdapterKind:
     conv_groups(opts, groups) -> why this kind cannot attach to a conv with `groups` > 1 ("" when
         it can); None refuses every grouped conv. A kind that takes them sees in_features as all
         input channels times the kernel and reads `branch.conv_groups` (LoRA's grouped 1x1 B)
+    rank_limit(opts, in_features, out_features) -> (the largest rank a site of these sizes takes,
+        the rule as words for the error) or None where the kind takes any rank; read before capture
+        from the module's weight, so a spec whose rank cannot fit is refused with the rule (default:
+        min(in, out), a rank-r factorization's own limit; PEFT's limits where it has the kind)
     param_refusal(opts) -> why these options cannot adapt a 3-D parameter site ("param" in
         site_ops: fused MoE experts, E x out x in), "" when they can. On such a site the forward
         gets x=None and y = the weight's get_attr node, returns the weight to use in its place
         (W + delta: every op that reads the weight sees it), and the delta is E x out x in
+    rotation(params, opts, weight) -> the merge as a rotation of the input, rotations.Rotation(R, s)
+        with W' = diag(s) W R (R orthogonal, float64), or a string saying why it is none (a reflection,
+        det -1, has no real logarithm); None for kinds that are no rotation. `combine`'s orthomerge
+        merges these in the Lie algebra and splits every other kind by Procrustes
     """
 
     name: str
@@ -240,6 +303,9 @@ class AdapterKind:
     site_ops: tuple[str, ...] = ("linear", "addmm")   # the base ops it attaches to (rules.SIGNATURES names)
     conv_groups: Callable[[dict, int], str] | None = None
     param_refusal: Callable[[dict], str] | None = None
+    rank_limit: Callable[[dict, int, int], tuple[int, str] | None] = \
+        lambda opts, fan_in, fan_out: (min(fan_in, fan_out), "min(in, out)")
+    rotation: Callable[[ParamDict, dict, torch.Tensor], Any] | None = None
 
     def refusal(self, opts: dict) -> str:
         """Why an adapter of this kind with these options cannot be merged; "" when it can."""
@@ -250,11 +316,13 @@ class AdapterKind:
 
 def kinds() -> dict[str, AdapterKind]:
     """The adapter kinds by spec `type` name (an explicit table; nothing registers at import)."""
-    from . import (boft, bottleneck, delta, dora, ether, fourierft, hira, hra, hydra, ia3, loha, lokr, lora, lora_xs,
-                   lori, miss, oft, parallel_adapter, prefix, randlora, road, rosa, s2ft, shira, vera)
+    from . import (boft, bottleneck, c3a, delora, delta, dora, ether, fourierft, gralora, hira, hra, hydra, ia3, loha,
+                   lokr, lora, lora_xs, lori, miss, oft, parallel_adapter, prefix, pvera, randlora, road, rosa, s2ft,
+                   shira, vera)
 
     table = [lora.LORA, delta.DELTA, dora.DORA, ia3.IA3, loha.LOHA, lokr.LOKR, vera.VERA, lora_xs.LORA_XS,
              oft.OFT, boft.BOFT, hra.HRA, shira.SHIRA, parallel_adapter.PARALLEL_ADAPTER, bottleneck.BOTTLENECK,
              hydra.HYDRA, s2ft.S2FT, prefix.PREFIX, ether.ETHER, ether.ETHER_PLUS, rosa.ROSA, lori.LORI, road.ROAD,
-             fourierft.FOURIERFT, hira.HIRA, miss.MISS, randlora.RANDLORA]
+             fourierft.FOURIERFT, hira.HIRA, miss.MISS, randlora.RANDLORA,
+             delora.DELORA, gralora.GRALORA, c3a.C3A, pvera.PVERA]
     return {kind.name: kind for kind in table}

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from . import AdapterKind, Option, aten, input_map
-from .rotations import cayley, rotate_blocks
+from . import AdapterKind, Option, aten, input_map, merge_dtype
+from .rotations import Rotation, cayley, rotate_blocks
 
 
 def _layout(opts: dict, in_features: int) -> tuple[int, int, int]:
@@ -64,13 +64,19 @@ def _forward(branch, x, y, params, opts):
 
 
 def _merged(params, opts, weight, inverse: bool):
-    weight = weight.double()
+    dtype = merge_dtype(weight)
+    weight = weight.to(dtype)
     out_features, in_features = weight.shape
-    rotation_t = input_map(_forward_input, params, opts, in_features).T
-    scale = params["boft_s"].double()[:, None]
+    rotation_t = input_map(_forward_input, params, opts, in_features, dtype=dtype).T
+    scale = params["boft_s"].to(dtype)[:, None]
     if inverse:
-        return (weight / scale) @ torch.linalg.inv(rotation_t) - weight
-    return scale * (weight @ rotation_t) - weight
+        return ((weight / scale) @ torch.linalg.inv(rotation_t)).sub_(weight)
+    return (weight @ rotation_t).mul_(scale).sub_(weight)
+
+
+def _rotation(params, opts, weight):
+    """W' = diag(s) W R with R = M^T, M the input map."""
+    return Rotation(input_map(_forward_input, params, opts, weight.shape[1]).T, params["boft_s"].double())
 
 
 def _count(opts, fan_in, fan_out):
@@ -87,4 +93,5 @@ BOFT = AdapterKind(
     delta_weight=lambda params, opts, weight: _merged(params, opts, weight, inverse=False),
     undo_delta=lambda params, opts, merged: _merged(params, opts, merged, inverse=True),
     param_count=_count,
+    rotation=_rotation,
 )

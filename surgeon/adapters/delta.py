@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import AdapterKind
+from . import AdapterKind, merge_dtype
 
 
 def _init(opts: dict, in_features: int, out_features: int, dtype: torch.dtype, gen: torch.Generator,
@@ -23,8 +23,8 @@ def _forward(branch, x, y, params, opts):
 
 
 def _delta_weight(params, opts, weight=None):
-    # D in float64, as the merge adds it to the base weight (D does not depend on W)
-    return params["delta"].double()
+    # D in merge_dtype(weight), as the merge adds it to the base weight (D does not depend on W)
+    return params["delta"].to(merge_dtype(weight))
 
 
 DELTA = AdapterKind(

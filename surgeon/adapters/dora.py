@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..modes import dora_base
-from . import AdapterKind, Option, aten
+from . import AdapterKind, Option, aten, merge_dtype
 from .lora import LORA_OPTIONS, lora_delta, lora_init, lora_scale
 
 
@@ -55,9 +55,11 @@ def _forward(branch, x, y, params, opts):
 
 
 def _delta(params, opts, weight):
-    updated = weight.double() + lora_delta(params, opts)
-    gain = params["lora_magnitude"].double() / torch.linalg.vector_norm(updated, 2, dim=1)
-    return gain[:, None] * updated - weight.double()
+    """m / ||W + s B A||_row (W + s B A) - W, in merge_dtype(weight)."""
+    dtype = merge_dtype(weight)
+    updated = lora_delta(params, opts, weight).add_(weight)
+    gain = params["lora_magnitude"].to(dtype) / torch.linalg.vector_norm(updated, 2, dim=1)
+    return updated.mul_(gain[:, None]).sub_(weight)
 
 
 DORA = AdapterKind(
@@ -68,4 +70,5 @@ DORA = AdapterKind(
     delta_weight=_delta,
     param_count=lambda opts, fan_in, fan_out: opts["rank"] * (fan_in + fan_out) + fan_out,
     refuse_unmerge="a merged DoRA weight no longer holds the row norms of W + s B A needed to undo it",
+    rank_limit=lambda opts, fan_in, fan_out: None,   # PEFT takes any rank
 )

@@ -16,13 +16,14 @@ rounding ("close"). H+ is not orthogonal and can be singular (u orthogonal to v)
 ETHER+ merge cannot be undone: unmerge is refused.
 
 Each H is symmetric, so x -> H~+ x on the input is x @ H~+ in row form. Merges are exact:
-W' is built in float64 from the same reflections. Linear and GPT-2 Conv1D sites.
+W' is built from the same reflections, in float32 (float64 for a float64 weight: merge_dtype). Linear and
+GPT-2 Conv1D sites.
 """
 from __future__ import annotations
 
 import torch
 
-from . import AdapterKind, EagerBranch, Option, aten, input_map
+from . import AdapterKind, EagerBranch, Option, aten, input_map, merge_dtype
 from .lora import kaiming_uniform
 
 
@@ -71,30 +72,34 @@ def _init(opts, in_features, out_features, dtype, gen, weight, plus: bool):
             "ether_u_in": u_in.to(dtype), "ether_v_in": u_in.clone().to(dtype)}
 
 
-def _output_matrix(params, opts, out_features: int) -> torch.Tensor:
-    """H (out x out, float64): H is symmetric, so reflecting the rows of I gives H itself."""
-    eye = torch.eye(out_features, dtype=torch.float64, device=params["ether_u"].device)
-    v = params["ether_v"].double() if "ether_v" in params else None
-    return _reflect(EagerBranch((out_features, out_features)), eye, params["ether_u"].double(), v, opts["blocks"],
+def _output_matrix(params, opts, out_features: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """H (out x out, in `dtype`): H is symmetric, so reflecting the rows of I gives H itself."""
+    eye = torch.eye(out_features, dtype=dtype, device=params["ether_u"].device)
+    v = params["ether_v"].to(dtype) if "ether_v" in params else None
+    return _reflect(EagerBranch((out_features, out_features)), eye, params["ether_u"].to(dtype), v, opts["blocks"],
                     out_features)
 
 
-def _merged(params, opts, weight):
-    """H W H~ in float64 (H~ = I for ETHER)."""
-    weight = weight.double()
-    merged = _output_matrix(params, opts, weight.shape[0]) @ weight
+def _delta(params, opts, weight):
+    """H W H~ - W in merge_dtype(weight) (H~ = I for ETHER)."""
+    dtype = merge_dtype(weight)
+    weight = weight.to(dtype)
+    merged = _output_matrix(params, opts, weight.shape[0], dtype) @ weight
     if "ether_u_in" in params:
-        merged = merged @ input_map(_forward_input, params, opts, weight.shape[1]).T
-    return merged
+        merged = merged @ input_map(_forward_input, params, opts, weight.shape[1], dtype=dtype).T
+    return merged.sub_(weight)
 
 
 def _undo(params, opts, merged):
     """W - W' for unmerge: H is its own inverse, so W = H W'."""
-    merged = merged.double()
-    return _output_matrix(params, opts, merged.shape[0]) @ merged - merged
+    dtype = merge_dtype(merged)
+    merged = merged.to(dtype)
+    return (_output_matrix(params, opts, merged.shape[0], dtype) @ merged).sub_(merged)
 
 
 OPTIONS = {"blocks": Option(int, 1, positive=True)}
+NO_LOGARITHM = ("H = blockdiag(I - 2 u u^T / |u|^2) reflects the output rows: each block has det -1, so H has no "
+                "real principal logarithm to merge in")
 
 
 ETHER = AdapterKind(
@@ -102,10 +107,11 @@ ETHER = AdapterKind(
     options=OPTIONS,
     init=lambda *args: _init(*args, plus=False),
     forward=_forward,
-    delta_weight=lambda params, opts, weight: _merged(params, opts, weight) - weight.double(),
+    delta_weight=_delta,
     undo_delta=_undo,
     param_count=lambda opts, fan_in, fan_out: fan_out,
     init_check=lambda opts: "none",
+    rotation=lambda params, opts, weight: NO_LOGARITHM,
 )
 
 ETHER_PLUS = AdapterKind(
@@ -114,7 +120,7 @@ ETHER_PLUS = AdapterKind(
     init=lambda *args: _init(*args, plus=True),
     forward=_forward,
     forward_input=_forward_input,
-    delta_weight=lambda params, opts, weight: _merged(params, opts, weight) - weight.double(),
+    delta_weight=_delta,
     refuse_unmerge="ETHER+'s H+ = I - P_u + P_v is not orthogonal and can be singular: the base weight cannot be "
                    "recovered from the merged one",
     param_count=lambda opts, fan_in, fan_out: 2 * (fan_in + fan_out),

@@ -15,8 +15,8 @@ with one GEMM: y + x dW^T. The spectrum starts at zero (`init: zeros`, PEFT's in
 so dW = 0 and insertion is exact; `init: normal` (PEFT's default init_weights=False) draws it from
 N(0, 1) and changes the function. A site costs n parameters (n <= out * in).
 
-Merge identity: W x + dW x == (W + dW) x; the merge computes dW in float64. Linear and GPT-2
-Conv1D sites (dW is out x in on both, as in PEFT).
+Merge identity: W x + dW x == (W + dW) x; the merge computes dW in float32 (float64 for a float64
+weight: merge_dtype). Linear and GPT-2 Conv1D sites (dW is out x in on both, as in PEFT).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import functools
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
-from . import AdapterKind, Option
+from . import AdapterKind, Option, merge_dtype
 
 
 @functools.lru_cache(maxsize=256)
@@ -68,13 +68,13 @@ def _forward(branch, x, y, params, opts):
 
 
 def _delta(params, opts, weight):
-    """dW in float64, the shape of `weight` (out x in)."""
+    """dW in merge_dtype(weight), the shape of `weight` (out x in)."""
     rows, cols = weight.shape
-    spectrum = params["fourierft_spectrum"].double()
+    spectrum = params["fourierft_spectrum"].to(merge_dtype(weight))
     rows_at, cols_at = support(opts["frequency_seed"], spectrum.shape[0], rows, cols, spectrum.device)
-    dense = torch.zeros(rows, cols, dtype=torch.float64, device=spectrum.device)
+    dense = torch.zeros(rows, cols, dtype=spectrum.dtype, device=spectrum.device)
     dense[rows_at, cols_at] = spectrum
-    return torch.fft.ifft2(dense).real * opts["scaling"]
+    return torch.fft.ifft2(dense).real.mul_(opts["scaling"])
 
 
 FOURIERFT = AdapterKind(

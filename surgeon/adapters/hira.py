@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from . import AdapterKind, Option
+from . import AdapterKind, Option, merge_dtype
 from .lora import kaiming_uniform
 
 
@@ -41,23 +41,24 @@ def _forward(branch, x, y, params, opts):
     return branch.add(y, branch.linear(branch.dropout(x, opts.get("dropout", 0.0)), update))
 
 
-def _product(params) -> torch.Tensor:
-    return params["hira_B"].double() @ params["hira_A"].double()
+def _product(params, dtype: torch.dtype) -> torch.Tensor:
+    return params["hira_B"].to(dtype) @ params["hira_A"].to(dtype)
 
 
 def _delta(params, opts, weight):
-    """W ⊙ B A in float64."""
-    return weight.double() * _product(params).to(weight.device)
+    """W ⊙ B A in merge_dtype(weight)."""
+    return _product(params, merge_dtype(weight)).to(weight.device).mul_(weight)
 
 
 def _undo(params, opts, merged):
     """W' / (1 + BA) - W'."""
-    factor = 1.0 + _product(params).to(merged.device)
+    dtype = merge_dtype(merged)
+    factor = _product(params, dtype).to(merged.device).add_(1.0)
     if not bool((factor != 0).all()):
         raise ValueError("hira: an entry of 1 + B A is 0, so that entry of the base weight was zeroed by the merge "
                          "and cannot be recovered from the merged weight")
-    merged = merged.double()
-    return merged / factor - merged
+    merged = merged.to(dtype)
+    return (merged / factor).sub_(merged)
 
 
 HIRA = AdapterKind(
@@ -71,4 +72,5 @@ HIRA = AdapterKind(
     undo_delta=_undo,
     param_count=lambda opts, fan_in, fan_out: opts["rank"] * (fan_in + fan_out),
     init_check=lambda opts: "none" if opts["init"] == "random" else "exact",
+    rank_limit=lambda opts, fan_in, fan_out: None,   # PEFT takes any rank: W ⊙ B A has W's shape
 )

@@ -14,8 +14,9 @@ import operator
 
 import torch
 
-from . import AdapterKind, Option, aten, input_map
+from . import AdapterKind, Option, aten, input_map, merge_dtype
 from .lora import kaiming_uniform
+from .rotations import Rotation
 
 
 def _init(opts, in_features, out_features, dtype, gen, weight):
@@ -41,9 +42,21 @@ def _forward_input(branch, x, params, opts):
 
 
 def _merged(params, opts, weight, inverse: bool):
-    weight = weight.double()
-    reflect_t = input_map(_forward_input, params, opts, weight.shape[1])   # H^T
-    return weight @ (reflect_t if inverse else reflect_t.T) - weight
+    dtype = merge_dtype(weight)
+    weight = weight.to(dtype)
+    reflect_t = input_map(_forward_input, params, opts, weight.shape[1], dtype=dtype)   # H^T
+    return (weight @ (reflect_t if inverse else reflect_t.T)).sub_(weight)
+
+
+def _rotation(params, opts, weight):
+    """W' = W H; H is a rotation only for an even number of reflections, and never with apply_GS."""
+    if opts["apply_GS"]:
+        return ("apply_GS: H = I - 2 Q Q^T reflects a whole subspace (eigenvalue -1, multiplicity rank), so it has "
+                "no principal logarithm")
+    if opts["rank"] % 2:
+        return (f"rank {opts['rank']} is odd: H is a product of {opts['rank']} reflections, det -1, which has no "
+                "real logarithm")
+    return Rotation(input_map(_forward_input, params, opts, weight.shape[1]).T)
 
 
 HRA = AdapterKind(
@@ -56,4 +69,6 @@ HRA = AdapterKind(
     undo_delta=lambda params, opts, merged: _merged(params, opts, merged, inverse=True),
     param_count=lambda opts, fan_in, fan_out: fan_in * opts["rank"],
     init_check=lambda opts: "none" if opts["rank"] % 2 or opts["apply_GS"] else "close",
+    rotation=_rotation,
+    rank_limit=lambda opts, fan_in, fan_out: None,   # PEFT takes any number of reflections
 )

@@ -9,13 +9,14 @@ Both A start kaiming-uniform and both B at zero, so insertion adds exactly zero 
 A site costs rank * (in + out) + 2 * rank * out parameters.
 
 Merge identity: W x + s B1 A1 x + s B2 A2 W x == (W + s B1 A1 + s B2 A2 W) x, exact (the bias
-is unchanged); unmerge solves W = (I + s B2 A2)^-1 (W' - s B1 A1) in float64.
+is unchanged); unmerge solves W = (I + s B2 A2)^-1 (W' - s B1 A1), in float32 (float64 for a
+float64 weight: merge_dtype).
 """
 from __future__ import annotations
 
 import torch
 
-from . import AdapterKind, Option, aten
+from . import AdapterKind, Option, aten, merge_dtype
 from .lora import kaiming_uniform
 
 
@@ -39,21 +40,24 @@ def _forward(branch, x, y, params, opts):
     return branch.add(y, branch.add(parallel, sequential), alpha=_scale(opts))
 
 
-def _factors(params, opts) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s B1 A1, s B2 A2) in float64."""
-    p = {name: t.double() for name, t in params.items()}
-    return _scale(opts) * (p["hydra_B1"] @ p["hydra_A1"]), _scale(opts) * (p["hydra_B2"] @ p["hydra_A2"])
+def _factors(params, opts, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s B1 A1, s B2 A2) in `dtype`."""
+    p = {name: t.to(dtype) for name, t in params.items()}
+    return (p["hydra_B1"] @ p["hydra_A1"]).mul_(_scale(opts)), (p["hydra_B2"] @ p["hydra_A2"]).mul_(_scale(opts))
 
 
 def _delta(params, opts, weight):
-    parallel, sequential = _factors(params, opts)
-    return parallel + sequential @ weight.double()
+    dtype = merge_dtype(weight)
+    parallel, sequential = _factors(params, opts, dtype)
+    return parallel.add_(sequential @ weight.to(dtype))
 
 
 def _undo(params, opts, merged):
-    parallel, sequential = _factors(params, opts)
-    mix = torch.eye(sequential.shape[0], dtype=torch.float64, device=sequential.device) + sequential
-    return torch.linalg.solve(mix, merged.double() - parallel) - merged.double()
+    dtype = merge_dtype(merged)
+    parallel, sequential = _factors(params, opts, dtype)
+    mix = torch.eye(sequential.shape[0], dtype=dtype, device=sequential.device) + sequential
+    merged = merged.to(dtype)
+    return torch.linalg.solve(mix, merged - parallel).sub_(merged)
 
 
 HYDRA = AdapterKind(

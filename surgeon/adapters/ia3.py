@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from . import AdapterKind, Option
+from . import AdapterKind, Option, merge_dtype
 
 
 def _init(opts, in_features, out_features, dtype, gen, weight):
@@ -39,10 +39,9 @@ def _forward_input(branch, x, params, opts):
 
 
 def _scaled(params, opts, weight, power: int) -> torch.Tensor:
-    """weight * l**power along the scaled axis, minus weight, in float64."""
-    scale = params["ia3_l"].double() ** power
-    weight = weight.double()
-    return (scale[:, None] * weight if opts["on"] == "output" else weight * scale[None, :]) - weight
+    """weight * l**power along the scaled axis, minus weight, in merge_dtype(weight)."""
+    scale = params["ia3_l"].to(merge_dtype(weight)) ** power
+    return torch.mul(weight, scale[:, None] if opts["on"] == "output" else scale[None, :]).sub_(weight)
 
 
 IA3 = AdapterKind(

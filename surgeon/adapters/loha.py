@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from . import AdapterKind, Option, aten
+from . import AdapterKind, Option, aten, merge_dtype
 from .lora import kaiming_uniform
 
 
@@ -58,8 +58,8 @@ def _forward(branch, x, y, params, opts):
 
 
 def _delta(params, opts, weight=None):
-    p = {name: t.double() for name, t in params.items()}
-    return loha_scale(opts) * (p["hada_w1_a"] @ p["hada_w1_b"]) * (p["hada_w2_a"] @ p["hada_w2_b"])
+    p = {name: t.to(merge_dtype(weight)) for name, t in params.items()}
+    return (p["hada_w1_a"] @ p["hada_w1_b"]).mul_(loha_scale(opts)).mul_(p["hada_w2_a"] @ p["hada_w2_b"])
 
 
 LOHA = AdapterKind(
@@ -70,4 +70,5 @@ LOHA = AdapterKind(
     delta_weight=_delta,
     param_count=lambda opts, fan_in, fan_out: 2 * opts["rank"] * (fan_in + fan_out),
     site_ops=("linear", "addmm", "conv2d"),
+    rank_limit=lambda opts, fan_in, fan_out: None,   # PEFT takes any rank
 )

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from . import AdapterKind, Option, aten
+from . import AdapterKind, Option, aten, merge_dtype
 from .lora import kaiming_uniform
 
 
@@ -95,8 +95,8 @@ def _kron_apply(branch, x, params, opts):
 
 
 def _delta(params, opts, weight=None):
-    p = {name: t.double() for name, t in params.items()}
-    return _scale(opts) * torch.kron(_factor(p, "w1", torch.mm), _factor(p, "w2", torch.mm))
+    p = {name: t.to(merge_dtype(weight)) for name, t in params.items()}
+    return torch.kron(_factor(p, "w1", torch.mm), _factor(p, "w2", torch.mm)).mul_(_scale(opts))
 
 
 LOKR = AdapterKind(
@@ -109,4 +109,5 @@ LOKR = AdapterKind(
     delta_weight=_delta,
     param_count=lambda opts, fan_in, fan_out: sum(a * b for a, b in lokr_shapes(opts, fan_in, fan_out).values()),
     site_ops=("linear", "addmm", "conv2d"),
+    rank_limit=lambda opts, fan_in, fan_out: None,   # PEFT takes any rank (a large one keeps full factors)
 )

@@ -57,7 +57,7 @@ import torch
 from ..errors import SpecError
 from ..graph import get_tensor
 from ..rules import CONV_OPS, Pattern, find
-from . import AdapterKind, EagerBranch, Option
+from . import AdapterKind, EagerBranch, Option, merge_dtype
 
 aten = torch.ops.aten
 
@@ -135,14 +135,15 @@ def _forward(branch, x, y, params, opts):
 
 
 def lora_delta(params, opts, weight=None):
-    """s * B @ A in float64 (the merge adds it to the base weight); on a grouped conv, the dense
-    out x (in * prod(kernel)) map of the branch, with B spread block-diagonally."""
+    """(s B) @ A in merge_dtype(weight) (the merge adds it to the base weight); on a grouped conv, the
+    dense out x (in * prod(kernel)) map of the branch, with B spread block-diagonally."""
+    dtype = merge_dtype(weight)
     if "experts" in opts:
-        A, B = params["lora_A"].double(), params["lora_B"].double()
-        return lora_scale(opts) * expert_product(EagerBranch((A.shape[1], B.shape[0])), A, B, opts["experts"],
-                                                 opts.get("transposed"))
-    B = _spread(params["lora_B"].double(), opts.get("groups", 1))
-    return lora_scale(opts) * (B @ params["lora_A"].double())
+        A, B = params["lora_A"].to(dtype), params["lora_B"].to(dtype)
+        return expert_product(EagerBranch((A.shape[1], B.shape[0])), A, B, opts["experts"],
+                              opts.get("transposed")).mul_(lora_scale(opts))
+    B = _spread(params["lora_B"].to(dtype) * lora_scale(opts), opts.get("groups", 1))   # s on the small factor:
+    return B @ params["lora_A"].to(dtype)                                                # no pass over s B A
 
 
 def expert_product(branch, A, B, experts: int, transposed: bool = False):
@@ -230,7 +231,7 @@ def _bias_map(params, opts, bias, undo):
 def _pissa_base(init_params, opts, weight):
     # W_res = W - s B0 A0: the residual the adapter's principal (PiSSA) or QR (OLoRA) part is taken out of;
     # the orthogonal init's B0 A0 is 0 up to rounding, and PEFT leaves W alone for it
-    return -lora_delta(init_params, opts) if opts["init"] in ("pissa", "olora") else None
+    return lora_delta(init_params, opts, weight).neg_() if opts["init"] in ("pissa", "olora") else None
 
 
 def _param_refusal(opts):
@@ -272,4 +273,7 @@ LORA = AdapterKind(
               "param"),
     conv_groups=_conv_groups,
     param_refusal=_param_refusal,
+    # PEFT takes any rank; PiSSA and OLoRA keep the top-r singular / QR part of W, which has min(in, out)
+    rank_limit=lambda opts, fan_in, fan_out: (min(fan_in, fan_out), "min(in, out) with init pissa / olora")
+    if opts.get("init") in ("pissa", "olora") else None,
 )

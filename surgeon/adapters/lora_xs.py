@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import AdapterKind, Option
+from . import AdapterKind, Option, merge_dtype
 
 
 def _scale(opts: dict) -> float:
@@ -32,8 +32,8 @@ def _forward(branch, x, y, params, opts):
 
 
 def _delta(params, opts, weight=None):
-    p = {name: t.double() for name, t in params.items()}
-    return _scale(opts) * (p["lora_B"] @ p["lora_R"] @ p["lora_A"])
+    p = {name: t.to(merge_dtype(weight)) for name, t in params.items()}
+    return (p["lora_B"] @ p["lora_R"] @ p["lora_A"]).mul_(_scale(opts))
 
 
 LORA_XS = AdapterKind(

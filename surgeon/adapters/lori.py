@@ -14,14 +14,14 @@ parameters (requires_grad holds exactly these; A and the indices take no gradien
 
 The values start at zero, so B = 0 and insertion is the identity bit for bit. Forward: A x
 (r values per position), then the dense B built in the graph (new_zeros + index_put, out x r),
-then one small GEMM. Merge identity: W x + s B A x == (W + s B A) x, exact (built in float64);
+then one small GEMM. Merge identity: W x + s B A x == (W + s B A) x, exact (built in merge_dtype);
 unmerge subtracts the same.
 """
 from __future__ import annotations
 
 import torch
 
-from . import AdapterKind, Option
+from . import AdapterKind, Option, merge_dtype
 from .lora import kaiming_uniform, lora_scale
 from .rosa import support_size
 from .shira import dense, pick_support, scatter
@@ -43,9 +43,10 @@ def _forward(branch, x, y, params, opts):
 
 
 def _delta(params, opts, weight):
-    """s B A in float64, out x in."""
-    B = dense(params["lori_values"], params["lori_indices"], (weight.shape[0], opts["rank"]))
-    return lora_scale(opts) * (B @ params["lori_A"].double())
+    """s B A in merge_dtype(weight), out x in."""
+    dtype = merge_dtype(weight)
+    B = dense(params["lori_values"], params["lori_indices"], (weight.shape[0], opts["rank"]), dtype)
+    return (B @ params["lori_A"].to(dtype)).mul_(lora_scale(opts))
 
 
 LORI = AdapterKind(

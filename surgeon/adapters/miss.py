@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from . import AdapterKind, EagerBranch, Option, aten
+from . import AdapterKind, EagerBranch, Option, aten, merge_dtype
 from .lora import kaiming_uniform
 
 MODES = ("balance", "bat", "mini")
@@ -87,19 +87,21 @@ def _forward(branch, x, y, params, opts):
     return branch.add(y, branch.linear(summed, branch.op(aten.t.default, block)))
 
 
-def _full_block(params, opts, out_features: int) -> torch.Tensor:
-    """The r x out block of balance / mini (mini's repeated along the outputs), float64."""
-    block = params["miss_block"].double()
+def _full_block(params, opts, out_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """The r x out block of balance / mini (mini's repeated along the outputs), in `dtype`."""
+    block = params["miss_block"].to(dtype)
     return block.repeat(1, out_features // opts["mini_rank"]) if opts["mode"] == "mini" else block
 
 
 def _delta(params, opts, weight):
+    """dW in merge_dtype(weight)."""
     out_features, in_features = weight.shape
+    dtype = merge_dtype(weight)
     if opts["mode"] == "bat":
-        return _bat_update(EagerBranch((in_features, out_features)), weight.double(),
-                           params["miss_block"].double().to(weight.device), opts["rank"])
+        return _bat_update(EagerBranch((in_features, out_features)), weight.to(dtype),
+                           params["miss_block"].to(dtype).to(weight.device), opts["rank"])
     rows = torch.arange(in_features, device=weight.device) % opts["rank"]
-    return _full_block(params, opts, out_features).to(weight.device)[rows].T
+    return _full_block(params, opts, out_features, dtype).to(weight.device)[rows].T
 
 
 def _undo(params, opts, merged):
@@ -107,15 +109,17 @@ def _undo(params, opts, merged):
     if opts["mode"] != "bat":
         return -_delta(params, opts, merged)
     out_features, in_features = merged.shape
-    block = params["miss_block"].double().to(merged.device)
+    dtype = merge_dtype(merged)
+    block = params["miss_block"].to(dtype).to(merged.device)
     rank = block.shape[-1]
-    eye = torch.eye(rank, dtype=torch.float64, device=merged.device)
+    eye = torch.eye(rank, dtype=dtype, device=merged.device)
     if not bool((torch.linalg.det(eye + block) != 0).all()):
         raise ValueError("miss: an I + D tile of mode bat is singular, so the base weight cannot be recovered from "
                          "the merged one")
-    tiles = merged.double().view(out_features // rank, rank, in_features // rank, rank).permute(0, 2, 1, 3)
+    merged = merged.to(dtype)
+    tiles = merged.view(out_features // rank, rank, in_features // rank, rank).permute(0, 2, 1, 3)
     base = torch.linalg.solve((eye + block)[:, None], tiles - block[:, None], left=False)   # (W' - D)(I + D)^-1
-    return base.permute(0, 2, 1, 3).reshape(out_features, in_features) - merged.double()
+    return base.permute(0, 2, 1, 3).reshape(out_features, in_features) - merged
 
 
 def _count(opts, fan_in, fan_out) -> int:
@@ -133,4 +137,7 @@ MISS = AdapterKind(
     undo_delta=_undo,
     param_count=_count,
     init_check=lambda opts: "none" if opts["init"] == "random" else "exact",
+    # PEFT: r <= in_features; mode bat tiles W with r x r blocks, so r also divides out
+    rank_limit=lambda opts, fan_in, fan_out: (min(fan_in, fan_out), "min(in, out) in mode bat")
+    if opts.get("mode") == "bat" else (fan_in, "in"),
 )

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from . import AdapterKind, Option, aten, input_map
-from .rotations import cayley, cayley_neumann, rotate_blocks, skew_from_upper
+from . import AdapterKind, Option, aten, input_map, merge_dtype
+from .rotations import Rotation, cayley, cayley_neumann, rotate_blocks, skew_from_upper
 
 
 def _blocks(opts: dict, in_features: int) -> tuple[int, int]:
@@ -41,13 +41,24 @@ def _forward_input(branch, x, params, opts):
 
 
 def _delta(params, opts, weight):
-    weight = weight.double()
-    return weight @ input_map(_forward_input, params, opts, weight.shape[1]).T - weight
+    dtype = merge_dtype(weight)
+    weight = weight.to(dtype)
+    return (weight @ input_map(_forward_input, params, opts, weight.shape[1], dtype=dtype).T).sub_(weight)
 
 
 def _undo(params, opts, merged):
-    merged = merged.double()
-    return merged @ torch.linalg.inv(input_map(_forward_input, params, opts, merged.shape[1]).T) - merged
+    dtype = merge_dtype(merged)
+    merged = merged.to(dtype)
+    rotation = input_map(_forward_input, params, opts, merged.shape[1], dtype=dtype).T
+    return (merged @ torch.linalg.inv(rotation)).sub_(merged)
+
+
+def _rotation(params, opts, weight):
+    """W' = W R with R = M^T, M the input map; the Neumann series is no rotation."""
+    if opts["use_cayley_neumann"]:
+        return ("use_cayley_neumann: PEFT's truncated Neumann series is not exactly orthogonal, so it has no "
+                "logarithm in the orthogonal group")
+    return Rotation(input_map(_forward_input, params, opts, weight.shape[1]).T)
 
 
 def _count(opts, fan_in, fan_out):
@@ -65,4 +76,5 @@ OFT = AdapterKind(
     delta_weight=_delta,
     undo_delta=_undo,
     param_count=_count,
+    rotation=_rotation,
 )

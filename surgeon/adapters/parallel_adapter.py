@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import SpecError
-from . import AdapterKind, Option, aten
+from . import AdapterKind, Option, aten, merge_dtype
 from .lora import kaiming_uniform
 
 ACTIVATIONS = {"relu": aten.relu.default, "gelu": aten.gelu.default, "silu": aten.silu.default, "none": None}
@@ -55,10 +55,11 @@ def _forward(branch, x, y, params, opts):
 
 
 def _delta(params, opts, weight=None):
-    """s * U @ D in float64 (only for activation: none)."""
+    """s * U @ D in merge_dtype(weight) (only for activation: none)."""
     if nonlinear_refusal(opts):
         raise SpecError("parallel-adapter", f"cannot merge: {nonlinear_refusal(opts)}")
-    return opts["scale"] * (params["adapter_up"].double() @ params["adapter_down"].double())
+    dtype = merge_dtype(weight)
+    return (params["adapter_up"].to(dtype) @ params["adapter_down"].to(dtype)).mul_(opts["scale"])
 
 
 PARALLEL_OPTIONS = {

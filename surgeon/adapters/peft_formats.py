@@ -369,6 +369,53 @@ def _write_vera(kind, options, weights, site_options):
     return config, {"vera_A": biggest["vera_A"], "vera_B": biggest["vera_B"]}
 
 
+def _read_pvera(config, weights, extras):
+    """Per module pvera_lambda_d (2r) and pvera_lambda_b (out); one pvera_A (2r x in) and pvera_B (out x r)
+    at the model level, sized for the largest target (sites read their leading part), as VeRA's."""
+    if config.get("sample_at_inference"):
+        raise _fail("sample_at_inference=True samples in eval mode too: the adapter has no deterministic function "
+                    "to compile, verify or merge; set it to false to load PVeRA's inference path (the mean)")
+    if not config.get("save_projection", True) or "pvera_A" not in extras or "pvera_B" not in extras:
+        raise _fail("the checkpoint does not hold pvera_A / pvera_B (save_projection=False); surgeon cannot "
+                    "regenerate PEFT's projections")
+    rank = _positive_int("r", config.get("r", 256))
+    A, B = extras["pvera_A"], extras["pvera_B"]
+    if A.dim() != 2 or B.dim() != 2 or A.shape[0] != 2 * rank or B.shape[1] != rank:
+        raise _fail(f"adapter_config.json: r={rank} disagrees with the shared projections: pvera_A of shape "
+                    f"{list(A.shape)} (2r x in), pvera_B of shape {list(B.shape)} (out x r)")
+    for path, params in weights.items():
+        d, b = params.get("pvera_lambda_d"), params.get("pvera_lambda_b")
+        if d is None or b is None or tuple(d.shape) != (2 * rank,) or b.dim() != 1:
+            raise _fail(f"module '{path}' needs pvera_lambda_d of {2 * rank} (2r) entries and a 1-D pvera_lambda_b, "
+                        f"got {_shape(d)} and {_shape(b)}")
+        params.update(pvera_A=A, pvera_B=B)
+    seed = config.get("projection_prng_key", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise _fail(f"adapter_config.json: projection_prng_key must be an integer, got {seed!r}")
+    config = {**config, "d_initial": config.get("d_initial", 0.1)}
+    _number(config, "d_initial")
+    return {"type": "pvera", "rank": rank, "d_initial": float(config["d_initial"]), "projection_seed": seed,
+            "dropout": _dropout(config, "pvera_dropout")}, {}
+
+
+def _write_pvera(kind, options, weights, site_options):
+    """PEFT keeps one A and B sized for the largest site; every site's must be its leading part."""
+    biggest = {name: max((params[name] for params in weights.values()), key=lambda t: t.numel())
+               for name in ("pvera_A", "pvera_B")}
+    for path, params in weights.items():
+        rows, in_features = params["pvera_A"].shape
+        out_features, rank = params["pvera_B"].shape
+        if not (torch.equal(biggest["pvera_A"][:rows, :in_features], params["pvera_A"])
+                and torch.equal(biggest["pvera_B"][:out_features, :rank], params["pvera_B"])):
+            raise _fail(f"PVeRA module '{path}' has projections that are not slices of the largest ones; PEFT "
+                        "needs one shared pair (sites of different shapes initialized by surgeon are independent)")
+        del params["pvera_A"], params["pvera_B"]
+    config = {"r": options["rank"], "d_initial": options["d_initial"], "save_projection": True,
+              "projection_prng_key": options["projection_seed"], "pvera_dropout": options.get("dropout", 0.0),
+              "sample_at_inference": False}
+    return config, {"pvera_A": biggest["pvera_A"], "pvera_B": biggest["pvera_B"]}
+
+
 # ---------------------------------------------------------------- OFT, BOFT, HRA
 
 def _read_oft(config, weights, extras):
@@ -493,17 +540,22 @@ def _read_fourierft(config, weights, extras):
                              entry)
 
 
+def _suffix_key(path: str, name: str, why: str) -> str:
+    """A pattern key for one module where PEFT matches keys as `.*\\.<key>$` (FourierFT's n_frequency_pattern,
+    C3A's block_size_pattern): the module path after its first name, escaped."""
+    head, dot, rest = path.partition(".")
+    if not dot:
+        raise _fail(f"PEFT's {name} cannot name the top-level module '{path}' alone; it has {why}")
+    return re.escape(rest)
+
+
 def _write_fourierft(kind, options, weights, site_options):
-    """n_frequency_pattern keys are matched by PEFT as `.*\\.<key>$`: the module path after its first name."""
     pattern = {}
     for path, params in weights.items():
         count = params["fourierft_spectrum"].numel()
         if count != options["frequencies"]:
-            head, dot, rest = path.partition(".")
-            if not dot:
-                raise _fail(f"PEFT's n_frequency_pattern cannot name the top-level module '{path}' alone; it has "
-                            f"{count} frequencies, the adapter {options['frequencies']}")
-            pattern[re.escape(rest)] = count
+            pattern[_suffix_key(path, "n_frequency_pattern", f"{count} frequencies, the adapter "
+                                f"{options['frequencies']}")] = count
     return {"n_frequency": options["frequencies"], "n_frequency_pattern": pattern, "scaling": options["scaling"],
             "random_loc_seed": options["frequency_seed"], "init_weights": True}, {}
 
@@ -630,6 +682,117 @@ def _write_randlora(kind, options, weights, site_options):
     return config, {"randlora_A": biggest["randlora_A"], "randlora_B": biggest["randlora_B"]}
 
 
+# ---------------------------------------------------------------- DeLoRA, GraLoRA, C3A
+
+def _shape(tensor) -> list | None:
+    return None if tensor is None else list(tensor.shape)
+
+
+def _read_delora(config, weights, extras):
+    """delora_A (r x in), delora_B (out x r), delora_lambda (1) and the frozen input norms delora_w_norm
+    (in) per module; r and its rank_pattern entries must agree with the tensors."""
+    config = {**config, "r": config.get("r", 8), "delora_lambda": config.get("delora_lambda", 15)}
+    _number(config, "delora_lambda")
+    for path, params in weights.items():
+        A, B = params.get("delora_A"), params.get("delora_B")
+        scale, norms = params.get("delora_lambda"), params.get("delora_w_norm")
+        if A is None or B is None or A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            raise _fail(f"module '{path}' needs 2-D delora_A (r x in) and delora_B (out x r) of one rank, got "
+                        f"{_shape(A)} and {_shape(B)}")
+        if scale is None or scale.numel() != 1 or norms is None or tuple(norms.shape) != (A.shape[1],):
+            raise _fail(f"module '{path}' needs a one-element delora_lambda and delora_w_norm of the {A.shape[1]} "
+                        f"input features (the base weight's column norms, which PEFT saves), got {_shape(scale)} and "
+                        f"{_shape(norms)}")
+        params["delora_lambda"] = scale.reshape(1)
+    entry = {"type": "delora", "rank": _positive_int("r", config["r"]), "lambda": float(config["delora_lambda"]),
+             "init": "default", "dropout": _dropout(config, "module_dropout")}
+
+    def site(path: str, params: dict) -> dict:
+        scale = peft_pattern(config, "lambda_pattern", path, config["delora_lambda"])
+        _number({"lambda_pattern": scale}, "lambda_pattern")
+        return {"rank": _rank(config, path, params, {"delora_A": 0, "delora_B": 1}), "lambda": float(scale)}
+    return entry, _overrides(weights, site, entry)
+
+
+def _write_delora(kind, options, weights, site_options):
+    """Per-module ranks (read from the tensors) go out as rank_pattern; λ is a trained tensor, so the
+    config's delora_lambda only records the initial value."""
+    ranks = {path: params["delora_A"].shape[0] for path, params in weights.items()}
+    return {"r": options["rank"], "delora_lambda": options["lambda"], "module_dropout": options.get("dropout", 0.0),
+            "rank_pattern": {p: r for p, r in ranks.items() if r != options["rank"]}, "lambda_pattern": {},
+            "init_weights": True}, {}
+
+
+def _read_gralora(config, weights, extras):
+    """gralora_A (k x in/k x r) and gralora_B (k x r x out/k) per module, with gralora_A_general (h x in) and
+    gralora_B_general (out x h) where hybrid_r = h > 0. PEFT builds every module with the config's r, k
+    and h (it has no patterns), so the tensors must have them."""
+    config = {**config, "alpha": config.get("alpha", 64)}
+    _number(config, "alpha")
+    rank = _positive_int("r", config.get("r", 32))
+    k = _positive_int("gralora_k", config.get("gralora_k", 2))
+    hybrid = config.get("hybrid_r", 0)
+    if not isinstance(hybrid, int) or isinstance(hybrid, bool) or hybrid < 0:
+        raise _fail(f"adapter_config.json: hybrid_r must be a non-negative integer, got {hybrid!r}")
+    if rank % k:
+        raise _fail(f"adapter_config.json: r={rank} is not divisible by gralora_k={k}")
+    for path, params in weights.items():
+        A, B = params.get("gralora_A"), params.get("gralora_B")
+        if A is None or B is None or A.dim() != 3 or B.dim() != 3 or A.shape[0] != k or B.shape[0] != k \
+                or A.shape[2] != rank or B.shape[1] != rank:
+            raise _fail(f"module '{path}': gralora_A {_shape(A)} and gralora_B {_shape(B)} do not fit r={rank}, "
+                        f"gralora_k={k} (k x in/k x r and k x r x out/k)")
+        general = (params.get("gralora_A_general"), params.get("gralora_B_general"))
+        if hybrid == 0 and general != (None, None):
+            raise _fail(f"module '{path}' holds gralora_A_general / gralora_B_general, but hybrid_r is 0")
+        if hybrid and (None in general or general[0].shape[0] != hybrid or general[1].dim() != 2
+                       or general[1].shape[1] != hybrid):
+            raise _fail(f"module '{path}' needs gralora_A_general (hybrid_r x in) and gralora_B_general "
+                        f"(out x hybrid_r) with hybrid_r={hybrid}, got {_shape(general[0])} and {_shape(general[1])}")
+    return {"type": "gralora", "rank": rank, "alpha": float(config["alpha"]), "blocks": k, "hybrid_rank": hybrid,
+            "init": "default", "dropout": _dropout(config, "gralora_dropout")}, {}
+
+
+def _write_gralora(kind, options, weights, site_options):
+    differs = {path: opts for path, opts in site_options.items() if path in weights and opts}
+    if differs:
+        raise _fail(f"PEFT's GraLoRA config holds one r, alpha, gralora_k and hybrid_r; these modules differ: "
+                    f"{differs}")
+    return {"r": options["rank"], "alpha": options["alpha"], "gralora_k": options["blocks"],
+            "hybrid_r": options["hybrid_rank"], "gralora_dropout": options.get("dropout", 0.0),
+            "init_weights": True}, {}
+
+
+C3A_INITS = {True: "zeros", False: "xavier_uniform", "xavier_uniform": "xavier_uniform",
+             "kaiming_uniform": "kaiming_uniform", "gaussian": "gaussian"}   # PEFT's init_weights -> surgeon's init
+
+
+def _read_c3a(config, weights, extras):
+    """One c3a_kernel (out/b x in/b x b) per module; each module's block size b is read from its kernel
+    (block_size, or its block_size_pattern entry, in PEFT)."""
+    init = config.get("init_weights", "xavier_uniform")
+    if not any(init is key or (isinstance(init, str) and init == key) for key in C3A_INITS):
+        raise _fail(f"adapter_config.json: init_weights={init!r} is no C3A init surgeon knows "
+                    f"({list(C3A_INITS)})")
+    entry = {"type": "c3a", "block_size": _positive_int("block_size", config.get("block_size", 256)),
+             "init": C3A_INITS[init]}
+    for path, params in weights.items():
+        kernel = params.get("c3a_kernel")
+        if kernel is None or kernel.dim() != 3 or not kernel.numel():
+            raise _fail(f"module '{path}' needs a 3-D c3a_kernel (out/b x in/b x b), got {_shape(kernel)}")
+    return entry, _overrides(weights, lambda path, params: {"block_size": params["c3a_kernel"].shape[2]}, entry)
+
+
+def _write_c3a(kind, options, weights, site_options):
+    pattern = {}
+    for path, params in weights.items():
+        size = params["c3a_kernel"].shape[2]
+        if size != options["block_size"]:
+            pattern[_suffix_key(path, "block_size_pattern", f"block size {size}, the adapter's "
+                                f"{options['block_size']}")] = size
+    return {"block_size": options["block_size"], "block_size_pattern": pattern, "init_weights": True}, {}
+
+
 # ---------------------------------------------------------------- prefix tuning
 
 def _read_prefix(config, weights, extras):
@@ -696,6 +859,15 @@ FORMATS = [
     PeftFormat("RANDLORA", ("randlora",), {n: n for n in ("randlora_lambda", "randlora_gamma", "randlora_A",
                                                            "randlora_B")}, _read_randlora, _write_randlora,
                model_level=("randlora_A", "randlora_B")),
+    PeftFormat("DELORA", ("delora",), {n: n for n in ("delora_A", "delora_B", "delora_lambda", "delora_w_norm")},
+               _read_delora, _write_delora, ("bias",)),
+    PeftFormat("GRALORA", ("gralora",), {"gralora_A": "gralora_A", "gralora_B": "gralora_B",
+                                         "gralora_A_general": "gralora_A_general.weight",
+                                         "gralora_B_general": "gralora_B_general.weight"}, _read_gralora,
+               _write_gralora),
+    PeftFormat("C3A", ("c3a",), {"c3a_kernel": "c3a_kernel"}, _read_c3a, _write_c3a, ("bias",)),
+    PeftFormat("PVERA", ("pvera",), {"pvera_lambda_b": "pvera_lambda_b", "pvera_lambda_d": "pvera_lambda_d"},
+               _read_pvera, _write_pvera, model_level=("pvera_A", "pvera_B")),
 ]
 BY_PEFT_TYPE = {f.peft_type: f for f in FORMATS}
 BY_KIND = {kind: f for f in FORMATS for kind in f.kinds}

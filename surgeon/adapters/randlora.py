@@ -27,8 +27,8 @@ a site reads A[:, :, :m] and B[:M, :n, :], as PEFT does.
 
 Init (PEFT's init_weights): `identity` (True) sets lambda = 0 and gamma = 1 / m: dW = 0 and
 y + s * 0 == y, an exact identity; `random` (False) draws lambda ~ N(0, 1) with gamma = 1 / M and
-changes the function. Merge identity: W x + s dW x == (W + s dW) x, computed in float64, on
-linear and GPT-2 Conv1D sites alike (dW is out x in on both).
+changes the function. Merge identity: W x + s dW x == (W + s dW) x, dW computed in float32 (float64
+for a float64 weight: merge_dtype), on linear and GPT-2 Conv1D sites alike (dW is out x in on both).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ import math
 
 import torch
 
-from . import AdapterKind, Option, aten
+from . import AdapterKind, Option, aten, merge_dtype
 
 
 def site_sizes(rank: int, in_features: int, out_features: int) -> tuple[int, int, int]:
@@ -110,10 +110,10 @@ def _forward(branch, x, y, params, opts):
 
 
 def _delta(params, opts, weight):
-    """s dW in float64, out x in."""
+    """s dW in merge_dtype(weight), out x in."""
     out_features, in_features = weight.shape
     small, large, count = site_sizes(opts["rank"], in_features, out_features)
-    p = {name: t.double() for name, t in params.items()}
+    p = {name: t.to(merge_dtype(weight)) for name, t in params.items()}
     A, B = p["randlora_A"][:, :, :small], p["randlora_B"][:large, :count, :]
     scaled = p["randlora_lambda"][:, :, None] * A * p["randlora_gamma"][None]
     product = B.flatten(1) @ scaled.flatten(0, 1)          # M x m
@@ -139,4 +139,5 @@ RANDLORA = AdapterKind(
     param_count=_count,
     shared=frozenset({"randlora_A", "randlora_B"}),
     init_check=lambda opts: "exact" if opts["init"] == "identity" else "none",
+    rank_limit=lambda opts, fan_in, fan_out: None,   # PEFT takes any rank (one basis past min(in, out))
 )

@@ -20,7 +20,7 @@ A site costs out, 2 out or 4 out parameters. `init: identity` (PEFT's init_weigh
 at theta = 0, alpha = 1: c = 1, s = 0 and y * 1 + (...) * 0 == y, an exact identity; `init: random`
 (init_weights=False) draws theta ~ N(0, 0.5), alpha ~ N(1, 0.5) and changes the function.
 
-Merge identity: R (W x + b) == (R W) x + R b, so W' = R W (delta R W - W, float64) and the bias
+Merge identity: R (W x + b) == (R W) x + R b, so W' = R W (delta R W - W, merge_dtype) and the bias
 becomes R b (bias_map), on linear and Conv1D sites alike. Unmerge inverts each 2 x 2 block
 [[c_i, -s_i], [s_{i+h}, c_{i+h}]] (determinant c_i c_{i+h} + s_i s_{i+h}; refused where one is 0)
 and maps the bias back through it.
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from . import AdapterKind, EagerBranch, Option, aten
+from . import AdapterKind, EagerBranch, Option, aten, merge_dtype
 
 VARIANT_SIZE = {"road_1": 0.5, "road_2": 1, "road_4": 2}   # theta (and alpha) entries per output feature
 
@@ -92,23 +92,23 @@ def _forward(branch, x, y, params, opts):
     return _rotate(branch, y, c, _signed_node(branch, s, opts["variant"] == "road_1"), groups, half)
 
 
-def _full(params: dict, opts: dict, out_features: int):
-    """(c, s) in float64 as (groups, 2, half) tensors (road_1's shared half repeated)."""
-    params = {name: t.double() for name, t in params.items()}
+def _full(params: dict, opts: dict, out_features: int, dtype: torch.dtype = torch.float64):
+    """(c, s) in `dtype` as (groups, 2, half) tensors (road_1's shared half repeated)."""
+    params = {name: t.to(dtype) for name, t in params.items()}
     c, s = _coefficients(EagerBranch((0, out_features)), params, opts, out_features)
     return c.expand(-1, 2, -1), s.expand(-1, 2, -1)
 
 
 def _rotate_rows(weight: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """R W for an out x in W (float64): W's columns are rotated, i.e. W^T's rows."""
+    """R W for an out x in W (in c's dtype): W's columns are rotated, i.e. W^T's rows."""
     groups, _, half = c.shape
     s_signed = torch.cat([-s[:, :1], s[:, 1:]], 1)
-    return _rotate(EagerBranch((0, 0)), weight.double().T, c, s_signed, groups, half).T
+    return _rotate(EagerBranch((0, 0)), weight.to(c.dtype).T, c, s_signed, groups, half).T
 
 
-def _inverse(params, opts, out_features: int):
+def _inverse(params, opts, out_features: int, dtype: torch.dtype = torch.float64):
     """(c, s) of R^-1: block by block, [[c_i, -s_i], [s_j, c_j]]^-1 = [[c_j, s_i], [-s_j, c_i]] / det."""
-    c, s = _full(params, opts, out_features)
+    c, s = _full(params, opts, out_features, dtype)
     det = c[:, 0] * c[:, 1] + s[:, 0] * s[:, 1]
     if not bool((det != 0).all()):
         raise ValueError("road: a 2-D block of R is singular (alpha = 0, or the two angles of a pair are a "
@@ -117,12 +117,13 @@ def _inverse(params, opts, out_features: int):
 
 
 def _delta(params, opts, weight):
-    return _rotate_rows(weight, *_full(params, opts, weight.shape[0])) - weight.double()
+    """R W - W in merge_dtype(weight)."""
+    return _rotate_rows(weight, *_full(params, opts, weight.shape[0], merge_dtype(weight))).sub_(weight)
 
 
 def _undo(params, opts, merged):
     """R^-1 W' - W'."""
-    return _rotate_rows(merged, *_inverse(params, opts, merged.shape[0])) - merged.double()
+    return _rotate_rows(merged, *_inverse(params, opts, merged.shape[0], merge_dtype(merged))).sub_(merged)
 
 
 def _bias(params, opts, bias, undo):

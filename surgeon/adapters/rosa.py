@@ -14,13 +14,13 @@ kaiming-uniform (nn.Linear's), B = 0 and the values 0, so s B A x = 0, S = 0 and
 the identity bit for bit. Forward: two GEMMs for the low-rank part; S x without a dense S: the k
 inputs S reads are gathered (index_select on x's last dim), scaled by the values and added into
 their output rows (index_add), O(tokens * k) instead of a dense out x in GEMM. Merge identity:
-W x + s B A x + S x == (W + s B A + S) x, exact (built in float64); unmerge subtracts the same.
+W x + s B A x + S x == (W + s B A + S) x, exact (built in merge_dtype); unmerge subtracts the same.
 """
 from __future__ import annotations
 
 import torch
 
-from . import AdapterKind, Option, aten
+from . import AdapterKind, Option, aten, merge_dtype
 from .lora import kaiming_uniform, lora_scale
 from .shira import dense, pick_support
 
@@ -49,9 +49,10 @@ def _forward(branch, x, y, params, opts):
 
 
 def _delta(params, opts, weight):
-    """s B A + S in float64, out x in."""
-    low_rank = lora_scale(opts) * (params["rosa_B"].double() @ params["rosa_A"].double())
-    return low_rank + dense(params["rosa_values"], params["rosa_indices"], weight.shape)
+    """s B A + S in merge_dtype(weight), out x in."""
+    dtype = merge_dtype(weight)
+    low_rank = (params["rosa_B"].to(dtype) @ params["rosa_A"].to(dtype)).mul_(lora_scale(opts))
+    return low_rank.add_(dense(params["rosa_values"], params["rosa_indices"], weight.shape, dtype))
 
 
 ROSA = AdapterKind(

@@ -5,7 +5,20 @@ Every helper builds nodes through a Branch and creates its constants from an inp
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import torch
+
 from . import Branch, aten
+
+
+class Rotation(NamedTuple):
+    """An adapter's merge as a rotation of the site's input (AdapterKind.rotation, read by `combine`'s
+    orthomerge): W' = diag(scale) W matrix, `matrix` in x in orthogonal, in float64; `scale` (out,)
+    float64, or None for 1 (BOFT's output scale)."""
+
+    matrix: torch.Tensor
+    scale: torch.Tensor | None = None
 
 
 def skew_from_upper(branch: Branch, packed, blocks: int, size: int):

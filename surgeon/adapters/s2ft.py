@@ -21,7 +21,7 @@ import torch
 
 from ..errors import SpecError
 from ..groups.permute import META
-from . import AdapterKind, Option, aten
+from . import AdapterKind, Option, aten, merge_dtype
 
 
 def _record_columns(gm, path: str, weight_target: str) -> int:
@@ -57,9 +57,9 @@ def _forward(branch, x, y, params, opts):
 
 
 def _delta(params, opts, weight):
-    """[D | 0] in float64, the shape of `weight` (out x in)."""
-    full = torch.zeros(weight.shape, dtype=torch.float64, device=params["s2ft_delta"].device)
-    full[:, :opts["columns"]] = params["s2ft_delta"].double()
+    """[D | 0] in merge_dtype(weight), the shape of `weight` (out x in)."""
+    full = torch.zeros(weight.shape, dtype=merge_dtype(weight), device=params["s2ft_delta"].device)
+    full[:, :opts["columns"]] = params["s2ft_delta"]
     return full
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from . import AdapterKind, Option, aten
+from . import AdapterKind, Option, aten, merge_dtype
 
 
 def support_size(opts: dict, fan_in: int, fan_out: int) -> int:
@@ -61,11 +61,11 @@ def scatter(branch, values, indices, rows: int, cols: int):
     return branch.op(aten.index_put.default, zeros, at, values)
 
 
-def dense(values: torch.Tensor, indices: torch.Tensor, shape) -> torch.Tensor:
-    """`values` at `indices` in a zero matrix of `shape`, float64 (for a merge)."""
-    out = torch.zeros(shape, dtype=torch.float64, device=values.device)
+def dense(values: torch.Tensor, indices: torch.Tensor, shape, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """`values` at `indices` in a zero matrix of `shape`, in `dtype` (for a merge: merge_dtype)."""
+    out = torch.zeros(shape, dtype=dtype, device=values.device)
     rows, cols = indices.long()
-    out[rows, cols] = values.double()
+    out[rows, cols] = values.to(dtype)
     return out
 
 
@@ -77,8 +77,8 @@ def _forward(branch, x, y, params, opts):
 
 
 def _delta(params, opts, weight):
-    """S in float64, the shape of `weight` (out x in)."""
-    return dense(params["shira_values"], params["shira_indices"], weight.shape)
+    """S in merge_dtype(weight), the shape of `weight` (out x in)."""
+    return dense(params["shira_values"], params["shira_indices"], weight.shape, merge_dtype(weight))
 
 
 SHIRA = AdapterKind(
@@ -91,4 +91,6 @@ SHIRA = AdapterKind(
     delta_weight=_delta,
     param_count=support_size,
     frozen=frozenset({"shira_indices"}),
+    # k = r (in + out) entries must fit the in x out weight
+    rank_limit=lambda opts, fan_in, fan_out: (fan_in * fan_out // (fan_in + fan_out), "in·out / (in + out)"),
 )

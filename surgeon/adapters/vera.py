@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from . import AdapterKind, Option, aten
+from . import AdapterKind, Option, aten, merge_dtype
 
 
 def _projection(shape: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
@@ -44,7 +44,7 @@ def _forward(branch, x, y, params, opts):
 
 def _delta(params, opts, weight):
     out_features, in_features = weight.shape
-    p = {name: t.double() for name, t in params.items()}
+    p = {name: t.to(merge_dtype(weight)) for name, t in params.items()}
     left = p["vera_lambda_b"][:, None] * p["vera_B"][:out_features]
     return left @ (p["vera_lambda_d"][:, None] * p["vera_A"][:, :in_features])
 
@@ -58,4 +58,5 @@ VERA = AdapterKind(
     delta_weight=_delta,
     param_count=lambda opts, fan_in, fan_out: opts["rank"] + fan_out,
     shared=frozenset({"vera_A", "vera_B"}),
+    rank_limit=lambda opts, fan_in, fan_out: None,   # PEFT takes any rank
 )

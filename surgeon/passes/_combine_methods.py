@@ -12,7 +12,9 @@ inspect.signature, refuses options a method does not take and demands the requir
   low-rank factorization (svd).
 
 Every method is a function of the delta weights dW_i, never of A and B factors combined
-separately. Guarantees: linear/ties/magnitude_prune are deterministic; dare_* draw their
+separately, except the methods in ON_SPLITS (orthomerge): they take each input as a `Split`,
+W' = diag(s) W R + E with R a rotation, and return the merged Split (the pass turns it into a
+delta for the base weight W). Guarantees: linear/ties/magnitude_prune are deterministic; dare_* draw their
 masks from a generator seeded with `seed` alone, so equal seeds give equal results.
 """
 from __future__ import annotations
@@ -126,7 +128,127 @@ def svd(deltas: list[torch.Tensor], weights: list[float], *, rank: int) -> Facto
     return truncate(linear(deltas, weights), rank)
 
 
-METHODS = {f.__name__: f for f in (linear, ties, dare_linear, dare_ties, magnitude_prune, svd)}
+# ---------------------------------------------------------------- orthomerge: merging in the Lie algebra
+
+class NoLogarithm(ValueError):
+    """A rotation orthomerge cannot take the logarithm of (with `index`: which input, set by orthomerge)."""
+
+    def __init__(self, reason: str, index: int | None = None):
+        super().__init__(reason)
+        self.reason, self.index = reason, index
+
+
+@dataclass(frozen=True)
+class Split:
+    """One input's update of one weight as W' = diag(scale) W rotation + residual (orthomerge's view).
+
+    `rotation`: in x in, orthogonal with det +1, float64 (None: I); `scale`: (out,) (None: 1);
+    `residual`: out x in (None: 0). A rotation kind (AdapterKind.rotation) gives its rotation, and
+    BOFT its scale, exactly and no residual; every other kind is split by `procrustes`.
+    """
+
+    rotation: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+    residual: torch.Tensor | None = None
+
+    def apply(self, weight: torch.Tensor) -> torch.Tensor:
+        """W' for the base weight `weight` (out x in), in float64."""
+        result = weight.double()
+        if self.rotation is not None:
+            result = result @ self.rotation
+        if self.scale is not None:
+            result = self.scale[:, None] * result
+        return result if self.residual is None else result + self.residual
+
+
+def procrustes(weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The rotation R (det +1) minimizing |W R - W'|_F for W = `weight`, W' = `target` (out x in), float64.
+
+    With W^T W' = U S V^T the optimum is R = U V^T, with the smallest singular direction of U negated
+    when det(U V^T) = -1 (the rotation group's Procrustes solution: that flip costs the least). Where W^T W' is
+    singular (out < in, or a rank-deficient W), W does not determine R on the singular directions
+    (U_0, V_0): there R maps V_0 to U_0 as close to the identity as possible (max tr R), so the split
+    does not depend on how the SVD chose those vectors.
+    """
+    weight, target = weight.double(), target.double()
+    U, S, Vh = torch.linalg.svd(weight.T @ target)
+    rank = int((S > S[0] * 1e-10).sum()) if S.numel() and S[0] > 0 else 0
+    V = Vh.T
+    if rank == S.numel():
+        rotation = U @ Vh
+        if torch.linalg.det(rotation) < 0:
+            U = U.clone()
+            U[:, -1] = -U[:, -1]
+            rotation = U @ Vh
+        return rotation
+    U0, V0 = U[:, rank:], V[:, rank:]
+    P, _, Th = torch.linalg.svd(U0.T @ V0)           # max tr(U0 Q V0^T) over orthogonal Q: Q = P Th
+    fixed = U[:, :rank] @ Vh[:rank]
+    rotation = fixed + U0 @ (P @ Th) @ V0.T
+    if torch.linalg.det(rotation) < 0:
+        P = P.clone()
+        P[:, -1] = -P[:, -1]
+        rotation = fixed + U0 @ (P @ Th) @ V0.T
+    return rotation
+
+
+def rotation_log(rotation: torch.Tensor) -> torch.Tensor:
+    """The principal logarithm L (skew, float64) of a rotation R: matrix_exp(L) == R.
+
+    R is normal, so its symmetric part C = (R + R^T)/2 and skew part K = (R - R^T)/2 commute; on each
+    invariant plane of angle t, C = cos t and K = sin t J, so L = t J = g(C) K with g(c) = arccos(c) /
+    sqrt(1 - c^2) (t / sin t, 1 at c = 1). g(C) comes from the symmetric eigendecomposition of C (eigh,
+    stable under the repeated eigenvalues block rotations have); no complex arithmetic.
+    Refused (NoLogarithm): R not orthogonal, det -1 (a reflection), or an eigenvalue at -1 (a half
+    turn, where the logarithm is not unique).
+    """
+    R = rotation.double()
+    eye = torch.eye(R.shape[0], dtype=R.dtype, device=R.device)
+    drift = (R.T @ R - eye).abs().max().item() if R.numel() else 0.0
+    if drift > 1e-9:
+        raise NoLogarithm(f"not orthogonal (max |R^T R - I| = {drift:.1e})")
+    if R.numel() and torch.linalg.det(R) < 0:
+        raise NoLogarithm("det -1 (a reflection), which has no real logarithm")
+    cosines, basis = torch.linalg.eigh((R + R.T) / 2)
+    if cosines.numel() and cosines.min() < -1 + 1e-9:
+        raise NoLogarithm("an eigenvalue at -1 (a half turn): its logarithm is not unique")
+    cosines = cosines.clamp(-1.0, 1.0)
+    gap = 1 - cosines                                        # exact for cos >= 1/2 (Sterbenz)
+    tiny = gap < 1e-12
+    safe = torch.where(tiny, torch.full_like(cosines, 0.5), cosines)
+    ratio = torch.arccos(safe) / torch.sqrt((1 - safe) * (1 + safe))
+    ratio = torch.where(tiny, 1 + gap / 3, ratio)             # t / sin t = 1 + (1 - c)/3 + O((1 - c)^2)
+    log = (basis * ratio) @ basis.T @ ((R - R.T) / 2)
+    return (log - log.T) / 2
+
+
+def orthomerge(splits: list[Split], weights: list[float]) -> Split:
+    """OrthoMerge: rotations in the Lie algebra, scales and residuals linearly.
+
+    R* = matrix_exp(sum_i w_i log R_i) (orthogonal: the exponential of a skew matrix),
+    s* = 1 + sum_i w_i (s_i - 1), E* = sum_i w_i E_i. One input at weight 1 gives itself back (to
+    float64 rounding). Raises NoLogarithm with the input's index when a rotation has no logarithm.
+    """
+    generator = scale = residual = None
+    for index, (split, w) in enumerate(zip(splits, weights)):
+        if split.rotation is not None:
+            try:
+                term = w * rotation_log(split.rotation)
+            except NoLogarithm as error:
+                raise NoLogarithm(error.reason, index) from None
+            generator = term if generator is None else generator + term
+        if split.scale is not None:
+            term = w * (split.scale.double() - 1)
+            scale = term if scale is None else scale + term
+        if split.residual is not None:
+            term = w * split.residual.double()
+            residual = term if residual is None else residual + term
+    rotation = None if generator is None else torch.linalg.matrix_exp(generator)
+    return Split(rotation, None if scale is None else 1 + scale, residual)
+
+
+METHODS = {f.__name__: f for f in (linear, ties, dare_linear, dare_ties, magnitude_prune, svd, orthomerge)}
+ON_SPLITS = frozenset({"orthomerge"})   # methods given each input as a Split (W' = diag(s) W R + E), not its delta
 
 
 def schema(method) -> dict[str, inspect.Parameter]:

@@ -2,12 +2,19 @@
 
 Per module, the inputs' delta weights dW_i (each kind's `delta_weight`, out x in) go through a
 merge method (passes/_combine_methods.py: linear, ties, dare_linear, dare_ties,
-magnitude_prune, svd). The result is a `delta` adapter holding the combined dW per module
-(merges exactly), or, with `rank`, a LoRA of that rank from a truncated SVD (alpha = rank, so
-its scale is 1; the notes give the relative Frobenius error of the truncation per module).
-The inputs are detached (status "combined") and the new adapter is attached to the union of
-their modules, so the graph computes base + combined delta. The function changes ("none"),
-except that combine(linear, weights [1]) of one adapter reproduces it.
+magnitude_prune, svd). `orthomerge` (OrthoMerge) instead sees each input as W' = diag(s) W R + E:
+a rotation kind (AdapterKind.rotation: OFT, BOFT, HRA) gives R (and BOFT s) exactly with E = 0;
+any other kind with an exact delta is split by Procrustes (R the rotation closest to W' = W + dW,
+E = W' - W R). Rotations merge in the Lie algebra, R* = exp(sum w_i log R_i), s and E linearly, and
+the combined delta is diag(s*) W R* + E* - W. A kind whose rotation has no logarithm (ETHER's and
+odd-rank HRA's reflections, det -1) is refused with the reason.
+
+The result is a `delta` adapter holding the combined dW per module (merges exactly), or, with
+`rank`, a LoRA of that rank from a truncated SVD (alpha = rank, so its scale is 1; the notes give
+the relative Frobenius error of the truncation per module). The inputs are detached (status
+"combined", newest first) and the new adapter is attached to the union of their modules, so the
+graph computes base + combined delta. The function changes ("none"), except that combine(linear
+or orthomerge, weights [1]) of one adapter reproduces it.
 
 The dare methods draw each module's masks from its own seed, derived from `seed` and the
 module path (equal seeds, equal results). Spec key `into` names the result (`name` is the
@@ -26,7 +33,7 @@ from typing import ClassVar
 import torch
 import torch.fx as fx
 
-from surgeon.adapter_ops import attach, detach, site_calls
+from surgeon.adapter_ops import PARAM_SITE, attach, detach, site_calls
 from surgeon.adapters import kinds
 from surgeon.graph import get_tensor
 from surgeon.pipeline import AdapterState, Context, PassResult, SiteState
@@ -54,19 +61,67 @@ class Combine:
         into = self._output_name(ctx, inputs)
         sites = _union_sites(inputs)
         combined = {}
+        splits: dict[str, list[str]] = {}
         for path, template in sites.items():
+            if self.method in methods.ON_SPLITS:
+                result = self._merge_splits(gm, ctx, inputs, weights, path, template, splits)
+                combined[path] = result if self.rank is None else methods.truncate(result, self.rank)
+                continue
             deltas = [_delta_at(gm, state, path, template) for state in inputs]
             site_options = {**options, "seed": _site_seed(options["seed"], path)} if "seed" in options else options
             result = methods.METHODS[self.method](deltas, weights, **site_options)
             if self.rank is not None and isinstance(result, torch.Tensor):
                 result = methods.truncate(result, self.rank)
             combined[path] = result
-        for state in inputs:
+        order = list(ctx.adapters)   # newest first: an input-side adapter stacked on another detaches before it
+        for state in sorted(inputs, key=lambda s: order.index(s.spec.name), reverse=True):
             for site in state.sites:
                 detach(gm, site)
             state.status = "combined"
         state = self._attach_result(gm, ctx, into, sites, combined)
-        return self._report(inputs, weights, state, combined)
+        return self._report(inputs, weights, state, combined, splits)
+
+    def _merge_splits(self, gm: fx.GraphModule, ctx: Context, inputs: list[AdapterState], weights: list[float],
+                      path: str, template: SiteState, notes: dict[str, list[str]]) -> torch.Tensor:
+        """orthomerge at one module: each input split as W' = diag(s) W R + E, merged, minus W (float64)."""
+        if template.op == PARAM_SITE:
+            raise self._error(ctx, "method", f"orthomerge works on 2-D weights; '{path}' is a parameter site "
+                                             "(E x out x in)")
+        weight = _base_matrix(gm, template)
+        parts = []
+        for state in inputs:
+            site = next((s for s in state.sites if s.path == path), None)
+            if site is None:
+                parts.append(methods.Split())
+                continue
+            part, note = self._split(gm, ctx, state, site, weight)
+            notes.setdefault(state.spec.name, []).append(note)
+            parts.append(part)
+        try:
+            merged = methods.orthomerge(parts, weights)
+        except methods.NoLogarithm as error:
+            state = inputs[error.index]
+            raise self._error(ctx, "adapters", f"cannot orthomerge adapter '{state.spec.name}' ({state.spec.type}) "
+                                               f"at '{path}': its rotation has {error.reason}") from None
+        return merged.apply(weight) - weight
+
+    def _split(self, gm: fx.GraphModule, ctx: Context, state: AdapterState, site: SiteState,
+               weight: torch.Tensor) -> tuple[methods.Split, str]:
+        """The input at `site` as a Split, and "rotation" or its Procrustes residual share |E| / |dW|."""
+        kind = state.spec.kind
+        params = {p: get_tensor(gm, t).detach() for p, t in site.params.items()}
+        if kind.rotation is not None:
+            rotation = kind.rotation(params, site.options, weight)
+            if isinstance(rotation, str):
+                raise self._error(ctx, "adapters", f"cannot orthomerge adapter '{state.spec.name}' "
+                                                   f"({state.spec.type}): {rotation}")
+            scale = None if rotation.scale is None else rotation.scale.double()
+            return methods.Split(rotation.matrix.double(), scale), "rotation"
+        delta = kind.delta_weight(params, site.options, weight).double().reshape(weight.shape)
+        rotation = methods.procrustes(weight, weight + delta)
+        residual = weight + delta - weight @ rotation
+        share = (residual.norm() / delta.norm()).item() if delta.norm() > 0 else 0.0
+        return methods.Split(rotation, None, residual), f"{share:.2e}"
 
     # ------------------------------------------------------------ option checks
 
@@ -155,11 +210,17 @@ class Combine:
         ctx.adapters[into] = state
         return state
 
-    def _report(self, inputs, weights, state: AdapterState, combined: dict) -> PassResult:
+    def _report(self, inputs, weights, state: AdapterState, combined: dict, splits: dict) -> PassResult:
         result = PassResult(matches=len(combined))
         names = ", ".join(s.spec.name for s in inputs)
         result.notes.append(f"{state.spec.name}: {self.method} of [{names}] with weights {weights} on "
                             f"{len(combined)} modules -> {state.spec.type}, {state.param_count:,} parameters")
+        for name, notes in splits.items():
+            if all(n == "rotation" for n in notes):
+                result.notes.append(f"{name}: its rotation on {len(notes)} modules (exact, no residual)")
+            else:
+                result.notes.append(f"{name}: Procrustes split on {len(notes)} modules, residual |E| / |dW| at most "
+                                    f"{max(float(n) for n in notes):.2e}")
         for path, value in combined.items():
             if isinstance(value, methods.Factors):
                 result.notes.append(f"{state.spec.name} @ {path}: rank {value.A.shape[0]} truncation, "
@@ -174,6 +235,13 @@ def _union_sites(inputs: list[AdapterState]) -> dict[str, SiteState]:
         for site in state.sites:
             sites.setdefault(site.path, site)
     return sites
+
+
+def _base_matrix(gm: fx.GraphModule, site: SiteState) -> torch.Tensor:
+    """The site's base weight as out x in, float64 (a Conv1D's transposed back, a conv's flattened)."""
+    weight = get_tensor(gm, site.weight).detach()
+    weight = weight.t() if site.op == "addmm" else weight
+    return weight.reshape(weight.shape[0], -1).double()
 
 
 def site_delta(gm: fx.GraphModule, state: AdapterState, site: SiteState,

@@ -60,12 +60,18 @@ FORMULAS = {
     "hira": lambda o, i, n: o["rank"] * (i + n),
     "miss": lambda o, i, n: o["rank"] * (o["mini_rank"] if o["mode"] == "mini" else n),
     "randlora": lambda o, i, n: math.ceil(min(i, n) / o["rank"]) * (o["rank"] + min(i, n)),
+    "delora": lambda o, i, n: o["rank"] * (i + n) + 1,
+    "gralora": lambda o, i, n: (o["rank"] + o["hybrid_rank"]) * (i + n),
+    "c3a": lambda o, i, n: i * n // o["block_size"],
+    "pvera": lambda o, i, n: 2 * o["rank"] + n,
 }
 OPTIONS = {"lora": {"rank": 4, "alpha": 8}, "loha": {"rank": 2}, "lokr": {"rank": 2}, "ia3": {},
            "dora": {"rank": 4}, "bottleneck": {"rank": 4}, "ether": {"blocks": 2}, "ether_plus": {"blocks": 2},
            "rosa": {"rank": 2, "density": 0.05}, "lori": {"rank": 4, "density": 0.2},
            "road": {"variant": "road_2", "group_size": 16}, "fourierft": {"frequencies": 24, "scaling": 30.0},
-           "hira": {"rank": 4}, "miss": {"rank": 8}, "randlora": {"rank": 6, "alpha": 12.0}}
+           "hira": {"rank": 4}, "miss": {"rank": 8}, "randlora": {"rank": 6, "alpha": 12.0},
+           "delora": {"rank": 4}, "gralora": {"rank": 4, "blocks": 2, "hybrid_rank": 2}, "c3a": {"block_size": 16},
+           "pvera": {"rank": 4}}
 
 
 @dataclass(frozen=True)

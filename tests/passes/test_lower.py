@@ -249,6 +249,8 @@ KIND_REGIONS = {
     "rosa": ({"rank": 4}, None), "lori": ({"rank": 4}, "lora_linear"),
     "road": ({"group_size": 16}, None), "fourierft": ({"frequencies": 32}, None),
     "hira": ({"rank": 4}, None), "miss": ({"rank": 8}, None), "randlora": ({"rank": 8}, "lora_linear"),
+    "delora": ({"rank": 4}, None), "gralora": ({"rank": 4}, None), "c3a": ({"block_size": 16}, None),
+    "pvera": ({"rank": 4}, None),
 }
 
 

@@ -94,3 +94,73 @@ def test_a_module_called_from_several_places_shares_one_adapter_through_merge_un
         fresh = surgeon.compile(model, (ids,), {"adapters": [{"name": "p", "from_peft": str(tmp_path)}]})
         fresh.apply(["remove"])          # straight after insert: the base exactly
         torch.testing.assert_close(fresh.module(ids).last_hidden_state, model(ids).last_hidden_state, rtol=0, atol=0)
+
+
+def _float64_sum(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    return (weight.double() + delta.double()).to(weight.dtype)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit, NaN for NaN."""
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.isnan(), b.isnan()) and \
+        torch.equal(a[~a.isnan()], b[~b.isnan()])
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("delta_dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_merged_weight_is_the_float64_rule_bit_for_bit(weight_dtype, delta_dtype):
+    """merged_weight (what the merge pass and merge_checkpoint write: one add, no float64 copy) equals the
+    rule before it, (W.double() + dW.double()).to(W.dtype), bit for bit: in every layout, on sums within
+    a fraction of a float32 step of a tie of W's dtype, and on non-finite values."""
+    from surgeon.adapters import merged_weight
+
+    gen = torch.Generator().manual_seed(0)
+    cases = []
+    for shape in [(600, 1000), (1, 700000), (37, 53), (5, 4, 3), (), (0, 5)]:   # pieces; one add (small)
+        weight = (torch.randn(shape, generator=gen) * 3).to(weight_dtype)
+        cases.append((weight, (torch.randn(shape, generator=gen, dtype=torch.float64) * 1e-2).to(delta_dtype)))
+    weight, delta = cases[0]
+    cases += [(weight.t(), delta.t()), (weight.t().contiguous(), delta.t()), (weight.t(), delta.t().contiguous())]
+    if weight_dtype in (torch.bfloat16, torch.float16) and delta_dtype == torch.float32:
+        up = torch.nextafter(weight, torch.full_like(weight, float("inf")))
+        half = (up.float() - weight.float()) / 2                 # W + half is a tie of W's dtype ...
+        step = torch.nextafter(weight.float(), torch.full_like(weight.float(), float("inf"))) - weight.float()
+        ties = half + torch.randint(-1, 2, weight.shape, generator=gen) * step / 4   # ... give or take less than
+        cases.append((weight, ties))                             # a float32 step of the sum
+    specials = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-40, 3e38, 65504, 65519, 1e-8])
+    for value in [0.0, 1.0, -1e-45, 3e38, float("inf"), 16.0, 1e-3]:
+        cases.append((specials.to(weight_dtype), torch.full((10,), value, dtype=torch.float64).to(delta_dtype)))
+    for weight, delta in cases:
+        want = _float64_sum(weight, delta)
+        got = merged_weight(weight, delta)
+        assert got.is_contiguous() and _same(got, want), (list(weight.shape), weight.stride(), delta.stride())
+    with pytest.raises(ValueError, match="cannot merge into a weight of shape"):
+        merged_weight(torch.zeros(3, 4, dtype=weight_dtype), torch.zeros(4, 3, dtype=delta_dtype))
+
+
+def test_every_kind_builds_its_delta_in_the_merge_dtype():
+    """The delta contract (AdapterKind.delta_weight / undo_delta): float32 for a bf16, fp16 or fp32 weight,
+    float64 for a float64 one, whatever the parameters' dtype, so a merge never widens a whole weight
+    to float64."""
+    from surgeon.adapters import kinds, merge_dtype
+
+    size, gen = 256, torch.Generator().manual_seed(0)   # a site every kind's defaults fit (OFT, MiSS, C3A blocks)
+    checked = []
+    for name, kind in kinds().items():
+        opts = {key: option.default for key, option in kind.options.items()}
+        opts.update({"s2ft": {"columns": 8}, "parallel-adapter": {"activation": "none"}}.get(name, {}))
+        if kind.refusal(opts):
+            continue
+        weight = torch.randn(size, size, generator=gen) * 0.1
+        params = kind.init(opts, size, size, torch.float32, torch.Generator().manual_seed(0), weight)
+        params = {p: t + 0.01 * torch.randn(t.shape, generator=gen) if t.is_floating_point() else t
+                  for p, t in params.items()}
+        for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+            typed = {p: t.to(dtype) if t.is_floating_point() else t for p, t in params.items()}
+            delta = kind.delta_weight(typed, opts, weight.to(dtype))
+            assert delta.dtype == merge_dtype(weight.to(dtype)), (name, dtype, delta.dtype)
+            if kind.undo_delta is not None and not kind.refuse_unmerge:
+                undo = kind.undo_delta(typed, opts, weight.to(dtype))
+                assert undo.dtype == merge_dtype(weight.to(dtype)), (name, "undo", dtype, undo.dtype)
+        checked.append(name)
+    assert {"lora", "dora", "oft", "ia3", "s2ft", "miss", "hydra"} <= set(checked), checked
