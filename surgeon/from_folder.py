@@ -12,8 +12,13 @@ folder's layout (shards and index kept, other files copied): the output is what 
 writes for the same adapter, bit for bit. Several adapters are merged one after another, in the spec's
 order (each merge writes a complete intermediate checkpoint beside `merge_to`, removed afterwards): that is
 what the merge pass does in memory, one adapter's delta rounded into the weights after the other.
+Unless `verify=False`, the last merge is written to a hidden sibling of `merge_to`, checked layer by layer
+against the folder with the adapters unmerged (surgeon.layerwise: one block's weights at a time) and only
+then renamed to `merge_to`; a failure names the block and leaves `merge_to` unwritten. The report gets a
+`merge_to` row saying how it was checked.
 
-(surgeon.pretrained is the other direction: Compiled.save_pretrained of a model held in memory.)
+(The model is built by surgeon.config_model; surgeon.pretrained is the other direction:
+Compiled.save_pretrained of a model held in memory.)
 
 Refused, naming what and where, before anything is written: a folder without config.json, a config
 transformers cannot build (unknown model_type, an architecture it lacks, custom code), targets that match
@@ -28,11 +33,13 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from .config_model import build_meta_model, config_path as _config_path
 from .errors import SurgeonError
 
 DEFAULT_EXAMPLE = (2, 16)   # batch x length of the meta input ids (length capped by the model's positions)
@@ -42,7 +49,8 @@ _HOW = "compile_pretrained"
 def compile_pretrained(path: "str | Path", spec: Any, example: Any = None, example_kwargs: dict | None = None, *,
                        merge_to: "str | Path | None" = None, dtype: "torch.dtype | str | None" = None,
                        dynamic: bool | None = None, fan_in_fan_out: bool | None = None,
-                       allow_nonfinite: bool = False, progress: Callable[[str], None] | None = None):
+                       allow_nonfinite: bool = False, verify: bool = True,
+                       progress: Callable[[str], None] | None = None):
     """Build the model of the checkpoint folder `path` on the meta device and compile it structure only.
 
     `example`: the example input ids: None (meta ids of shape DEFAULT_EXAMPLE, 2 x 16), a shape
@@ -55,11 +63,16 @@ def compile_pretrained(path: "str | Path", spec: Any, example: Any = None, examp
     `compiled.merged_checkpoint` is merge_checkpoint's MergeSummary of it (None without merge_to).
     `fan_in_fan_out` and `allow_nonfinite` are merge_checkpoint's; the layout default comes from the
     compile (GPT-2's Conv1D sites store their weight in x out).
+
+    `verify` (with merge_to): check the merged checkpoint layer by layer against the folder's with the adapters
+    unmerged (surgeon.layerwise, on example ids of `example`'s shape, or `example`'s own ids) before it is
+    renamed to merge_to; a failure raises LayerwiseError naming the block and leaves merge_to unwritten. The
+    result is the report's `merge_to` row and `compiled.merged_checkpoint.verification` (None when skipped).
     """
     from .compiled import compile as surgeon_compile, load_spec
 
     folder = Path(path)
-    config_path = _config_path(folder)
+    config_path = _config_path(folder, _HOW)
     spec = load_spec(spec)   # everything that needs no model first
     merge_to = _check_merge_to(folder, merge_to) if merge_to is not None else None
     model = build_meta_model(folder, dtype)
@@ -76,91 +89,11 @@ def compile_pretrained(path: "str | Path", spec: Any, example: Any = None, examp
     compiled.merged_checkpoint = None
     if merge_to is not None:
         compiled.merged_checkpoint = merge_into(compiled, folder, merge_to, fan_in_fan_out, allow_nonfinite,
-                                                progress)
+                                                progress, verify=verify, example=example, dtype=dtype)
     return compiled
 
 
-# ---------------------------------------------------------------- the model, from config.json
-
-def _config_path(folder: Path) -> Path:
-    if not folder.is_dir():
-        raise SurgeonError(f"{_HOW}: '{folder}' is not a folder; give a checkpoint folder holding config.json "
-                           "(as save_pretrained writes it)")
-    config_path = folder / "config.json"
-    if config_path.is_symlink() or not config_path.is_file():
-        link = " (a symbolic link there is not followed)" if config_path.is_symlink() else ""
-        raise SurgeonError(f"{_HOW}: '{folder}' has no config.json{link}; a Hugging Face checkpoint folder holds "
-                           "config.json beside its *.safetensors")
-    return config_path
-
-
-def build_meta_model(folder: Path, dtype: "torch.dtype | str | None" = None) -> torch.nn.Module:
-    """The model `folder/config.json` describes, on the meta device (no weight allocated or read), in eval mode.
-
-    The class: the config's `architectures[0]` where transformers has it, else AutoModelForCausalLM's
-    for the config's model_type. Custom code (`auto_map`) is never run."""
-    config_path = folder / "config.json"
-    try:
-        raw = json.loads(config_path.read_bytes())
-    except (ValueError, RecursionError, OSError) as error:
-        raise SurgeonError(f"{_HOW}: '{config_path}' is not valid JSON: {error}") from error
-    if not isinstance(raw, dict):
-        raise SurgeonError(f"{_HOW}: '{config_path}' must hold a JSON object, got {type(raw).__name__}")
-    try:
-        import transformers
-        from transformers import AutoConfig, AutoModelForCausalLM
-    except ImportError as error:
-        raise SurgeonError(f"{_HOW} builds the model with transformers, which is not installed: {error}") from error
-    model_type = raw.get("model_type")
-    try:
-        config = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
-    except Exception as error:   # transformers raises ValueError / KeyError / OSError for what it cannot read
-        known = "" if model_type is None else f"model_type {model_type!r}: "
-        raise SurgeonError(f"{_HOW}: transformers {transformers.__version__} cannot read '{config_path}' "
-                           f"({known}{_first_line(error)}); surgeon runs no custom code from a checkpoint folder"
-                           ) from error
-    architectures = raw.get("architectures") or []
-    if dtype is not None:
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) and hasattr(torch, dtype) else dtype
-        if not isinstance(dtype, torch.dtype):
-            raise SurgeonError(f"{_HOW}: dtype {dtype!r} is not a torch dtype (e.g. torch.bfloat16 or 'bfloat16')")
-    options = {} if dtype is None else {"dtype": dtype}
-    with torch.device("meta"):
-        if architectures:
-            name = architectures[0]
-            cls = getattr(transformers, name, None) if isinstance(name, str) and name.isidentifier() else None
-            if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-                custom = " (its auto_map names custom code, which surgeon does not run)" if raw.get("auto_map") \
-                    else ""
-                raise SurgeonError(f"{_HOW}: '{config_path}' names the architecture {name!r}, which transformers "
-                                   f"{transformers.__version__} does not have{custom}; set `architectures` to a "
-                                   "transformers model class, or build the model yourself and use surgeon.compile")
-            model = _build(lambda: cls._from_config(config, **options), config_path, name)
-        else:
-            try:
-                model = AutoModelForCausalLM.from_config(config, **options)
-            except ValueError as error:
-                raise SurgeonError(f"{_HOW}: '{config_path}' names no `architectures`, and transformers has no "
-                                   f"causal LM for model_type {config.model_type!r} ({_first_line(error)}); add "
-                                   "`architectures` naming the model class") from error
-            except Exception as error:
-                raise SurgeonError(f"{_HOW}: building AutoModelForCausalLM from '{config_path}' on the meta device "
-                                   f"raised {type(error).__name__}: {_first_line(error)}") from error
-    return model.eval()
-
-
-def _build(make, config_path: Path, name: str):
-    try:
-        return make()
-    except Exception as error:
-        raise SurgeonError(f"{_HOW}: building {name} from '{config_path}' on the meta device raised "
-                           f"{type(error).__name__}: {_first_line(error)}") from error
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
+# ---------------------------------------------------------------- the example
 
 def meta_example(model: torch.nn.Module, example: Any = None) -> tuple:
     """Meta input ids: DEFAULT_EXAMPLE, a (batch, length) shape, or the shapes and dtypes of given tensors."""
@@ -203,8 +136,10 @@ def _check_merge_to(folder: Path, merge_to: "str | Path") -> Path:
 
 
 def merge_into(compiled, folder: Path, merge_to: Path, fan_in_fan_out: bool | None = None,
-               allow_nonfinite: bool = False, progress: Callable[[str], None] | None = None):
-    """Merge the compile's running adapters into folder's checkpoint, written to merge_to (merge_checkpoint)."""
+               allow_nonfinite: bool = False, progress: Callable[[str], None] | None = None, *,
+               verify: bool = True, example: Any = None, dtype: "torch.dtype | str | None" = None):
+    """Merge the compile's running adapters into folder's checkpoint, written to merge_to (merge_checkpoint);
+    with `verify`, written beside it, checked layer by layer (surgeon.layerwise) and then renamed to it."""
     from . import merge_checkpoint as mc
 
     states = compiled.adapters
@@ -223,6 +158,7 @@ def merge_into(compiled, folder: Path, merge_to: Path, fan_in_fan_out: bool | No
                 "base weights' values, which a structure-only compile does not read; load the trained adapter "
                 "with from_dir or from_peft in the spec to merge it")
     names = {n for shard in mc._shard_files(folder) for n in mc._read_header(folder / shard)[0]}
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="surgeon-adapters-") as tmp:
         adapters = []
         for name in running:
@@ -231,7 +167,75 @@ def merge_into(compiled, folder: Path, merge_to: Path, fan_in_fan_out: bool | No
             _match_checkpoint_names(compiled, name, directory, names, folder)
             flag = fan_in_fan_out if fan_in_fan_out is not None else _layout(states[name])
             adapters.append((name, directory, flag))
-        return _merge_in_sequence(folder, adapters, merge_to, allow_nonfinite, progress)
+        merge_to.parent.mkdir(parents=True, exist_ok=True)
+        mc._remove_stale_temps(merge_to)   # what runs killed outright left beside it (their process is gone)
+        # checked before it gets its name: merge_to holds a checkpoint that passed, or nothing
+        staging = merge_to.parent / f".{merge_to.name}.{mc._run_tag()}.unchecked.tmp" if verify else merge_to
+        if verify:
+            shutil.rmtree(staging, ignore_errors=True)   # left by a killed run of this process id
+        summary = _merge_in_sequence(folder, adapters, merge_to, allow_nonfinite, progress, last=staging)
+        summary.verification = None
+        if verify:
+            summary.verification = _check_and_rename(folder, staging, merge_to, [d for _, d, _ in adapters],
+                                                     example, dtype, progress)
+            summary.out_dir = merge_to
+    _report_row(compiled, summary, merge_to, time.perf_counter() - start)
+    return summary
+
+
+def _check_and_rename(folder: Path, staging: Path, merge_to: Path, adapters: list[Path], example: Any, dtype,
+                      progress):
+    """surgeon.layerwise on the merged checkpoint written to `staging`, then renamed to merge_to; removed on
+    a failure (or SIGTERM), and the LayerwiseError says so."""
+    from . import merge_checkpoint as mc
+    from .layerwise import LayerwiseError, LayerwiseUnsupported, verify_layerwise
+
+    if isinstance(example, (tuple, list)) and example and all(isinstance(t, torch.Tensor) for t in example):
+        example = example[0]
+    if isinstance(example, torch.Tensor) and example.is_meta:
+        example = tuple(example.shape)
+    if progress:
+        progress(f"checking the merged checkpoint layer by layer against '{folder}' with the adapters unmerged")
+    with mc._sigterm_unwinds():
+        try:
+            try:
+                result = verify_layerwise(folder, staging, adapters, example, dtype=dtype, progress=progress)
+            except LayerwiseError as error:
+                cls = type(error)
+                what = "cannot be checked layer by layer" if cls is LayerwiseUnsupported else \
+                    "failed its layer-by-layer check"
+                raise cls(f"{_HOW}: the merged checkpoint {what}, so nothing was written to merge_to '{merge_to}' "
+                          f"(verify=False writes it unchecked): {str(error).replace(str(staging), str(merge_to))}"
+                          ) from error
+            if os.path.lexists(merge_to):
+                raise SurgeonError(f"{_HOW}: merge_to '{merge_to}' appeared while the merged checkpoint was being "
+                                   "written; it is left as it is, and the merged checkpoint removed")
+            os.rename(staging, merge_to)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return result
+
+
+def _report_row(compiled, summary, merge_to: Path, seconds: float) -> None:
+    """The report's `merge_to` row: the tensors merged, and the check of the merged checkpoint."""
+    from .pipeline import PassRow
+
+    rows = compiled.report.rows
+    params, trainable, nodes = (rows[-1].params[1], rows[-1].trainable, rows[-1].nodes[1]) if rows else (0, 0, 0)
+    result = summary.verification
+    notes = [f"'{merge_to}': {len(summary.shards)} shard file(s), {len(summary.merged)} tensors merged, "
+             f"{summary.copied} copied, {summary.bytes_written:,} bytes"]
+    if result is None:
+        notes.append("the merged checkpoint was not checked (verify=False)")
+    else:
+        notes.append(f"checked {result.mode} against the base checkpoint with the adapters unmerged, on example ids "
+                     f"{list(result.example)}: {len(result.blocks)} blocks and {len(result.others)} other modules "
+                     f"run, {result.unreached} tensors the forward does not read compared bit for bit; at most "
+                     f"{result.peak_bytes / 2**20:.1f} MiB of checkpoint tensors held (the largest module: "
+                     f"{result.largest_module_bytes / 2**20:.1f} MiB)")
+    rows.append(PassRow("merge_to", len(summary.merged), [], (params, params), trainable, (nodes, nodes), seconds,
+                        "skipped (verify=False)" if result is None else str(result), notes))
 
 
 def _layout(state) -> bool | None:
@@ -263,26 +267,30 @@ def _match_checkpoint_names(compiled, name: str, directory: Path, names: set[str
     save_adapter_dir(directory, config["name"], config["type"], config["options"], weights, site_options)
 
 
-def _merge_in_sequence(folder: Path, adapters: list, merge_to: Path, allow_nonfinite: bool, progress):
+def _merge_in_sequence(folder: Path, adapters: list, merge_to: Path, allow_nonfinite: bool, progress,
+                       last: Path | None = None):
     """merge_checkpoint per adapter: the first reads `folder`, each later one the previous output; every
-    intermediate checkpoint is a hidden sibling of merge_to, removed when the next is written or on failure."""
+    intermediate checkpoint is a hidden sibling of merge_to, removed when the next is written or on failure.
+    The last adapter's output goes to `last` (default: merge_to)."""
     from . import merge_checkpoint as mc
 
+    final = merge_to if last is None else last
     source, made = folder, []
     try:
         for i, (name, directory, flag) in enumerate(adapters):
-            last = i == len(adapters) - 1
-            out = merge_to if last else merge_to.parent / f".{merge_to.name}.{mc._run_tag()}.step{i + 1}.tmp"
+            is_last = i == len(adapters) - 1
+            out = final if is_last else merge_to.parent / f".{merge_to.name}.{mc._run_tag()}.step{i + 1}.tmp"
             if progress:
-                progress(f"merging adapter '{name}' into {'merge_to' if last else 'an intermediate checkpoint'} "
-                         f"'{out}', tensor by tensor")
-            if not last:
+                what = "an intermediate checkpoint" if not is_last else "merge_to" if out == merge_to else \
+                    "the checkpoint to check before it becomes merge_to"
+                progress(f"merging adapter '{name}' into {what} '{out}', tensor by tensor")
+            if not is_last:
                 shutil.rmtree(out, ignore_errors=True)   # left by a killed run of this process id
             summary = mc.merge_checkpoint(source, directory, out, fan_in_fan_out=flag,
                                           allow_nonfinite=allow_nonfinite)
-            if not last:
+            if not is_last:
                 made.append(out)
-            if len(made) > 1 or (last and made):
+            if len(made) > 1 or (is_last and made):
                 shutil.rmtree(made.pop(0), ignore_errors=True)
             source = out
         return summary

@@ -14,12 +14,15 @@
   second graph built from this one (surgeon.serving); without it the call is the plain one;
 - `generate(...)` runs the generator the compile attached (surgeon.generate), so the module alone
   is enough to serve;
+- it trains under DDP and under FSDP2 with `fully_shard` applied to it (not to its submodules: the graph
+  never calls them, and an error of that kind gets a note saying so; docs/distributed.md);
 - deepcopy keeps all of it.
 Parameters keep the original model's names, so `state_dict()` keys map back to the model.
 """
 from __future__ import annotations
 
 import linecache
+import sys
 import traceback
 from typing import Any
 
@@ -53,6 +56,12 @@ class SurgeonModule(fx.GraphModule):
             line = graph_line(error)
             if line:
                 error.add_note(f"(in the graph of {type(self).__name__}: {line})")
+            sharded = _sharded_submodules(self, error)
+            if sharded:
+                error.add_note(f"fully_shard was applied to submodules of this compiled module "
+                               f"({', '.join(sharded[:3])}{' ...' if len(sharded) > 3 else ''}): its graph reads every "
+                               "parameter itself and never calls a submodule, so their FSDP hooks never gather the "
+                               "shards. Apply fully_shard to the compiled module alone (docs/distributed.md)")
             raise
         finally:
             if torch.is_grad_enabled() != grad:
@@ -126,6 +135,16 @@ def graph_line(error: BaseException) -> str | None:
     frame = frames[-1]
     source = linecache.getline(frame.filename, frame.lineno).strip()
     return f"line {frame.lineno}: {source}" if source else f"line {frame.lineno}"
+
+
+def _sharded_submodules(module: nn.Module, error: Exception) -> list[str]:
+    """The submodules (not `module` itself) that torch.distributed.fsdp.fully_shard was applied to, when `error`
+    is DTensor's complaint about an op mixing sharded and plain tensors; else []. The graph reads parameters
+    directly (get_attr), so a submodule's FSDP pre-forward hook, which gathers its shards, never runs."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")   # never imported: nothing can be sharded
+    if fsdp is None or "DTensor" not in str(error):
+        return []
+    return [name for name, sub in module.named_modules() if name and isinstance(sub, fsdp.FSDPModule)]
 
 
 def _followed_branch(error: Exception, inputs) -> str:

@@ -65,7 +65,8 @@ def cmd_compile(ns) -> int:
 
     if ns.model.startswith(HF_PREFIX):
         return _compile_pretrained(ns)
-    for option, value in (("--merge-to", ns.merge_to), ("--example-shape", ns.example_shape)):
+    for option, value in (("--merge-to", ns.merge_to), ("--example-shape", ns.example_shape),
+                          ("--no-verify-merge", ns.no_verify_merge or None)):
         if value is not None:
             raise SurgeonError(f"{option} needs --model {HF_PREFIX}PATH (a checkpoint folder); a factory's model "
                                "is merged with the spec's `merge` pass and its own example inputs")
@@ -106,16 +107,22 @@ def _compile_pretrained(ns) -> int:
         raise SurgeonError(f"--model {ns.model!r}: name the checkpoint folder after '{HF_PREFIX}', e.g. hf:./llama")
     if ns.out is None and ns.merge_to is None:
         raise SurgeonError("--out is required (or --merge-to, for the merged checkpoint only)")
+    if ns.no_verify_merge and ns.merge_to is None:
+        raise SurgeonError("--no-verify-merge needs --merge-to (it skips the check of the merged checkpoint)")
     example = _example_shape(ns.example_shape) if ns.example_shape is not None else None
     spec = load_spec(Path(ns.spec))
     if ns.out is not None:
         check_out_dir(ns.out)
-    compiled = compile_pretrained(path, spec, example, merge_to=ns.merge_to, progress=_progress)
+    compiled = compile_pretrained(path, spec, example, merge_to=ns.merge_to, verify=not ns.no_verify_merge,
+                                  progress=_progress)
     print(compiled.report)
     if compiled.merged_checkpoint is not None:
         summary = compiled.merged_checkpoint
         print(f"\nwrote {summary.out_dir}/ (merged checkpoint): {len(summary.shards)} shard file(s), "
               f"{len(summary.merged)} tensors merged, {summary.copied} copied, {summary.bytes_written:,} bytes")
+        check = summary.verification
+        print(f"checked against the folder with the adapters unmerged: {check}" if check is not None else
+              "not checked (--no-verify-merge)")
     if ns.out is not None:
         out = compiled.save(ns.out)
         print(f"\nwrote {out}/: report.txt/json, spec.yaml, graph.py, graph.html, graph.dot, nodes*.json, "
@@ -359,7 +366,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --model hf:PATH: write the folder's checkpoint with the compile's adapters merged "
                         "into DIR (must not exist), tensor by tensor, in the folder's layout")
     p.add_argument("--example-shape", metavar="BxL",
-                   help="with --model hf:PATH: the meta example input ids' shape (default: 2x16)")
+                   help="with --model hf:PATH: the meta example input ids' shape (default: 2x16); with --merge-to "
+                        "also the shape of the random ids the merged checkpoint is checked on")
+    p.add_argument("--no-verify-merge", action="store_true",
+                   help="with --merge-to: write the merged checkpoint without checking it layer by layer against "
+                        "the folder with the adapters unmerged")
     p.set_defaults(fn=cmd_compile)
     p = sub.add_parser("generate", help="compile a causal LM from a factory with a spec and generate token ids")
     p.add_argument("--model", required=True, help="package.module:factory returning (model, example_inputs[, kwargs])")
