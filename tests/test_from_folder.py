@@ -295,8 +295,10 @@ MEMORY_SCRIPT = textwrap.dedent("""
     start, clock = status("VmRSS"), time.perf_counter()
     compiled = surgeon.compile_pretrained(folder, {"adapters": [{"name": "a", "from_dir": str(adapter)}]},
                                           merge_to=out)
+    checked = compiled.merged_checkpoint.verification
     print(json.dumps({"start": start, "peak": status("VmHWM"), "seconds": time.perf_counter() - clock,
-                      "merged": len(compiled.merged_checkpoint.merged)}))
+                      "merged": len(compiled.merged_checkpoint.merged), "checked": str(checked),
+                      "blocks": len(checked.blocks)}))
 """)
 GRAPH_ALLOWANCE = 128 * 2**20   # the compile of the graph: see the test's docstring
 
@@ -351,7 +353,7 @@ def test_peak_memory_of_merge_to_is_two_largest_tensors_plus_the_graph(tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     grew = result["peak"] - result["start"]
-    assert result["merged"] == 7 * 8
+    assert result["merged"] == 7 * 8 and result["blocks"] == 8, result["checked"]   # checked layer by layer
     assert len(list((tmp_path / "ckpt").glob("*.safetensors"))) > 2 and total > 450 * 10**6
     bound = 2 * largest + GRAPH_ALLOWANCE
     print(f"checkpoint {total / 2**20:.0f} MiB, largest tensor {largest / 2**20:.1f} MiB: peak RSS grew by "

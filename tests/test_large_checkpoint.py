@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from surgeon.adapter_io import save_adapter_dir
+from tests.test_from_folder import MEMORY_SCRIPT   # compile_pretrained(merge_to=) in a fresh process
 
 LAYERS = int(os.environ.get("SURGEON_LARGE_LAYERS", "32"))
 HIDDEN, MLP, VOCAB, RANK = 4096, 11008, 32000, 16
@@ -29,31 +30,6 @@ PROJECTIONS = {"self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (HIDDEN
                "self_attn.v_proj": (HIDDEN, HIDDEN), "self_attn.o_proj": (HIDDEN, HIDDEN),
                "mlp.gate_proj": (MLP, HIDDEN), "mlp.up_proj": (MLP, HIDDEN), "mlp.down_proj": (HIDDEN, MLP)}
 SHARD_BYTES = 2 * 2**30
-
-MEMORY_SCRIPT = """
-import json, sys, time
-from pathlib import Path
-import torch, transformers
-from transformers import LlamaForCausalLM
-import surgeon
-
-def status(key):
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-
-folder, adapter, out = map(Path, sys.argv[1:4])
-try:
-    Path("/proc/self/clear_refs").write_text("5")
-except OSError:
-    pass
-start, clock = status("VmRSS"), time.perf_counter()
-compiled = surgeon.compile_pretrained(folder, {"adapters": [{"name": "a", "from_dir": str(adapter)}]}, merge_to=out)
-print(json.dumps({"start": start, "peak": status("VmHWM"), "seconds": time.perf_counter() - clock,
-                  "merged": len(compiled.merged_checkpoint.merged),
-                  "checked": str(compiled.merged_checkpoint.verification),
-                  "blocks": len(compiled.merged_checkpoint.verification.blocks)}))
-"""
 
 
 def tensors() -> list[tuple[str, tuple[int, ...]]]:
