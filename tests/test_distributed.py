@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import datetime
 import json
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 import surgeon
 from surgeon.adapter_io import load_adapter_dir, load_peft_dir
 from tests.conftest import hf_gpt2, hf_llama
+from tests.timm_models import EXTRAS
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch without torch.distributed / gloo")
@@ -79,6 +81,9 @@ def adapter_params(compiled) -> set[str]:
 # ---------------------------------------------------------------- the two processes
 
 def _worker(rank: int, world: int, out: str) -> None:
+    # spawn hands this process the parent's sys.path: after a timm test it holds timm's extras folder, whose
+    # torchvision cannot load here and which transformers would import (tests/timm_models.py); no timm is needed
+    sys.path[:] = [p for p in sys.path if Path(p) != EXTRAS]
     import torch.distributed as dist
     from torch.distributed.fsdp import FSDPModule, fully_shard
     from torch.distributed.tensor import DTensor
