@@ -86,11 +86,14 @@ def _write_atomic(path: Path, write) -> None:
 
 def save_adapter_dir(directory: Path, name: str, kind: str, options: dict,
                      weights: dict[str, dict[str, torch.Tensor]], site_options: dict[str, dict]) -> None:
-    """Write one adapter as adapter.safetensors + adapter_config.json."""
+    """Write one adapter as adapter.safetensors + adapter_config.json (a kind's shared tensors once each)."""
     directory = Path(directory)
-    flat = _unshared({f"{path}.{p}": t for path, ps in weights.items() for p, t in ps.items()})
+    own, shared, held_by = _split_shared(kind, weights)
+    flat = _unshared({**{f"{path}.{p}": t for path, ps in own.items() for p, t in ps.items()}, **shared})
     config = {"surgeon_adapter": FORMAT_VERSION, "name": name, "type": kind, "options": options,
               "targets": sorted(weights), "site_options": site_options}
+    if held_by:
+        config["shared"] = held_by
     _write_atomic(directory / "adapter.safetensors", lambda tmp: save_file(flat, tmp))
     _write_atomic(directory / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
 
@@ -105,7 +108,7 @@ def load_adapter_dir(directory: Path, allow_nonfinite: bool = False) -> LoadedAd
         raise SpecError("<adapter>", f"'{directory / 'adapter_config.json'}' is not a surgeon adapter config "
                                      "(for a PEFT folder use from_peft)")
     flat = _read_tensors(directory / "adapter.safetensors", allow_nonfinite)
-    weights: dict[str, dict[str, torch.Tensor]] = {}
+    weights = _join_shared(flat, config.get("shared", []), config["targets"], directory)
     for key, tensor in flat.items():
         path, _, param = key.rpartition(".")
         weights.setdefault(path, {})[param] = tensor
@@ -114,6 +117,56 @@ def load_adapter_dir(directory: Path, allow_nonfinite: bool = False) -> LoadedAd
                                      f"but the config lists {config['targets'][:3]}...")
     entry = {"type": config["type"], "targets": list(config["targets"]), **config.get("options", {})}
     return LoadedAdapter(entry, weights, config.get("site_options", {}))
+
+
+SHARED = "@shared"   # key prefix of a tensor stored once for every site that reads it (no module path has "@")
+
+
+def _split_shared(kind: str, weights: dict[str, dict[str, torch.Tensor]]):
+    """(per-site tensors without the kind's shared ones, {key: shared tensor}, [{tensor, param, modules}]): each
+    distinct shared tensor (VeRA's projections of a shape, VB-LoRA's bank) once, with the sites that read it."""
+    from .adapters import kinds
+
+    table = kinds()
+    names = table[kind].shared if kind in table else frozenset()
+    own = {path: {p: t for p, t in params.items() if p not in names} for path, params in weights.items()}
+    shared: dict[str, torch.Tensor] = {}
+    held_by: list[dict] = []
+    for pname in sorted(names):
+        copies: list[tuple[torch.Tensor, list[str]]] = []
+        for path, params in weights.items():
+            if pname not in params:
+                continue
+            tensor = params[pname]
+            same = next((paths for held, paths in copies if held is tensor or (
+                held.shape == tensor.shape and held.dtype == tensor.dtype and torch.equal(held, tensor))), None)
+            if same is None:
+                copies.append((tensor, [path]))
+            else:
+                same.append(path)
+        for i, (tensor, paths) in enumerate(copies):
+            key = f"{SHARED}.{pname}.{i}"
+            shared[key] = tensor
+            held_by.append({"tensor": key, "param": pname, "modules": paths})
+    return own, shared, held_by
+
+
+def _join_shared(flat: dict[str, torch.Tensor], held_by: Any, targets: list, directory: Path) -> dict:
+    """Take the shared tensors out of `flat` and give each to the sites that read it (one tensor, read once)."""
+    weights: dict[str, dict[str, torch.Tensor]] = {}
+    if not isinstance(held_by, list):
+        raise SpecError("<adapter>", f"'{directory / 'adapter_config.json'}': 'shared' must be a list, got {held_by!r}")
+    for entry in held_by:
+        key = entry.get("tensor") if isinstance(entry, dict) else None
+        modules = entry.get("modules") if isinstance(entry, dict) else None
+        if not isinstance(key, str) or key not in flat or not isinstance(entry.get("param"), str) \
+                or not isinstance(modules, list) or not all(isinstance(m, str) and m in targets for m in modules):
+            raise SpecError("<adapter>", f"'{directory}': shared entry {entry!r} names no tensor of "
+                                         "adapter.safetensors, or modules that are not the adapter's targets")
+        tensor = flat.pop(key)
+        for path in modules:
+            weights.setdefault(path, {})[entry["param"]] = tensor
+    return weights
 
 
 # ---------------------------------------------------------------- PEFT folders
@@ -144,6 +197,8 @@ def load_peft_dir(directory: Path, allow_nonfinite: bool = False) -> LoadedAdapt
         entry, site_options = fmt.read(config, weights, extras)
     except SpecError as error:
         raise SpecError("<adapter>", f"'{directory}': {str(error).split(': ', 1)[-1]}") from error
+    if not weights and fmt.names:
+        raise _no_weights(directory, fmt)
     return LoadedAdapter({"targets": sorted(weights), **entry}, weights, site_options)
 
 
@@ -157,13 +212,26 @@ def _split_peft_keys(flat: dict[str, torch.Tensor], fmt, directory: Path):
         match = pattern.fullmatch(_drop_adapter_name(key, by_suffix))
         if match:
             weights.setdefault(match.group(1), {})[by_suffix[match.group(2)]] = tensor
-        elif key.startswith(fmt.model_prefix) and key[len(fmt.model_prefix):] in fmt.model_level:
+        elif key.startswith(fmt.model_prefix) and _model_level(fmt, key[len(fmt.model_prefix):]):
             extras[key[len(fmt.model_prefix):]] = tensor
         else:
             raise SpecError("<adapter>", f"'{directory}': unexpected tensor '{key}' in a {fmt.peft_type} checkpoint")
-    if not weights and fmt.names:   # a format without per-module tensors (prefix tuning) checks its own
-        raise SpecError("<adapter>", f"'{directory}/adapter_model.safetensors' holds no {fmt.peft_type} weights")
+    if not weights and fmt.names and not extras:   # a format without per-module tensors (prefix tuning) checks
+        raise _no_weights(directory, fmt)             # its own; one with model-level ones tells why in its reader
     return weights, extras
+
+
+def _no_weights(directory: Path, fmt) -> SpecError:
+    return SpecError("<adapter>", f"'{directory}/adapter_model.safetensors' holds no {fmt.peft_type} weights")
+
+
+def _model_level(fmt, name: str) -> bool:
+    """Whether `name` is one of the format's model-level tensors; an entry ending in ".N" stands for numbered
+    ones (TinyLoRA's tinylora_v.0, tinylora_v.1 ...: one per weight-tying group), one ending in ".*" for
+    named ones (FRoD's frod_V.self_attn_q_proj: one per module role)."""
+    return any(name == entry or (entry.endswith(".N") and re.fullmatch(rf"{re.escape(entry[:-2])}\.\d+", name))
+               or (entry.endswith(".*") and re.fullmatch(rf"{re.escape(entry[:-2])}\.\w+", name))
+               for entry in fmt.model_level)
 
 
 def _drop_adapter_name(key: str, suffixes) -> str:

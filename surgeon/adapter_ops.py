@@ -21,7 +21,7 @@ from torch import nn
 
 from .adapters import Branch, ConvGeometry, merged_weight
 from .errors import SpecError
-from .graph import delete_attr, get_attr, get_tensor, set_parameter
+from .graph import delete_attr, get_attr, get_tensor, module_path, set_parameter
 from .pipeline import AdapterState, Context, PassResult, SiteState
 from .rules import CONV_OPS, SIGNATURES, Match, Pattern, find, path_matches
 
@@ -33,6 +33,13 @@ CALL_SITE_OPS = ("sdpa",)
 # A parameter site: a 3-D weight no linear/conv reads directly (transformers 5's fused experts).
 # Its "call" is the weight's get_attr node and its "output" the weight; x is None.
 PARAM_SITE = "param"
+# Weight sites, held as parameter sites (the kind's forward replaces the tensor for every op that reads
+# it) but targeted by module: "norm" takes each parameter of a module whose parameters are all 1-D (a
+# LayerNorm's weight and bias, an RMSNorm's weight, whatever ops read them: aten.layer_norm or HF's
+# `weight * x` decomposition), site `<module>.<name>`; "embedding" takes the table an aten.embedding
+# reads, site `<embedding module>.weight` even where a tied lm_head owns the tensor (which then reads
+# the replaced table too, as PEFT's trainable tokens do).
+WEIGHT_SITE_OPS = ("norm", "embedding")
 
 
 def discover_sites(gm: fx.GraphModule, state: AdapterState, ctx: Context, index: int,
@@ -43,7 +50,9 @@ def discover_sites(gm: fx.GraphModule, state: AdapterState, ctx: Context, index:
     refused: set[str] = set()
     for glob in spec.targets:
         for match in _site_matches(gm, spec.kind.site_ops, glob):
-            if match.node.meta.get("surgeon_adapter") or any(path_matches(match.path, ex) for ex in spec.exclude):
+            # a weight site (`<module>.weight`) is excluded by its module's path too
+            paths = (match.path, match.path.rpartition(".")[0]) if match.op in WEIGHT_SITE_OPS else (match.path,)
+            if match.node.meta.get("surgeon_adapter") or any(path_matches(p, ex) for p in paths for ex in spec.exclude):
                 continue   # another adapter's own ops are not sites
             reason = _site_refusal(match, spec.kind, _declared_options(spec, match.path))
             if reason:
@@ -90,7 +99,26 @@ def _site_matches(gm: fx.GraphModule, kind_ops: tuple[str, ...], glob: str) -> l
     matches = [m for node in gm.graph.nodes for p in patterns if (m := p.match(node)) is not None]
     if PARAM_SITE in kind_ops and glob != "*":   # a bare "*" keeps meaning the kind's ops
         matches += _param_matches(gm, glob)
+    for op in (op for op in kind_ops if op in WEIGHT_SITE_OPS):
+        matches += _weight_matches(gm, op, glob)
     return matches
+
+
+def _weight_matches(gm: fx.GraphModule, op: str, glob: str) -> list[Match]:
+    """The get_attr nodes of a weight site (WEIGHT_SITE_OPS) whose module or site path the glob matches."""
+    if op == "embedding":
+        return [Match(node.args[0], op, f"{module_path(node)}.weight", {})
+                for node in gm.graph.find_nodes(op="call_function", target=torch.ops.aten.embedding.default)
+                if isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr"
+                and any(path_matches(p, glob) for p in (module_path(node), f"{module_path(node)}.weight"))]
+    by_owner: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.find_nodes(op="get_attr"):
+        tensor = _try_tensor(gm, node.target)
+        if isinstance(tensor, nn.Parameter) and tensor.is_floating_point() and not node.meta.get("surgeon_adapter"):
+            by_owner.setdefault(node.target.rpartition(".")[0], []).append(node)
+    return [Match(node, op, node.target, {}) for owner, nodes in by_owner.items()
+            if all(get_tensor(gm, n.target).dim() == 1 for n in nodes)
+            for node in nodes if path_matches(owner, glob) or path_matches(node.target, glob)]
 
 
 def _param_matches(gm: fx.GraphModule, glob: str) -> list[Match]:
@@ -166,6 +194,9 @@ def site_dims(gm: fx.GraphModule, node: fx.Node, op: str) -> tuple[str, int, int
     if op in CALL_SITE_OPS:
         _, heads, _, head_dim = node.args[1].meta["val"].shape
         return "", int(heads), int(head_dim)
+    if op == PARAM_SITE and get_tensor(gm, node.target).dim() < 3:   # a weight site: 1-D n -> (1, n), a table
+        shape = get_tensor(gm, node.target).shape                     # vocab x hidden as out x in
+        return node.target, int(shape[-1]) if len(shape) == 2 else 1, int(shape[0])
     if op == PARAM_SITE:   # experts x out x in, PEFT's default expert layout; experts x in x out if transposed
         _, rows, cols = get_tensor(gm, node.target).shape
         if transposed_param(gm, node.target):
@@ -208,7 +239,7 @@ def attach(gm: fx.GraphModule, state: AdapterState, site: SiteState, calls: list
             with gm.graph.inserting_before(node.next):
                 branch = _branch(gm, state, site, node, made_by)
                 new_y = kind.forward(branch, x, node, _refs(gm, branch, site, made_by, name), site.options)
-            _drop_unread(gm, branch)
+            _drop_unread(gm, branch, keep=new_y)   # a weight site's forward may return a parameter's read itself
             for user in node.users:   # where the branch reads the base output (a later adapter may rewire it)
                 if user in branch.created:
                     user.meta["surgeon_base_args"] = [i for i, a in enumerate(user.args) if a is node]
@@ -267,9 +298,9 @@ def _arg(node: fx.Node, index: int):
     return node.args[index] if len(node.args) > index else node.kwargs.get("bias")
 
 
-def _drop_unread(gm: fx.GraphModule, branch: Branch) -> None:
+def _drop_unread(gm: fx.GraphModule, branch: Branch, keep: fx.Node | None = None) -> None:
     """Erase the parameter reads a half did not use (e.g. IA3's l in the half its `on` option skips)."""
-    for node in [n for n in branch.created if n.op == "get_attr" and not n.users]:
+    for node in [n for n in branch.created if n.op == "get_attr" and not n.users and n is not keep]:
         gm.graph.erase_node(node)
         branch.created.remove(node)
 
@@ -283,7 +314,9 @@ def _refs(gm: fx.GraphModule, branch: Branch, site: SiteState, made_by: str, nam
 
 
 def _register(gm: fx.GraphModule, state: AdapterState, site: SiteState, pname: str, tensor: torch.Tensor) -> str:
-    """Store one adapter parameter; a shared one once per adapter and shape, reused by later sites."""
+    """Store one adapter parameter; a shared one once per adapter, shape (and the kind's shared_group),
+    reused by later sites. A trained shared one is one Parameter every site reads, so their gradients
+    accumulate in it; a fresh insert keeps the first site's init of it."""
     kind, name = state.spec.kind, state.spec.name
     if pname not in kind.shared:
         owner, _, param = site.path.rpartition(".")   # a parameter site's path is a tensor: no submodule under it
@@ -292,12 +325,16 @@ def _register(gm: fx.GraphModule, state: AdapterState, site: SiteState, pname: s
         target = f"{home}.{pname}"
         set_parameter(gm, target, tensor, requires_grad=pname not in kind.frozen)
         return target
-    target = f"adapter_{name}.{pname}_{'x'.join(map(str, tensor.shape))}"
+    group = kind.shared_group(site.options) if kind.shared_group is not None else None
+    target = f"adapter_{name}.{pname}_{'x'.join(map(str, tensor.shape))}{'' if group is None else f'_g{group}'}"
+    trained = pname in kind.shared_trained
     try:
         existing = get_tensor(gm, target)
     except AttributeError:
-        set_parameter(gm, target, tensor, requires_grad=False)
+        set_parameter(gm, target, tensor, requires_grad=trained)
         return target
+    if trained and state.spec.loaded is None and state.status in ("declared", "removed"):
+        return target   # a fresh insert (not a re-attach): the first site's init is the tensor, later draws dropped
     if not torch.equal(existing, tensor.to(existing.device, existing.dtype)):
         raise ValueError(f"adapter '{name}': shared parameter '{pname}' for module '{site.path}' differs from "
                          f"the one other {list(tensor.shape)} sites use")
@@ -378,7 +415,11 @@ def add_delta(gm: fx.GraphModule, state: AdapterState, site: SiteState, delta: t
     delta = delta.reshape(weight.shape)   # a conv's out x (in * kh * kw) delta back to out x in x kh x kw
     new = merged_weight(weight, delta)   # W + dW rounded once to W's dtype, no float64 copy of W
     if site.op == PARAM_SITE:   # the parameter is the site: every read of it is adapted, so it changes in place
+        tied = [n for n, p in gm.named_parameters(remove_duplicate=False) if p is weight and n != site.weight]
         set_parameter(gm, site.weight, new, requires_grad=weight.requires_grad)
+        for name in tied:   # a tied embedding is one tensor under several names: all of them get the new one
+            owner, _, leaf = name.rpartition(".")
+            gm.get_submodule(owner)._parameters[leaf] = get_tensor(gm, site.weight)
         return
     readers = [u for n in gm.graph.find_nodes(op="get_attr", target=site.weight) for u in n.users]
     calls = set(site_calls(gm, site))
@@ -452,7 +493,8 @@ def place_peft_params(loaded, paths: list[str], found: dict[str, list[fx.Node]],
     """
     by_module: dict[str, list[str]] = {}
     for path in paths:
-        if found[path][0].op == "get_attr" and path not in loaded.weights:
+        value = found[path][0].meta.get("val")   # 3-D: a LoRA of experts (weight sites are keyed by their path)
+        if found[path][0].op == "get_attr" and path not in loaded.weights and value is not None and value.dim() == 3:
             by_module.setdefault(path.rpartition(".")[0], []).append(path)
     for module, params in by_module.items():
         held = [key for key in loaded.weights if key == module or key.startswith(module + ".base_layer")

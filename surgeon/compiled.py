@@ -109,11 +109,15 @@ def validate_against_model(spec: Spec, model: nn.Module) -> None:
     for i, adapter in enumerate(spec.adapters):
         key = ("adapters", i, "from_peft" if adapter.from_peft else "from_dir") if adapter.loaded else None
         for j, glob in enumerate(adapter.targets):
+            from .adapter_ops import WEIGHT_SITE_OPS
             from .rules import path_matches
 
             hits = [p for p in modules if p and path_matches(p, glob)]
-            if not hits and not any(path_matches(p, glob) for p, t in model.named_parameters() if t.dim() == 3):
-                # a 3-D parameter (fused MoE experts) is a site by its own name (adapter_ops.PARAM_SITE)
+            by_name = any(op in WEIGHT_SITE_OPS for op in adapter.kind.site_ops)
+            if not hits and not any(path_matches(p, glob) for p, t in model.named_parameters(remove_duplicate=False)
+                                    if t.dim() == 3 or by_name):
+                # a 3-D parameter (fused MoE experts) is a site by its own name (adapter_ops.PARAM_SITE), and so
+                # is a norm's or an embedding's parameter (adapter_ops.WEIGHT_SITE_OPS: ln_tuning's saved targets)
                 raise spec.error(key or ("adapters", i, "targets", j),
                                  f"target '{glob}' matches no module of {type(model).__name__} "
                                  f"(module paths look like: {', '.join(list(p for p in modules if p)[:4])} ...)")

@@ -292,6 +292,7 @@ def _misfit(adapter: Adapter, path: str, in_f: int, out_f: int) -> str | None:
     except ValueError as error:   # options that cannot fit this layer at all (e.g. OFT's block size)
         return str(error)
     got = adapter.weights[path]
+    expected = {p: t for p, t in expected.items() if p in got or p not in adapter.kind.recomputed}
     if set(expected) != set(got):
         return f"module '{path}' has tensors {sorted(got)}, a {adapter.kind.name} adapter has {sorted(expected)}"
     shared = adapter.kind.shared   # shared tensors (VeRA's projections) may be sized for a larger layer
@@ -320,6 +321,10 @@ def merged_tensor(tensor: torch.Tensor, target: Target, adapter: Adapter) -> tor
                           torch.Generator().manual_seed(0), weight)
         base_delta = kind.base_delta(fresh, options, weight)
         weight = weight if base_delta is None else merged_weight(weight, base_delta)
+    if kind.recomputed - set(params):   # PEFT saves no PSOFT A, B: rebuilt from the weight, as insert does
+        fresh = kind.init(options, weight.shape[1], weight.shape[0], weight.dtype,
+                          torch.Generator().manual_seed(0), weight)
+        params = {**{p: fresh[p] for p in kind.recomputed if p in fresh}, **params}
     delta = kind.delta_weight(params, options, weight)
     if target.transposed:   # rounded in the stored in x out layout, as the merge pass rounds a Conv1D weight
         return merged_weight(weight.t(), delta.t())

@@ -62,7 +62,13 @@ class AdapterState:
 
     @property
     def param_count(self) -> int:
-        return sum(self.spec.kind.param_count(s.options, s.in_features, s.out_features) for s in self.sites)
+        """Trained parameters: each site's own, plus each copy of the kind's trained shared ones once."""
+        kind = self.spec.kind
+        own = sum(kind.param_count(s.options, s.in_features, s.out_features) for s in self.sites)
+        if kind.shared_count is None:
+            return own
+        copies = {kind.shared_group(s.options) if kind.shared_group else None: s.options for s in self.sites}
+        return own + sum(kind.shared_count(options) for options in copies.values())
 
 
 @dataclass

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .adapter_io import FORMAT_VERSION, LoadedAdapter, _read_json, _read_tensors, _write_atomic
+from .adapter_io import FORMAT_VERSION, LoadedAdapter, _read_json, _read_tensors, _unshared, _write_atomic
 from .errors import SpecError
 from .graph import get_tensor
 
@@ -198,6 +198,7 @@ def save_quantized_adapter(compiled, name: str, directory: str | Path) -> None:
     from safetensors.torch import save_file
 
     directory = Path(directory)
+    flat = _unshared(flat)   # a float tensor several sites share (VeRA's projections, VB-LoRA's bank): a copy each
     _write_atomic(directory / "adapter.safetensors", lambda tmp: save_file(flat, tmp))
     _write_atomic(directory / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
 

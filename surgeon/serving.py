@@ -44,6 +44,7 @@ import torch.fx as fx
 from torch import nn
 
 from .adapters import EagerBranch
+from .adapters.lora import BASE_INITS
 from .errors import InputError, SurgeonError
 from .graph import get_tensor, placement
 
@@ -77,7 +78,7 @@ def refusal(state) -> str:
     for site in state.sites:
         if site.op not in _SITE_OPS:
             return f"it sits on a {site.op} op at '{site.path}'; mixed batches take linear and GPT-2 Conv1D sites"
-        if site.options.get("init") in ("pissa", "olora"):
+        if site.options.get("init") in BASE_INITS:
             return (f"its {site.options['init']} init rewrote the base weight of '{site.path}' into a residual, "
                     "so rows without it would not see the base model")
         if site.options.get("groups", 1) > 1 or "experts" in site.options:
@@ -422,7 +423,7 @@ def check_states(adapters: dict, wanted: set[str]) -> None:
                                f"mixed batch: {why}")
     for name, state in adapters.items():
         if state.status in _BAKED or (state.status in _USABLE and any(
-                s.options.get("init") in ("pissa", "olora") for s in state.sites)):
+                s.options.get("init") in BASE_INITS for s in state.sites)):
             raise SurgeonError(f"adapter_names: adapter '{name}' ({state.spec.type}, {state.status}) "
                                f"{'changes the base graph' if state.status in _USABLE else 'is part of the graph'}: "
                                f"{refusal(state)}, so '{BASE}' rows and other adapters' rows would carry it too")
@@ -639,12 +640,13 @@ def adapter_bytes(compiled) -> dict[str, int]:
     the merged weights (merged); 0 for one removed or not inserted."""
     sizes = {}
     for name, state in compiled.ctx.adapters.items():
-        total = 0
+        held = {}   # a tensor several sites share (VeRA's projections, VB-LoRA's bank) counts once
         for site in state.sites:
             tensors = site.merged or site.parked or ({p: get_tensor(compiled.module, t) for p, t in site.params.items()}
                                                      if state.status == "inserted" else {})
-            total += sum(t.numel() * t.element_size() for t in tensors.values())
-        sizes[name] = total
+            held.update({(id(t) if t.is_meta else t.data_ptr(), t.shape, t.dtype): t.numel() * t.element_size()
+                         for t in tensors.values()})
+        sizes[name] = sum(held.values())
     return sizes
 
 

@@ -253,6 +253,21 @@ class AdapterKind:
         None (PiSSA keeps the residual W - s B0 A0 in the base; recomputed for loaded adapters)
     frozen / shared: parameters that take no gradient; shared ones are stored once per adapter
         and shape and read by every site of that shape (VeRA's random projections)
+    shared_trained: the shared parameters that do train (VB-LoRA's vector bank, Uni-LoRA's vector):
+        one nn.Parameter that every site reading it feeds gradients into, counted once (shared_count),
+        saved once. A fresh insert keeps the first site's init of it (graph order); a loaded adapter's
+        sites must all hold the same tensor
+    shared_group(opts) -> which copy of the shared parameters a site reads, beside their shape (TinyLoRA's
+        weight-tying group); None: one copy per shape
+    shared_count(opts) -> trained parameters in one copy of shared_trained, added to the adapter's count
+        once per copy (param_count counts a site's own parameters only)
+    site_layout(opts, sites) -> per-site options that depend on where a site stands among all the
+        adapter's sites: `sites` is [(path, in_features, out_features)] in module order (the order the
+        model registers the site weights, PEFT's order), the result one dict per site (TinyLoRA's layer
+        index and tying group, Uni-LoRA's slice of one index stream). Loaded site options win over it
+    recomputed: frozen parameters init computes from the site's base weight that a PEFT checkpoint
+        does not hold (PSOFT's SVD factors A and B, OSF's frozen subspace): a loaded adapter lacking
+        them gets init's, from the weight it is inserted on, as PEFT rebuilds them when it loads
     init_check(opts): "exact" when the init is the identity bit for bit, "close" when it is the
         identity up to rounding, "none" when it changes the function (e.g. HRA with an odd rank)
     merge_refusal(opts) -> why these options cannot merge, "" when they can (a parallel adapter
@@ -277,6 +292,9 @@ class AdapterKind:
         site_ops: fused MoE experts, E x out x in), "" when they can. On such a site the forward
         gets x=None and y = the weight's get_attr node, returns the weight to use in its place
         (W + delta: every op that reads the weight sees it), and the delta is E x out x in
+    calibrated(opts) -> whether init needs the covariance of the site's inputs (CorDA): insert runs the
+        graph on the compile's example inputs (surgeon.calibration) and calls init with `covariance=`
+        (in x in, float32); callers that have no inputs (a checkpoint merge) call init without it
     rotation(params, opts, weight) -> the merge as a rotation of the input, rotations.Rotation(R, s)
         with W' = diag(s) W R (R orthogonal, float64), or a string saying why it is none (a reflection,
         det -1, has no real logarithm); None for kinds that are no rotation. `combine`'s orthomerge
@@ -297,6 +315,11 @@ class AdapterKind:
     base_delta: Callable[[ParamDict, dict, torch.Tensor], torch.Tensor | None] | None = None
     frozen: frozenset[str] = frozenset()
     shared: frozenset[str] = frozenset()
+    shared_trained: frozenset[str] = frozenset()
+    shared_group: Callable[[dict], Any] | None = None
+    shared_count: Callable[[dict], int] | None = None
+    site_layout: Callable[[dict, list[tuple[str, int, int]]], list[dict]] | None = None
+    recomputed: frozenset[str] = frozenset()
     init_check: Callable[[dict], str] = lambda opts: "exact"
     merge_refusal: Callable[[dict], str] | None = None
     site_options: Callable[[fx.GraphModule, str, str, dict], dict] | None = None
@@ -306,6 +329,12 @@ class AdapterKind:
     rank_limit: Callable[[dict, int, int], tuple[int, str] | None] = \
         lambda opts, fan_in, fan_out: (min(fan_in, fan_out), "min(in, out)")
     rotation: Callable[[ParamDict, dict, torch.Tensor], Any] | None = None
+    calibrated: Callable[[dict], bool] | None = None
+
+    @property
+    def untrained(self) -> frozenset[str]:
+        """The parameters that take no gradient: frozen ones and shared ones that are not trained."""
+        return self.frozen | (self.shared - self.shared_trained)
 
     def refusal(self, opts: dict) -> str:
         """Why an adapter of this kind with these options cannot be merged; "" when it can."""
@@ -316,13 +345,15 @@ class AdapterKind:
 
 def kinds() -> dict[str, AdapterKind]:
     """The adapter kinds by spec `type` name (an explicit table; nothing registers at import)."""
-    from . import (boft, bottleneck, c3a, delora, delta, dora, ether, fourierft, gralora, hira, hra, hydra, ia3, loha,
-                   lokr, lora, lora_xs, lori, miss, oft, parallel_adapter, prefix, pvera, randlora, road, rosa, s2ft,
-                   shira, vera)
+    from . import (adalora, adamss, beft, boft, bottleneck, c3a, delora, deft, delta, dora, ether, fourierft, glora, gralora, hira, lily, hra, hydra, ia3, ln_tuning, loha,
+                   lokr, lora, lora_xs, lori, miss, oft, osf, parallel_adapter, peanut, prefix, psoft, pvera, randlora, road, rosa, s2ft,
+                   shira, supertuning, trainable_tokens, tinylora, unilora, vblora, vera, waveft, frod)
 
     table = [lora.LORA, delta.DELTA, dora.DORA, ia3.IA3, loha.LOHA, lokr.LOKR, vera.VERA, lora_xs.LORA_XS,
              oft.OFT, boft.BOFT, hra.HRA, shira.SHIRA, parallel_adapter.PARALLEL_ADAPTER, bottleneck.BOTTLENECK,
              hydra.HYDRA, s2ft.S2FT, prefix.PREFIX, ether.ETHER, ether.ETHER_PLUS, rosa.ROSA, lori.LORI, road.ROAD,
-             fourierft.FOURIERFT, hira.HIRA, miss.MISS, randlora.RANDLORA,
-             delora.DELORA, gralora.GRALORA, c3a.C3A, pvera.PVERA]
+             fourierft.FOURIERFT, waveft.WAVEFT, frod.FROD, hira.HIRA, miss.MISS, randlora.RANDLORA,
+             delora.DELORA, adalora.ADALORA, peanut.PEANUT, glora.GLORA, lily.LILY, gralora.GRALORA, c3a.C3A, pvera.PVERA, psoft.PSOFT, deft.DEFT, osf.OSF, supertuning.SUPERTUNING, beft.BEFT, adamss.ADAMSS,
+             ln_tuning.LN_TUNING, trainable_tokens.TRAINABLE_TOKENS,
+             vblora.VBLORA, tinylora.TINYLORA, unilora.UNILORA]
     return {kind.name: kind for kind in table}

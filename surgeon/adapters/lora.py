@@ -20,6 +20,16 @@ G_b (r/2 x out) Gaussian, drawn in PEFT's order (r x r, then G_a, then G_b). Q_e
 exact arithmetic and the base weight is left alone (PEFT leaves it too); in floating point B A is
 about 1e-8, not 0, so the insert is the identity up to rounding ("close"), not bit for bit.
 
+CorDA (`init: corda`, `corda_mode: ipm/kpm`, Yang et al. 2024): A and B from the SVD of W times the
+covariance of the site's inputs over the compile's example inputs (surgeon.adapters.corda,
+surgeon.calibration), r largest (ipm) or smallest (kpm) components; the base keeps the residual
+("close"), as for PiSSA.
+
+LoftQ (`init: loftq`, Li et al. 2023; `loftq_bits` 4 or 8, `loftq_iter`): the base weight becomes
+its quantized round trip Q (NF4 or row-wise int8, simulated in float32: surgeon.adapters.loftq) and
+s B A the rank-r SVD fit of W - Q, alternated `loftq_iter` times. Q + s B A only approximates W, so
+the insert changes the function ("none"); Q is recomputed from W for a loaded adapter.
+
 On a conv site (conv1d / conv2d / conv3d, `padding="same"` too), in = in_channels * prod(kernel):
 A maps each kernel patch to r values (a conv with the site's kernel, stride, padding, dilation)
 and B is a 1x1 conv; the delta is (s B A).view(W.shape).
@@ -58,6 +68,8 @@ from ..errors import SpecError
 from ..graph import get_tensor
 from ..rules import CONV_OPS, Pattern, find
 from . import AdapterKind, EagerBranch, Option, merge_dtype
+from .corda import corda_factors
+from .loftq import loftq_base, loftq_factors
 
 aten = torch.ops.aten
 
@@ -101,12 +113,20 @@ def orthogonal_factors(rank: int, in_features: int, out_features: int,
     return A.contiguous(), B.contiguous()
 
 
-def lora_init(opts, in_features, out_features, dtype, gen, weight):
-    """LoRA's A and B for one site (PiSSA and OLoRA read the base weight)."""
+# the inits that rewrite the base weight at insertion (into a residual, or LoftQ's quantized Q)
+BASE_INITS = ("pissa", "olora", "loftq", "corda")
+
+
+def lora_init(opts, in_features, out_features, dtype, gen, weight, covariance=None):
+    """LoRA's A and B for one site (PiSSA, OLoRA, LoftQ read the base weight; CorDA also its inputs' covariance)."""
     rank = opts["rank"] * opts.get("experts", 1)   # an expert stack keeps every expert's rank-r factors side by side
     factors = {"pissa": lambda: pissa_factors(weight, rank, lora_scale(opts)),
                "olora": lambda: olora_factors(weight, rank),
-               "orthogonal": lambda: orthogonal_factors(rank, in_features, out_features, gen)}.get(opts["init"])
+               "orthogonal": lambda: orthogonal_factors(rank, in_features, out_features, gen),
+               "loftq": lambda: loftq_factors(weight, rank, lora_scale(opts), opts["loftq_bits"],
+                                              opts["loftq_iter"]),
+               "corda": lambda: corda_factors(weight, covariance, rank, lora_scale(opts), opts["corda_mode"])
+               }.get(opts["init"])
     if factors is not None:   # both factors non-zero
         A, B = factors()
         return {"lora_A": A.to(dtype), "lora_B": B.to(dtype)}
@@ -172,8 +192,8 @@ def _conv_groups(opts: dict, groups: int) -> str:
     the rank into `groups` equal blocks, as PEFT's does."""
     if opts["rank"] % groups:
         return f"LoRA's rank {opts['rank']} is not a multiple of groups (PEFT refuses it too)"
-    if opts["init"] == "pissa":
-        return "PiSSA splits a dense weight's SVD; a grouped conv's weight is block-diagonal"
+    if opts["init"] in ("pissa", "loftq", "corda"):
+        return f"{opts['init']} splits a dense weight's SVD; a grouped conv's weight is block-diagonal"
     if opts["init"] in ("olora", "orthogonal"):
         return f"the {opts['init']} init makes a dense out x r B, a grouped conv's B is out x (r / groups)"
     return ""
@@ -231,15 +251,19 @@ def _bias_map(params, opts, bias, undo):
 def _pissa_base(init_params, opts, weight):
     # W_res = W - s B0 A0: the residual the adapter's principal (PiSSA) or QR (OLoRA) part is taken out of;
     # the orthogonal init's B0 A0 is 0 up to rounding, and PEFT leaves W alone for it
-    return lora_delta(init_params, opts, weight).neg_() if opts["init"] in ("pissa", "olora") else None
+    # LoftQ: the base becomes Q, the dequantized weight the loop ends with (Q - W added to W)
+    if opts["init"] == "loftq":
+        return loftq_base(weight, opts["rank"], opts["loftq_bits"], opts["loftq_iter"]).to(
+            merge_dtype(weight)).sub_(weight.to(merge_dtype(weight)))
+    return lora_delta(init_params, opts, weight).neg_() if opts["init"] in ("pissa", "olora", "corda") else None
 
 
 def _param_refusal(opts):
     """Why these options cannot sit on a 3-D expert parameter ("" when they can)."""
     if opts.get("dropout"):
         return "LoRA dropout drops the input, which does not factor out of W + s * B A (PEFT refuses it too)"
-    if opts["init"] == "pissa":
-        return "PiSSA needs one SVD per expert, which surgeon does not do"
+    if opts["init"] in ("pissa", "loftq", "corda"):
+        return f"{opts['init']} needs one SVD per expert, which surgeon does not do"
     if opts["init"] in ("olora", "orthogonal"):
         return f"the {opts['init']} init makes one rank-r pair for a 2-D weight, not one per expert"
     return ""
@@ -256,6 +280,11 @@ LORA_OPTIONS = {
 LORA = AdapterKind(
     name="lora",
     options={**LORA_OPTIONS,
+             "init": Option(str, "default", choices=("default", "gaussian", "pissa", "olora", "orthogonal", "loftq",
+                                                     "corda")),
+             "corda_mode": Option(str, "ipm", choices=("ipm", "kpm")),   # init corda: PEFT's corda_method
+             "loftq_bits": Option(int, 4, choices=(4, 8)),   # init loftq: NF4 or row-wise int8 (PEFT's loftq_config)
+             "loftq_iter": Option(int, 1, positive=True),
              "bias": Option(bool, False),     # PEFT's lora_bias: a bias on B (linear and Conv1D sites)
              "biased": Option(bool, None)},   # per site with `bias`, read from the graph (whether the base has one)
     init=lora_init,
@@ -266,14 +295,19 @@ LORA = AdapterKind(
                                                                          + fan_out * opts["rank"] // opts.get("groups", 1))
     + (fan_out if opts.get("bias") else 0),
     base_delta=_pissa_base,
-    init_check=lambda opts: "close" if opts["init"] in ("pissa", "olora", "orthogonal") else "exact",
+    # LoftQ: Q + s B A only approximates W (what the rank-r fit cannot hold of the quantization error remains)
+    init_check=lambda opts: "none" if opts["init"] == "loftq" else
+    "close" if opts["init"] in ("pissa", "olora", "orthogonal", "corda") else "exact",
     merge_refusal=_merge_refusal,
     site_options=_site_options,
     site_ops=("linear", "addmm", "conv2d", "conv1d", "conv3d", "conv1d.padding", "conv2d.padding", "conv3d.padding",
               "param"),
     conv_groups=_conv_groups,
     param_refusal=_param_refusal,
-    # PEFT takes any rank; PiSSA and OLoRA keep the top-r singular / QR part of W, which has min(in, out)
-    rank_limit=lambda opts, fan_in, fan_out: (min(fan_in, fan_out), "min(in, out) with init pissa / olora")
-    if opts.get("init") in ("pissa", "olora") else None,
+    # PEFT takes any rank; PiSSA, OLoRA and LoftQ keep the top-r singular / QR part of a matrix of W's shape,
+    # which has min(in, out)
+    rank_limit=lambda opts, fan_in, fan_out: (min(fan_in, fan_out), "min(in, out) with init pissa / olora / loftq "
+                                                                     "/ corda")
+    if opts.get("init") in BASE_INITS else None,
+    calibrated=lambda opts: opts.get("init") == "corda",
 )

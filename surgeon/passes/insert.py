@@ -34,7 +34,9 @@ import torch.fx as fx
 
 from surgeon.adapter_ops import (PARAM_SITE, SITE_OPS, add_delta, attach, check_loaded_shapes, discover_sites,
                                  place_peft_params, site_dims, site_weight)
-from surgeon.graph import module_path
+from surgeon.calibration import input_covariances
+from surgeon.errors import SurgeonError
+from surgeon.graph import get_tensor, module_path
 from surgeon.pipeline import Context, PassResult, SiteState
 from surgeon.rules import SIGNATURES, Pattern, path_matches
 
@@ -74,17 +76,19 @@ class Insert:
             if spec.loaded is not None:
                 place_peft_params(spec.loaded, paths, found, ctx, index)
             _check_ordinals(spec, paths, ctx, index)
+            layout = _layout(gm, spec, paths, found)
+            covariances = _calibrate(gm, spec, paths, found, ctx, index)
             for path in paths:
                 calls = found[path]
-                op = PARAM_SITE if calls[0].op == "get_attr" else \
-                    next(name for name, (target, _) in SIGNATURES.items() if target is calls[0].target)
+                op = _site_op(calls[0])
                 weight, fan_in, fan_out = site_dims(gm, calls[0], op)
-                options = {**spec.options, **(spec.loaded.site_options.get(path, {}) if spec.loaded else {})}
+                options = {**spec.options, **layout.get(path, {}),
+                           **(spec.loaded.site_options.get(path, {}) if spec.loaded else {})}
                 if spec.kind.site_options is not None:   # options a kind reads from the graph (S2FT's k)
                     options.update(spec.kind.site_options(gm, path, weight, options))
                 site = SiteState(path, op, weight, fan_in, fan_out, options)
                 dtype = calls[0].meta["val"].dtype if "val" in calls[0].meta else None
-                tensors = self._tensors(gm, state, site, ctx, index, dtype, len(state.sites))
+                tensors = self._tensors(gm, state, site, ctx, index, dtype, len(state.sites), covariances.get(path))
                 unknown = [p for p, t in tensors.items() if t.is_meta]
                 if unknown:
                     without.setdefault(", ".join(unknown), []).append(path)
@@ -102,17 +106,21 @@ class Insert:
                                 f"{state.param_count:,} parameters")
         return result
 
-    def _tensors(self, gm, state, site, ctx, index, dtype, ordinal):
+    def _tensors(self, gm, state, site, ctx, index, dtype, ordinal, covariance=None):
         kind, loaded = state.spec.kind, state.spec.loaded
         weight = site_weight(gm, site)
         fresh = None
-        if loaded is None or kind.base_delta is not None:   # a loaded adapter leaves ctx.generator alone
+        if loaded is None or kind.base_delta is not None or kind.recomputed:
+            # a loaded adapter leaves ctx.generator alone
             gen = ctx.generator if loaded is None else torch.Generator().manual_seed(0)
-            fresh = kind.init(site.options, site.in_features, site.out_features, weight.dtype, gen, weight)
+            fresh = kind.init(site.options, site.in_features, site.out_features, weight.dtype, gen, weight,
+                              **({} if covariance is None else {"covariance": covariance}))
         if loaded is not None:
             tensors = loaded.weights.get(site.path, loaded.weights.get(f"#{ordinal}"))
             if tensors is None:
                 raise ctx.spec.error(("adapters", index, "targets"), f"no weights for module '{site.path}'")
+            # what PEFT does not save (PSOFT's SVD factors) it rebuilds from the weight when it loads: so does init
+            tensors = {**{p: fresh[p] for p in kind.recomputed if p in fresh and p not in tensors}, **tensors}
             check_loaded_shapes(state, site, tensors, ctx, index)
         else:
             tensors = fresh
@@ -126,6 +134,54 @@ class Insert:
         return {p: t.to(device=t.device if weight.is_meta else weight.device,
                         dtype=(dtype or weight.dtype) if t.is_floating_point() else t.dtype, copy=True)
                 for p, t in tensors.items()}
+
+
+def _calibrate(gm: fx.GraphModule, spec, paths: list[str], found: dict[str, list[fx.Node]], ctx: Context,
+               index: int) -> dict:
+    """{path: the covariance of the site's inputs} for a kind whose init needs it (CorDA), over the compile's
+    example inputs (surgeon.calibration); {} for any other."""
+    if spec.kind.calibrated is None or not spec.kind.calibrated(spec.options):
+        return {}
+    where = ("adapters", index, "init")
+    inputs = {}
+    for path in paths:
+        call = found[path][0]
+        op = _site_op(call)
+        if op not in ("linear", "addmm") or any(c.target is not call.target for c in found[path]):
+            raise ctx.spec.error(where, f"{spec.options.get('init')} gathers input statistics on linear and GPT-2 "
+                                        f"Conv1D sites only; '{path}' is a {op} site")
+        inputs[path] = [c.args[0] if op == "linear" else c.args[1] for c in found[path]]
+    if any(get_tensor(gm, n.target).is_meta for n in gm.graph.find_nodes(op="get_attr")
+           if isinstance(get_tensor(gm, n.target), torch.Tensor)):
+        raise ctx.spec.error(where, f"{spec.options.get('init')} runs the model on the example inputs, and this "
+                                    "graph has no weight values (a structure-only compile)")
+    try:
+        return input_covariances(gm, [(ctx.example_args, ctx.example_kwargs)], inputs)
+    except SurgeonError as error:
+        raise ctx.spec.error(where, str(error)) from error
+
+
+def _site_op(node: fx.Node) -> str:
+    """The rules.SIGNATURES name of a site's base op (PARAM_SITE for a parameter's get_attr)."""
+    return PARAM_SITE if node.op == "get_attr" else \
+        next(name for name, (target, _) in SIGNATURES.items() if target is node.target)
+
+
+def _layout(gm: fx.GraphModule, spec, paths: list[str], found: dict[str, list[fx.Node]]) -> dict[str, dict]:
+    """The kind's site_layout options per path: the sites in module order (the order the model registers their
+    weights, which is PEFT's order; graph order for a weight that is no registered parameter)."""
+    if spec.kind.site_layout is None:
+        return {}
+    registered: dict[str, int] = {}
+    for name, _ in gm.named_parameters(remove_duplicate=False):
+        registered.setdefault(name, len(registered))
+    sites = []
+    for position, path in enumerate(paths):
+        weight, fan_in, fan_out = site_dims(gm, found[path][0], _site_op(found[path][0]))
+        sites.append((registered.get(weight, len(registered) + position), path, fan_in, fan_out))
+    sites.sort()
+    options = spec.kind.site_layout(spec.options, [(path, fan_in, fan_out) for _, path, fan_in, fan_out in sites])
+    return {path: opts for (_, path, _, _), opts in zip(sites, options)}
 
 
 def _compute_weights(gm: fx.GraphModule, states, result: PassResult) -> dict[str, str]:

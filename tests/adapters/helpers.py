@@ -64,7 +64,7 @@ def assert_trains(compiled, args, steps: int = 4) -> list[float]:
     """A few Adam steps on a toy regression reduce the loss; only adapter parameters get gradients."""
     module, state = compiled.module, compiled.adapters[NAME]
     kind = state.spec.kind
-    trainable = {t for s in state.sites for p, t in s.params.items() if p not in kind.frozen | kind.shared}
+    trainable = {t for s in state.sites for p, t in s.params.items() if p not in kind.untrained}
     assert {n for n, p in module.named_parameters() if p.requires_grad} == trainable
     params = [module.get_parameter(t) for t in sorted(trainable)]
     optimizer = torch.optim.Adam(params, lr=1e-2)
@@ -183,3 +183,23 @@ def main_output(module, args, kwargs, grad: bool = False) -> torch.Tensor:
         out = module(*args, **kwargs)
     return next(getattr(out, key) for key in ("logits", "last_hidden_state") if hasattr(out, key)) \
         if not isinstance(out, torch.Tensor) else out
+
+
+def assert_merge_checkpoint_matches(config, tmp_path, changed: int = 4, scale: float = 0.2) -> None:
+    """A randomized PEFT checkpoint merged on disk (merge_checkpoint, one tensor at a time) writes exactly the
+    weights the in-memory `merge` pass makes, and changes `changed` of them."""
+    from safetensors.torch import load_file
+
+    from surgeon.merge_checkpoint import merge_checkpoint
+
+    model, args, _ = randomized_peft_checkpoint(config, tmp_path / "peft", scale=scale)
+    compiled = surgeon.compile(model, args, {"adapters": [{"name": NAME, "from_peft": str(tmp_path / "peft")}]}, KW)
+    compiled.apply(["merge"])
+    model.save_pretrained(tmp_path / "base")
+    merge_checkpoint(tmp_path / "base", tmp_path / "peft", tmp_path / "merged")
+    on_disk, ours = load_file(tmp_path / "merged" / "model.safetensors"), dict(compiled.module.named_parameters())
+    base = model.state_dict()
+    names = [name for name, tensor in on_disk.items() if name in ours and not torch.equal(tensor, base[name])]
+    assert len(names) == changed, names
+    for name in names:
+        assert torch.equal(on_disk[name], ours[name]), name

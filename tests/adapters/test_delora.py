@@ -9,7 +9,7 @@ import torch
 import surgeon
 from surgeon.adapters import kinds
 from surgeon.graph import get_tensor
-from tests.adapters.helpers import (KW, NAME, assert_dropout_in_training_only, assert_identity_insert, assert_merge,
+from tests.adapters.helpers import (assert_merge_checkpoint_matches, KW, NAME, assert_dropout_in_training_only, assert_identity_insert, assert_merge,
                                     assert_param_count, assert_round_trip, assert_trains, compile_kind, peft_export,
                                     peft_parity, randomized_peft_checkpoint)
 from tests.conftest import hf_gpt2
@@ -112,22 +112,8 @@ def test_merge_checkpoint_on_disk_equals_the_in_memory_merge(tmp_path):
     """merge-checkpoint reads the saved norms (not the base weight's current ones) and writes, tensor by
     tensor, what the merge pass writes in memory."""
     peft = pytest.importorskip("peft")
-    from safetensors.torch import load_file
-
-    from surgeon.merge_checkpoint import merge_checkpoint
-
     config = peft.DeloraConfig(target_modules=["q_proj", "down_proj"], r=4, rank_pattern={"down_proj": 2})
-    model, args, wrapped = randomized_peft_checkpoint(config, tmp_path / "peft")
-    compiled = surgeon.compile(model, args, {"adapters": [{"name": NAME, "from_peft": str(tmp_path / "peft")}]}, KW)
-    compiled.apply(["merge"])
-    model.save_pretrained(tmp_path / "base")
-    merge_checkpoint(tmp_path / "base", tmp_path / "peft", tmp_path / "merged")
-    on_disk, ours = load_file(tmp_path / "merged" / "model.safetensors"), dict(compiled.module.named_parameters())
-    base = model.state_dict()
-    changed = [name for name, tensor in on_disk.items() if name in ours and not torch.equal(tensor, base[name])]
-    assert len(changed) == 4
-    for name in changed:
-        assert torch.equal(on_disk[name], ours[name]), name
+    assert_merge_checkpoint_matches(config, tmp_path)
 
 
 def test_a_checkpoint_without_weight_norms_is_refused(tmp_path):

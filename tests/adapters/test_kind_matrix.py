@@ -30,6 +30,13 @@ MODELS = {  # factory, targets (a GQA projection / Conv1D addmm / encoder linear
     "bert": (hf_bert, ("*.attention.self.query", "*.intermediate.dense")),
     "cnn": (small_cnn, ("stem.0", "block1.3", "head")),
 }
+# kinds that attach to a model's norms or embedding table, not its linears: their targets per model
+KIND_TARGETS = {"ln_tuning": {"llama": ("*.input_layernorm", "*.norm"), "gpt2": ("*.ln_1",), "bert": ("*.output.LayerNorm",)},
+                "trainable_tokens": {"llama": ("*.embed_tokens",), "gpt2": ("*.wte",), "bert": ("*.word_embeddings",)}}
+
+
+def _targets(case) -> tuple[str, ...]:
+    return KIND_TARGETS.get(case.kind, {}).get(case.model, MODELS[case.model][1])
 
 
 def _split(n: int) -> tuple[int, int]:
@@ -57,21 +64,52 @@ FORMULAS = {
     "lori": lambda o, i, n: max(1, round(o["density"] * n * o["rank"])),
     "road": lambda o, i, n: {"road_1": 1, "road_2": 2, "road_4": 4}[o["variant"]] * n,
     "fourierft": lambda o, i, n: o["frequencies"],
+    "waveft": lambda o, i, n: o["frequencies"],
+    "frod": lambda o, i, n: i + max(1, min(int(i * i * o["sparse_rate"]), i * i - i)),
     "hira": lambda o, i, n: o["rank"] * (i + n),
     "miss": lambda o, i, n: o["rank"] * (o["mini_rank"] if o["mode"] == "mini" else n),
     "randlora": lambda o, i, n: math.ceil(min(i, n) / o["rank"]) * (o["rank"] + min(i, n)),
     "delora": lambda o, i, n: o["rank"] * (i + n) + 1,
+    "psoft": lambda o, i, n: o["rank"] * (o["rank"] - 1) // 2 + 2 * o["rank"],   # skew Q + vectors a, b
+    "deft": lambda o, i, n: o["rank"] * (i + n),
+    "osf": lambda o, i, n: (min(i, n) - min(i, n) // 2) * (i + n + 1),   # effective_rank unset: half kept
+    "glora": lambda o, i, n: 2 * o["rank"] * (i + n),   # A and B as lora; c, d_e none (no bias terms)
+    # A and the router per site, plus half of the group's B: each target is one module in each of the 2 layers
+    "lily": lambda o, i, n: o["rank"] * (i + o["num_b"]) + o["num_b"] * o["rank"] * n // 2,
+    "adalora": lambda o, i, n: o["rank"] * (i + n + 1),
+    "peanut": lambda o, i, n: 2 * o["rank"] * n + 2 * o["depth"] * o["rank"] ** 2,
     "gralora": lambda o, i, n: (o["rank"] + o["hybrid_rank"]) * (i + n),
     "c3a": lambda o, i, n: i * n // o["block_size"],
     "pvera": lambda o, i, n: 2 * o["rank"] + n,
+    "ln_tuning": lambda o, i, n: n,   # a norm parameter of n values (1 -> n)
+    "trainable_tokens": lambda o, i, n: len(o["token_indices"]) * i,   # k rows of the vocab x hidden table
+    "vblora": lambda o, i, n: o["num_vectors"] * o["rank"] * (i + n) // o["vector_length"],
+    "tinylora": lambda o, i, n: 0,
+    "unilora": lambda o, i, n: 0,
+    "supertuning": lambda o, i, n: int(i * n * (1 - o["sparsity"])) + o["rank"] * (i + n),
+    "beft": lambda o, i, n: n,
+    # with subspace_rank 1 and rank <= min(in, out): K subspaces of rank 1, sum 1 * (R + |I_i|) = K R + out
+    "adamss": lambda o, i, n: min(o["num_subspaces"], n) * min(o["rank"], n, i) + n,
+}
+# trained tensors shared by every site, counted once per adapter: (options, number of sites) -> count
+SHARED_ONCE = {
+    "vblora": lambda o, sites: o["num_vectors"] * o["vector_length"],
+    "tinylora": lambda o, sites: o["u"] * max(1, round(sites * (1 - o["weight_tying"]))),
+    "unilora": lambda o, sites: o["theta_length"],
 }
 OPTIONS = {"lora": {"rank": 4, "alpha": 8}, "loha": {"rank": 2}, "lokr": {"rank": 2}, "ia3": {},
            "dora": {"rank": 4}, "bottleneck": {"rank": 4}, "ether": {"blocks": 2}, "ether_plus": {"blocks": 2},
            "rosa": {"rank": 2, "density": 0.05}, "lori": {"rank": 4, "density": 0.2},
            "road": {"variant": "road_2", "group_size": 16}, "fourierft": {"frequencies": 24, "scaling": 30.0},
+           "waveft": {"frequencies": 24, "scaling": 30.0, "wavelet": "db2"},
+           "frod": {"sparse_rate": 0.02},
            "hira": {"rank": 4}, "miss": {"rank": 8}, "randlora": {"rank": 6, "alpha": 12.0},
-           "delora": {"rank": 4}, "gralora": {"rank": 4, "blocks": 2, "hybrid_rank": 2}, "c3a": {"block_size": 16},
-           "pvera": {"rank": 4}}
+           "delora": {"rank": 4}, "psoft": {"rank": 4}, "deft": {"rank": 4, "alpha": 8}, "osf": {},
+           "glora": {"rank": 2, "c": "none", "d_e": "none"}, "lily": {"rank": 4, "num_b": 2}, "adalora": {"rank": 4, "alpha": 8}, "peanut": {"rank": 4, "depth": 1}, "gralora": {"rank": 4, "blocks": 2, "hybrid_rank": 2}, "c3a": {"block_size": 16},
+           "vblora": {"rank": 4, "num_vectors": 32, "vector_length": 16},
+           "tinylora": {"rank": 2, "u": 8, "weight_tying": 0.5}, "unilora": {"rank": 4, "theta_length": 64},
+           "pvera": {"rank": 4}, "ln_tuning": {}, "trainable_tokens": {"token_indices": [1, 5, 60, 90]}, "supertuning": {"sparsity": 0.95, "rank": 2}, "beft": {},
+           "adamss": {"rank": 4, "num_subspaces": 3}}
 
 
 @dataclass(frozen=True)
@@ -99,6 +137,8 @@ def _fans(model, targets) -> list[tuple[int, int]]:
             fans.append((weight.shape[0], weight.shape[1]))
         else:
             fans.append((weight[0].numel(), weight.shape[0]))
+        if weight.dim() == 1 and getattr(module, "bias", None) is not None:   # a norm's bias: a site of its own
+            fans.append((1, module.bias.shape[0]))
     return fans
 
 
@@ -116,8 +156,10 @@ def _identity(compiled, model, args, kwargs, case):
 
 
 def _param_count(compiled, model, case):
-    state, (_, targets) = compiled.adapters[NAME], MODELS[case.model]
-    expected = sum(FORMULAS[case.kind](state.spec.options, i, n) for i, n in _fans(model, targets))
+    state, targets = compiled.adapters[NAME], _targets(case)
+    fans = _fans(model, targets)
+    expected = sum(FORMULAS[case.kind](state.spec.options, i, n) for i, n in fans)
+    expected += SHARED_ONCE.get(case.kind, lambda o, sites: 0)(state.spec.options, len(fans))
     assert state.param_count == expected
     assert sum(p.numel() for p in compiled.module.parameters() if p.requires_grad) == expected
 
@@ -125,7 +167,7 @@ def _param_count(compiled, model, case):
 def _gradients(compiled, args, kwargs):
     module, state = compiled.module, compiled.adapters[NAME]
     trainable = {t for s in state.sites for p, t in s.params.items()
-                 if p not in state.spec.kind.frozen | state.spec.kind.shared}
+                 if p not in state.spec.kind.untrained}
     main_output(module, args, kwargs, grad=True).float().square().mean().backward()
     got = {name for name, p in module.named_parameters() if p.grad is not None}
     assert got == trainable
@@ -158,7 +200,7 @@ def _merge(compiled, args, kwargs):
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_kind_on_model(case: Case, tmp_path):
-    factory, targets = MODELS[case.model]
+    factory, targets = MODELS[case.model][0], _targets(case)
     model, args, kwargs = model_inputs(factory)
     compiled = surgeon.compile(model, args, spec(case.kind, targets, **case.options), kwargs)
     _identity(compiled, model, args, kwargs, case)

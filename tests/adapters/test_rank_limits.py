@@ -39,7 +39,7 @@ def test_a_peft_miss_checkpoint_with_r_above_out_imports_with_parity(tmp_path):
 @pytest.mark.parametrize("kind,options,rule", [
     ("miss", {"rank": 65}, "at most in = 64"),
     ("miss", {"rank": 48, "mode": "bat"}, r"at most min\(in, out\) in mode bat = 32"),
-    ("lora", {"rank": 40, "init": "pissa"}, r"at most min\(in, out\) with init pissa / olora = 32"),
+    ("lora", {"rank": 40, "init": "pissa"}, r"at most min\(in, out\) with init pissa / olora / loftq / corda = 32"),
     ("lora-xs", {"rank": 33}, r"at most min\(in, out\) = 32"),
     ("shira", {"rank": 22}, r"at most in·out / \(in \+ out\) = 21"),
 ])

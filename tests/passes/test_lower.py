@@ -251,7 +251,16 @@ KIND_REGIONS = {
     "hira": ({"rank": 4}, None), "miss": ({"rank": 8}, None), "randlora": ({"rank": 8}, "lora_linear"),
     "delora": ({"rank": 4}, None), "gralora": ({"rank": 4}, None), "c3a": ({"block_size": 16}, None),
     "pvera": ({"rank": 4}, None),
+    "vblora": ({"rank": 4, "vector_length": 16, "num_vectors": 32}, None),
+    "tinylora": ({"rank": 2, "u": 4}, "lora_linear"), "unilora": ({"rank": 4, "theta_length": 64}, "lora_linear"),
+    "waveft": ({"frequencies": 24}, None), "frod": ({"sparse_rate": 0.02}, None), "psoft": ({"rank": 4}, None),
+    "deft": ({"rank": 4}, None), "osf": ({}, None), "glora": ({"rank": 2}, None), "lily": ({"rank": 4}, None),
+    "adalora": ({"rank": 4}, None), "peanut": ({"rank": 4, "depth": 1}, None),
+    "supertuning": ({"sparsity": 0.95}, None), "beft": ({}, None), "adamss": ({"rank": 4, "num_subspaces": 2}, None),
+    "ln_tuning": ({}, None), "trainable_tokens": ({"token_indices": [1, 5]}, None),
 }
+# kinds whose sites are not the linear projections
+KIND_TARGETS = {"prefix": ["*.self_attn"], "ln_tuning": ["*.input_layernorm"], "trainable_tokens": ["*.embed_tokens"]}
 
 
 def test_every_adapter_kind_lowers_and_keeps_the_function():
@@ -260,7 +269,7 @@ def test_every_adapter_kind_lowers_and_keeps_the_function():
     assert set(KIND_REGIONS) == set(kinds())
     for kind, (options, region) in KIND_REGIONS.items():
         model, args = hf_llama(layers=1)
-        targets = ["*.self_attn"] if kind == "prefix" else ["*.q_proj", "*.down_proj"]
+        targets = KIND_TARGETS.get(kind, ["*.q_proj", "*.down_proj"])
         spec = {"adapters": [{"name": "a", "type": kind, "targets": targets, **options}], "pipeline": ["insert"]}
         compiled = surgeon.compile(model, args, spec, KW)
         randomize_adapters(compiled.module)
