@@ -381,3 +381,15 @@ def test_every_command_and_option_is_in_cli_md():
         _, usage = _surgeon_help([command, "--help"])
         for option in sorted(set(re.findall(r"(?<![\w-])--[a-z][\w-]*", usage)) - {"--help"}):
             assert option in text, f"docs/cli.md: `surgeon {command} {option}` is not documented"
+
+
+def test_readme_kind_table_is_made_from_the_code_and_adapters_md():
+    """README.md's kind table is scripts/kind_table.py's output (rerun it with --write after adding a kind)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kind_table", ROOT / "scripts" / "kind_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    held = module.readme_table((ROOT / "README.md").read_text(encoding="utf-8"))
+    assert held is not None, "README.md has no kind table markers"
+    assert held == module.table(), "README.md's kind table is stale: run python scripts/kind_table.py --write"
