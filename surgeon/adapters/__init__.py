@@ -292,9 +292,10 @@ class AdapterKind:
         site_ops: fused MoE experts, E x out x in), "" when they can. On such a site the forward
         gets x=None and y = the weight's get_attr node, returns the weight to use in its place
         (W + delta: every op that reads the weight sees it), and the delta is E x out x in
-    calibrated(opts) -> whether init needs the covariance of the site's inputs (CorDA): insert runs the
-        graph on the compile's example inputs (surgeon.calibration) and calls init with `covariance=`
-        (in x in, float32); callers that have no inputs (a checkpoint merge) call init without it
+    calibrated(opts) -> which statistic of the site's inputs init needs, or False: "covariance" (CorDA's
+        normalized X^T X) or "scatter" (EVA's centered one); insert runs the graph on the compile's example
+        inputs (surgeon.calibration) and calls init with `covariance=` (in x in, float32); callers that have
+        no inputs (a checkpoint merge) call init without it
     rotation(params, opts, weight) -> the merge as a rotation of the input, rotations.Rotation(R, s)
         with W' = diag(s) W R (R orthogonal, float64), or a string saying why it is none (a reflection,
         det -1, has no real logarithm); None for kinds that are no rotation. `combine`'s orthomerge
@@ -329,7 +330,7 @@ class AdapterKind:
     rank_limit: Callable[[dict, int, int], tuple[int, str] | None] = \
         lambda opts, fan_in, fan_out: (min(fan_in, fan_out), "min(in, out)")
     rotation: Callable[[ParamDict, dict, torch.Tensor], Any] | None = None
-    calibrated: Callable[[dict], bool] | None = None
+    calibrated: Callable[[dict], str | bool] | None = None
 
     @property
     def untrained(self) -> frozenset[str]:

@@ -25,6 +25,12 @@ covariance of the site's inputs over the compile's example inputs (surgeon.adapt
 surgeon.calibration), r largest (ipm) or smallest (kpm) components; the base keeps the residual
 ("close"), as for PiSSA.
 
+EVA (`init: eva`, Paischer et al. 2024, PEFT's init_lora_weights "eva"; `eva_rho`, `eva_whiten`,
+`eva_adjust_alpha`): A = the r leading principal directions of the site's inputs over the compile's
+example inputs (surgeon.adapters.eva, surgeon.calibration), B = 0, the base left alone, so the insert is
+the identity bit for bit; `eva_rho` > 1 moves rank between sites by explained variance (per-site
+`rank` / `alpha`, PEFT's rank_pattern / alpha_pattern). Linear and GPT-2 Conv1D sites only.
+
 LoftQ (`init: loftq`, Li et al. 2023; `loftq_bits` 4 or 8, `loftq_iter`): the base weight becomes
 its quantized round trip Q (NF4 or row-wise int8, simulated in float32: surgeon.adapters.loftq) and
 s B A the rank-r SVD fit of W - Q, alternated `loftq_iter` times. Q + s B A only approximates W, so
@@ -69,6 +75,7 @@ from ..graph import get_tensor
 from ..rules import CONV_OPS, Pattern, find
 from . import AdapterKind, EagerBranch, Option, merge_dtype
 from .corda import corda_factors
+from .eva import eva_components
 from .loftq import loftq_base, loftq_factors
 
 aten = torch.ops.aten
@@ -113,12 +120,16 @@ def orthogonal_factors(rank: int, in_features: int, out_features: int,
     return A.contiguous(), B.contiguous()
 
 
+INIT_NAMES = {"pissa": "PiSSA", "loftq": "LoftQ", "corda": "CorDA", "eva": "EVA"}   # as the papers write them, for messages
+
 # the inits that rewrite the base weight at insertion (into a residual, or LoftQ's quantized Q)
 BASE_INITS = ("pissa", "olora", "loftq", "corda")
 
 
 def lora_init(opts, in_features, out_features, dtype, gen, weight, covariance=None):
-    """LoRA's A and B for one site (PiSSA, OLoRA, LoftQ read the base weight; CorDA also its inputs' covariance)."""
+    """LoRA's A and B for one site (PiSSA, OLoRA, LoftQ read the base weight; CorDA also its inputs' covariance,
+    EVA only their scatter matrix, passed as `covariance`: without it, as for a loaded adapter that holds its A,
+    EVA's A is a zero placeholder of A's shape)."""
     rank = opts["rank"] * opts.get("experts", 1)   # an expert stack keeps every expert's rank-r factors side by side
     factors = {"pissa": lambda: pissa_factors(weight, rank, lora_scale(opts)),
                "olora": lambda: olora_factors(weight, rank),
@@ -132,6 +143,9 @@ def lora_init(opts, in_features, out_features, dtype, gen, weight, covariance=No
         return {"lora_A": A.to(dtype), "lora_B": B.to(dtype)}
     if opts["init"] == "gaussian":
         A = torch.empty(rank, in_features).normal_(0.0, 1.0 / opts["rank"], generator=gen)
+    elif opts["init"] == "eva":
+        A = torch.zeros(rank, in_features, device="meta" if weight is not None and weight.is_meta else None) \
+            if covariance is None else eva_components(covariance, rank, opts["eva_whiten"])
     else:
         A = kaiming_uniform((rank, in_features), gen)
     tensors = {"lora_A": A.to(dtype), "lora_B": torch.zeros(out_features, rank // opts.get("groups", 1), dtype=dtype)}
@@ -193,7 +207,7 @@ def _conv_groups(opts: dict, groups: int) -> str:
     if opts["rank"] % groups:
         return f"LoRA's rank {opts['rank']} is not a multiple of groups (PEFT refuses it too)"
     if opts["init"] in ("pissa", "loftq", "corda"):
-        return f"{opts['init']} splits a dense weight's SVD; a grouped conv's weight is block-diagonal"
+        return f"{INIT_NAMES[opts['init']]} splits a dense weight's SVD; a grouped conv's weight is block-diagonal"
     if opts["init"] in ("olora", "orthogonal"):
         return f"the {opts['init']} init makes a dense out x r B, a grouped conv's B is out x (r / groups)"
     return ""
@@ -262,8 +276,8 @@ def _param_refusal(opts):
     """Why these options cannot sit on a 3-D expert parameter ("" when they can)."""
     if opts.get("dropout"):
         return "LoRA dropout drops the input, which does not factor out of W + s * B A (PEFT refuses it too)"
-    if opts["init"] in ("pissa", "loftq", "corda"):
-        return f"{opts['init']} needs one SVD per expert, which surgeon does not do"
+    if opts["init"] in ("pissa", "loftq", "corda", "eva"):
+        return f"{INIT_NAMES[opts['init']]} needs one SVD per expert, which surgeon does not do"
     if opts["init"] in ("olora", "orthogonal"):
         return f"the {opts['init']} init makes one rank-r pair for a 2-D weight, not one per expert"
     return ""
@@ -281,8 +295,11 @@ LORA = AdapterKind(
     name="lora",
     options={**LORA_OPTIONS,
              "init": Option(str, "default", choices=("default", "gaussian", "pissa", "olora", "orthogonal", "loftq",
-                                                     "corda")),
+                                                     "corda", "eva")),
              "corda_mode": Option(str, "ipm", choices=("ipm", "kpm")),   # init corda: PEFT's corda_method
+             "eva_rho": Option((int, float), 2.0, bounds=(1.0, math.inf)),   # init eva: EvaConfig's rho, tau, whiten,
+             "eva_whiten": Option(bool, False),                    # adjust_scaling_factors (tau: see eva.py)
+             "eva_adjust_alpha": Option(bool, True),
              "loftq_bits": Option(int, 4, choices=(4, 8)),   # init loftq: NF4 or row-wise int8 (PEFT's loftq_config)
              "loftq_iter": Option(int, 1, positive=True),
              "bias": Option(bool, False),     # PEFT's lora_bias: a bias on B (linear and Conv1D sites)
@@ -309,5 +326,6 @@ LORA = AdapterKind(
     rank_limit=lambda opts, fan_in, fan_out: (min(fan_in, fan_out), "min(in, out) with init pissa / olora / loftq "
                                                                      "/ corda")
     if opts.get("init") in BASE_INITS else None,
-    calibrated=lambda opts: opts.get("init") == "corda",
+    # CorDA: the inputs' (peak-scaled) covariance; EVA: the scatter matrix of the centered inputs
+    calibrated=lambda opts: {"corda": "covariance", "eva": "scatter"}.get(opts.get("init"), False),
 )

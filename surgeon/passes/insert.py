@@ -34,7 +34,7 @@ import torch.fx as fx
 
 from surgeon.adapter_ops import (PARAM_SITE, SITE_OPS, add_delta, attach, check_loaded_shapes, discover_sites,
                                  place_peft_params, site_dims, site_weight)
-from surgeon.calibration import input_covariances
+from surgeon.calibration import input_covariances, input_scatters
 from surgeon.errors import SurgeonError
 from surgeon.graph import get_tensor, module_path
 from surgeon.pipeline import Context, PassResult, SiteState
@@ -77,7 +77,7 @@ class Insert:
                 place_peft_params(spec.loaded, paths, found, ctx, index)
             _check_ordinals(spec, paths, ctx, index)
             layout = _layout(gm, spec, paths, found)
-            covariances = _calibrate(gm, spec, paths, found, ctx, index)
+            covariances = _calibrate(gm, spec, paths, found, ctx, index, layout)
             for path in paths:
                 calls = found[path]
                 op = _site_op(calls[0])
@@ -137,10 +137,13 @@ class Insert:
 
 
 def _calibrate(gm: fx.GraphModule, spec, paths: list[str], found: dict[str, list[fx.Node]], ctx: Context,
-               index: int) -> dict:
-    """{path: the covariance of the site's inputs} for a kind whose init needs it (CorDA), over the compile's
-    example inputs (surgeon.calibration); {} for any other."""
-    if spec.kind.calibrated is None or not spec.kind.calibrated(spec.options):
+               index: int, layout: dict[str, dict]) -> dict:
+    """{path: the statistic of the site's inputs} for a kind whose init needs one, over the compile's example
+    inputs (surgeon.calibration): `calibrated` names it, "covariance" (or True: CorDA) or "scatter" (EVA,
+    whose rank redistribution also sets per-site rank / alpha in `layout`); {} for any other kind, and for
+    a loaded EVA adapter (its A is in the checkpoint and its base weight untouched)."""
+    statistic = spec.kind.calibrated(spec.options) if spec.kind.calibrated is not None else False
+    if not statistic or (statistic == "scatter" and spec.loaded is not None):
         return {}
     where = ("adapters", index, "init")
     inputs = {}
@@ -156,8 +159,17 @@ def _calibrate(gm: fx.GraphModule, spec, paths: list[str], found: dict[str, list
         raise ctx.spec.error(where, f"{spec.options.get('init')} runs the model on the example inputs, and this "
                                     "graph has no weight values (a structure-only compile)")
     try:
-        return input_covariances(gm, [(ctx.example_args, ctx.example_kwargs)], inputs)
-    except SurgeonError as error:
+        if statistic != "scatter":
+            return input_covariances(gm, [(ctx.example_args, ctx.example_kwargs)], inputs)
+        from surgeon.adapters.eva import eva_site_options
+        scatters = input_scatters(gm, [(ctx.example_args, ctx.example_kwargs)], inputs)
+        own = {path: {**spec.options, **layout.get(path, {})} for path in paths}
+        for path, changed in eva_site_options(scatters, {p: o["rank"] for p, o in own.items()},
+                                              {p: o["alpha"] if o.get("alpha") is not None else o["rank"]
+                                               for p, o in own.items()}, spec.options).items():
+            layout.setdefault(path, {}).update(changed)
+        return {path: scatter for path, (scatter, _) in scatters.items()}
+    except SurgeonError as error:   # SpecError is one: eva's refusals get the adapter's init key
         raise ctx.spec.error(where, str(error)) from error
 
 
