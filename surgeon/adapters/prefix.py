@@ -17,6 +17,11 @@ top-left-aligned causal mask over the original keys. Prefixes start random (N(0,
 embedding), so insertion changes the function ("none" check). Nothing folds into a weight:
 merge is refused. A PEFT checkpoint names no modules: its layer l goes to the l-th SDPA call
 (surgeon.adapters.peft_formats).
+
+`frozen_tokens` f keeps the first f of the n positions out of training (PEFT CARTRIDGE's
+num_frozen_tokens, an attention sink): they are separate parameters, prefix_k_frozen and
+prefix_v_frozen (kv_heads, f, head_dim), in `frozen`, placed in front of the trained
+prefix_k / prefix_v (kv_heads, n - f, head_dim). The function is that of one n-position prefix.
 """
 from __future__ import annotations
 
@@ -57,9 +62,22 @@ def _site_options(gm, path, weight_target, opts):
 
 
 def _init(opts, heads, head_dim, dtype, gen, weight):
-    shape = (heads // opts.get("kv_groups", 1), opts["num_virtual_tokens"], head_dim)
-    return {"prefix_k": torch.randn(shape, generator=gen).to(dtype),
-            "prefix_v": torch.randn(shape, generator=gen).to(dtype)}
+    n, frozen = opts["num_virtual_tokens"], opts.get("frozen_tokens", 0)
+    if frozen > n:
+        raise ValueError(f"prefix: frozen_tokens={frozen} is more than num_virtual_tokens={n}")
+    shape = (heads // opts.get("kv_groups", 1), n, head_dim)
+    k, v = torch.randn(shape, generator=gen).to(dtype), torch.randn(shape, generator=gen).to(dtype)
+    if not frozen:
+        return {"prefix_k": k, "prefix_v": v}
+    return {"prefix_k_frozen": k[:, :frozen].clone(), "prefix_v_frozen": v[:, :frozen].clone(),
+            "prefix_k": k[:, frozen:].clone(), "prefix_v": v[:, frozen:].clone()}
+
+
+def _whole(branch, params, name: str):
+    """The n-position prefix: the frozen positions (when there are any) in front of the trained ones."""
+    if f"{name}_frozen" not in params:
+        return params[name]
+    return branch.op(aten.cat.default, [params[f"{name}_frozen"], params[name]], 1)
 
 
 def _size(branch, node, dim: int):
@@ -104,8 +122,8 @@ def _forward_input(branch, call, params, opts):
     query, key, value = call.args[:3]
     n = opts["num_virtual_tokens"]
     groups = opts.get("kv_groups", 1)
-    changes = {"key": _prefixed(branch, params["prefix_k"], key, groups),
-               "value": _prefixed(branch, params["prefix_v"], value, groups)}
+    changes = {"key": _prefixed(branch, _whole(branch, params, "prefix_k"), key, groups),
+               "value": _prefixed(branch, _whole(branch, params, "prefix_v"), value, groups)}
     mask = _arg(call, 3, "attn_mask", None)
     if _arg(call, 5, "is_causal", False):
         if mask is not None:
@@ -118,16 +136,18 @@ def _forward_input(branch, call, params, opts):
 
 PREFIX = AdapterKind(
     name="prefix",
-    options={"num_virtual_tokens": Option(int, 8, positive=True)},
+    options={"num_virtual_tokens": Option(int, 8, positive=True),
+             "frozen_tokens": Option(int, 0, bounds=(0, float("inf")))},
     init=_init,
     forward=None,
     forward_input=_forward_input,
     delta_weight=None,
     refuse_merge="prefix tuning adds attention positions (learned keys and values), not a weight delta; "
                  "there is nothing to fold into a base weight",
-    param_count=lambda opts, heads, head_dim: 2 * opts["num_virtual_tokens"] * (heads // opts.get("kv_groups", 1))
-    * head_dim,
+    param_count=lambda opts, heads, head_dim: 2 * (opts["num_virtual_tokens"] - opts.get("frozen_tokens", 0))
+    * (heads // opts.get("kv_groups", 1)) * head_dim,
     init_check=lambda opts: "none",
     site_options=_site_options,
     site_ops=("sdpa",),
+    frozen=frozenset({"prefix_k_frozen", "prefix_v_frozen"}),
 )
