@@ -447,6 +447,73 @@ def site_weight(gm: fx.GraphModule, site: SiteState) -> torch.Tensor:
     return weight.t() if site.op == "addmm" else weight.flatten(1)
 
 
+class SiteRefusal(ValueError):
+    """A merge or unmerge the values at one site refuse (a kind's ValueError: hira's 1 + B A with a zero,
+    road's singular block ...), with the adapter and site it happened at; `merge_sites` / `unmerge_sites`
+    raise it before anything is written."""
+
+    def __init__(self, adapter: str, path: str, reason: str):
+        super().__init__(f"adapter '{adapter}' at '{path}': {reason}")
+        self.adapter, self.path, self.reason = adapter, path, reason
+
+
+def merge_sites(gm: fx.GraphModule, items: list[tuple[AdapterState, SiteState]], made_by: str) -> None:
+    """Merge every (adapter, site) in order, all or nothing: each site's delta and bias are computed and
+    checked first (`check_sites`), so a refusal at any site leaves the graph and weights untouched."""
+    check_sites(gm, items, undo=False)
+    for state, site in items:
+        merge_site(gm, state, site, made_by)
+
+
+def unmerge_sites(gm: fx.GraphModule, items: list[tuple[AdapterState, SiteState]], made_by: str) -> None:
+    """Unmerge every (adapter, site) in order, all or nothing, as `merge_sites`."""
+    check_sites(gm, items, undo=True)
+    for state, site in items:
+        unmerge_site(gm, state, site, made_by)
+
+
+def check_sites(gm: fx.GraphModule, items: list[tuple[AdapterState, SiteState]], undo: bool) -> None:
+    """Compute each site's weight change and new bias as merge_site (`undo`: unmerge_site) would, in order,
+    writing nothing; raise SiteRefusal at the first the kind refuses (a ValueError from its delta_weight,
+    undo_delta or bias_map).
+
+    Memory: one site's change at a time, dropped once checked (the write recomputes it: twice the
+    compute of a merge, no second copy of the weights). Only a weight that a later item of this call
+    changes again (adapters stacked on one site) is kept, as it will be, so that item is checked
+    against the weight it will really see; biases (1-D) likewise.
+    """
+    remaining: dict[str, int] = {}
+    for _, site in items:
+        remaining[site.weight] = remaining.get(site.weight, 0) + 1
+    weights: dict[str, torch.Tensor] = {}
+    biases: dict[str, torch.Tensor] = {}
+    for state, site in items:
+        kind = state.spec.kind
+        params = site.merged if undo else {p: get_tensor(gm, t).detach() for p, t in site.params.items()}
+        weight = weights[site.weight] if site.weight in weights else site_weight(gm, site)
+        bias_target = site_bias(gm, site) if kind.bias_map is not None else None
+        try:
+            if undo:
+                change = kind.undo_delta(params, site.options, weight) if kind.undo_delta is not None \
+                    else -kind.delta_weight(params, site.options, weight)
+            else:
+                change = kind.delta_weight(params, site.options, weight)
+            if bias_target is not None:
+                old = biases[bias_target] if bias_target in biases else get_tensor(gm, bias_target).detach()
+                new = kind.bias_map({p: t.to(old.device) for p, t in params.items()}, site.options, old.double(),
+                                    undo)
+                if new is not None:
+                    biases[bias_target] = new.reshape(old.shape).to(old.dtype)
+        except ValueError as error:
+            raise SiteRefusal(state.spec.name, site.path, str(error)) from None
+        remaining[site.weight] -= 1
+        if remaining[site.weight] > 0:   # stacked: the next adapter here merges into W + this change
+            weights[site.weight] = merged_weight(weight, change.reshape(weight.shape))
+        else:
+            weights.pop(site.weight, None)
+        del change
+
+
 def merge_site(gm: fx.GraphModule, state: AdapterState, site: SiteState, made_by: str) -> None:
     """Detach the site's adapter and fold it into the base weight (and bias, for output scaling)."""
     kind = state.spec.kind
@@ -468,18 +535,29 @@ def unmerge_site(gm: fx.GraphModule, state: AdapterState, site: SiteState, made_
     site.merged = {}
 
 
+def site_bias(gm: fx.GraphModule, site: SiteState) -> str | None:
+    """The target of the bias the site's (first) base call adds, None where it adds none (or has no
+    bias argument: a parameter or call site)."""
+    if site.op in CALL_SITE_OPS or site.op == PARAM_SITE:
+        return None
+    calls = site_calls(gm, site)
+    if not calls:
+        return None
+    bias = calls[0].args[0] if site.op == "addmm" else _arg(calls[0], 2)
+    return bias.target if isinstance(bias, fx.Node) else None
+
+
 def _map_bias(gm: fx.GraphModule, site: SiteState, kind, params: dict, undo: bool) -> None:
     """The site's bias through the kind's bias_map (merge; `undo`: unmerge), as a new tensor."""
     if kind.bias_map is None:
         return
-    call = site_calls(gm, site)[0]
-    bias = call.args[0] if site.op == "addmm" else _arg(call, 2)
-    if bias is None:
+    target = site_bias(gm, site)
+    if target is None:
         return
-    old = get_tensor(gm, bias.target)
+    old = get_tensor(gm, target)
     new = kind.bias_map({p: t.to(old.device) for p, t in params.items()}, site.options, old.double(), undo)
     if new is not None:
-        set_parameter(gm, bias.target, new.reshape(old.shape).to(old.dtype), requires_grad=old.requires_grad)
+        set_parameter(gm, target, new.reshape(old.shape).to(old.dtype), requires_grad=old.requires_grad)
 
 
 def place_peft_params(loaded, paths: list[str], found: dict[str, list[fx.Node]], ctx: Context, index: int) -> None:
@@ -535,5 +613,6 @@ def check_loaded_shapes(state: AdapterState, site: SiteState, tensors: dict[str,
 
 __all__ = ["attach", "detach", "discover_sites", "site_dims", "conv_geometry", "CONV_OPS", "SITE_OPS", "PARAM_SITE",
            "transposed_param",
-           "add_delta", "site_calls", "site_weight", "merge_site", "unmerge_site", "check_loaded_shapes",
+           "add_delta", "site_calls", "site_weight", "site_bias", "merge_site", "unmerge_site", "merge_sites",
+           "unmerge_sites", "check_sites", "SiteRefusal", "check_loaded_shapes",
            "place_peft_params", "SpecError"]

@@ -248,6 +248,9 @@ def orthomerge(splits: list[Split], weights: list[float]) -> Split:
 
 
 METHODS = {f.__name__: f for f in (linear, ties, dare_linear, dare_ties, magnitude_prune, svd, orthomerge)}
+# methods linear in the deltas (sum_i w_i dW_i, before any truncation): the inputs' bias deltas add up the same way,
+# so combine carries them; the others refuse an input whose merge changes the bias
+BIAS_METHODS = frozenset({"linear", "svd"})
 ON_SPLITS = frozenset({"orthomerge"})   # methods given each input as a Split (W' = diag(s) W R + E), not its delta
 
 

@@ -11,7 +11,11 @@ odd-rank HRA's reflections, det -1) is refused with the reason.
 
 The result is a `delta` adapter holding the combined dW per module (merges exactly), or, with
 `rank`, a LoRA of that rank from a truncated SVD (alpha = rank, so its scale is 1; the notes give
-the relative Frobenius error of the truncation per module). The inputs are detached (status
+the relative Frobenius error of the truncation per module). Where an input's merge also changes the
+layer's bias (its kind's bias_map: IA3's output scale, RoAd, lora_bias, BEFT, GLoRA's D/E), `linear`
+and `svd` carry the weighted sum of the bias deltas (delta's `bias`, LoRA's lora_bias at scale 1), so
+the result merges to the sum of the inputs' merges; the other methods refuse such an input (SpecError
+naming adapter and module) rather than drop its bias change. The inputs are detached (status
 "combined", newest first) and the new adapter is attached to the union of their modules, so the
 graph computes base + combined delta. The function changes ("none"), except that combine(linear
 or orthomerge, weights [1]) of one adapter reproduces it.
@@ -33,7 +37,7 @@ from typing import ClassVar
 import torch
 import torch.fx as fx
 
-from surgeon.adapter_ops import PARAM_SITE, attach, detach, site_calls
+from surgeon.adapter_ops import PARAM_SITE, attach, detach, site_bias, site_calls
 from surgeon.adapters import kinds
 from surgeon.graph import get_tensor
 from surgeon.pipeline import AdapterState, Context, PassResult, SiteState
@@ -62,6 +66,7 @@ class Combine:
         sites = _union_sites(inputs)
         combined = {}
         splits: dict[str, list[str]] = {}
+        biases = {path: b for path in sites if (b := self._bias_delta(gm, ctx, inputs, weights, path)) is not None}
         for path, template in sites.items():
             if self.method in methods.ON_SPLITS:
                 result = self._merge_splits(gm, ctx, inputs, weights, path, template, splits)
@@ -78,8 +83,47 @@ class Combine:
             for site in state.sites:
                 detach(gm, site)
             state.status = "combined"
-        state = self._attach_result(gm, ctx, into, sites, combined)
-        return self._report(inputs, weights, state, combined, splits)
+        state = self._attach_result(gm, ctx, into, sites, combined, biases)
+        return self._report(inputs, weights, state, combined, splits, biases)
+
+    def _bias_delta(self, gm: fx.GraphModule, ctx: Context, inputs: list[AdapterState], weights: list[float],
+                    path: str) -> torch.Tensor | None:
+        """The combined bias delta at `path` (float64), None where no input's merge changes the bias.
+
+        Each input's merge turns the base bias b into its kind's bias_map(b) (IA3's l b, RoAd's R b,
+        b + s b_B, b + Δb ...), a delta db_i = bias_map(b) - b. Methods in BIAS_METHODS are linear in the
+        deltas, so sum_i w_i db_i is the combined one, as exact as the weights'. The others (TIES's trim and
+        sign election, DARE's drop, orthomerge's split) are defined on weight matrices only: an input with
+        a non-zero db_i is refused there rather than dropped.
+        """
+        deltas = []
+        for state in inputs:
+            site = next((s for s in state.sites if s.path == path), None)
+            kind = state.spec.kind
+            target = site_bias(gm, site) if site is not None and kind.bias_map is not None else None
+            if target is None:
+                continue
+            old = get_tensor(gm, target).detach().double()
+            params = {p: get_tensor(gm, t).detach().to(old.device) for p, t in site.params.items()}
+            try:
+                new = kind.bias_map(params, site.options, old, False)
+            except ValueError as error:
+                raise self._error(ctx, "adapters", f"cannot combine adapter '{state.spec.name}' ({state.spec.type}) "
+                                                   f"at '{path}': {error}") from None
+            if new is None:
+                continue
+            delta = new.reshape(old.shape) - old
+            if self.method not in methods.BIAS_METHODS and bool(delta.any()):
+                raise self._error(ctx, "method", f"cannot combine adapter '{state.spec.name}' ({state.spec.type}) "
+                                                 f"at '{path}' with method '{self.method}': its merge also changes "
+                                                 f"the layer's bias (max |db| {delta.abs().max().item():.2e}), and "
+                                                 f"'{self.method}' is defined on weight deltas only; use "
+                                                 f"{' or '.join(sorted(methods.BIAS_METHODS))} (bias deltas add up "
+                                                 "there), or merge that adapter on its own")
+            deltas.append(weights[inputs.index(state)] * delta)
+        if not deltas or not any(bool(d.any()) for d in deltas):
+            return None   # no bias change at all (zero deltas drop exactly)
+        return sum(deltas[1:], deltas[0])
 
     def _merge_splits(self, gm: fx.GraphModule, ctx: Context, inputs: list[AdapterState], weights: list[float],
                       path: str, template: SiteState, notes: dict[str, list[str]]) -> torch.Tensor:
@@ -185,7 +229,7 @@ class Combine:
     # ------------------------------------------------------------ building the result
 
     def _attach_result(self, gm: fx.GraphModule, ctx: Context, into: str, sites: dict[str, SiteState],
-                       combined: dict) -> AdapterState:
+                       combined: dict, biases: dict[str, torch.Tensor]) -> AdapterState:
         factored = any(isinstance(r, methods.Factors) for r in combined.values())
         kind = kinds()["lora" if factored else "delta"]
         defaults = {k: o.default for k, o in kind.options.items()}
@@ -201,6 +245,9 @@ class Combine:
                 tensors = {"lora_A": result.A, "lora_B": result.B}
             else:
                 tensors = {"delta": result}
+            if path in biases:   # delta's d, or LoRA's b_B (its scale alpha / rank is 1 here)
+                site_opts.update(bias=True, biased=True)
+                tensors["lora_bias" if factored else "delta_bias"] = biases[path]
             site = SiteState(path, template.op, template.weight, template.in_features, template.out_features,
                              site_opts)
             dtype = get_tensor(gm, site.weight).dtype
@@ -210,11 +257,14 @@ class Combine:
         ctx.adapters[into] = state
         return state
 
-    def _report(self, inputs, weights, state: AdapterState, combined: dict, splits: dict) -> PassResult:
+    def _report(self, inputs, weights, state: AdapterState, combined: dict, splits: dict,
+                biases: dict) -> PassResult:
         result = PassResult(matches=len(combined))
         names = ", ".join(s.spec.name for s in inputs)
         result.notes.append(f"{state.spec.name}: {self.method} of [{names}] with weights {weights} on "
                             f"{len(combined)} modules -> {state.spec.type}, {state.param_count:,} parameters")
+        if biases:
+            result.notes.append(f"{state.spec.name}: carries the inputs' bias deltas on {len(biases)} modules")
         for name, notes in splits.items():
             if all(n == "rotation" for n in notes):
                 result.notes.append(f"{name}: its rotation on {len(notes)} modules (exact, no residual)")

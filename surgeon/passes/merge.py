@@ -5,7 +5,10 @@ weight from its parameters and the base weight it lands on (out x in; transposed
 Conv1D's addmm), e.g. W R - W for an input rotation; a kind that scales the whole output also
 scales the bias. Kinds with no exact delta (a nonlinearity in the branch) are refused with the
 kind's reason. With no inserted adapter to merge (or a named one not inserted) it raises
-PassError instead of doing nothing.
+PassError instead of doing nothing. All or nothing: every site's delta and bias are computed and
+checked first (adapter_ops.check_sites, one site's delta at a time, recomputed for the write), so a
+refusal that depends on the values at some site (a SpecError naming adapter and site) leaves the
+graph and every weight as they were.
 
 Merging reads the weights' values, so on a structure-only graph (meta weights) the pass manager
 refuses it; `plan` says what a merge would do there without computing anything: per site, the
@@ -19,7 +22,7 @@ from typing import ClassVar
 import torch
 import torch.fx as fx
 
-from surgeon.adapter_ops import PARAM_SITE, merge_site, site_calls
+from surgeon.adapter_ops import PARAM_SITE, SiteRefusal, merge_sites, site_calls
 from surgeon.graph import get_tensor
 from surgeon.pipeline import Context, PassResult
 
@@ -39,11 +42,15 @@ class Merge:
             reason = next((r for s in state.sites if (r := state.spec.kind.refusal(s.options))), "")
             if reason:
                 raise ctx.spec.error(("pipeline",), f"cannot merge adapter '{state.spec.name}': {reason}")
+        items = [(state, site) for state in chosen for site in state.sites]
+        try:   # all or nothing: every site's delta and bias computed and checked before the first write
+            merge_sites(gm, items, self.name)
+        except SiteRefusal as refusal:
+            raise ctx.spec.error(("pipeline",), f"cannot merge adapter '{refusal.adapter}' at '{refusal.path}': "
+                                                f"{refusal.reason} (nothing was merged)") from None
         for state in chosen:
-            for site in state.sites:
-                merge_site(gm, state, site, self.name)
-                result.matches += 1
             state.status = "merged"
+        result.matches = len(items)
         return result
 
 

@@ -145,8 +145,14 @@ def test_every_kind_builds_its_delta_in_the_merge_dtype():
     from surgeon.adapters import kinds, merge_dtype
 
     size, gen = 256, torch.Generator().manual_seed(0)   # a site every kind's defaults fit (OFT, MiSS, C3A blocks)
+    # kinds whose merge writes trained values over the base's (a norm's copy, embedding rows) build new - W in
+    # float64 so that W + (new - W) rounds back to `new` bit for bit: the delta is the parameter's size
+    # (trainable_tokens: vocab x hidden; see docs/limits.md); their own tests check the bits
+    writes_values = {"ln_tuning", "trainable_tokens"}
     checked = []
     for name, kind in kinds().items():
+        if name in writes_values:
+            continue
         opts = {key: option.default for key, option in kind.options.items()}
         opts.update({"s2ft": {"columns": 8}, "parallel-adapter": {"activation": "none"}}.get(name, {}))
         if kind.refusal(opts):
