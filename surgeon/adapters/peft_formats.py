@@ -144,7 +144,8 @@ def _write_rank_alpha(options: dict, weights: dict, site_options: dict, alpha_ke
 
 # ---------------------------------------------------------------- LoRA, DoRA, PiSSA
 
-# leave W alone, or PiSSA / OLoRA / CorDA (the residual W - s B0 A0) / LoftQ (the quantized Q), recomputed from W
+# leave W alone (EVA too: its A is in the checkpoint, so it reads and writes as init_lora_weights True), or
+# PiSSA / OLoRA / CorDA (the residual W - s B0 A0) / LoftQ (the quantized Q), recomputed from W
 LORA_INITS = (True, False, "gaussian", "pissa", "olora", "eva", "orthogonal", "loftq", "corda")
 
 
@@ -840,8 +841,35 @@ def _read_prefix(config, weights, extras):
     return {"type": "prefix", "num_virtual_tokens": n, "targets": ["*"]}, {}
 
 
+def _read_cartridge(config, weights, extras):
+    """CARTRIDGE saves the same table as prefix tuning (its KV prefix is stored, never projected);
+    its first num_frozen_tokens positions become each site's frozen prefix_k_frozen / prefix_v_frozen."""
+    for key in ("prefix_projection", "encoder_hidden_size"):
+        if key in config:
+            raise _fail(f"adapter_config.json: '{key}' is a PREFIX_TUNING key, not CARTRIDGE's (peft_type is "
+                        "CARTRIDGE)")
+    frozen = config.get("num_frozen_tokens", 1)
+    if not isinstance(frozen, int) or isinstance(frozen, bool) or frozen < 0 \
+            or (isinstance(config.get("num_virtual_tokens"), int) and frozen > config["num_virtual_tokens"]):
+        raise _fail(f"adapter_config.json: num_frozen_tokens must be an integer in [0, num_virtual_tokens="
+                    f"{config.get('num_virtual_tokens')!r}], got {frozen!r}")
+    entry, sites = _read_prefix(config, weights, extras)
+    if frozen:
+        for params in weights.values():
+            for name in ("prefix_k", "prefix_v"):
+                whole = params.pop(name)
+                params[f"{name}_frozen"], params[name] = whole[:, :frozen].contiguous(), whole[:, frozen:].contiguous()
+    return {**entry, "frozen_tokens": frozen}, sites
+
+
 def _write_prefix(kind, options, weights, site_options):
-    """One table from the sites in the adapter's order (insert orders sites by graph position)."""
+    """One table from the sites in the adapter's order (insert orders sites by graph position). An adapter
+    with frozen_tokens > 0 is written as CARTRIDGE (num_frozen_tokens), the PEFT type that freezes positions."""
+    frozen = options.get("frozen_tokens", 0)
+    for params in weights.values():
+        for name in ("prefix_k", "prefix_v"):
+            if f"{name}_frozen" in params:
+                params[name] = torch.cat([params.pop(f"{name}_frozen"), params[name]], 1)
     shapes = {tuple(t.shape) for params in weights.values() for t in params.values()}
     if len(shapes) != 1:
         raise _fail(f"PEFT's prefix table holds one (kv_heads, n, head_dim) per layer; these sites use "
@@ -851,9 +879,12 @@ def _write_prefix(kind, options, weights, site_options):
     table = stacked.permute(2, 0, 1, 3).reshape(n, -1)
     layers = len(weights)
     weights.clear()
-    return {"task_type": "CAUSAL_LM", "num_virtual_tokens": n, "num_layers": layers, "token_dim": kv_heads * head_dim,
-            "num_attention_heads": kv_heads, "num_transformer_submodules": 1, "prefix_projection": False,
-            "encoder_hidden_size": kv_heads * head_dim, "inference_mode": True}, {"prompt_embeddings": table}
+    config = {"task_type": "CAUSAL_LM", "num_virtual_tokens": n, "num_layers": layers, "token_dim": kv_heads * head_dim,
+              "num_attention_heads": kv_heads, "num_transformer_submodules": 1, "inference_mode": True}
+    if frozen:
+        return {**config, "peft_type": "CARTRIDGE", "num_frozen_tokens": frozen}, {"prompt_embeddings": table}
+    return {**config, "prefix_projection": False, "encoder_hidden_size": kv_heads * head_dim}, \
+        {"prompt_embeddings": table}
 
 
 def _read_adalora(config, weights, extras):
@@ -1761,6 +1792,7 @@ FORMATS = [
     PeftFormat("BOFT", ("boft",), {"boft_R": "boft_R", "boft_s": "boft_s"}, _read_boft, _write_boft),
     PeftFormat("HRA", ("hra",), {"hra_u": "hra_u"}, _read_hra, _write_hra, ("bias",)),
     PeftFormat("PREFIX_TUNING", ("prefix",), {}, _read_prefix, _write_prefix, (), ("prompt_embeddings",), ""),
+    PeftFormat("CARTRIDGE", (), {}, _read_cartridge, _write_prefix, (), ("prompt_embeddings",), ""),   # export: prefix
     PeftFormat("SHIRA", ("shira",), {"shira_values": "shira_weight", "shira_indices": "shira_indices"},
                _read_shira, _write_shira, ("fan_in_fan_out",)),
     PeftFormat("ROAD", ("road",), {"road_theta": "road_theta", "road_alpha": "road_alpha"}, _read_road, _write_road,
