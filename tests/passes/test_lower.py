@@ -255,7 +255,7 @@ KIND_REGIONS = {
     "tinylora": ({"rank": 2, "u": 4}, "lora_linear"), "unilora": ({"rank": 4, "theta_length": 64}, "lora_linear"),
     "waveft": ({"frequencies": 24}, None), "frod": ({"sparse_rate": 0.02}, None), "psoft": ({"rank": 4}, None),
     "deft": ({"rank": 4}, None), "osf": ({}, None), "glora": ({"rank": 2}, None), "lily": ({"rank": 4}, None),
-    "adalora": ({"rank": 4}, None), "peanut": ({"rank": 4, "depth": 1}, None),
+    "adalora": ({"rank": 4}, "lora_linear"), "peanut": ({"rank": 4, "depth": 1}, None),
     "supertuning": ({"sparsity": 0.95}, None), "beft": ({}, None), "adamss": ({"rank": 4, "num_subspaces": 2}, None),
     "ln_tuning": ({}, None), "trainable_tokens": ({"token_indices": [1, 5]}, None),
 }
