@@ -203,3 +203,21 @@ def assert_merge_checkpoint_matches(config, tmp_path, changed: int = 4, scale: f
     assert len(names) == changed, names
     for name in names:
         assert torch.equal(on_disk[name], ours[name]), name
+
+
+def assert_edited_checkpoint_refused(config, tmp_path, edit, message: str) -> None:
+    """A randomized PEFT checkpoint, its config (dict) and tensors changed by `edit(config, tensors)`, is refused
+    at import with a SpecError matching `message`."""
+    import json
+
+    import pytest
+    from safetensors.torch import load_file, save_file
+
+    model, args, _ = randomized_peft_checkpoint(config, tmp_path)
+    config_path, tensors_path = tmp_path / "adapter_config.json", tmp_path / "adapter_model.safetensors"
+    stored, tensors = json.loads(config_path.read_text()), load_file(tensors_path)
+    edit(stored, tensors)
+    config_path.write_text(json.dumps(stored))
+    save_file(tensors, tensors_path)
+    with pytest.raises(surgeon.SpecError, match=message):
+        surgeon.compile(model, args, {"adapters": [{"name": NAME, "from_peft": str(tmp_path)}]}, KW)

@@ -11,7 +11,8 @@ import torch
 
 import surgeon
 from surgeon.adapters import kinds
-from tests.adapters.helpers import (KW, NAME, assert_close, assert_dropout_in_training_only, assert_identity_insert,
+from tests.adapters.helpers import (KW, NAME, assert_edited_checkpoint_refused,
+                                    assert_close, assert_dropout_in_training_only, assert_identity_insert,
                                     assert_merge, assert_param_count, assert_round_trip, assert_trains, compile_kind,
                                     peft_export, peft_parity, randomized_peft_checkpoint)
 from tests.conftest import hf_gpt2
@@ -225,17 +226,8 @@ def test_peft_export(tmp_path):
 ])
 def test_a_malformed_checkpoint_is_refused(tmp_path, edit, message):
     peft = pytest.importorskip("peft")
-    from safetensors.torch import load_file, save_file
-
     config = peft.AdaLoraConfig(target_modules=["q_proj"], init_r=4, total_step=10)
-    model, args, _ = randomized_peft_checkpoint(config, tmp_path)
-    config_path, tensors_path = tmp_path / "adapter_config.json", tmp_path / "adapter_model.safetensors"
-    stored, tensors = json.loads(config_path.read_text()), load_file(tensors_path)
-    edit(stored, tensors)
-    config_path.write_text(json.dumps(stored))
-    save_file(tensors, tensors_path)
-    with pytest.raises(surgeon.SpecError, match=message):
-        surgeon.compile(model, args, {"adapters": [{"name": NAME, "from_peft": str(tmp_path)}]}, KW)
+    assert_edited_checkpoint_refused(config, tmp_path, edit, message)
 
 
 def test_rank_above_min_in_out_is_accepted():
