@@ -222,14 +222,18 @@ def rotation_log(rotation: torch.Tensor) -> torch.Tensor:
     return (log - log.T) / 2
 
 
-def orthomerge(splits: list[Split], weights: list[float]) -> Split:
+def orthomerge(splits: list[Split], weights: list[float], *, magnitude_correction: bool = False) -> Split:
     """OrthoMerge: rotations in the Lie algebra, scales and residuals linearly.
 
-    R* = matrix_exp(sum_i w_i log R_i) (orthogonal: the exponential of a skew matrix),
-    s* = 1 + sum_i w_i (s_i - 1), E* = sum_i w_i E_i. One input at weight 1 gives itself back (to
-    float64 rounding). Raises NoLogarithm with the input's index when a rotation has no logarithm.
+    R* = matrix_exp(G), G = sum_i w_i log R_i (orthogonal: the exponential of a skew matrix),
+    s* = 1 + sum_i w_i (s_i - 1), E* = sum_i w_i E_i. With `magnitude_correction` (the paper's
+    magnitude-corrected merge), G keeps its direction but gets the norm sum_i |w_i| |log R_i|_F: the
+    weighted mean of the inputs' rotation angles, which a plain mean of generators pointing apart
+    shrinks (a G that cancels to rounding, |G| <= 1e-12 of that norm, becomes 0). One input at
+    weight 1 gives itself back (to float64 rounding), with or without it. Raises NoLogarithm with the input's index when a rotation has no logarithm.
     """
     generator = scale = residual = None
+    magnitude = 0.0
     for index, (split, w) in enumerate(zip(splits, weights)):
         if split.rotation is not None:
             try:
@@ -237,12 +241,17 @@ def orthomerge(splits: list[Split], weights: list[float]) -> Split:
             except NoLogarithm as error:
                 raise NoLogarithm(error.reason, index) from None
             generator = term if generator is None else generator + term
+            magnitude += term.norm().item()        # |w_i| |log R_i|_F
         if split.scale is not None:
             term = w * (split.scale.double() - 1)
             scale = term if scale is None else scale + term
         if split.residual is not None:
             term = w * split.residual.double()
             residual = term if residual is None else residual + term
+    if magnitude_correction and generator is not None:
+        size = generator.norm().item()
+        # generators that cancel to rounding have no direction to rescale: the merge is the identity
+        generator = generator * (magnitude / size) if size > 1e-12 * magnitude else torch.zeros_like(generator)
     rotation = None if generator is None else torch.linalg.matrix_exp(generator)
     return Split(rotation, None if scale is None else 1 + scale, residual)
 

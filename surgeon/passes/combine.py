@@ -54,6 +54,7 @@ class Combine:
     density: float | None = None
     seed: int | None = None
     rank: int | None = None
+    magnitude_correction: bool | None = None   # orthomerge only: the merged generator gets the inputs' mean norm
     into: str | None = None          # the new adapter's name (default: inputs and method, '_'-joined)
     name: ClassVar[str] = "combine"
     check: ClassVar[str] = "none"
@@ -69,7 +70,7 @@ class Combine:
         biases = {path: b for path in sites if (b := self._bias_delta(gm, ctx, inputs, weights, path)) is not None}
         for path, template in sites.items():
             if self.method in methods.ON_SPLITS:
-                result = self._merge_splits(gm, ctx, inputs, weights, path, template, splits)
+                result = self._merge_splits(gm, ctx, inputs, weights, options, path, template, splits)
                 combined[path] = result if self.rank is None else methods.truncate(result, self.rank)
                 continue
             deltas = [_delta_at(gm, state, path, template) for state in inputs]
@@ -126,7 +127,7 @@ class Combine:
         return sum(deltas[1:], deltas[0])
 
     def _merge_splits(self, gm: fx.GraphModule, ctx: Context, inputs: list[AdapterState], weights: list[float],
-                      path: str, template: SiteState, notes: dict[str, list[str]]) -> torch.Tensor:
+                      options: dict, path: str, template: SiteState, notes: dict[str, list[str]]) -> torch.Tensor:
         """orthomerge at one module: each input split as W' = diag(s) W R + E, merged, minus W (float64)."""
         if template.op == PARAM_SITE:
             raise self._error(ctx, "method", f"orthomerge works on 2-D weights; '{path}' is a parameter site "
@@ -142,7 +143,7 @@ class Combine:
             notes.setdefault(state.spec.name, []).append(note)
             parts.append(part)
         try:
-            merged = methods.orthomerge(parts, weights)
+            merged = methods.orthomerge(parts, weights, **options)
         except methods.NoLogarithm as error:
             state = inputs[error.index]
             raise self._error(ctx, "adapters", f"cannot orthomerge adapter '{state.spec.name}' ({state.spec.type}) "
@@ -204,13 +205,16 @@ class Combine:
         accepted = methods.schema(methods.METHODS[self.method])
         if self.rank is not None and (not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1):
             raise self._error(ctx, "rank", f"must be a positive integer, got {self.rank!r}")
-        given = {"density": self.density, "seed": self.seed, "rank": self.rank if "rank" in accepted else None}
+        given = {"density": self.density, "seed": self.seed, "rank": self.rank if "rank" in accepted else None,
+                 "magnitude_correction": self.magnitude_correction}
         for key, value in given.items():
             if value is not None and key not in accepted:
                 raise self._error(ctx, key, f"method '{self.method}' takes no '{key}' (its options: "
                                             f"{sorted(accepted) or 'none'})")
         if self.density is not None and not (isinstance(self.density, (int, float)) and 0 < self.density <= 1):
             raise self._error(ctx, "density", f"must be a number in (0, 1], got {self.density!r}")
+        if self.magnitude_correction is not None and not isinstance(self.magnitude_correction, bool):
+            raise self._error(ctx, "magnitude_correction", f"must be true or false, got {self.magnitude_correction!r}")
         options = {}
         for key, parameter in accepted.items():
             if given.get(key) is None and parameter.default is inspect.Parameter.empty:

@@ -128,6 +128,38 @@ def test_orthomerge_names_the_input_whose_rotation_has_no_logarithm():
     assert error.value.index == 1 and "det -1" in error.value.reason
 
 
+def test_magnitude_correction_keeps_the_direction_and_restores_the_mean_angle():
+    # the paper's uniform form, written out: G = (1/n) (sum |L_i| / |sum L_i|) sum L_i
+    logs = [skew(12, seed=20 + i, norm=0.4 + 0.3 * i) for i in range(3)]
+    total = sum(logs[1:], logs[0])
+    want = total * (sum(L.norm() for L in logs) / total.norm()) / 3
+    splits = [methods.Split(torch.linalg.matrix_exp(L)) for L in logs]
+    corrected = methods.orthomerge(splits, [1 / 3] * 3, magnitude_correction=True).rotation
+    torch.testing.assert_close(corrected, torch.linalg.matrix_exp(want), rtol=0, atol=1e-12)
+    torch.testing.assert_close(corrected.T @ corrected, identity(12), rtol=0, atol=1e-13)
+    plain = methods.orthomerge(splits, [1 / 3] * 3).rotation
+    # the plain mean of generators pointing apart turns less than the inputs do; the corrected one does not
+    assert methods.rotation_log(plain).norm() < 0.8 * want.norm()
+    torch.testing.assert_close(methods.rotation_log(corrected).norm(), want.norm(), rtol=1e-12, atol=0)
+    # weights: the norm is sum |w_i| |L_i| (a negative weight turns the direction, not the magnitude)
+    weighted = methods.orthomerge(splits[:2], [0.7, -0.2], magnitude_correction=True).rotation
+    direction = 0.7 * logs[0] - 0.2 * logs[1]
+    size = 0.7 * logs[0].norm() + 0.2 * logs[1].norm()
+    torch.testing.assert_close(weighted, torch.linalg.matrix_exp(direction * (size / direction.norm())),
+                               rtol=0, atol=1e-12)
+
+
+def test_magnitude_correction_leaves_one_input_equal_inputs_and_cancelling_inputs_alone():
+    L = skew(8, seed=30, norm=0.9)
+    one = methods.Split(torch.linalg.matrix_exp(L))
+    for splits, weights in (([one], [1.0]), ([one, one], [0.5, 0.5])):
+        merged = methods.orthomerge(splits, weights, magnitude_correction=True).rotation
+        torch.testing.assert_close(merged, one.rotation, rtol=0, atol=1e-13)
+    back = methods.Split(torch.linalg.matrix_exp(-L))
+    merged = methods.orthomerge([one, back], [0.5, 0.5], magnitude_correction=True).rotation
+    torch.testing.assert_close(merged, identity(8), rtol=0, atol=1e-13)   # G = 0 stays 0
+
+
 # ---------------------------------------------------------------- the pass
 
 def compile_adapters(*adapters, factory=hf_llama):
@@ -422,3 +454,35 @@ def test_orthomerge_takes_no_density_or_seed(one_oft, option, value):
     with pytest.raises(surgeon.SpecError, match=f"method 'orthomerge' takes no '{option}'"):
         one_oft.apply([{"combine": {"adapters": ["a"], "method": "orthomerge", option: value}}])
     assert one_oft.adapters["a"].status == "inserted"
+
+
+def test_the_pass_applies_magnitude_correction_when_asked_and_refuses_it_elsewhere():
+    compiled, _, _ = compile_adapters(
+        {"name": "a", "type": "oft", "targets": ["*.q_proj"], "block_size": 16},
+        {"name": "b", "type": "oft", "targets": ["*.q_proj"], "block_size": 16})
+    randomize_adapters(compiled.module, seed=21)
+    want = {}
+    for path in Q_PROJ:
+        weight = base_weight(compiled, path)
+        splits = []
+        for name in ("a", "b"):
+            site = site_of(compiled, name, path)
+            params = {p: get_tensor(compiled.module, t).detach() for p, t in site.params.items()}
+            splits.append(methods.Split(compiled.adapters[name].spec.kind.rotation(params, site.options,
+                                                                                   weight).matrix.double()))
+        logs = [methods.rotation_log(s.rotation) for s in splits]
+        total = 0.5 * logs[0] + 0.5 * logs[1]
+        corrected = total * ((0.5 * logs[0].norm() + 0.5 * logs[1].norm()) / total.norm())
+        want[path] = weight @ torch.linalg.matrix_exp(corrected) - weight
+    for bad, key, message in (({"method": "linear", "magnitude_correction": True}, "magnitude_correction",
+                               "takes no 'magnitude_correction'"),
+                              ({"method": "orthomerge", "magnitude_correction": "yes"}, "magnitude_correction",
+                               "must be true or false")):
+        with pytest.raises(surgeon.SpecError, match=message) as error:
+            compiled.apply([{"combine": {"adapters": ["a", "b"], "weights": [0.5, 0.5], **bad}}])
+        assert key in str(error.value)
+    assert set(compiled.adapters) == {"a", "b"}                           # the refusals changed nothing
+    compiled.apply([{"combine": {"adapters": ["a", "b"], "method": "orthomerge", "weights": [0.5, 0.5],
+                                 "magnitude_correction": True, "into": "ab"}}])
+    for path, delta in deltas_of(compiled, "ab").items():
+        torch.testing.assert_close(delta, want[path], rtol=0, atol=1e-7)
