@@ -6,7 +6,8 @@
 # Installs surgeon beside the machine's own torch and Triton (no dependency resolution, so a CUDA
 # build is kept), prints the GPU, then runs `surgeon bench --device cuda --dtype bfloat16 --generate`: the
 # generation table (bf16, per generated token), the whole-model table, the LoRA kernel table and the
-# adapter-family table. Writes under $OUT: bench_generate.json,
+# adapter-family table, then benchmarks/bench_mixed_kernels.py (the mixed-batch LoRA kernels: decode and
+# prefill, batch 16, rows over 1 / 4 / 16 adapters). Writes under $OUT: bench_generate.json, bench_mixed_kernels.json,
 # bench.txt (everything printed), bench.json, bench_kernels.json, bench_family.json and
 # tuning.json (the strategy each shape bucket picked). About 6-7 minutes in all with the default
 # BUDGET=150 (seconds per kernel table). Exits non-zero only when there is no CUDA device or the
@@ -30,4 +31,7 @@ start=$(date +%s)
 # strategy once per shape bucket, so the first rows of a table take longest)
 $PY -m surgeon bench --device cuda --dtype bfloat16 --rounds 20 --generate --kernel-budget "${BUDGET:-150}" \
   --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
+# the mixed-batch LoRA kernels on one 4096 x 4096 linear: decode and prefill, batch 16, 1 / 4 / 16 adapters
+$PY benchmarks/bench_mixed_kernels.py --dtype bfloat16 --rounds 30 --json "$OUT/bench_mixed_kernels.json" 2>&1 \
+  | tee -a "$OUT/bench.txt"
 echo "gpu_bench: $(( $(date +%s) - start )) s; files in $OUT"

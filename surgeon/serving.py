@@ -24,7 +24,8 @@ Design:
   forward on them (the graph code the kind builds for `set_active`, run eagerly) and write them back
   (`index_copy`). It serves a batch whose rows all name one adapter (its forward on the whole batch,
   no gather: the same ops as `set_active`, bit for bit), a call that records gradients, a route that
-  does not stack (a LoRA with a bias on B) and a large batch with few adapters (GATHER_MAX_ROWS).
+  does not stack (a LoRA with a bias on B) and a large batch of short rows with few adapters
+  (GATHER_MAX_ROWS, GATHER_MIN_TOKENS, GATHER_ROWS_PER_ADAPTER).
 - On CUDA, a site whose routes are all plain LoRA runs the mixed-batch kernels (kernels/mixed_lora.py).
 
 Kinds that join: LoRA (rsLoRA too; default / gaussian init or loaded weights), LoRA-XS, VeRA (each an
@@ -136,11 +137,17 @@ class RowPlan:
         return self._slots[key]
 
 
-# rows (sequences) up to which a site always runs the gathered path; above, only while the batch has at most
-# GATHER_ROWS_PER_ADAPTER rows per adapter present at the site (the gather copies R_MAX (K + N) numbers per row,
-# the loop reads each present adapter once)
-GATHER_MAX_ROWS = 64
-GATHER_ROWS_PER_ADAPTER = 8
+# when a site runs the gathered path rather than the loop: a batch of at most GATHER_MAX_ROWS rows, or no more
+# rows than the bank has slots (a generate's decode steps reuse the gather); rows of at least GATHER_MIN_TOKENS
+# tokens (a prefill: the gather's copy of R_MAX (K + N) numbers per row is small next to the row's GEMMs); at
+# most GATHER_ROWS_PER_ADAPTER rows per adapter present (the loop's cost is per adapter, the gather's per row).
+# Measured on a site's CPU time (1 thread; LoRA r=16, 16 adapters, K, N of 512 / 1376; docs/serving.md): the
+# gathered path's time / the loop's was 0.2-1.35 at 16 rows, 0.25-1.03 at 8 tokens a row and 0.2-0.76 at 32
+# (up to 128 rows over 2 to 16 adapters), 0.2-0.8 at 1-2 tokens with at most 4 rows per adapter, and 0.9-2.9
+# at 1-2 tokens from 8 rows per adapter up.
+GATHER_MAX_ROWS = 16
+GATHER_MIN_TOKENS = 8
+GATHER_ROWS_PER_ADAPTER = 4
 _VERSION = operator.attrgetter("_version")
 
 
@@ -205,9 +212,15 @@ class MixedSite(nn.Module):
 
     def __init__(self, side: str, routes: list):
         super().__init__()
-        self.side, self.routes = side, routes
+        self.side = side
+        self.sources: list = [None] * len(routes)   # each route's site path (build sets them; `_retie` reads them)
         self._bank = None   # (key, LoraBank): the routes' LoRA tensors as one padded bank, for the kernels
-        forms = [_form(side, kind.name, params, opts, dims) for _, kind, opts, dims, params in routes]
+        self._site_bank = None   # (key, SiteBank), rebuilt when a stacked tensor changed (its version counter)
+        self._route(routes)
+
+    def _route(self, routes: list) -> None:
+        self.routes = routes
+        forms = [_form(self.side, kind.name, params, opts, dims) for _, kind, opts, dims, params in routes]
         names = [route[0] for route in routes]
         if len(set(names)) != len(names):   # one adapter twice at an op: keep the loop, in route order
             forms = [None] * len(routes)
@@ -215,7 +228,14 @@ class MixedSite(nn.Module):
         self._looped = [route for route, form in zip(routes, forms) if form is None]
         self._names = tuple(route[0] for route, _ in self._stacked)
         self._tensors = [t for (*_, params), _ in self._stacked for t in params.values()]
-        self._site_bank = None   # (key, SiteBank), rebuilt when a stacked tensor changed (its version counter)
+
+    def retie(self, params: list[dict[str, torch.Tensor]]) -> None:
+        """Take each route's tensors anew (`_retie`: each aliases the one it replaces, so the banks stay)."""
+        new = {id(route): (*route[:4], tensors) for route, tensors in zip(self.routes, params)}
+        self.routes = list(new.values())
+        self._stacked = [(new[id(route)], form) for route, form in self._stacked]
+        self._looped = [new[id(route)] for route in self._looped]
+        self._tensors = [t for (*_, tensors), _ in self._stacked for t in tensors.values()]
 
     def forward(self, plan: RowPlan | None, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         base = x if self.side == "input" else y
@@ -248,7 +268,7 @@ class MixedSite(nn.Module):
 
     def _gathers(self, plan: RowPlan, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor | None:
         """Each row's slot when this call runs the gathered path (no gradient to record, one dtype, and a
-        batch that is small or has few rows per adapter present), else None."""
+        batch that is small, of long rows or of few rows per adapter present), else None."""
         if y is not None and y.dtype != x.dtype or not x.is_floating_point() or x.dim() < 2:
             return None
         if torch.is_grad_enabled() and (x.requires_grad or (y is not None and y.requires_grad) or
@@ -258,7 +278,11 @@ class MixedSite(nn.Module):
         if slots is None:   # none of the stacked adapters in this batch
             return None
         index, present = slots
-        return index if plan.batch <= GATHER_MAX_ROWS or plan.batch <= GATHER_ROWS_PER_ADAPTER * present else None
+        tokens = x.numel() // max(1, x.shape[-1] * plan.batch)   # per row: x [batch, ..., K] or [batch * length, K]
+        if plan.batch <= max(GATHER_MAX_ROWS, len(self._names) + 1) or tokens >= GATHER_MIN_TOKENS or \
+                plan.batch <= GATHER_ROWS_PER_ADAPTER * present:
+            return index
+        return None
 
     def _gathered(self, plan: RowPlan, index: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """The stacked routes' rows in one pass: each row's slot (`index`) gathers its adapter's factors (or
@@ -436,14 +460,95 @@ _CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionar
 
 def mixed_graph(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     """The mixed graph of `gm` (built on first use, rebuilt when the graph, the adapters or the placement
-    changed): the same inputs, then a RowPlan."""
-    key = (gm.code, placement(gm), tuple((n, s.status) for n, s in ctx.adapters.items()))
+    changed): the same inputs, then a RowPlan.
+
+    `set_active` detaches and attaches adapter branches, which renames their nodes: after a round trip
+    (set_active("b"), then set_active("a") again) the code differs only in names. The graph's shape (`_shape`:
+    its nodes with every name replaced by its position) then equals the one the mixed graph was built from,
+    and the mixed graph is kept, its sites re-tied to the adapters' current tensors (`_retie`) instead of a
+    rebuild (about 50 ms a graph here, plus the banks)."""
+    statuses = tuple((n, s.status) for n, s in ctx.adapters.items())
+    key = (gm.code, placement(gm), statuses)
     held = _CACHE.get(gm)
     if held is not None and held[0] == key:
         return held[1]
+    shape = (_shape(gm), key[1], statuses)
+    if held is not None and held[2] == shape and _retie(held[1], gm, ctx, *key[1]):
+        _CACHE[gm] = (key, held[1], shape)
+        return held[1]
     mixed = build(gm, ctx)
-    _CACHE[gm] = (key, mixed)
+    _CACHE[gm] = (key, mixed, shape)
     return mixed
+
+
+class _At:
+    """A node's position in its graph, standing for the node in `_shape` (its repr is the position)."""
+    __slots__ = ("index",)
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def __repr__(self) -> str:
+        return f"%{self.index}"
+
+
+def _shape(gm: fx.GraphModule) -> tuple:
+    """The graph with its node names left out: per node (op, target, its arguments with each node given by its
+    position). Two graphs of one shape compute the same from the same tensors."""
+    at: dict[fx.Node, _At] = {}
+    rows = []
+    for index, node in enumerate(gm.graph.nodes):
+        at[node] = _At(index)
+        args = fx.node.map_arg((node.args, node.kwargs), at.__getitem__)
+        rows.append((node.op, node.target if isinstance(node.target, str) else id(node.target), repr(args)))
+    return tuple(rows)
+
+
+def _aliases(new: torch.Tensor, old: torch.Tensor) -> bool:
+    """Whether `new` is `old`, or the same memory seen the same way at the same version (set_active re-registers
+    an adapter's tensors as new Parameters over the same storage, sharing the version counter)."""
+    if new is old:
+        return True
+    try:
+        return (new.data_ptr() == old.data_ptr() and new.shape == old.shape and new.stride() == old.stride() and
+                new.dtype == old.dtype and new.device == old.device and new._version == old._version)
+    except RuntimeError:   # inference tensors keep no version counter: never taken as the same
+        return False
+
+
+def _retie(mixed: fx.GraphModule, gm: fx.GraphModule, ctx, device, dtype) -> bool:
+    """Point the mixed graph's sites at the adapters' current tensors when each aliases the one the site holds
+    (so the sites' banks stay valid) and every tensor the mixed graph reads is still the module's (a merge and
+    unmerge may put new base weights in); False, changing nothing, otherwise (then the caller rebuilds)."""
+    for node in mixed.graph.find_nodes(op="get_attr"):   # the base graph's tensors: still the module's own objects
+        try:
+            if operator.attrgetter(node.target)(mixed) is not operator.attrgetter(node.target)(gm):
+                return False
+        except AttributeError:
+            return False
+    tensors = _route_tensors(gm, ctx, device, dtype)
+    sites = [m for m in mixed.modules() if isinstance(m, MixedSite)]
+    for site in sites:
+        for (name, *_, params), path in zip(site.routes, site.sources):
+            new = tensors.get(name, {}).get(path)
+            if new is None or set(new) != set(params) or not all(_aliases(new[p], params[p]) for p in params):
+                return False
+    for site in sites:
+        site.retie([tensors[name][path] for (name, *_), path in zip(site.routes, site.sources)])
+    return True
+
+
+def _route_tensors(gm: fx.GraphModule, ctx, device, dtype) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+    """{adapter: {site path: {parameter: tensor}}} of the adapters that can join: an attached one's tensors in
+    `gm`, a parked one's placed like the graph."""
+    tensors = {}
+    for name, state in ctx.adapters.items():
+        if state.status in _USABLE and not refusal(state):
+            tensors[name] = {site.path: ({p: get_tensor(gm, t) for p, t in site.params.items()}
+                                         if state.status in _ATTACHED else
+                                         {p: _place(t, device, dtype) for p, t in site.parked.items()})
+                             for site in state.sites}
+    return tensors
 
 
 def build(gm: fx.GraphModule, ctx) -> fx.GraphModule:
@@ -455,13 +560,7 @@ def build(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     graph.output(output)
     mixed = fx.GraphModule(gm, graph, class_name=f"Mixed{type(gm).__name__}")
     device, dtype = placement(gm)
-    tensors: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
-    for name, state in ctx.adapters.items():   # take the tensors before detaching deletes them from the copy
-        if state.status in _USABLE and not refusal(state):
-            tensors[name] = {site.path: ({p: get_tensor(gm, t) for p, t in site.params.items()}
-                                         if state.status in _ATTACHED else
-                                         {p: _place(t, device, dtype) for p, t in site.parked.items()})
-                             for site in state.sites}
+    tensors = _route_tensors(gm, ctx, device, dtype)   # taken before detaching deletes them from the copy
     for state in reversed([s for s in ctx.adapters.values() if s.status in _ATTACHED]):
         for site in reversed(state.sites):
             detach(mixed, copy.copy(site))
@@ -477,19 +576,19 @@ def build(gm: fx.GraphModule, ctx) -> fx.GraphModule:
             for call in site_calls(mixed, site):
                 for side in _HALVES[state.spec.type](site.options):
                     route = (name, state.spec.kind, dict(site.options), dims, tensors[name][site.path])
-                    by_call.setdefault(call, {}).setdefault(side, []).append(route)
+                    by_call.setdefault(call, {}).setdefault(side, []).append((route, site.path))
     for index, (call, sides) in enumerate(by_call.items()):
         op = "addmm" if call.target is torch.ops.aten.addmm.default else "linear"
         x = _site_input(call, op)
         if "input" in sides:
             target = f"_mixed_in_{index}"
-            mixed.add_module(target, MixedSite("input", sides["input"]))
+            mixed.add_module(target, _site("input", sides["input"]))
             with mixed.graph.inserting_before(call):
                 new_x = mixed.graph.call_module(target, (plan, x))
             call.replace_input_with(x, new_x)
         if "output" in sides:
             target = f"_mixed_out_{index}"
-            mixed.add_module(target, MixedSite("output", sides["output"]))
+            mixed.add_module(target, _site("output", sides["output"]))
             with mixed.graph.inserting_after(call):
                 new_y = mixed.graph.call_module(target, (plan, _site_input(call, op), call))
             call.replace_all_uses_with(new_y, delete_user_cb=lambda user, new_y=new_y: user is not new_y)
@@ -497,6 +596,12 @@ def build(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     recompile(mixed)
     mixed.eval()
     return mixed
+
+
+def _site(side: str, entries: list) -> MixedSite:
+    site = MixedSite(side, [route for route, _ in entries])
+    site.sources = [path for _, path in entries]
+    return site
 
 
 def _place(tensor: torch.Tensor, device, dtype) -> torch.Tensor:
@@ -650,5 +755,5 @@ def adapter_bytes(compiled) -> dict[str, int]:
     return sizes
 
 
-__all__ = ["BASE", "GATHER_MAX_ROWS", "GATHER_ROWS_PER_ADAPTER", "RowPlan", "MixedSite", "SiteBank", "Serving", "plan_rows", "check_states", "mixed_graph", "mixed_call",
+__all__ = ["BASE", "GATHER_MAX_ROWS", "GATHER_MIN_TOKENS", "GATHER_ROWS_PER_ADAPTER", "RowPlan", "MixedSite", "SiteBank", "Serving", "plan_rows", "check_states", "mixed_graph", "mixed_call",
            "refusal", "load_adapter", "unload_adapter", "adapter_bytes"]

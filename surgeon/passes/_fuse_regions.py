@@ -15,6 +15,8 @@ compute, or a string saying why this site does not have that form:
   ia3_input_seed   linear(x * l)              (l one value per input feature)  -> lora_linear without
                                                                                   LoRA, prologue "x_gain:l|"
   bottleneck_seed  y + s U act(D src)         src = y (serial) or x (parallel) -> bottleneck
+  mixed_lora_seed  MixedSite(plan, x, y)      a mixed graph's per-row LoRA     -> mixed_lora_linear
+                   (y = x W^T (+ b); every route a plain LoRA of the site's bank; surgeon/serving.py)
 
 Regions then grow an epilogue in fuse.py. Shapes come from `tensor_meta` (export's meta or the
 parameter) and are compared with sympy where dims are symbolic.
@@ -40,7 +42,7 @@ class Region:
     """Nodes one kernel can replace; for GEMM regions, the parts the kernel call needs."""
 
     name: str
-    kind: str                                   # "lora_linear" | "bottleneck" | "elementwise"
+    kind: str                                   # "lora_linear" | "bottleneck" | "elementwise" | "mixed_lora_linear"
     nodes: list[fx.Node]                        # graph order; `nodes[-1]` is the output
     adapter: str = ""
     parts: dict[str, Any] = field(default_factory=dict)   # lora_linear: x, weight, bias, lora_a, lora_b;
@@ -95,6 +97,8 @@ class Region:
         branch = "vera" if self.parts.get("vera_d") is not None else \
             "lora-xs" if "xs_r" in self.parts else "lora"
         lora = f"+{branch}({self.adapter})" if self.parts.get("lora_a") is not None else ""
+        if self.kind == "mixed_lora_linear":
+            lora = f"+mixed_lora({self.adapter})"
         gain = "(x*gain)" if self.parts.get("x_gain") is not None else ""
         base = next(n for n in self.nodes if n.target in BASE_OPS)
         return f"{base.target.__name__.split('.')[0]}{gain}{bias}{lora}"
@@ -336,12 +340,70 @@ def bottleneck_seed(gm: fx.GraphModule, add: fx.Node) -> "Region | str":
                   scale=float(add.kwargs.get("alpha", 1)), rank=int(metas[2][0][0]))
 
 
+def mixed_site(gm: fx.GraphModule, node: Any):
+    """The MixedSite an output-side call_module node of a mixed graph runs (surgeon/serving.py), else None."""
+    if not isinstance(node, fx.Node) or node.op != "call_module" or len(node.args) != 3:
+        return None
+    from surgeon.serving import MixedSite
+
+    try:
+        module = gm.get_submodule(node.target)
+    except AttributeError:
+        return None
+    return module if isinstance(module, MixedSite) and module.side == "output" else None
+
+
+def plain_lora_routes(site, dims: tuple) -> str:
+    """"" when every route of a MixedSite is a plain LoRA on (in, out) = dims (what the mixed kernels take)."""
+    for name, kind, opts, _, params in site.routes:
+        a, b = params.get("lora_A"), params.get("lora_B")
+        if kind.name != "lora" or set(params) != {"lora_A", "lora_B"} or "experts" in opts or \
+                opts.get("groups", 1) != 1 or a.dim() != 2 or b.dim() != 2 or \
+                tuple(a.shape[1:]) != dims[:1] or tuple(b.shape) != (dims[1], a.shape[0]):
+            return (f"route '{name}' ({kind.name}) is not a plain LoRA A [r, {dims[0]}], B [{dims[1]}, r] "
+                    "(the mixed kernels take only those; the site stays the graph's)")
+    return ""
+
+
+def mixed_lora_seed(gm: fx.GraphModule, node: fx.Node) -> "Region | str":
+    """A mixed graph's `MixedSite(plan, x, y)` over y = linear(x, W, b) (or addmm): the base GEMM and each row's
+    LoRA update from the site's bank, one region (kind mixed_lora_linear; kernels/mixed_lora_region.py)."""
+    site = mixed_site(gm, node)
+    if site is None:
+        return "not a mixed-batch output site"
+    plan, x, base = node.args
+    parts = base_parts(gm, base) if isinstance(base, fx.Node) else "the site's y is not a node"
+    if isinstance(parts, str):
+        return parts
+    if parts["x"] is not x:
+        return f"the site reads '{x}' but the base op reads '{parts['x']}'"
+    if why := _one_user(base):
+        return why
+    weight = tensor_meta(gm, parts["weight"])
+    if weight is None:
+        return f"{base.name}: the weight's shape is unknown"
+    dims = tuple(int(d) for d in (weight[0][::-1] if parts["layout"] == "out_in" else weight[0]))
+    if why := plain_lora_routes(site, dims):
+        return why
+    metas = [tensor_meta(gm, t) for t in (x, parts["weight"], parts["bias"]) if t is not None]
+    if any(m is None for m in metas) or len({m[1] for m in metas}) != 1:
+        return f"{node.name}: mixed or unknown dtypes {[None if m is None else str(m[1]) for m in metas]}"
+    names = [route[0] for route in site.routes]
+    return Region(f"mixed_lora_linear@{module_path(base)}", "mixed_lora_linear", [base, node],
+                  adapter=",".join(names), weight_layout=parts["layout"],
+                  rank=max(int(r[4]["lora_A"].shape[0]) for r in site.routes),
+                  parts={"x": x, "weight": parts["weight"], "bias": parts["bias"], "plan": plan, "site": node.target})
+
+
 SEEDS = (("lora", lora_seed), ("dora", dora_seed), ("vera", vera_seed), ("lora-xs", lora_xs_seed),
          ("ia3", ia3_seed), ("ia3-input", ia3_input_seed), ("bottleneck", bottleneck_seed))
 
 
 def seed(gm: fx.GraphModule, node: fx.Node) -> "Region | str":
     """The region an adapter site's output starts, or why none of the seeds applies."""
+    if node.op == "call_module":
+        found = mixed_lora_seed(gm, node)
+        return found if isinstance(found, Region) else f"{node.name}: mixed-lora: {found}"
     reasons = []
     for name, make in SEEDS:
         found = make(gm, node)
@@ -364,6 +426,8 @@ def tensor_meta(gm: fx.GraphModule, node: Any) -> tuple[tuple, torch.dtype] | No
     if node.op == "get_attr":
         tensor = get_tensor(gm, node.target)
         return tuple(tensor.shape), tensor.dtype
+    if mixed_site(gm, node) is not None:
+        return tensor_meta(gm, node.args[2])    # a mixed site's output keeps y's shape
     if node.meta.get("surgeon_adapter") and node.target in (aten.add.Tensor, aten.mul.Tensor):
         return tensor_meta(gm, node.args[0])    # an adapter's output (no meta of its own) keeps y's shape
     if node.target is aten.linear.default:

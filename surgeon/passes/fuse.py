@@ -5,6 +5,8 @@ one (passes/_fuse_regions.py has the forms and the identities they rely on):
   lora_linear   a base linear/addmm with its unmerged LoRA branch (out = y + s B(A x)), DoRA's
                 form of it (g (x W^T + s B A x) + b), or an IA3 per-output scale (y * l);
   bottleneck    a bottleneck or parallel adapter, y + s U act(D src);
+  mixed_lora_linear  in a mixed-batch graph (surgeon/serving.py), a base linear and the MixedSite
+                that adds each row's LoRA update from the site's bank (every route a plain LoRA);
 then grows an epilogue: the longest chain of single-user ops with a rule in kernels/epilogue.py
 (silu/gelu/relu, a gate multiply such as SwiGLU's, a residual add, a constant scale, a
 per-output gain). Outside those regions:
@@ -41,7 +43,7 @@ from surgeon.pipeline import Context, PassResult
 from surgeon.kernels.pointwise_program import (REDUCTIONS, RULES as POINTWISE_RULES, broadcast_shape,
                                                program_from_nodes)
 
-from ._fuse_regions import BASE_OPS, Region, row_vector, same_meta, seed, tensor_meta
+from ._fuse_regions import BASE_OPS, Region, mixed_site, row_vector, same_meta, seed, tensor_meta
 
 log = logging.getLogger("surgeon.fuse")
 aten = torch.ops.aten
@@ -58,11 +60,13 @@ def partition(gm: fx.GraphModule) -> tuple[list[Region], list[tuple[str, str]]]:
     names: dict[str, int] = {}
     taken: dict[fx.Node, str] = {}
     for node in gm.graph.nodes:
-        if not is_site_output(node) or node in taken:
+        mixed = mixed_site(gm, node) is not None
+        if not (is_site_output(node) or mixed) or node in taken:
             continue
         region = seed(gm, node)
         if isinstance(region, str):
-            rejections.append(Refusal(f"adapter {node.meta['surgeon_adapter']} @ {module_path(node)}", region))
+            where = f"mixed site {node.target}" if mixed else f"adapter {node.meta['surgeon_adapter']}"
+            rejections.append(Refusal(f"{where} @ {module_path(node)}", region))
             continue
         region.name = _unique(names, region.name)
         grow(gm, region, graph, order, taken, rejections)
@@ -387,6 +391,8 @@ class Fuse:
                                        "epilogue": r.epilogue()[0] if r.kind != "elementwise" else "",
                                        "stop": r.stop} for r in regions]
         kinds = {kind: sum(r.kind == kind for r in regions) for kind in ("lora_linear", "bottleneck", "elementwise")}
+        if any(r.kind == "mixed_lora_linear" for r in regions):   # a mixed-batch graph (surgeon/serving.py)
+            kinds["mixed_lora_linear"] = sum(r.kind == "mixed_lora_linear" for r in regions)
         notes = [r.describe() for r in regions]
         notes.append(", ".join(f"{n} {kind} regions" for kind, n in kinds.items()) +
                      f", {len(rejections)} candidates not fused")

@@ -3,6 +3,8 @@
   lora_linear   -> torch.ops.surgeon.lora_linear   epilogue(x W^T [+ s (x A^T) B^T]) with bias / gain steps
   bottleneck    -> torch.ops.surgeon.bottleneck    epilogue(y + s U act(D src))
   elementwise   -> torch.ops.surgeon.pointwise     the region's pointwise ops, one pass over memory
+  mixed_lora_linear -> a MixedLoraLinear module call (a mixed-batch graph; kernels/mixed_lora_region.py):
+                   epilogue(x W^T + b + s[a] B[a] A[a] x) per row, the mixed-batch kernels on CUDA
 
 Identity relied on: each op computes what its region computes (its Triton kernel on CUDA, its
 torch reference elsewhere), so the graph's function is unchanged within rounding (check
@@ -53,11 +55,15 @@ class Lower:
         present = {n.name for n in gm.graph.nodes}
         # their branches now live inside kernels (adapters lowered before are left as they are: a
         # second `lower` finds nothing new to replace)
-        for state in (a for a in ctx.adapters.values() if a.status == "inserted"):
+        # (a mixed-batch graph holds no adapter's own nodes: its adapters' states are the compiled module's)
+        mixed = any(region.kind == "mixed_lora_linear" for region in regions) or \
+            any(n.op == "placeholder" and n.name == "adapter_plan" for n in gm.graph.nodes)
+        for state in (a for a in ctx.adapters.values() if a.status == "inserted" and not mixed):
             if any(node not in present for site in state.sites for node in site.nodes):
                 state.status = "lowered"
         devices = sorted({p.device.type for p in gm.parameters()}) or ["cpu"]
-        result.notes.append(", ".join(f"{n} {kind} regions -> surgeon::{OPS[kind]}" for kind, n in counts.items()) +
+        result.notes.append(", ".join(f"{n} {kind} regions -> surgeon::{OPS[kind]}" for kind, n in counts.items()
+                                      if n or kind != "mixed_lora_linear") +
                             "; backend here: " + ", ".join(f"{d}: {registry.backend(d)}" for d in devices) +
                             ("" if {registry.backend(d) for d in devices} - {"reference"} else
                              " (no CUDA device: the regions run the torch reference math, not Triton, "
@@ -65,7 +71,8 @@ class Lower:
         return result
 
 
-OPS = {"lora_linear": "lora_linear", "bottleneck": "bottleneck", "elementwise": "pointwise"}
+OPS = {"lora_linear": "lora_linear", "bottleneck": "bottleneck", "elementwise": "pointwise",
+       "mixed_lora_linear": "mixed_lora_linear (module)"}
 
 
 def lower_lora_linear(gm: fx.GraphModule, region: Region, replaced: dict) -> tuple[fx.Node, str]:
@@ -124,7 +131,38 @@ def lower_elementwise(gm: fx.GraphModule, region: Region, replaced: dict) -> tup
     return replaced[region.output], pointwise.render(program, region.name)
 
 
-LOWERINGS = {"lora_linear": lower_lora_linear, "bottleneck": lower_bottleneck, "elementwise": lower_elementwise}
+def lower_mixed_lora_linear(gm: fx.GraphModule, region: Region, replaced: dict) -> tuple[fx.Node, str]:
+    """A MixedLoraLinear module call (kernels/mixed_lora_region.py) for a mixed graph's base linear, its
+    MixedSite and the epilogue; the site moves into the new module. Returns the call and its kernel source."""
+    from surgeon.kernels.epilogue import steps
+    from surgeon.kernels.mixed_lora_region import MixedLoraLinear, render
+
+    epilogue, operands = region.epilogue()
+    parts = region.parts
+    base = "addmm" if region.nodes[0].target is torch.ops.aten.addmm.default else "linear"
+    target = f"{parts['site']}_lowered"
+    gm.add_module(target, MixedLoraLinear(gm.get_submodule(parts["site"]), base, epilogue))
+    args = fx.map_arg((parts["plan"], parts["x"], parts["weight"], parts["bias"], list(operands)),
+                      lambda node: replaced.get(node, node))
+    view, output = parts.get("view"), region.output
+    with gm.graph.inserting_before(output):
+        fused = gm.graph.call_module(target, args)
+        fused.meta.update(surgeon_pass=Lower.name, surgeon_path=module_path(region.nodes[0]),
+                          surgeon_region=region.name)
+        result = fused if view is None else call(gm.graph, view.target, (fused, *view.args[1:]), made_by=Lower.name,
+                                                 path=module_path(view))
+    for key in ("val", "tensor_meta", "stack_trace", "nn_module_stack"):
+        if key in output.meta:
+            result.meta[key] = output.meta[key]
+    output.replace_all_uses_with(result)
+    for node in reversed(region.nodes):
+        gm.graph.erase_node(node)
+    gm.delete_submodule(parts["site"])
+    return result, render(steps(epilogue, False), region.name, replaced_lines(region))
+
+
+LOWERINGS = {"lora_linear": lower_lora_linear, "bottleneck": lower_bottleneck, "elementwise": lower_elementwise,
+             "mixed_lora_linear": lower_mixed_lora_linear}
 
 
 def replace_region(gm: fx.GraphModule, region: Region, op, args: tuple, replaced: dict,
