@@ -248,13 +248,15 @@ def _drop_adapter_name(key: str, suffixes) -> str:
 def save_peft_dir(directory: Path, options: dict, weights: dict[str, dict[str, torch.Tensor]],
                   transposed_paths: set[str], kind: str = "lora", site_options: dict | None = None) -> None:
     """Write an adapter as a PEFT checkpoint folder that peft.PeftModel.from_pretrained loads."""
+    from .adapters.mosa import is_mosa
     from .adapters.peft_formats import BY_KIND
 
     fmt = BY_KIND.get(kind)
     if fmt is None:
         raise SpecError("<adapter>", f"PEFT has no format for a {kind!r} adapter; exportable: {sorted(BY_KIND)}")
     directory = Path(directory)
-    weights = {path: dict(params) for path, params in weights.items()}
+    # MoSA's module assignments have no PEFT name: PEFT gets the dense adapter, the function MoSA has in eval
+    weights = {path: {p: t for p, t in params.items() if not is_mosa(p)} for path, params in weights.items()}
     config, extras = fmt.write(kind, options, weights, site_options or {})
     flat = {f"{PEFT_PREFIX}{path}.{fmt.names[p]}": t for path, ps in weights.items() for p, t in ps.items()}
     flat.update({f"{fmt.model_prefix}{name}": t for name, t in extras.items()})

@@ -67,10 +67,12 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from .adapters.virtual_tokens import lengthening
 from .capture import capture
 from .errors import InputError, SurgeonError
 from .graph import first_device, placement
 from .modes import evaluating
+from . import routing
 from .pipeline import AdapterState, Context, compare, compute_dtypes, run_pipeline
 
 # transformers' global defaults (GenerationConfig._get_default_generation_params) for what we take
@@ -313,6 +315,8 @@ class Generator:
             if start is not None:
                 run = _EncoderDecoderRun(module, ids, mask, start, settings.pad, names)
             else:
+                if self.mode == "cache" and use_cache and lengthening(self.ctx):
+                    use_cache = False   # virtual tokens lengthen the sequence: surgeon.adapters.virtual_tokens
                 if self.mode == "cache" and use_cache:
                     self._ready(module)   # falls back to recompute (mode) when the graphs cannot serve
                 if self.mode == "cache" and use_cache:
@@ -448,7 +452,7 @@ class Generator:
             self.notes.append("the KV-cache graphs were not checked against the compiled module (its example has "
                               "no input ids)")
             return
-        with torch.no_grad(), evaluating(module):
+        with torch.no_grad(), evaluating(module), routing.checking():   # the example has no task ids
             expected, got = [logits_of(lm_forward(module, ids))[:, -1]], []
             if ids.shape[1] == 1:
                 got.append(_CacheRun(self, ids, torch.ones_like(ids), 1, module).start())
@@ -566,12 +570,14 @@ class _RecomputeRun:
                 raise
             # a module compiled for batches from 2 up (verify=False keeps export's range): the row twice
             extra = {} if names is None else {"adapter_names": names * 2}
-            return logits_of(lm_forward(self.module, seq.repeat(2, 1), **extra))[:1, -1]
+            with routing.rows(torch.zeros(2, dtype=torch.long)):   # the row's task id twice, where given
+                return logits_of(lm_forward(self.module, seq.repeat(2, 1), **extra))[:1, -1]
 
     def _logits(self) -> torch.Tensor:
         out = None
         for rows, seq in self.groups:
-            logits = self._last(seq, None if self.names is None else [self.names[r] for r in rows.tolist()])
+            with routing.rows(rows):   # the rows' task ids, where the call gave them (surgeon.routing)
+                logits = self._last(seq, None if self.names is None else [self.names[r] for r in rows.tolist()])
             if out is None:
                 out = logits.new_empty((self.batch, logits.shape[-1]))
             out[rows] = logits
@@ -621,7 +627,9 @@ class _EncoderDecoderRun:
     def _logits(self) -> torch.Tensor:
         decoder = _pad_to(self.decoder, self.rows, self.length, self.pad)
         extra = {"decoder_attention_mask": torch.ones_like(decoder)} if self.decoder_mask else {}
-        out = self.module(**self.encoder, decoder_input_ids=decoder, **extra, **self.extra)
+        padded = torch.cat([torch.arange(self.batch), torch.zeros(max(0, self.rows - self.batch), dtype=torch.long)])
+        with routing.rows(padded):   # rows padded up with copies of the first take its task id too, where given
+            out = self.module(**self.encoder, decoder_input_ids=decoder, **extra, **self.extra)
         return logits_of(out)[:self.batch, self.decoder.shape[1] - 1]
 
     def start(self) -> torch.Tensor:

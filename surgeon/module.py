@@ -12,6 +12,8 @@
   device constant of the capture stays baked into the graph: surgeon.portable);
 - `adapter_names=[...]` (one adapter name per row, `"__base__"` for none: PEFT's mixed batch) runs a
   second graph built from this one (surgeon.serving); without it the call is the plain one;
+- `task_ids=[...]` (one task id per row: PEFT's Poly convention) is held for the call and read by
+  task-routed adapters (surgeon.routing); so is generate's;
 - `generate(...)` runs the generator the compile attached (surgeon.generate), so the module alone
   is enough to serve;
 - it trains under DDP and under FSDP2 with `fully_shard` applied to it (not to its submodules: the graph
@@ -38,6 +40,11 @@ class SurgeonModule(fx.GraphModule):
     """A GraphModule that behaves like the model it was captured from (see the module docstring)."""
 
     def __call__(self, *args, **kwargs):
+        if "task_ids" in kwargs:   # one task id per row for task-routed adapters (Poly: surgeon.routing)
+            from .routing import given
+
+            with given(kwargs.pop("task_ids")):
+                return self(*args, **kwargs)
         if "adapter_names" in kwargs:   # one adapter per row (surgeon.serving); None: the plain call
             names = kwargs.pop("adapter_names")
             if names is not None:
@@ -124,6 +131,11 @@ class SurgeonModule(fx.GraphModule):
         if generator is None:
             raise SurgeonError(f"{type(self).__name__} has no generator: compile it with surgeon.compile, which "
                                "attaches one to models that generate (a causal or encoder-decoder LM)")
+        if "task_ids" in kwargs:   # held for the whole generate: every graph it runs reads them (surgeon.routing)
+            from .routing import given
+
+            with given(kwargs.pop("task_ids")):
+                return generator.generate(self, *args, **kwargs)
         return generator.generate(self, *args, **kwargs)
 
 

@@ -26,6 +26,7 @@ from torch.utils import _pytree as pytree
 from .errors import PassError, SurgeonError
 from .graph import compute_nodes, count_parameters, lint, meta_tensors
 from .modes import evaluating
+from . import routing
 
 if TYPE_CHECKING:   # the spec's classes, for annotations only: spec checks pass entries against passes
     from .spec import AdapterSpec, Spec
@@ -142,7 +143,7 @@ def run_outputs(gm: fx.GraphModule, ctx: Context) -> list[torch.Tensor]:
     Run in eval mode (a check never drops or updates BN statistics: surgeon.modes) and with every
     parameter's requires_grad off (`frozen`), so that graphs compare as functions of their values."""
     outputs = []
-    with torch.no_grad(), evaluating(gm), frozen(gm):
+    with torch.no_grad(), evaluating(gm), frozen(gm), routing.checking():   # examples carry no task ids
         for args, kwargs in ctx.examples:
             args, kwargs = placed(gm, (args, kwargs))
             out = gm(*args, **kwargs)

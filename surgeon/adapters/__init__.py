@@ -294,8 +294,9 @@ class AdapterKind:
         (W + delta: every op that reads the weight sees it), and the delta is E x out x in
     calibrated(opts) -> which statistic of the site's inputs init needs, or False: "covariance" (CorDA's
         normalized X^T X) or "scatter" (EVA's centered one); insert runs the graph on the compile's example
-        inputs (surgeon.calibration) and calls init with `covariance=` (in x in, float32); callers that have
-        no inputs (a checkpoint merge) call init without it
+        inputs (surgeon.calibration) and calls init with `covariance=` (in x in, float32); "gradient" (LoRA-GA,
+        LoRA-SB): `covariance=` is the next-token loss gradient of the site's weight, out x in
+        (surgeon.grad_calibration); callers that have no inputs (a checkpoint merge) call init without it
     rotation(params, opts, weight) -> the merge as a rotation of the input, rotations.Rotation(R, s)
         with W' = diag(s) W R (R orthogonal, float64), or a string saying why it is none (a reflection,
         det -1, has no real logarithm); None for kinds that are no rotation. `combine`'s orthomerge
@@ -346,8 +347,8 @@ class AdapterKind:
 
 def kinds() -> dict[str, AdapterKind]:
     """The adapter kinds by spec `type` name (an explicit table; nothing registers at import)."""
-    from . import (adalora, adamss, beft, boft, bottleneck, c3a, delora, deft, delta, dora, ether, fourierft, glora, gralora, hira, lily, hra, hydra, ia3, ln_tuning, loha,
-                   lokr, lora, lora_xs, lori, miss, oft, osf, parallel_adapter, peanut, prefix, psoft, pvera, randlora, road, rosa, s2ft,
+    from . import (adalora, adamss, adaption_prompt, beft, boft, bottleneck, c3a, cpt, delora, deft, delta, dora, ether, fourierft, glora, gralora, hira, lily, hra, hydra, ia3, ln_tuning, loha,
+                   lokr, lora, lora_xs, lori, miss, multitask_prompt_tuning, oft, osf, parallel_adapter, peanut, poly, prefix, p_tuning, prompt_tuning, psoft, pvera, randlora, road, rosa, s2ft,
                    shira, supertuning, trainable_tokens, tinylora, unilora, vblora, vera, waveft, frod)
 
     table = [lora.LORA, delta.DELTA, dora.DORA, ia3.IA3, loha.LOHA, lokr.LOKR, vera.VERA, lora_xs.LORA_XS,
@@ -356,5 +357,6 @@ def kinds() -> dict[str, AdapterKind]:
              fourierft.FOURIERFT, waveft.WAVEFT, frod.FROD, hira.HIRA, miss.MISS, randlora.RANDLORA,
              delora.DELORA, adalora.ADALORA, peanut.PEANUT, glora.GLORA, lily.LILY, gralora.GRALORA, c3a.C3A, pvera.PVERA, psoft.PSOFT, deft.DEFT, osf.OSF, supertuning.SUPERTUNING, beft.BEFT, adamss.ADAMSS,
              ln_tuning.LN_TUNING, trainable_tokens.TRAINABLE_TOKENS,
-             vblora.VBLORA, tinylora.TINYLORA, unilora.UNILORA]
+             prompt_tuning.PROMPT_TUNING, p_tuning.P_TUNING, multitask_prompt_tuning.MULTITASK_PROMPT_TUNING, cpt.CPT, adaption_prompt.ADAPTION_PROMPT,
+             vblora.VBLORA, tinylora.TINYLORA, unilora.UNILORA, poly.POLY]
     return {kind.name: kind for kind in table}

@@ -19,6 +19,7 @@ bias cannot be written through it.
 from __future__ import annotations
 
 from . import AdapterKind
+from .mosa import with_mosa
 from .parallel_adapter import PARALLEL_OPTIONS, branch_params, branch_update
 
 
@@ -41,3 +42,4 @@ BOTTLENECK = AdapterKind(
                   "(b' = (I + s U D) b), which merge cannot write (it only scales a bias per output)"),
     param_count=lambda opts, fan_in, fan_out: 2 * opts["rank"] * fan_out,
 )
+BOTTLENECK = with_mosa(BOTTLENECK, ("adapter_down", "adapter_up"))   # MoSA's mosa_modules / mosa_seed (adapters.mosa)

@@ -31,6 +31,11 @@ example inputs (surgeon.adapters.eva, surgeon.calibration), B = 0, the base left
 the identity bit for bit; `eva_rho` > 1 moves rank between sites by explained variance (per-site
 `rank` / `alpha`, PEFT's rank_pattern / alpha_pattern). Linear and GPT-2 Conv1D sites only.
 
+LoRA-GA (`init: lora_ga`, Wang et al. 2024, PEFT's init_lora_weights "lora_ga"; `lora_ga_direction`,
+`lora_ga_scale`, `lora_ga_gamma`): A and B from the SVD of the gradient of a next-token loss with respect
+to W on the compile's example inputs (surgeon.adapters.lora_ga, surgeon.grad_calibration); the base keeps
+the residual W - s B A ("close"). Linear and GPT-2 Conv1D sites only.
+
 LoftQ (`init: loftq`, Li et al. 2023; `loftq_bits` 4 or 8, `loftq_iter`): the base weight becomes
 its quantized round trip Q (NF4 or row-wise int8, simulated in float32: surgeon.adapters.loftq) and
 s B A the rank-r SVD fit of W - Q, alternated `loftq_iter` times. Q + s B A only approximates W, so
@@ -76,7 +81,9 @@ from ..rules import CONV_OPS, Pattern, find
 from . import AdapterKind, EagerBranch, Option, merge_dtype
 from .corda import corda_factors
 from .eva import eva_components
+from .lora_ga import DIRECTIONS, SCALES, lora_ga_factors
 from .loftq import loftq_base, loftq_factors
+from .mosa import with_mosa
 
 aten = torch.ops.aten
 
@@ -120,23 +127,25 @@ def orthogonal_factors(rank: int, in_features: int, out_features: int,
     return A.contiguous(), B.contiguous()
 
 
-INIT_NAMES = {"pissa": "PiSSA", "loftq": "LoftQ", "corda": "CorDA", "eva": "EVA"}   # as the papers write them, for messages
+# as the papers write them, for messages
+INIT_NAMES = {"pissa": "PiSSA", "loftq": "LoftQ", "corda": "CorDA", "eva": "EVA", "lora_ga": "LoRA-GA"}
 
 # the inits that rewrite the base weight at insertion (into a residual, or LoftQ's quantized Q)
-BASE_INITS = ("pissa", "olora", "loftq", "corda")
+BASE_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga")
 
 
 def lora_init(opts, in_features, out_features, dtype, gen, weight, covariance=None):
     """LoRA's A and B for one site (PiSSA, OLoRA, LoftQ read the base weight; CorDA also its inputs' covariance,
-    EVA only their scatter matrix, passed as `covariance`: without it, as for a loaded adapter that holds its A,
-    EVA's A is a zero placeholder of A's shape)."""
+    EVA only their scatter matrix, LoRA-GA the loss gradient of W, passed as `covariance`: without it, as for a
+    loaded adapter that holds its A, EVA's A is a zero placeholder of A's shape)."""
     rank = opts["rank"] * opts.get("experts", 1)   # an expert stack keeps every expert's rank-r factors side by side
     factors = {"pissa": lambda: pissa_factors(weight, rank, lora_scale(opts)),
                "olora": lambda: olora_factors(weight, rank),
                "orthogonal": lambda: orthogonal_factors(rank, in_features, out_features, gen),
                "loftq": lambda: loftq_factors(weight, rank, lora_scale(opts), opts["loftq_bits"],
                                               opts["loftq_iter"]),
-               "corda": lambda: corda_factors(weight, covariance, rank, lora_scale(opts), opts["corda_mode"])
+               "corda": lambda: corda_factors(weight, covariance, rank, lora_scale(opts), opts["corda_mode"]),
+               "lora_ga": lambda: lora_ga_factors(weight, covariance, rank, lora_scale(opts), opts),
                }.get(opts["init"])
     if factors is not None:   # both factors non-zero
         A, B = factors()
@@ -206,7 +215,7 @@ def _conv_groups(opts: dict, groups: int) -> str:
     the rank into `groups` equal blocks, as PEFT's does."""
     if opts["rank"] % groups:
         return f"LoRA's rank {opts['rank']} is not a multiple of groups (PEFT refuses it too)"
-    if opts["init"] in ("pissa", "loftq", "corda"):
+    if opts["init"] in ("pissa", "loftq", "corda", "lora_ga"):
         return f"{INIT_NAMES[opts['init']]} splits a dense weight's SVD; a grouped conv's weight is block-diagonal"
     if opts["init"] in ("olora", "orthogonal"):
         return f"the {opts['init']} init makes a dense out x r B, a grouped conv's B is out x (r / groups)"
@@ -269,14 +278,15 @@ def _pissa_base(init_params, opts, weight):
     if opts["init"] == "loftq":
         return loftq_base(weight, opts["rank"], opts["loftq_bits"], opts["loftq_iter"]).to(
             merge_dtype(weight)).sub_(weight.to(merge_dtype(weight)))
-    return lora_delta(init_params, opts, weight).neg_() if opts["init"] in ("pissa", "olora", "corda") else None
+    residual = ("pissa", "olora", "corda", "lora_ga")
+    return lora_delta(init_params, opts, weight).neg_() if opts["init"] in residual else None
 
 
 def _param_refusal(opts):
     """Why these options cannot sit on a 3-D expert parameter ("" when they can)."""
     if opts.get("dropout"):
         return "LoRA dropout drops the input, which does not factor out of W + s * B A (PEFT refuses it too)"
-    if opts["init"] in ("pissa", "loftq", "corda", "eva"):
+    if opts["init"] in ("pissa", "loftq", "corda", "eva", "lora_ga"):
         return f"{INIT_NAMES[opts['init']]} needs one SVD per expert, which surgeon does not do"
     if opts["init"] in ("olora", "orthogonal"):
         return f"the {opts['init']} init makes one rank-r pair for a 2-D weight, not one per expert"
@@ -295,11 +305,14 @@ LORA = AdapterKind(
     name="lora",
     options={**LORA_OPTIONS,
              "init": Option(str, "default", choices=("default", "gaussian", "pissa", "olora", "orthogonal", "loftq",
-                                                     "corda", "eva")),
+                                                     "corda", "eva", "lora_ga")),
              "corda_mode": Option(str, "ipm", choices=("ipm", "kpm")),   # init corda: PEFT's corda_method
              "eva_rho": Option((int, float), 2.0, bounds=(1.0, math.inf)),   # init eva: EvaConfig's rho, tau, whiten,
              "eva_whiten": Option(bool, False),                    # adjust_scaling_factors (tau: see eva.py)
              "eva_adjust_alpha": Option(bool, True),
+             "lora_ga_direction": Option(str, "ArB2r", choices=DIRECTIONS),   # init lora_ga: PEFT's LoraGAConfig
+             "lora_ga_scale": Option(str, "stable", choices=SCALES),
+             "lora_ga_gamma": Option((int, float), 16, positive=True),
              "loftq_bits": Option(int, 4, choices=(4, 8)),   # init loftq: NF4 or row-wise int8 (PEFT's loftq_config)
              "loftq_iter": Option(int, 1, positive=True),
              "bias": Option(bool, False),     # PEFT's lora_bias: a bias on B (linear and Conv1D sites)
@@ -314,7 +327,7 @@ LORA = AdapterKind(
     base_delta=_pissa_base,
     # LoftQ: Q + s B A only approximates W (what the rank-r fit cannot hold of the quantization error remains)
     init_check=lambda opts: "none" if opts["init"] == "loftq" else
-    "close" if opts["init"] in ("pissa", "olora", "orthogonal", "corda") else "exact",
+    "close" if opts["init"] in ("pissa", "olora", "orthogonal", "corda", "lora_ga") else "exact",
     merge_refusal=_merge_refusal,
     site_options=_site_options,
     site_ops=("linear", "addmm", "conv2d", "conv1d", "conv3d", "conv1d.padding", "conv2d.padding", "conv3d.padding",
@@ -323,9 +336,12 @@ LORA = AdapterKind(
     param_refusal=_param_refusal,
     # PEFT takes any rank; PiSSA, OLoRA and LoftQ keep the top-r singular / QR part of a matrix of W's shape,
     # which has min(in, out)
-    rank_limit=lambda opts, fan_in, fan_out: (min(fan_in, fan_out), "min(in, out) with init pissa / olora / loftq "
-                                                                     "/ corda")
+    rank_limit=lambda opts, fan_in, fan_out: (min(fan_in, fan_out) // 2, "min(in, out) / 2 with init lora_ga (2r "
+                                                                          "gradient components)")
+    if opts.get("init") == "lora_ga" else (min(fan_in, fan_out), "min(in, out) with init pissa / olora / loftq / corda")
     if opts.get("init") in BASE_INITS else None,
-    # CorDA: the inputs' (peak-scaled) covariance; EVA: the scatter matrix of the centered inputs
-    calibrated=lambda opts: {"corda": "covariance", "eva": "scatter"}.get(opts.get("init"), False),
+    # CorDA: the inputs' (peak-scaled) covariance; EVA: the scatter matrix of the centered inputs; LoRA-GA: dL/dW
+    calibrated=lambda opts: {"corda": "covariance", "eva": "scatter", "lora_ga": "gradient"}.get(opts.get("init"),
+                                                                                              False),
 )
+LORA = with_mosa(LORA, ("lora_A", "lora_B", "lora_bias"))   # MoSA's mosa_modules / mosa_seed (surgeon.adapters.mosa)

@@ -162,6 +162,12 @@ def _loftq_options(config: dict) -> dict:
 
 def _read_lora(config, weights, extras):
     init = config.get("init_lora_weights", True)
+    if init == "lora_ga":   # PEFT's residual came from random draws on data the checkpoint does not hold
+        raise _fail("init_lora_weights='lora_ga': PEFT trained this adapter on a base holding W - s B0 A0, with B0 "
+                    "and A0 from a randomized SVD (torch.svd_lowrank, random draws) of the loss gradient on its "
+                    "training data; neither the gradient nor those draws are in the checkpoint, so that base cannot "
+                    "be rebuilt (PEFT itself loads it onto the unchanged W). Convert it in PEFT to a plain LoRA "
+                    "first: save_pretrained(..., path_initial_model_for_weight_conversion=<the initial adapter>)")
     if init not in LORA_INITS:
         raise _fail(f"init_lora_weights={init!r} changes the base weights in a way surgeon does not reproduce "
                     f"(supported: {list(LORA_INITS)}; PiSSA only with the full SVD)")
@@ -274,6 +280,11 @@ def _check_conv_b(weights: dict, convs: set, entry: dict, sites: dict) -> None:
 
 
 def _write_lora(kind, options, weights, site_options):
+    if options.get("init") == "lora_ga":
+        raise _fail("a lora_ga adapter's base is the residual W - s B0 A0, and PEFT loads a lora_ga checkpoint onto "
+                    "the unchanged W (it has no gradients then), so the export would not compute this model: save "
+                    "it in surgeon's format (from_dir recomputes the residual from the same example inputs), or "
+                    "merge it")
     experts = {path: site_options[path]["experts"] for path in weights if "experts" in site_options.get(path, {})}
     ranks = _write_rank_alpha(options, weights, site_options, "lora_alpha",
                               lambda params: params["lora_A"].shape[0], experts)
@@ -1777,6 +1788,190 @@ def _write_lily(kind, options, weights, site_options):
             "init_weights": True}, {}
 
 
+# ---------------------------------------------------------------- adaption prompt (LLaMA-Adapter)
+
+def _read_adaption_prompt(config, weights, extras):
+    """One adaption_prompt (1 x adapter_len x hidden) and adaption_gate (1) per adapted attention module:
+    PEFT's top adapter_layers ones, which the keys name (the adapter targets those paths)."""
+    n = _positive_int("adapter_len", config.get("adapter_len"))
+    layers = _positive_int("adapter_layers", config.get("adapter_layers"))
+    if len(weights) != layers:
+        raise _fail(f"adapter_layers={layers}, but the checkpoint holds adaption prompts for {len(weights)} "
+                    f"modules: {sorted(weights)}")
+    target = config.get("target_modules")
+    for path, params in weights.items():
+        prompt, gate = params.get("adaption_prompt"), params.get("adaption_gate")
+        if prompt is None or prompt.dim() != 3 or prompt.shape[:2] != (1, n):
+            raise _fail(f"module '{path}' needs an adaption_prompt of shape [1, adapter_len={n}, hidden], got "
+                        f"{_shape(prompt)}")
+        if gate is None or gate.numel() != 1:
+            raise _fail(f"module '{path}' needs a one-element adaption_gate, got {_shape(gate)}")
+        if isinstance(target, str) and path.rpartition(".")[2] != target:
+            raise _fail(f"module '{path}' is not a '{target}' module (the config's target_modules)")
+        params["adaption_gate"] = gate.reshape(1)
+    return {"type": "adaption_prompt", "adapter_len": n}, {}
+
+
+def _write_adaption_prompt(kind, options, weights, site_options):
+    """PEFT adapts the top adapter_layers attention modules (named target_modules): the sites must be
+    those, the last L attention calls of the graph (their layer_from_top 0 .. L-1), all of one name."""
+    from_top = sorted(site_options.get(path, {}).get("layer_from_top", -1) for path in weights)
+    if from_top != list(range(len(weights))):
+        raise _fail(f"PEFT's adaption prompt adapts the top adapter_layers attention modules; these sites are "
+                    f"{from_top} from the top (0: the last), not the top {len(weights)}")
+    names = {path.rpartition(".")[2] for path in weights}
+    if len(names) != 1:
+        raise _fail(f"PEFT's target_modules names one attention module; these sites are named {sorted(names)}")
+    return {"task_type": "CAUSAL_LM", "target_modules": names.pop(), "adapter_len": options["adapter_len"],
+            "adapter_layers": len(weights), "inference_mode": True}, {}
+
+
+def _read_poly(config, weights, extras):
+    """poly_lora_A (n_splits x n_skills x in/n_splits x r), poly_lora_B (n_splits x n_skills x r x out/n_splits)
+    and the router's module_logits (n_tasks x n_splits n_skills) per module. PEFT builds every module with the
+    config's r, n_tasks, n_skills and n_splits (no patterns), so the tensors must have them. The import routes
+    by each call's task_ids, as PEFT does (routing: rows)."""
+    if config.get("poly_type", "poly") != "poly":
+        raise _fail(f"adapter_config.json: poly_type {config.get('poly_type')!r} is not one PEFT has ('poly')")
+    rank = _positive_int("r", config.get("r", 8))
+    tasks = _positive_int("n_tasks", config.get("n_tasks", 1))
+    skills = _positive_int("n_skills", config.get("n_skills", 4))
+    splits = _positive_int("n_splits", config.get("n_splits", 1))
+    for path, params in weights.items():
+        A, B, Z = params.get("poly_lora_A"), params.get("poly_lora_B"), params.get("poly_router")
+        if A is None or B is None or Z is None or A.dim() != 4 or B.dim() != 4 \
+                or tuple(A.shape[:2]) != (splits, skills) or A.shape[3] != rank \
+                or tuple(B.shape[:3]) != (splits, skills, rank) or tuple(Z.shape) != (tasks, splits * skills):
+            raise _fail(f"module '{path}' needs poly_lora_A (n_splits x n_skills x in/n_splits x r), poly_lora_B "
+                        f"(n_splits x n_skills x r x out/n_splits) and poly_router.module_logits (n_tasks x n_splits "
+                        f"n_skills) with r={rank}, n_tasks={tasks}, n_skills={skills}, n_splits={splits}, got "
+                        f"{_shape(A)}, {_shape(B)} and {_shape(Z)}")
+    entry = {"type": "poly", "rank": rank, "n_tasks": tasks, "n_skills": skills, "n_splits": splits,
+             "routing": "rows", "task_id": 0, "init": "default"}
+    return entry, {}
+
+
+def _write_poly(kind, options, weights, site_options):
+    """The inventory and routing logits as PEFT's; a fixed routing (task, mu, task_mean) is surgeon's setting:
+    PEFT routes each call by the task_ids it is given."""
+    return {"r": options["rank"], "n_tasks": options["n_tasks"], "n_skills": options["n_skills"],
+            "n_splits": options["n_splits"], "poly_type": "poly", "init_weights": True}, {}
+
+
+# ---------------------------------------------------------------- prompt tuning
+
+def _read_prompt_tuning(config, weights, extras):
+    """PEFT's prompt_embeddings (num_virtual_tokens x token_dim) for a decoder (one transformer submodule):
+    the one site, '#0', is the input embedding the adapter targets ('*': the one embedding op; name it,
+    e.g. 'transformer.wte', where the model has more). TEXT checkpoints hold trained rows like any other."""
+    if config.get("num_transformer_submodules", 1) != 1:
+        raise _fail("prompt tuning of an encoder-decoder (num_transformer_submodules=2) is not supported")
+    if config.get("task_type") not in (None, "CAUSAL_LM"):
+        raise _fail(f"prompt tuning with task_type={config.get('task_type')!r}: surgeon follows PEFT's CAUSAL_LM "
+                    "path only")
+    _number(config, "num_virtual_tokens", "token_dim")
+    n, dim = config["num_virtual_tokens"], config["token_dim"]
+    table = extras.get("prompt_embeddings")
+    if table is None or tuple(table.shape) != (n, dim):
+        raise _fail(f"prompt_embeddings of shape {None if table is None else list(table.shape)} does not fit "
+                    f"num_virtual_tokens={n} x token_dim={dim}")
+    weights["#0"] = {"prompt_embeddings": table}
+    return {"type": "prompt_tuning", "num_virtual_tokens": n, "targets": ["*"]}, {}
+
+
+def _write_prompt_tuning(kind, options, weights, site_options):
+    if len(weights) != 1:
+        raise _fail(f"PEFT's prompt tuning holds one prompt table; this adapter has {len(weights)} sites")
+    (params,) = weights.values()
+    table = params["prompt_embeddings"]
+    weights.clear()
+    return {"task_type": "CAUSAL_LM", "num_virtual_tokens": int(table.shape[0]), "token_dim": int(table.shape[1]),
+            "num_transformer_submodules": 1, "prompt_tuning_init": "RANDOM", "inference_mode": True}, \
+        {"prompt_embeddings": table}
+
+
+def _read_p_tuning(config, weights, extras):
+    """PEFT saves P-tuning's encoded prompt only (prompt_embeddings, the MLP's or LSTM's output) and loads it
+    without the encoder: it imports as a prompt_tuning adapter holding that prompt, the same function."""
+    return _read_prompt_tuning(config, weights, extras)
+
+
+def _write_p_tuning(kind, options, weights, site_options):
+    """The encoder's output as prompt_embeddings, in P_TUNING's config (PEFT loads it as the prompt)."""
+    from .p_tuning import encoder_size, prompt
+
+    if len(weights) != 1:
+        raise _fail(f"PEFT's P-tuning holds one prompt table; this adapter has {len(weights)} sites")
+    (params,) = weights.values()
+    table = prompt(params).detach()
+    weights.clear()
+    return {"task_type": "CAUSAL_LM", "num_virtual_tokens": int(table.shape[0]), "token_dim": int(table.shape[1]),
+            "num_transformer_submodules": 1, "encoder_reparameterization_type": "MLP",
+            "encoder_hidden_size": encoder_size(options, int(table.shape[1])), "inference_mode": True}, \
+        {"prompt_embeddings": table}
+
+
+def _read_multitask_prompt_tuning(config, weights, extras):
+    """PEFT's shared prompt_embeddings (v x token_dim) and per-task factors prefix_task_cols (num_tasks x v x
+    num_ranks) and prefix_task_rows (num_tasks x num_ranks x token_dim), for a decoder, on the one site '#0' (the
+    input embedding, as prompt tuning's). Any prompt_tuning_init: the checkpoint holds the trained tensors."""
+    if config.get("num_transformer_submodules", 1) != 1:
+        raise _fail("multitask prompt tuning of an encoder-decoder (num_transformer_submodules=2) is not supported")
+    if config.get("task_type") not in (None, "CAUSAL_LM"):
+        raise _fail(f"multitask prompt tuning with task_type={config.get('task_type')!r}: surgeon follows PEFT's "
+                    "CAUSAL_LM path only")
+    _number(config, "num_virtual_tokens", "token_dim")
+    n, dim = config["num_virtual_tokens"], config["token_dim"]
+    tasks = _positive_int("num_tasks", config.get("num_tasks", 1))
+    ranks = _positive_int("num_ranks", config.get("num_ranks", 1))
+    shapes = {"prompt_embeddings": ((n, dim), f"num_virtual_tokens={n} x token_dim={dim}"),
+              "prefix_task_cols": ((tasks, n, ranks), f"num_tasks={tasks} x num_virtual_tokens={n} x num_ranks={ranks}"),
+              "prefix_task_rows": ((tasks, ranks, dim), f"num_tasks={tasks} x num_ranks={ranks} x token_dim={dim}")}
+    for name, (shape, words) in shapes.items():
+        tensor = extras.get(name)
+        if tensor is None or tuple(tensor.shape) != shape:
+            raise _fail(f"{name} of shape {None if tensor is None else list(tensor.shape)} does not fit {words}")
+    weights["#0"] = {name: extras[name] for name in shapes}
+    return {"type": "multitask_prompt_tuning", "num_virtual_tokens": n, "num_tasks": tasks, "num_ranks": ranks,
+            "targets": ["*"]}, {}
+
+
+def _write_multitask_prompt_tuning(kind, options, weights, site_options):
+    if len(weights) != 1:
+        raise _fail(f"PEFT's multitask prompt tuning holds one prompt; this adapter has {len(weights)} sites")
+    (params,) = weights.values()
+    table, cols = params["prompt_embeddings"], params["prefix_task_cols"]
+    weights.clear()
+    return {"task_type": "CAUSAL_LM", "num_virtual_tokens": int(table.shape[0]), "token_dim": int(table.shape[1]),
+            "num_transformer_submodules": 1, "prompt_tuning_init": "RANDOM", "num_tasks": int(cols.shape[0]),
+            "num_ranks": int(cols.shape[2]), "inference_mode": True}, \
+        {name: params[name] for name in ("prompt_embeddings", "prefix_task_cols", "prefix_task_rows")}
+
+
+def _read_cpt(config, weights, extras):
+    """PEFT saves CPT's prompt only (prompt_embeddings: the tokens' embeddings plus their projected offsets) and
+    loads it as the prompt with zero offsets: it imports as a prompt_tuning adapter holding that prompt, the same
+    function (the type mask and epsilons shape training only)."""
+    return _read_prompt_tuning(config, weights, extras)
+
+
+def _write_cpt(kind, options, weights, site_options):
+    """The prompt E + Π(D) as prompt_embeddings, in CPT's config (PEFT loads it as the prompt)."""
+    from .cpt import prompt, type_mask
+
+    if len(weights) != 1:
+        raise _fail(f"PEFT's CPT holds one prompt table; this adapter has {len(weights)} sites")
+    (params,) = weights.values()
+    table = prompt(params, options).detach()
+    weights.clear()
+    ids = list(options["cpt_token_ids"])
+    return {"task_type": "CAUSAL_LM", "num_virtual_tokens": len(ids), "token_dim": int(table.shape[1]),
+            "num_transformer_submodules": 1, "cpt_token_ids": ids, "cpt_mask": [1] * len(ids),
+            "cpt_tokens_type_mask": type_mask(options), "opt_projection_epsilon": options["opt_projection_epsilon"],
+            "opt_projection_format_epsilon": options["opt_projection_format_epsilon"], "inference_mode": True}, \
+        {"prompt_embeddings": table}
+
+
 FORMATS = [
     PeftFormat("LORA", ("lora", "dora"), {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight",
                                           "lora_bias": "lora_B.bias",
@@ -1854,6 +2049,17 @@ FORMATS = [
                _read_unilora, _write_unilora, model_level=("unilora_theta_d",)),
     PeftFormat("FROD", ("frod",), {"frod_lambda_l": "frod_lambda_l", "frod_lambda_s_values": "frod_lambda_s_values"},
                _read_frod, _write_frod, model_level=("frod_V.*", "frod_s_indices.*", "frod_s_size.*")),
+    PeftFormat("ADAPTION_PROMPT", ("adaption_prompt",), {"adaption_prompt": "adaption_prompt",
+                                                         "adaption_gate": "adaption_gate"},
+               _read_adaption_prompt, _write_adaption_prompt, ()),
+    PeftFormat("POLY", ("poly",), {"poly_lora_A": "poly_lora_A", "poly_lora_B": "poly_lora_B",
+                                   "poly_router": "poly_router.module_logits"}, _read_poly, _write_poly, ()),
+    PeftFormat("PROMPT_TUNING", ("prompt_tuning",), {}, _read_prompt_tuning, _write_prompt_tuning, (),
+               ("prompt_embeddings",), ""),
+    PeftFormat("P_TUNING", ("p_tuning",), {}, _read_p_tuning, _write_p_tuning, (), ("prompt_embeddings",), ""),
+    PeftFormat("MULTITASK_PROMPT_TUNING", ("multitask_prompt_tuning",), {}, _read_multitask_prompt_tuning,
+               _write_multitask_prompt_tuning, (), ("prompt_embeddings", "prefix_task_cols", "prefix_task_rows"), ""),
+    PeftFormat("CPT", ("cpt",), {}, _read_cpt, _write_cpt, (), ("prompt_embeddings",), ""),
 ]
 BY_PEFT_TYPE = {f.peft_type: f for f in FORMATS}
 BY_KIND = {kind: f for f in FORMATS for kind in f.kinds}

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 def passes() -> dict[str, type]:
     """Pass classes by their spec name."""
-    from . import (activate, co_permute, combine, fold_bn, fuse, insert, lower, merge, permute_nm,
+    from . import (activate, co_permute, combine, fold_bn, fuse, insert, lower, merge, mosa_merge, permute_nm,
                quantize_adapters, remove, reparameterize, un_permute, unmerge)
 
     return {cls.name: cls for cls in (insert.Insert, merge.Merge, unmerge.Unmerge, remove.Remove, activate.Activate,
                                       fold_bn.FoldBn, reparameterize.Reparameterize,
                                       combine.Combine, quantize_adapters.QuantizeAdapters, fuse.Fuse, lower.Lower,
-                                      co_permute.CoPermute, un_permute.UnPermute, permute_nm.PermuteNm)}
+                                      co_permute.CoPermute, un_permute.UnPermute, permute_nm.PermuteNm,
+                                      mosa_merge.MosaMerge)}

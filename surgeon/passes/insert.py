@@ -36,6 +36,7 @@ from surgeon.adapter_ops import (PARAM_SITE, SITE_OPS, add_delta, attach, check_
                                  place_peft_params, site_dims, site_weight)
 from surgeon.calibration import input_covariances, input_scatters
 from surgeon.errors import SurgeonError
+from surgeon.grad_calibration import weight_gradients
 from surgeon.graph import get_tensor, module_path
 from surgeon.pipeline import Context, PassResult, SiteState
 from surgeon.rules import SIGNATURES, Pattern, path_matches
@@ -140,11 +141,13 @@ def _calibrate(gm: fx.GraphModule, spec, paths: list[str], found: dict[str, list
                index: int, layout: dict[str, dict]) -> dict:
     """{path: the statistic of the site's inputs} for a kind whose init needs one, over the compile's example
     inputs (surgeon.calibration): `calibrated` names it, "covariance" (or True: CorDA) or "scatter" (EVA,
-    whose rank redistribution also sets per-site rank / alpha in `layout`); {} for any other kind, and for
+    whose rank redistribution also sets per-site rank / alpha in `layout`) or "gradient" (LoRA-GA, LoRA-SB: the
+    loss gradient of each site's weight, out x in: surgeon.grad_calibration); {} for any other kind, and for
     a loaded EVA adapter (its A is in the checkpoint and its base weight untouched)."""
     statistic = spec.kind.calibrated(spec.options) if spec.kind.calibrated is not None else False
-    if not statistic or (statistic == "scatter" and spec.loaded is not None):
-        return {}
+    if not statistic or (spec.loaded is not None and (statistic == "scatter" or (statistic == "gradient"
+                                                                               and spec.kind.base_delta is None))):
+        return {}   # a loaded adapter that leaves W alone (EVA, LoRA-SB) holds every factor: nothing to compute
     where = ("adapters", index, "init")
     inputs = {}
     for path in paths:
@@ -159,6 +162,10 @@ def _calibrate(gm: fx.GraphModule, spec, paths: list[str], found: dict[str, list
         raise ctx.spec.error(where, f"{spec.options.get('init')} runs the model on the example inputs, and this "
                                     "graph has no weight values (a structure-only compile)")
     try:
+        if statistic == "gradient":
+            return weight_gradients(gm, [(ctx.example_args, ctx.example_kwargs)],
+                                    {path: (site_dims(gm, found[path][0], _site_op(found[path][0]))[0],
+                                            _site_op(found[path][0]) == "addmm", len(found[path])) for path in paths})
         if statistic != "scatter":
             return input_covariances(gm, [(ctx.example_args, ctx.example_kwargs)], inputs)
         from surgeon.adapters.eva import eva_site_options

@@ -7,7 +7,8 @@ count (the test's own per-kind formula over the user's module shapes == AdapterS
 the module's trainable count), a save_adapter / from_dir round trip, and merge (exact within the
 fp32 tolerance, or refused with the kind's reason). Models: LLaMA with GQA (k_proj is 64 -> 32),
 GPT-2 (Conv1D as addmm), BERT (encoder with an attention_mask tensor kwarg), and a small CNN for
-the kinds whose `site_ops` include conv2d.
+the kinds whose `site_ops` include conv2d. Kinds whose site is an attention call (prefix,
+adaption_prompt) target the attention modules; their count comes from the model's config.
 """
 from __future__ import annotations
 
@@ -32,7 +33,26 @@ MODELS = {  # factory, targets (a GQA projection / Conv1D addmm / encoder linear
 }
 # kinds that attach to a model's norms or embedding table, not its linears: their targets per model
 KIND_TARGETS = {"ln_tuning": {"llama": ("*.input_layernorm", "*.norm"), "gpt2": ("*.ln_1",), "bert": ("*.output.LayerNorm",)},
-                "trainable_tokens": {"llama": ("*.embed_tokens",), "gpt2": ("*.wte",), "bert": ("*.word_embeddings",)}}
+                "trainable_tokens": {"llama": ("*.embed_tokens",), "gpt2": ("*.wte",), "bert": ("*.word_embeddings",)},
+                # kinds whose site is an attention call (SDPA): the attention modules
+                "prefix": {"llama": ("*.self_attn",), "gpt2": ("*.attn",), "bert": ("*.attention.self",)},
+                "adaption_prompt": {"llama": ("*.self_attn",)}}
+KIND_MODELS = {"adaption_prompt": ("llama",)}   # PEFT's LLaMA-Adapter needs k_proj / v_proj / o_proj by name
+
+
+def _attention_shape(config) -> tuple[int, int, int]:
+    """(hidden, kv_heads, head_dim) of an HF config (LLaMA, GPT-2, BERT names)."""
+    hidden = getattr(config, "hidden_size", None) or config.n_embd
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return hidden, kv_heads, getattr(config, "head_dim", None) or hidden // heads
+
+
+# per attention site, from the model's config: (options, config) -> count
+ATTENTION_COUNTS = {
+    "prefix": lambda o, c: 2 * o["num_virtual_tokens"] * _attention_shape(c)[1] * _attention_shape(c)[2],
+    "adaption_prompt": lambda o, c: o["adapter_len"] * _attention_shape(c)[0] + 1,   # the prompt and its gate
+}
 
 
 def _targets(case) -> tuple[str, ...]:
@@ -90,6 +110,8 @@ FORMULAS = {
     "beft": lambda o, i, n: n,
     # with subspace_rank 1 and rank <= min(in, out): K subspaces of rank 1, sum 1 * (R + |I_i|) = K R + out
     "adamss": lambda o, i, n: min(o["num_subspaces"], n) * min(o["rank"], n, i) + n,
+    # n_skills LoRA pairs (cut into n_splits heads) and the routing logits, n_tasks x n_splits n_skills
+    "poly": lambda o, i, n: o["n_skills"] * o["rank"] * (i + n) + o["n_tasks"] * o["n_splits"] * o["n_skills"],
 }
 # trained tensors shared by every site, counted once per adapter: (options, number of sites) -> count
 SHARED_ONCE = {
@@ -109,7 +131,10 @@ OPTIONS = {"lora": {"rank": 4, "alpha": 8}, "loha": {"rank": 2}, "lokr": {"rank"
            "vblora": {"rank": 4, "num_vectors": 32, "vector_length": 16},
            "tinylora": {"rank": 2, "u": 8, "weight_tying": 0.5}, "unilora": {"rank": 4, "theta_length": 64},
            "pvera": {"rank": 4}, "ln_tuning": {}, "trainable_tokens": {"token_indices": [1, 5, 60, 90]}, "supertuning": {"sparsity": 0.95, "rank": 2}, "beft": {},
-           "adamss": {"rank": 4, "num_subspaces": 3}}
+           "adamss": {"rank": 4, "num_subspaces": 3},
+           "prefix": {"num_virtual_tokens": 3}, "adaption_prompt": {"adapter_len": 3},
+           # a fixed task: it runs without task_ids and merges (routing: rows is refused: test_poly)
+           "poly": {"rank": 4, "n_tasks": 2, "n_skills": 2, "n_splits": 2, "routing": "task", "task_id": 1}}
 
 
 @dataclass(frozen=True)
@@ -122,7 +147,7 @@ class Case:
         return f"{self.kind}-{self.model}"
 
 
-CASES = [Case(kind, model, OPTIONS[kind]) for kind in OPTIONS for model in MODELS
+CASES = [Case(kind, model, OPTIONS[kind]) for kind in OPTIONS for model in KIND_MODELS.get(kind, MODELS)
          if model != "cnn" or "conv2d" in kinds()[kind].site_ops]
 
 
@@ -157,6 +182,13 @@ def _identity(compiled, model, args, kwargs, case):
 
 def _param_count(compiled, model, case):
     state, targets = compiled.adapters[NAME], _targets(case)
+    if case.kind in ATTENTION_COUNTS:
+        modules = [p for p, _ in model.named_modules()
+                   if any(fnmatch.fnmatchcase(p, t) or fnmatch.fnmatchcase(p, t[2:]) for t in targets)]
+        expected = len(modules) * ATTENTION_COUNTS[case.kind](state.spec.options, model.config)
+        assert len(state.sites) == len(modules) and state.param_count == expected
+        assert sum(p.numel() for p in compiled.module.parameters() if p.requires_grad) == expected
+        return
     fans = _fans(model, targets)
     expected = sum(FORMULAS[case.kind](state.spec.options, i, n) for i, n in fans)
     expected += SHARED_ONCE.get(case.kind, lambda o, sites: 0)(state.spec.options, len(fans))

@@ -194,7 +194,7 @@ def test_a_bad_init_is_refused_naming_the_option_and_the_choices():
         surgeon.compile(model, args, spec("lora", TARGETS, init="bogus"), KW)
     message = str(error.value)
     assert "init" in message and "bogus" in message
-    assert "must be one of ['default', 'gaussian', 'pissa', 'olora', 'orthogonal', 'loftq', 'corda', 'eva']" in message
+    assert "must be one of ['default', 'gaussian', 'pissa', 'olora', 'orthogonal', 'loftq', 'corda', 'eva', 'lora_ga']" in message
 
 
 @pytest.mark.parametrize("init", INITS)

@@ -245,6 +245,9 @@ KIND_REGIONS = {
     "vera": ({"rank": 4}, "lora_linear"), "oft": ({"block_size": 4}, None), "boft": ({"block_size": 4}, "lora_linear"),
     "hra": ({"rank": 4}, None), "shira": ({"rank": 4}, None), "hydra": ({"rank": 4}, None), "delta": ({}, None),
     "prefix": ({"num_virtual_tokens": 2}, None), "s2ft": ({"columns": 4}, None),
+    "prompt_tuning": ({"num_virtual_tokens": 2}, None), "p_tuning": ({"num_virtual_tokens": 2}, None),
+    "multitask_prompt_tuning": ({"num_virtual_tokens": 2, "num_ranks": 2}, None), "cpt": ({"cpt_token_ids": [3, 7]}, None),
+    "adaption_prompt": ({"adapter_len": 2}, None),
     "ether": ({"blocks": 2}, None), "ether_plus": ({"blocks": 2}, None),
     "rosa": ({"rank": 4}, None), "lori": ({"rank": 4}, "lora_linear"),
     "road": ({"group_size": 16}, None), "fourierft": ({"frequencies": 32}, None),
@@ -258,9 +261,10 @@ KIND_REGIONS = {
     "adalora": ({"rank": 4}, "lora_linear"), "peanut": ({"rank": 4, "depth": 1}, None),
     "supertuning": ({"sparsity": 0.95}, None), "beft": ({}, None), "adamss": ({"rank": 4, "num_subspaces": 2}, None),
     "ln_tuning": ({}, None), "trainable_tokens": ({"token_indices": [1, 5]}, None),
+    "poly": ({"rank": 4, "n_skills": 2, "n_splits": 2}, None),
 }
 # kinds whose sites are not the linear projections
-KIND_TARGETS = {"prefix": ["*.self_attn"], "ln_tuning": ["*.input_layernorm"], "trainable_tokens": ["*.embed_tokens"]}
+KIND_TARGETS = {"prefix": ["*.self_attn"], "adaption_prompt": ["*.self_attn"], "ln_tuning": ["*.input_layernorm"], "trainable_tokens": ["*.embed_tokens"], "prompt_tuning": ["*.embed_tokens"], "p_tuning": ["*.embed_tokens"], "multitask_prompt_tuning": ["*.embed_tokens"], "cpt": ["*.embed_tokens"]}
 
 
 def test_every_adapter_kind_lowers_and_keeps_the_function():

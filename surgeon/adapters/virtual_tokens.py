@@ -1,0 +1,149 @@
+"""Virtual tokens in front of the input embeddings: the graph rewrite prompt_tuning and p_tuning share.
+
+Mechanism (a graph rewrite at the embedding site). A site is the table the model's input
+embedding reads (an "embedding" weight site, vocab x hidden); its aten.embedding E must look up
+ids that come from a graph input (the input ids, possibly through views), and the graph must have
+been captured with a dynamic sequence length. With v virtual tokens P (v x hidden, built by the
+kind from its parameters) the rewrite is
+
+    E'  = cat([P expanded over the batch, E], 1)        every reader of E reads E'
+    n'  = n + v                                         every reader of sym_size(ids, 1) that is not
+                                                        on the ids' own path to E reads n' (positions,
+                                                        cache positions, causal masks, views)
+    m'  = cat([ones(B, v), attention_mask], 1)          the graph input named attention_mask, if any
+                                                        (after the fill of an optional one)
+
+while the ids' own views before the lookup keep n (GPT-2 views the ids by the mask's length: that
+read is given sym_size(ids, -1) instead),
+so everything the model derives from the sequence length sees n + v, as it does when PEFT feeds
+inputs_embeds = [P | embed(ids)] and the longer mask (PeftModelForCausalLM.forward). The output
+keeps PEFT's shapes: logits for all n + v positions, the v virtual ones first. Each new node is
+stamped with the adapter and records what it stands in for (meta "surgeon_input_of"), so removing
+or deactivating the adapter puts E, n and the mask back (adapter_ops.detach).
+
+Refused, with the reason: a static sequence length (the sizes are constants in the graph's
+views), a graph input named position_ids (PEFT drops given positions for these kinds; a graph fed
+positions of length n could not serve n + v), and an embedding whose ids are no graph input.
+
+Generation: the KV-cache graphs take positions, a mask and a cache sized for the prompt, so a
+module with an active virtual-token adapter generates on the recompute path (each step runs the
+compiled module on the whole sequence, the virtual tokens in front, as PEFT's first step does).
+Greedy, the tokens are PEFT's `generate(use_cache=False)`'s and its forward's, step by step; PEFT's
+cached `generate` gives the same first new token (tests/adapters/test_prompt_tuning.py), but with
+PEFT 0.21.2 and transformers 5.24 its later cached steps do not follow its own forward (on the tests'
+LLaMA and GPT-2 alike). Nothing folds into a
+weight: merge is refused.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from ..inputs import fill_input
+from . import aten
+
+KINDS = ("prompt_tuning", "p_tuning", "multitask_prompt_tuning", "cpt")   # the kinds that lengthen the sequence (surgeon.generate reads it)
+_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
+          aten.unsqueeze.default, aten.squeeze.dim, aten.clone.default, aten.to.dtype, aten.contiguous.default}
+
+
+def lengthening(ctx) -> list[str]:
+    """The names of the context's active adapters that put virtual tokens in front of the input."""
+    return [name for name, state in ctx.adapters.items()
+            if state.spec.type in KINDS and state.status in ("inserted", "lowered", "quantized")]
+
+
+def refuse_merge(kind: str) -> str:
+    return (f"{kind} puts learned virtual tokens in front of the input sequence, not a weight delta; there is "
+            "nothing to fold into a base weight")
+
+
+def _ids_input(embedding: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
+    """The graph input the embedding's ids come from, and the nodes on the way (views of it)."""
+    path, node = [], embedding.args[1]
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in _VIEWS:
+        path.append(node)
+        node = node.args[0]
+    if not isinstance(node, fx.Node) or node.op != "placeholder":
+        raise ValueError(f"the embedding {embedding.name} looks up ids that are no graph input (read through "
+                         f"{getattr(node, 'name', node)!r}); virtual tokens go in front of the input ids' embedding")
+    return node, path
+
+
+def _size(branch, node: fx.Node, dim: int):
+    size = node.meta["val"].shape[dim]
+    return size if isinstance(size, int) else branch.op(aten.sym_size.int, node, dim)
+
+
+def _takes_over(new: fx.Node, old: fx.Node, keep: set[fx.Node]) -> None:
+    """Every reader of `old` but `keep` reads `new`; detach puts `old` back."""
+    new.meta["surgeon_input_of"] = old.name
+    old.replace_all_uses_with(new, delete_user_cb=lambda user: user not in keep and user is not new)
+
+
+def prepend(branch, table: fx.Node, prompt_of, v: int, per_row: bool = False) -> fx.Node:
+    """Rewrite the graph around the embedding that reads `table` (see the module docstring).
+    `prompt_of(branch)` builds the v x hidden prompt (from the adapter's parameter reads) and is
+    called at the embedding, so its nodes come after every parameter read; with `per_row` it builds
+    batch x v x hidden, a prompt per row (multitask prompt tuning). Returns `table` (the
+    weight itself is unchanged)."""
+    graph = branch.graph
+    lookups = [u for u in table.users if u.target is aten.embedding.default and u.args[0] is table]
+    if not lookups:
+        return table   # a read of the table by another op (a tied lm_head): nothing to do here
+    if len(lookups) > 1:
+        raise ValueError(f"the table is looked up by {len(lookups)} embedding ops; virtual tokens go in front of "
+                         "one input embedding")
+    (embedding,) = lookups
+    ids, path = _ids_input(embedding)
+    names = {n.target: n for n in graph.find_nodes(op="placeholder")}
+    if "position_ids" in names:
+        raise ValueError("the graph takes position_ids: PEFT drops given positions for virtual tokens (they shift "
+                         "every real token by v); compile without a position_ids input")
+    length = ids.meta["val"].shape[-1]
+    if isinstance(length, int):
+        raise ValueError(f"the input ids were captured with a static length ({length}): virtual tokens lengthen "
+                         "every sequence, which needs a graph with a dynamic sequence length (the default capture)")
+    # the virtual tokens, expanded over the batch, in front of the embedding output
+    with graph.inserting_before(embedding.next):
+        prompt = prompt_of(branch)
+        prompt = branch.op(aten.to.dtype, prompt, embedding.meta["val"].dtype)   # as PEFT casts its prompt
+        if per_row:   # batch x v x hidden already: a prompt per row (multitask prompt tuning's task prompts)
+            wide = prompt
+        else:
+            batch = _size(branch, embedding, 0)
+            wide = branch.op(aten.expand.default, branch.op(aten.unsqueeze.default, prompt, 0), [batch, -1, -1])
+        longer = branch.op(aten.cat.default, [wide, embedding], 1)
+    _takes_over(longer, embedding, set(branch.created))
+    # every length taken from the ids (off their own path to the lookup) becomes n + v
+    own = {ids, *path}
+    for size in [n for n in graph.find_nodes(op="call_function", target=aten.sym_size.int)
+                 if n.args[0] in own and n.args[1] in (-1, len(n.args[0].meta["val"].shape) - 1)]:
+        with graph.inserting_before(size.next):
+            added = branch.op(operator.add, size, v)
+        _takes_over(added, size, set(path) | {embedding})
+    mask = names.get("attention_mask")
+    if mask is not None:
+        filled = [u for u in mask.users if u.target is fill_input]   # an optional input: ones when not given
+        mask = filled[0] if len(filled) == 1 and len(mask.users) == 1 else mask
+        start = len(branch.created)
+        with graph.inserting_before(mask.next if mask.op != "placeholder" else _after_inputs(graph)):
+            ones = branch.op(aten.new_ones.default, mask, [_size(branch, mask, 0), v])
+            longer_mask = branch.op(aten.cat.default, [ones, mask], -1)
+        _takes_over(longer_mask, mask, set(branch.created[start:]))
+    # the ids' own views keep n where they took it from another input (GPT-2 views the ids by the mask's length)
+    for node in path:
+        for stale in [a for a in node.all_input_nodes if a.target is aten.sym_size.int and a.args[0] not in own
+                      and a.args[1] in (1, -1)]:
+            with graph.inserting_before(node):
+                length = branch.op(aten.sym_size.int, ids, ids.meta["val"].dim() - 1)
+            length.meta["surgeon_input_of"] = stale.name
+            node.replace_input_with(stale, length)
+    return table
+
+
+def _after_inputs(graph: fx.Graph) -> fx.Node:
+    """The node after the graph's last input."""
+    return list(graph.find_nodes(op="placeholder"))[-1].next
