@@ -36,8 +36,13 @@ KIND_TARGETS = {"ln_tuning": {"llama": ("*.input_layernorm", "*.norm"), "gpt2": 
                 "trainable_tokens": {"llama": ("*.embed_tokens",), "gpt2": ("*.wte",), "bert": ("*.word_embeddings",)},
                 # kinds whose site is an attention call (SDPA): the attention modules
                 "prefix": {"llama": ("*.self_attn",), "gpt2": ("*.attn",), "bert": ("*.attention.self",)},
-                "adaption_prompt": {"llama": ("*.self_attn",)}}
-KIND_MODELS = {"adaption_prompt": ("llama",)}   # PEFT's LLaMA-Adapter needs k_proj / v_proj / o_proj by name
+                "adaption_prompt": {"llama": ("*.self_attn",)},
+                # virtual-token kinds: the input embedding table
+                **{k: {"llama": ("*.embed_tokens",), "gpt2": ("*.wte",)}
+                   for k in ("prompt_tuning", "p_tuning", "multitask_prompt_tuning", "cpt")}}
+KIND_MODELS = {"adaption_prompt": ("llama",),   # PEFT's LLaMA-Adapter needs k_proj / v_proj / o_proj by name
+               # virtual tokens serve causal LMs (PEFT's CAUSAL_LM form)
+               **{k: ("llama", "gpt2") for k in ("prompt_tuning", "p_tuning", "multitask_prompt_tuning", "cpt")}}
 
 
 def _attention_shape(config) -> tuple[int, int, int]:
@@ -112,6 +117,15 @@ FORMULAS = {
     "adamss": lambda o, i, n: min(o["num_subspaces"], n) * min(o["rank"], n, i) + n,
     # n_skills LoRA pairs (cut into n_splits heads) and the routing logits, n_tasks x n_splits n_skills
     "poly": lambda o, i, n: o["n_skills"] * o["rank"] * (i + n) + o["n_tasks"] * o["n_splits"] * o["n_skills"],
+    # virtual tokens on the embedding table (fan_in = hidden): v prompt rows, plus each kind's own tensors
+    "prompt_tuning": lambda o, i, n: o["num_virtual_tokens"] * i,
+    # p_tuning's MLP: hidden -> h -> h -> hidden, each with a bias
+    "p_tuning": lambda o, i, n: (o["num_virtual_tokens"] * i + (i * o["encoder_hidden_size"] + o["encoder_hidden_size"])
+                                 + o["encoder_hidden_size"] * (o["encoder_hidden_size"] + 1)
+                                 + (o["encoder_hidden_size"] * i + i)),
+    "multitask_prompt_tuning": lambda o, i, n: (o["num_virtual_tokens"] * i
+                                                + o["num_tasks"] * o["num_ranks"] * (o["num_virtual_tokens"] + i)),
+    "cpt": lambda o, i, n: len(o["cpt_token_ids"]) * i,   # a trained offset per token (its embedding is frozen)
 }
 # trained tensors shared by every site, counted once per adapter: (options, number of sites) -> count
 SHARED_ONCE = {
@@ -133,6 +147,9 @@ OPTIONS = {"lora": {"rank": 4, "alpha": 8}, "loha": {"rank": 2}, "lokr": {"rank"
            "pvera": {"rank": 4}, "ln_tuning": {}, "trainable_tokens": {"token_indices": [1, 5, 60, 90]}, "supertuning": {"sparsity": 0.95, "rank": 2}, "beft": {},
            "adamss": {"rank": 4, "num_subspaces": 3},
            "prefix": {"num_virtual_tokens": 3}, "adaption_prompt": {"adapter_len": 3},
+           "prompt_tuning": {"num_virtual_tokens": 3}, "p_tuning": {"num_virtual_tokens": 3, "encoder_hidden_size": 16},
+           "multitask_prompt_tuning": {"num_virtual_tokens": 3, "num_tasks": 1, "num_ranks": 2},
+           "cpt": {"cpt_token_ids": [5, 9, 17, 3], "cpt_tokens_type_mask": [1, 2, 3, 1]},
            # a fixed task: it runs without task_ids and merges (routing: rows is refused: test_poly)
            "poly": {"rank": 4, "n_tasks": 2, "n_skills": 2, "n_splits": 2, "routing": "task", "task_id": 1}}
 
@@ -174,8 +191,9 @@ def _identity(compiled, model, args, kwargs, case):
     want, got = main_output(model, args, kwargs), main_output(compiled.module, args, kwargs)
     if check == "exact":
         assert row.check == "exact" and torch.equal(got, want)
-    elif check == "none":   # the kind's init changes the function (ETHER: a reflection is never I)
-        assert row.check == "changes function" and not torch.allclose(got, want)
+    elif check == "none":   # the kind's init changes the function (ETHER: a reflection is never I; virtual
+        # tokens lengthen the output by their count)
+        assert row.check == "changes function" and (got.shape != want.shape or not torch.allclose(got, want))
     else:
         assert_close(got, want)
 
