@@ -1,4 +1,4 @@
-"""Every adapter kind in CASES on every model it fits, against the same invariants.
+"""Every adapter kind (all of surgeon.adapters.kinds(): checked) on every model it fits, against one set of invariants.
 
 One table of (kind, model) cases; each case is compiled once and checked for: identity insert
 (bit for bit where the kind's init is exact; a kind
@@ -117,6 +117,18 @@ FORMULAS = {
     "adamss": lambda o, i, n: min(o["num_subspaces"], n) * min(o["rank"], n, i) + n,
     # n_skills LoRA pairs (cut into n_splits heads) and the routing logits, n_tasks x n_splits n_skills
     "poly": lambda o, i, n: o["n_skills"] * o["rank"] * (i + n) + o["n_tasks"] * o["n_splits"] * o["n_skills"],
+    # part one's kinds beside LoRA: orthogonal blocks of b (b (b - 1) / 2 skew entries each; BOFT: f factors of
+    # full b x b blocks and an output scale), Householder vectors, full deltas, VeRA's scales, ...
+    "oft": lambda o, i, n: (i // o["block_size"]) * o["block_size"] * (o["block_size"] - 1) // 2,
+    "boft": lambda o, i, n: o["butterfly_factor"] * (i // o["block_size"]) * o["block_size"] ** 2 + n,
+    "hra": lambda o, i, n: o["rank"] * i,
+    "delta": lambda o, i, n: i * n,
+    "hydra": lambda o, i, n: o["rank"] * (i + n) + o["rank"] * 2 * n,   # parallel (in -> r -> out), sequential (out -> r -> out)
+    "lora-xs": lambda o, i, n: o["rank"] ** 2,
+    "parallel-adapter": lambda o, i, n: o["rank"] * (i + n),
+    "s2ft": lambda o, i, n: o["columns"] * n,
+    "shira": lambda o, i, n: o["rank"] * (i + n),
+    "vera": lambda o, i, n: o["rank"] + n,
     # virtual tokens on the embedding table (fan_in = hidden): v prompt rows, plus each kind's own tensors
     "prompt_tuning": lambda o, i, n: o["num_virtual_tokens"] * i,
     # p_tuning's MLP: hidden -> h -> h -> hidden, each with a bias
@@ -147,6 +159,9 @@ OPTIONS = {"lora": {"rank": 4, "alpha": 8}, "loha": {"rank": 2}, "lokr": {"rank"
            "pvera": {"rank": 4}, "ln_tuning": {}, "trainable_tokens": {"token_indices": [1, 5, 60, 90]}, "supertuning": {"sparsity": 0.95, "rank": 2}, "beft": {},
            "adamss": {"rank": 4, "num_subspaces": 3},
            "prefix": {"num_virtual_tokens": 3}, "adaption_prompt": {"adapter_len": 3},
+           "oft": {"block_size": 8}, "boft": {"block_size": 4, "butterfly_factor": 2}, "hra": {"rank": 4},
+           "delta": {}, "hydra": {"rank": 2}, "lora-xs": {"rank": 4}, "parallel-adapter": {"rank": 4},
+           "s2ft": {"columns": 4}, "shira": {"rank": 2}, "vera": {"rank": 8},
            "prompt_tuning": {"num_virtual_tokens": 3}, "p_tuning": {"num_virtual_tokens": 3, "encoder_hidden_size": 16},
            "multitask_prompt_tuning": {"num_virtual_tokens": 3, "num_tasks": 1, "num_ranks": 2},
            "cpt": {"cpt_token_ids": [5, 9, 17, 3], "cpt_tokens_type_mask": [1, 2, 3, 1]},
@@ -258,3 +273,7 @@ def test_kind_on_model(case: Case, tmp_path):
     _gradients(compiled, args, kwargs)
     _round_trip(compiled, model, args, kwargs, tmp_path)
     _merge(compiled, args, kwargs)
+
+
+def test_the_matrix_covers_every_kind():
+    assert set(OPTIONS) == set(kinds())
