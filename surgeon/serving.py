@@ -26,7 +26,9 @@ Design:
   no gather: the same ops as `set_active`, bit for bit), a call that records gradients, a route that
   does not stack (a LoRA with a bias on B) and a large batch of short rows with few adapters
   (GATHER_MAX_ROWS, GATHER_MIN_TOKENS, GATHER_ROWS_PER_ADAPTER).
-- On CUDA, a site whose routes are all plain LoRA runs the mixed-batch kernels (kernels/mixed_lora.py).
+- On CUDA, a site whose routes are all plain LoRA runs the mixed-batch kernels (kernels/mixed_lora.py); the
+  mixed graph is lowered there (`lowers`): each such site, its base op and the pointwise ops after it become
+  one `mixed_lora_linear` region (kernels/mixed_lora_region.py: the epilogue fused into the expand kernel).
 
 Kinds that join: LoRA (rsLoRA too; default / gaussian init or loaded weights), LoRA-XS, VeRA (each an
 additive per-row update) and IA3 (a per-row scale of the output, or of the input with `on: input`), on
@@ -106,6 +108,11 @@ class RowPlan:
         # MixedSite -> (its SiteBank, the rows' factors gathered from it): a generate's decode steps share one
         # plan, so each step after the first reuses the gather while the bank is the same object
         self.gathered: dict[nn.Module, tuple[Any, torch.Tensor]] = {}
+
+    @property
+    def all_base(self) -> bool:
+        """Every row is "__base__" (no adapter)."""
+        return self.whole == BASE
 
     def rows(self, name: str, leading: int, device: torch.device) -> torch.Tensor | None:
         rows = self.groups.get(name)
@@ -209,6 +216,8 @@ class MixedSite(nn.Module):
     base op's fresh output that only this site reads; input: x * scale[slot], a new tensor).
     Routes that do not stack, a call that records gradients, and a large batch with few adapters run the
     loop: per adapter present, index_select of its rows, the kind's own forward, index_copy."""
+
+    mixed_site = True   # how the fuse pass knows one (passes/_fuse_regions.mixed_site) without importing this
 
     def __init__(self, side: str, routes: list):
         super().__init__()
@@ -477,7 +486,37 @@ def mixed_graph(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         _CACHE[gm] = (key, held[1], shape)
         return held[1]
     mixed = build(gm, ctx)
+    if lowers(key[1][0]):
+        mixed = _lowered(mixed, gm, ctx)
     _CACHE[gm] = (key, mixed, shape)
+    return mixed
+
+
+def lowers(device: torch.device) -> bool:
+    """Whether a mixed graph placed on `device` gets its `mixed_lora_linear` regions lowered: where the
+    mixed-batch kernels run (CUDA, with Triton), so each plain-LoRA site and the pointwise ops after it
+    (activation, gate multiply, residual add) become one base GEMM, one shrink and one expand kernel with
+    the epilogue fused. On a CPU the stacked torch path above is faster than the regions' reference path."""
+    if device.type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _lowered(mixed: fx.GraphModule, gm: fx.GraphModule, ctx) -> fx.GraphModule:
+    """`mixed` with its mixed_lora_linear regions lowered (passes/lower.py; its other pointwise groups are left
+    as they are); the unlowered graph, built again, where lowering refuses (a SurgeonError)."""
+    from .fastpath import recompile
+    from .passes.lower import Lower
+
+    try:
+        Lower(elementwise=False).run(mixed, ctx)
+    except SurgeonError:
+        return build(gm, ctx)
+    recompile(mixed)
     return mixed
 
 

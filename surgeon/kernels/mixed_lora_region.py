@@ -275,11 +275,9 @@ class MixedLoraLinear(nn.Module):
 
     def forward(self, plan, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 operands: list[torch.Tensor]) -> torch.Tensor:
-        from surgeon.serving import BASE
-
         aten = torch.ops.aten
         y = aten.addmm.default(bias, x, weight) if self.base == "addmm" else aten.linear.default(x, weight, bias)
-        if plan is None or plan.whole == BASE:
+        if plan is None or plan.all_base:
             return epilogue_torch(y, self.chain, operands)
         if plan.whole is not None or not self.site._kernel_ready(x, y) or \
                 any(o.dtype != x.dtype or o.device != x.device for o in operands):

@@ -344,13 +344,11 @@ def mixed_site(gm: fx.GraphModule, node: Any):
     """The MixedSite an output-side call_module node of a mixed graph runs (surgeon/serving.py), else None."""
     if not isinstance(node, fx.Node) or node.op != "call_module" or len(node.args) != 3:
         return None
-    from surgeon.serving import MixedSite
-
     try:
         module = gm.get_submodule(node.target)
     except AttributeError:
         return None
-    return module if isinstance(module, MixedSite) and module.side == "output" else None
+    return module if getattr(module, "mixed_site", False) and module.side == "output" else None
 
 
 def plain_lora_routes(site, dims: tuple) -> str:

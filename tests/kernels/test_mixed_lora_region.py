@@ -297,3 +297,26 @@ def test_lowered_mixed_graph_matches_peft_mixed_batch(case, tmp_path, monkeypatc
         got = serving.run(compiled.module, mixed, values, plan)
     got = got.logits if hasattr(got, "logits") else got[0]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_compiled_modules_mixed_calls_lower_their_regions_where_the_kernels_run(monkeypatch):
+    # on CUDA (serving.lowers) a mixed call's graph has its regions lowered; here the interpreter stands in
+    assert not serving.lowers(torch.device("cpu"))
+    compiled, x = block_compile()
+    names = ["a", "__base__", "b"]
+    want = run(compiled, serving.build(compiled.module, compiled.ctx), x, names)   # the unfused mixed graph
+    launched = []
+    real = region._run
+    monkeypatch.setattr(region, "_run", lambda *a: launched.append(a[6]) or real(*a))
+    monkeypatch.setattr(serving, "lowers", lambda device: True)
+    with torch.no_grad():
+        got = compiled.module(x, adapter_names=names)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert launched and set(launched) == {"bgmv"}
+    mixed = serving.mixed_graph(compiled.module, compiled.ctx)
+    assert sum(isinstance(m, region.MixedLoraLinear) for m in mixed.modules()) == 3
+    assert not [n for n in mixed.graph.nodes if n.op == "call_function" and "pointwise" in str(n.target)]
+    with torch.no_grad():   # one adapter for every row: its own forward, the compiled module's set_active output
+        torch.testing.assert_close(compiled.module(x, adapter_names=["b"] * 3),
+                                   run(compiled, serving.build(compiled.module, compiled.ctx), x, ["b"] * 3),
+                                   rtol=1e-6, atol=1e-6)
