@@ -405,18 +405,21 @@ class MixedSite(nn.Module):
         from .kernels.mixed_lora import mixed_lora
 
         with torch.no_grad():
-            leading = x.shape[0]
-            index = torch.full((leading,), -1, dtype=torch.int32, device=x.device)
-            for i, (name, *_) in enumerate(self.routes):
-                rows = plan.rows(name, leading, x.device)
-                if rows is not None:
-                    index.index_fill_(0, rows, i)
-            tokens = 1
-            for size in x.shape[1:-1]:   # a row's positions when x keeps the batch dim
-                tokens *= size
-            if tokens != 1:
-                index = index.repeat_interleave(tokens)
-            return mixed_lora(x, y, self._kernel_bank(x), index, check_index=False)
+            return mixed_lora(x, y, self._kernel_bank(x), self.row_index(plan, x), check_index=False)
+
+    def row_index(self, plan: RowPlan, x: torch.Tensor) -> torch.Tensor:
+        """Each row's adapter index in the kernel bank (its place among the routes; -1: none; a loop over the
+        routes, not the rows), repeated over the positions of a row when x keeps the batch dim."""
+        leading = x.shape[0]
+        index = torch.full((leading,), -1, dtype=torch.int32, device=x.device)
+        for i, (name, *_) in enumerate(self.routes):
+            rows = plan.rows(name, leading, x.device)
+            if rows is not None:
+                index.index_fill_(0, rows, i)
+        tokens = 1
+        for size in x.shape[1:-1]:
+            tokens *= size
+        return index.repeat_interleave(tokens) if tokens != 1 else index
 
 
 # ------------------------------------------------------------------------------------ the plan

@@ -1860,17 +1860,22 @@ def _write_poly(kind, options, weights, site_options):
 
 # ---------------------------------------------------------------- prompt tuning
 
+def _decoder_prompt(config, what: str) -> tuple[int, int]:
+    """(num_virtual_tokens, token_dim) of a virtual-token config, refused unless it is PEFT's decoder form (one
+    transformer submodule, task_type CAUSAL_LM or none)."""
+    if config.get("num_transformer_submodules", 1) != 1:
+        raise _fail(f"{what} of an encoder-decoder (num_transformer_submodules=2) is not supported")
+    if config.get("task_type") not in (None, "CAUSAL_LM"):
+        raise _fail(f"{what} with task_type={config.get('task_type')!r}: surgeon follows PEFT's CAUSAL_LM path only")
+    _number(config, "num_virtual_tokens", "token_dim")
+    return config["num_virtual_tokens"], config["token_dim"]
+
+
 def _read_prompt_tuning(config, weights, extras):
     """PEFT's prompt_embeddings (num_virtual_tokens x token_dim) for a decoder (one transformer submodule):
     the one site, '#0', is the input embedding the adapter targets ('*': the one embedding op; name it,
     e.g. 'transformer.wte', where the model has more). TEXT checkpoints hold trained rows like any other."""
-    if config.get("num_transformer_submodules", 1) != 1:
-        raise _fail("prompt tuning of an encoder-decoder (num_transformer_submodules=2) is not supported")
-    if config.get("task_type") not in (None, "CAUSAL_LM"):
-        raise _fail(f"prompt tuning with task_type={config.get('task_type')!r}: surgeon follows PEFT's CAUSAL_LM "
-                    "path only")
-    _number(config, "num_virtual_tokens", "token_dim")
-    n, dim = config["num_virtual_tokens"], config["token_dim"]
+    n, dim = _decoder_prompt(config, "prompt tuning")
     table = extras.get("prompt_embeddings")
     if table is None or tuple(table.shape) != (n, dim):
         raise _fail(f"prompt_embeddings of shape {None if table is None else list(table.shape)} does not fit "
@@ -1915,13 +1920,7 @@ def _read_multitask_prompt_tuning(config, weights, extras):
     """PEFT's shared prompt_embeddings (v x token_dim) and per-task factors prefix_task_cols (num_tasks x v x
     num_ranks) and prefix_task_rows (num_tasks x num_ranks x token_dim), for a decoder, on the one site '#0' (the
     input embedding, as prompt tuning's). Any prompt_tuning_init: the checkpoint holds the trained tensors."""
-    if config.get("num_transformer_submodules", 1) != 1:
-        raise _fail("multitask prompt tuning of an encoder-decoder (num_transformer_submodules=2) is not supported")
-    if config.get("task_type") not in (None, "CAUSAL_LM"):
-        raise _fail(f"multitask prompt tuning with task_type={config.get('task_type')!r}: surgeon follows PEFT's "
-                    "CAUSAL_LM path only")
-    _number(config, "num_virtual_tokens", "token_dim")
-    n, dim = config["num_virtual_tokens"], config["token_dim"]
+    n, dim = _decoder_prompt(config, "multitask prompt tuning")
     tasks = _positive_int("num_tasks", config.get("num_tasks", 1))
     ranks = _positive_int("num_ranks", config.get("num_ranks", 1))
     shapes = {"prompt_embeddings": ((n, dim), f"num_virtual_tokens={n} x token_dim={dim}"),

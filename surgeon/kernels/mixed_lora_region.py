@@ -38,7 +38,7 @@ from .lora_linear_source import epilogue_source, operand_names
 from .mixed_lora import (BGMV_GPU_CONFIG, BGMV_INTERPRET_CONFIG, SGMV_GPU_CONFIG, SGMV_INTERPRET_CONFIG, LoraBank,
                          Segments, choose_mode, load_kernels, mixed_lora, mixed_lora_reference, segments)
 
-__all__ = ["MixedLoraLinear", "expand_source", "mixed_lora_linear", "reference", "render", "row_index",
+__all__ = ["MixedLoraLinear", "expand_source", "mixed_lora_linear", "reference", "render",
            "segments_with_base"]
 
 _HEADER = '''"""Mixed-batch LoRA expand with an epilogue (surgeon/kernels/mixed_lora_region.py).
@@ -249,21 +249,6 @@ def _distinct(chain: tuple[Step, ...], tiles: list[torch.Tensor]) -> list[torch.
     return found
 
 
-def row_index(site, plan, x: torch.Tensor) -> torch.Tensor:
-    """Each row's adapter index in the site's bank (its place among the site's routes; -1: none), repeated
-    over the positions of a row when x keeps the batch dim (MixedSite's own kernel path does the same)."""
-    leading = x.shape[0]
-    index = torch.full((leading,), -1, dtype=torch.int32, device=x.device)
-    for i, (name, *_) in enumerate(site.routes):
-        rows = plan.rows(name, leading, x.device)
-        if rows is not None:
-            index.index_fill_(0, rows, i)
-    tokens = 1
-    for size in x.shape[1:-1]:
-        tokens *= size
-    return index.repeat_interleave(tokens) if tokens != 1 else index
-
-
 class MixedLoraLinear(nn.Module):
     """A lowered mixed_lora_linear region: `site` (the MixedSite the region replaced, holding its routes),
     the base op ("linear" / "addmm") and the epilogue string; called as (plan, x, weight, bias, operands)."""
@@ -284,5 +269,5 @@ class MixedLoraLinear(nn.Module):
             # the unfused graph's own code: the site (its loop, gathered path or one adapter's forward)
             return epilogue_torch(self.site(plan, x, y), self.chain, operands)
         with torch.no_grad():
-            index = row_index(self.site, plan, x)
+            index = self.site.row_index(plan, x)
             return mixed_lora_linear(x, y, self.site._kernel_bank(x), index, self.chain, operands)
