@@ -13,7 +13,7 @@ from surgeon.adapters import kinds
 from surgeon.adapters.poly import fixed_weights, mixing_weights
 from surgeon.errors import InputError
 from tests.adapters.helpers import (KW, NAME, adapter_nodes, assert_close, assert_edited_checkpoint_refused,
-                                    assert_identity_insert, assert_param_count, assert_round_trip, assert_trains,
+                                    assert_identity_insert, assert_merge, assert_param_count, assert_round_trip, assert_trains,
                                     compile_kind, randomized_peft_checkpoint, randomize_adapters)
 from tests.conftest import hf_gpt2, hf_llama
 from tests.passes.helpers import logits
@@ -174,13 +174,7 @@ def test_task_mean_averages_peft_routing_over_tasks():
 def test_mu_and_task_mean_merge_exactly(routing):
     _, args, compiled = compile_kind("poly", ["*.q_proj", "*.down_proj"], factory=llama, rank=4, n_tasks=3,
                                      n_skills=2, n_splits=2, routing=routing)
-    randomize_adapters(compiled.module)
-    before = logits(compiled.module, args)
-    compiled.apply(["merge"])
-    assert adapter_nodes(compiled.module) == []
-    assert_close(logits(compiled.module, args), before)
-    compiled.apply(["unmerge"])
-    assert_close(logits(compiled.module, args), before)
+    assert_merge(compiled, args)
 
 
 def test_peft_export(tmp_path):
