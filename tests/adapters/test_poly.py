@@ -13,8 +13,8 @@ from surgeon.adapters import kinds
 from surgeon.adapters.poly import fixed_weights, mixing_weights
 from surgeon.errors import InputError
 from tests.adapters.helpers import (KW, NAME, adapter_nodes, assert_close, assert_edited_checkpoint_refused,
-                                    assert_identity_insert, assert_merge, assert_param_count, assert_round_trip, assert_trains,
-                                    compile_kind, randomized_peft_checkpoint, randomize_adapters)
+                                    assert_identity_insert, assert_merge, assert_param_count, assert_round_trip,
+                                    assert_trains, compile_kind, randomized_peft_checkpoint, randomize_adapters)
 from tests.conftest import hf_gpt2, hf_llama
 from tests.passes.helpers import logits
 
