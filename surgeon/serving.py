@@ -76,7 +76,8 @@ def refusal(state) -> str:
         return f"it is {status}, not inserted"
     halves = _HALVES.get(spec.type)
     if halves is None:
-        return (f"a '{spec.type}' adapter is not a per-row low-rank update or scale; mixed batches take "
+        routed = f" ({spec.kind.refusal(spec.options)})" if spec.type == "xlora" else ""   # per-token routing
+        return (f"a '{spec.type}' adapter is not a per-row low-rank update or scale{routed}; mixed batches take "
                 f"{', '.join(sorted(_HALVES))}")
     for site in state.sites:
         if site.op not in _SITE_OPS:
@@ -92,7 +93,8 @@ def refusal(state) -> str:
 class RowPlan:
     """One call's rows grouped by adapter: `groups[name]` the row indices (ascending), `whole` the one name
     when every row has it, `names` the name of each row. Token indices of flattened inputs are made once per
-    (name, length), and each site's slot index (`slots`) once per set of adapter names and device."""
+    (name, length), and each site's slot index (`slots`) once per set of adapter names and device. A plan is
+    one call's, or one generate's: adapter tensors changed in place while it runs are not seen by it."""
 
     def __init__(self, batch: int, groups: dict[str, torch.Tensor], whole: str | None,
                  names: list[str] | None = None):
@@ -105,9 +107,9 @@ class RowPlan:
         self.names = tuple(names)
         self._tokens: dict[tuple[str, int], torch.Tensor] = {}
         self._slots: dict[tuple, tuple[torch.Tensor, int] | None] = {}
-        # MixedSite -> (its SiteBank, the rows' factors gathered from it): a generate's decode steps share one
-        # plan, so each step after the first reuses the gather while the bank is the same object
-        self.gathered: dict[nn.Module, tuple[Any, torch.Tensor]] = {}
+        # MixedSite -> (its SiteBank, the rows' factors gathered from it, the rows' slots): a generate's decode
+        # steps share one plan, so each step after the first reuses the gather (MixedSite._gather)
+        self.gathered: dict[nn.Module, tuple[Any, torch.Tensor | None, torch.Tensor]] = {}
 
     @property
     def all_base(self) -> bool:
@@ -252,11 +254,14 @@ class MixedSite(nn.Module):
             return base
         if plan.whole is None and self._kernel_device(x) and self._kernel_ready(x, y):
             return self._kernel_forward(plan, x, y)
-        out, looped = base, self.routes
-        if plan.whole is None and self._stacked:
-            index = self._gathers(plan, x, y)
+        held = plan.gathered.get(self)
+        if held is not None:   # a decode step after the first: the plan's gather, no checks (they held then)
+            out, looped = self._gathered(plan, held, x, y), self._looped
+        else:
+            out, looped = base, self.routes
+            index = self._gathers(plan, x, y) if plan.whole is None and self._stacked else None
             if index is not None:
-                out, looped = self._gathered(plan, index, x, y), self._looped
+                out, looped = self._gathered(plan, self._gather(plan, index, x), x, y), self._looped
         for name, kind, opts, dims, params in looped:
             run = kind.forward_input if self.side == "input" else kind.forward
             if plan.whole is not None:
@@ -293,10 +298,22 @@ class MixedSite(nn.Module):
             return index
         return None
 
-    def _gathered(self, plan: RowPlan, index: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        """The stacked routes' rows in one pass: each row's slot (`index`) gathers its adapter's factors (or
-        scale). An output site updates y in place: the base op's own result, which only this site reads."""
+    def _gather(self, plan: RowPlan, index: torch.Tensor, x: torch.Tensor) -> tuple[SiteBank, torch.Tensor | None]:
+        """The bank and each row's factors (A' then B', one gather), or None where the site has no low-rank route.
+        The plan keeps them when the batch is no larger than the bank (a generate's decode steps share one plan,
+        and the adapters cannot change during it): every later call of this site with the plan skips the bank's
+        version check, the gather and the path's checks."""
         bank = self._stacked_bank(x)
+        rows = bank.factors.index_select(0, index) if bank.a is not None else None
+        held = (bank, rows, index)
+        if plan.batch <= len(self._stacked) + 1:   # the bank's slots
+            plan.gathered[self] = held
+        return held
+
+    def _gathered(self, plan: RowPlan, held: tuple, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """The stacked routes' rows in one pass from the gathered factors (or scale rows) of `held`
+        (`_gather`). An output site updates y in place: the base op's own result, which only this site reads."""
+        bank, rows, index = held
         batch = plan.batch
         if x.shape[0] % batch:
             raise SurgeonError(f"mixed batch: an adapted op's input has {x.shape[0]} rows, neither the batch "
@@ -308,14 +325,7 @@ class MixedSite(nn.Module):
         y3 = y.reshape(batch, -1, y.shape[-1])
         if bank.scale is not None:
             y3.mul_(bank.scale.index_select(0, index)[:, None, :])
-        if bank.a is not None:   # one gather of each row's A' and B' (one tensor per slot), two batched GEMMs
-            held = plan.gathered.get(self)
-            if held is not None and held[0] is bank:   # a decode step after the first: the rows gathered then
-                rows = held[1]
-            else:
-                rows = bank.factors.index_select(0, index)
-                if batch <= bank.factors.shape[0]:   # kept for the plan's next steps: at most the bank's size
-                    plan.gathered[self] = (bank, rows)
+        if rows is not None:   # each row's A' and B' (one tensor per slot), two batched GEMMs
             K, N, rank = x3.shape[-1], y3.shape[-1], bank.a.shape[-1]
             y3.baddbmm_(torch.bmm(x3, rows[:, :K * rank].view(batch, K, rank)),
                         rows[:, K * rank:].view(batch, rank, N))

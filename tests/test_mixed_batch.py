@@ -311,9 +311,12 @@ def test_gathered_site_equals_the_loop(dtype, monkeypatch):
     got = site(plan, x, y.clone())
     assert site._site_bank[1] is not bank
     torch.testing.assert_close(got, loop(plan, x, y), **tolerance)
-    again = site(steps, x[:6], y[:6].clone())                          # the same plan: gathered again
-    assert steps.gathered[site][1] is not held
-    torch.testing.assert_close(again, loop(steps, x[:6], y[:6]), **tolerance)
+    stale = site(steps, x[:6], y[:6].clone())     # the same plan (one generate, whose adapters cannot change): kept
+    assert steps.gathered[site][1] is held and torch.equal(stale, first)
+    fresh = serving.RowPlan(6, steps.groups, None)                     # the next call's plan: gathered again
+    again = site(fresh, x[:6], y[:6].clone())
+    assert fresh.gathered[site][1] is not held
+    torch.testing.assert_close(again, loop(fresh, x[:6], y[:6]), **tolerance)
     before = len(calls)
     routes[1][4]["lora_A"].requires_grad_(True)                        # gradients recorded: the loop
     out = site(plan, x, y)

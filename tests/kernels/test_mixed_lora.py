@@ -262,6 +262,7 @@ def test_mixed_site_runs_the_kernels_where_allowed_and_matches_its_torch_path(mo
     bank = site._bank[1]
     assert bank.ranks.tolist() == [2, 8, 1] and site(plan, x, y.clone()) is not None and site._bank[1] is bank
     routes[0][4]["lora_A"].mul_(2.0)                          # an in-place update: the bank is rebuilt
+    plan = RowPlan(3, plan.groups, None)                      # ... for the next call (a plan is one call's)
     monkeypatch.setattr(MixedSite, "_kernel_device", staticmethod(lambda x: False))
     want = site(plan, x, y.clone())
     monkeypatch.setattr(MixedSite, "_kernel_device", staticmethod(lambda x: True))
