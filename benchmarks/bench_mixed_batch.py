@@ -1,6 +1,10 @@
 """Mixed batches: one adapter per row, generated with a KV cache, per generated token (issue 17's table).
 
-The 4-layer LLaMA-style model of `surgeon bench` (hidden 512, GQA 8/4, vocab 2048), LoRA r=16 on all
+The 4-layer LLaMA-style model of `surgeon bench` (hidden 512, GQA 8/4, vocab 2048; `--hidden` / `--layers`
+scale it: at hidden 512 the r (in + out) factors of 16 adapters at a projection hold 0.7 to 1.5 times as
+many numbers as its base weight, so a decode step whose rows use 16 distinct adapters reads about 1.7
+times the bytes of one with a single adapter, a bound on the mixed per-token figure that wider models
+relax), LoRA r=16 on all
 7 projections, a bank of 16 adapters with random weights; a batch of 16 prompts (left-padded), rows
 spread round-robin over 1, 4 or 16 adapters; greedy. Variants, each timed interleaved in every round
 as a full generate and a one-token generate (the prefill); per token = (full - prefill) / (new - 1);
@@ -13,7 +17,7 @@ each figure is the median over rounds of the variant's time / the eager base mod
   surgeon one at a time    surgeon, each adapter's rows as their own batch, one after another
 
     python benchmarks/bench_mixed_batch.py [--rounds 3] [--threads 2] [--new 16] [--prompt 32] [--spreads 1 4 16]
-        [--skip "surgeon one at a time"]
+        [--skip "surgeon one at a time"] [--hidden 512] [--layers 4]
 """
 from __future__ import annotations
 
@@ -82,14 +86,17 @@ def main(argv=None) -> int:
     parser.add_argument("--new", type=int, default=16)
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--spreads", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--hidden", type=int, default=512, help="model width (surgeon.bench.models.build)")
+    parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--skip", nargs="*", default=[], choices=COLUMNS,
                         help="variants not to time (their cells print as -)")
     ns = parser.parse_args(argv)
     torch.set_num_threads(ns.threads)
-    model = build()
+    model = build(hidden=ns.hidden, layers=ns.layers)
     model.generation_config.eos_token_id = None
     ids, mask = prompts(16, ns.prompt)
-    print(f"CPU, {ns.threads} threads, torch {torch.__version__}, fp32; batch 16, prompt {ns.prompt}, {ns.new} new "
+    print(f"CPU, {ns.threads} threads, torch {torch.__version__}, fp32; {ns.layers} layers, hidden {ns.hidden}; "
+          f"batch 16, prompt {ns.prompt}, {ns.new} new "
           f"tokens, LoRA r=16 on 7 projections, a bank of {BANK}; per token / prefill, ratio to the eager base")
     print(f"{'adapters in the batch':<24}" + "".join(f"{k:>24}" for k in COLUMNS))
     with tempfile.TemporaryDirectory() as folder:

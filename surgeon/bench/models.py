@@ -23,12 +23,16 @@ import torch
 from .harness import interleaved
 
 
-def build(seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32):
+def build(seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32, hidden: int = 512,
+          layers: int = 4):
+    """The model above; `hidden` scales it (intermediate 2.6875 x hidden, head dim 64, GQA 2:1 as at 512)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=2048, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
-                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512)
+    heads = hidden // 64
+    cfg = LlamaConfig(vocab_size=2048, hidden_size=hidden, intermediate_size=hidden * 43 // 16,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                      max_position_embeddings=512)
     return LlamaForCausalLM(cfg).eval().to(device=device, dtype=dtype)
 
 
