@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .adapters import Branch, ConvGeometry, merged_weight
+from .adapters import Branch, ConvGeometry, index_misfit, merged_weight
 from .errors import SpecError
 from .graph import delete_attr, get_attr, get_tensor, module_path, set_parameter
 from .pipeline import AdapterState, Context, PassResult, SiteState
@@ -609,6 +609,9 @@ def check_loaded_shapes(state: AdapterState, site: SiteState, tensors: dict[str,
     if extra:
         raise ctx.spec.error(("adapters", index, key), f"unexpected weights {extra} for module '{site.path}' "
                                                        f"(a {state.spec.type} adapter has {sorted(expected)})")
+    misfit = index_misfit(state.spec.kind, site.options, site.in_features, site.out_features, tensors)
+    if misfit:
+        raise ctx.spec.error(("adapters", index, key), f"module '{site.path}': {misfit}")
 
 
 __all__ = ["attach", "detach", "discover_sites", "site_dims", "conv_geometry", "CONV_OPS", "SITE_OPS", "PARAM_SITE",

@@ -55,7 +55,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .adapter_io import LoadedAdapter, _isfinite, _read_json, load_adapter_dir, load_peft_dir
-from .adapters import AdapterKind, kinds, merged_weight
+from .adapters import AdapterKind, index_misfit, kinds, merged_weight
 from .errors import SpecError, SurgeonError
 from .pipeline import all_finite
 from .spec import Spec, _check_option
@@ -302,7 +302,8 @@ def _misfit(adapter: Adapter, path: str, in_f: int, out_f: int) -> str | None:
                 a >= b for a, b in zip(g.shape, t.shape))):
             given = ", ".join(f"{k}={v!r}" for k, v in options.items())
             return f"{p} of module '{path}' has shape {list(g.shape)}, but its options ({given}) need {list(t.shape)}"
-    return None
+    misfit = index_misfit(adapter.kind, options, in_f, out_f, got)
+    return f"module '{path}': {misfit}" if misfit else None
 
 
 # ---------------------------------------------------------------- merging and writing

@@ -351,3 +351,56 @@ def test_the_previous_sigterm_handler_is_back_after_a_merge(tmp_path, monkeypatc
         mc.merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "out2")
     assert signal.getsignal(signal.SIGTERM) is before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "out"]
+
+
+# ---------------------------------------------------------------- indices that point outside the weight
+
+def sparse_adapter(kind_name: str, options: dict, poison) -> dict:
+    """One 6 -> 8 site's tensors of a sparse kind (its own init), one index then set by `poison`."""
+    kind = kinds()[kind_name]
+    opts = {name: option.default for name, option in kind.options.items()} | options
+    weight = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
+    tensors = kind.init(opts, 6, 8, torch.float32, torch.Generator().manual_seed(1), weight)
+    poison(tensors)
+    return opts, {"layers.0.proj": tensors}
+
+
+POISONED = {   # kind, options, the corruption, what the error says
+    "shira": ({"fraction": 0.25}, lambda t: t["shira_indices"].__setitem__((1, 0), 6),
+              r"row 1 of 'shira_indices' holds the index 6, outside \[0, 6\)"),
+    "rosa": ({"rank": 2, "density": 0.25}, lambda t: t["rosa_indices"].__setitem__((0, 0), -1),
+             r"row 0 of 'rosa_indices' holds the index -1, outside \[0, 8\)"),
+    "lori": ({"rank": 2, "density": 0.5}, lambda t: t["lori_indices"].__setitem__((1, 0), 2),
+             r"row 1 of 'lori_indices' holds the index 2, outside \[0, 2\)"),
+    "supertuning": ({"sparsity": 0.5}, lambda t: t["supertuning_indices"].__setitem__(0, 48),
+                    r"'supertuning_indices' holds the index 48, outside \[0, 48\)"),
+}
+
+
+class OneProjection(torch.nn.Module):
+    """A module whose one linear is at the path the adapters name: layers.0.proj (6 -> 8)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([torch.nn.Module()])
+        self.layers[0].proj = torch.nn.Linear(6, 8)
+
+    def forward(self, x):
+        return self.layers[0].proj(x)
+
+
+@pytest.mark.parametrize("kind_name", sorted(POISONED))
+def test_an_index_outside_the_weight_is_refused_naming_the_tensor(tmp_path, kind_name):
+    options, poison, message = POISONED[kind_name]
+    opts, weights = sparse_adapter(kind_name, options, poison)
+    small_checkpoint(tmp_path)
+    save_adapter_dir(tmp_path / "adapter", "a", kind_name, opts, weights, {})   # replaces the LoRA one
+    with pytest.raises(surgeon.SpecError, match=rf"module 'layers.0.proj': {message} \(the site maps 6 -> 8 features\)"):
+        merge(tmp_path)
+    assert_nothing_written(tmp_path)
+    model = OneProjection()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    spec = {"adapters": [{"name": "a", "from_dir": str(tmp_path / "adapter")}], "pipeline": ["insert"]}
+    with pytest.raises(surgeon.SpecError, match=rf"adapters\[0\]\.from_dir.*module 'layers.0.proj': {message}"):
+        surgeon.compile(model, (torch.randn(2, 6),), spec)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())   # the user's model untouched

@@ -292,6 +292,9 @@ class AdapterKind:
         site_ops: fused MoE experts, E x out x in), "" when they can. On such a site the forward
         gets x=None and y = the weight's get_attr node, returns the weight to use in its place
         (W + delta: every op that reads the weight sees it), and the delta is E x out x in
+    index_bounds(opts, in_features, out_features) -> {integer parameter: the exclusive upper bound of its
+        values, one per row of a 2 x k (row, column) pair tensor, or one for a flat one}: a loaded adapter's
+        indices are checked against them (`index_misfit`) before any graph change (SHiRA's, RoSA's support)
     calibrated(opts) -> which statistic of the site's inputs init needs, or False: "covariance" (CorDA's
         normalized X^T X) or "scatter" (EVA's centered one); insert runs the graph on the compile's example
         inputs (surgeon.calibration) and calls init with `covariance=` (in x in, float32); "gradient" (LoRA-GA,
@@ -332,6 +335,7 @@ class AdapterKind:
         lambda opts, fan_in, fan_out: (min(fan_in, fan_out), "min(in, out)")
     rotation: Callable[[ParamDict, dict, torch.Tensor], Any] | None = None
     calibrated: Callable[[dict], str | bool] | None = None
+    index_bounds: Callable[[dict, int, int], dict[str, tuple[int, ...]]] | None = None
 
     @property
     def untrained(self) -> frozenset[str]:
@@ -343,6 +347,25 @@ class AdapterKind:
         if self.delta_weight is None:
             return self.refuse_merge
         return self.merge_refusal(opts) if self.merge_refusal is not None else ""
+
+
+def index_misfit(kind: AdapterKind, opts: dict, in_features: int, out_features: int,
+                 tensors: dict[str, torch.Tensor]) -> str:
+    """What is wrong with the integer indices of a loaded site's tensors (outside the kind's index_bounds), or ""."""
+    bounds = kind.index_bounds(opts, in_features, out_features) if kind.index_bounds is not None else {}
+    for pname, limits in bounds.items():
+        got = tensors.get(pname)
+        if got is None or got.numel() == 0:
+            continue
+        rows = got.reshape(len(limits), -1) if len(limits) > 1 else got.reshape(1, -1)
+        for axis, (values, limit) in enumerate(zip(rows, limits)):
+            low, high = int(values.min()), int(values.max())
+            if low < 0 or high >= limit:
+                where = f"row {axis} of " if len(limits) > 1 else ""
+                bad = low if low < 0 else high
+                return (f"{where}'{pname}' holds the index {bad}, outside [0, {limit}) (the site maps "
+                        f"{in_features} -> {out_features} features)")
+    return ""
 
 
 def kinds() -> dict[str, AdapterKind]:

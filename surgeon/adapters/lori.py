@@ -58,5 +58,6 @@ LORI = AdapterKind(
     forward=_forward,
     delta_weight=_delta,
     param_count=lambda opts, fan_in, fan_out: support_size(opts["density"], fan_out, opts["rank"]),
+    index_bounds=lambda opts, fan_in, fan_out: {"lori_indices": (fan_out, opts["rank"])},
     frozen=frozenset({"lori_A", "lori_indices"}),
 )

@@ -66,5 +66,6 @@ ROSA = AdapterKind(
     delta_weight=_delta,
     param_count=lambda opts, fan_in, fan_out: opts["rank"] * (fan_in + fan_out)
     + support_size(opts["density"], fan_out, fan_in),
+    index_bounds=lambda opts, fan_in, fan_out: {"rosa_indices": (fan_out, fan_in)},
     frozen=frozenset({"rosa_indices"}),
 )

@@ -90,6 +90,7 @@ SHIRA = AdapterKind(
     forward=_forward,
     delta_weight=_delta,
     param_count=support_size,
+    index_bounds=lambda opts, fan_in, fan_out: {"shira_indices": (fan_out, fan_in)},
     frozen=frozenset({"shira_indices"}),
     # k = r (in + out) entries must fit the in x out weight
     rank_limit=lambda opts, fan_in, fan_out: (fan_in * fan_out // (fan_in + fan_out), "in·out / (in + out)"),

@@ -103,6 +103,7 @@ SUPERTUNING = AdapterKind(
     delta_weight=_delta,
     param_count=lambda opts, fan_in, fan_out: support_size(opts["sparsity"], fan_in, fan_out)
     + (opts["rank"] * (fan_in + fan_out) if opts["rank"] is not None else 0),
+    index_bounds=lambda opts, fan_in, fan_out: {"supertuning_indices": (fan_out * fan_in,)},
     frozen=frozenset({"supertuning_indices"}),
     recomputed=frozenset({"supertuning_indices"}),   # absent from a save_precomputed_indices=False checkpoint
     init_check=lambda opts: "none" if opts["init"] == "random" else "exact",
