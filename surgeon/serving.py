@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import warnings
 import weakref
 from typing import Any
 
@@ -521,13 +522,16 @@ def lowers(device: torch.device) -> bool:
 
 def _lowered(mixed: fx.GraphModule, gm: fx.GraphModule, ctx) -> fx.GraphModule:
     """`mixed` with its mixed_lora_linear regions lowered (passes/lower.py; its other pointwise groups are left
-    as they are); the unlowered graph, built again, where lowering refuses (a SurgeonError)."""
+    as they are); the unlowered graph, built again, where lowering refuses (a SurgeonError), with a warning that
+    says why (the mixed batch still runs, on the stacked torch path)."""
     from .fastpath import recompile
     from .passes.lower import Lower
 
     try:
         Lower(elementwise=False).run(mixed, ctx)
-    except SurgeonError:
+    except SurgeonError as error:
+        warnings.warn(f"mixed batch: the mixed-batch LoRA regions were not lowered to kernels ({error}); the "
+                      "unlowered mixed graph runs instead", stacklevel=2)
         return build(gm, ctx)
     recompile(mixed)
     return mixed

@@ -221,6 +221,25 @@ def test_lowered_mixed_graph_equals_the_unfused_one_on_the_reference_path(monkey
                                    rtol=1e-6, atol=1e-6)
 
 
+def test_a_refused_lowering_warns_and_runs_the_unlowered_graph(monkeypatch):
+    from surgeon.errors import SurgeonError
+    from surgeon.passes.lower import Lower
+
+    monkeypatch.delenv("TRITON_INTERPRET")
+    compiled, x = block_compile()
+
+    def refuse(self, gm, ctx):
+        raise SurgeonError("lower: a refusal for the test")
+
+    monkeypatch.setattr(Lower, "run", refuse)
+    mixed = serving.build(compiled.module, compiled.ctx)
+    with pytest.warns(UserWarning, match=r"not lowered to kernels \(lower: a refusal for the test\); the unlowered"):
+        fallback = serving._lowered(mixed, compiled.module, compiled.ctx)
+    assert fallback is not mixed and not [n for n in fallback.graph.nodes if str(n.target).endswith("_lowered")]
+    names, unlowered = ["a", "__base__", "b"], serving.build(compiled.module, compiled.ctx)
+    torch.testing.assert_close(run(compiled, fallback, x, names), run(compiled, unlowered, x, names), rtol=0, atol=0)
+
+
 @DTYPES
 def test_lowered_mixed_graph_runs_the_kernels_under_the_interpreter(dtype, monkeypatch):
     compiled, x = block_compile(ranks=(1, 8))
