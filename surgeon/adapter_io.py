@@ -188,7 +188,9 @@ def load_peft_dir(directory: Path, allow_nonfinite: bool = False) -> LoadedAdapt
         raise SpecError("<adapter>", f"'{directory}': peft_type {config.get('peft_type')!r} is not supported; "
                                      f"surgeon imports {sorted(BY_PEFT_TYPE)}")
     if config.get("modules_to_save"):
-        raise SpecError("<adapter>", f"'{directory}': modules_to_save {config['modules_to_save']} is not supported")
+        raise SpecError("<adapter>", f"'{directory}': modules_to_save {config['modules_to_save']} is not supported "
+                                     "(whole modules trained beside the adapter, e.g. the classifier head PEFT's "
+                                     "SEQ_CLS task saves: surgeon imports adapters, not module copies)")
     if config.get("bias", "none") != "none":
         raise SpecError("<adapter>", f"'{directory}': bias={config['bias']!r} is not supported (only 'none')")
     weights, extras = _split_peft_keys(_read_tensors(directory / "adapter_model.safetensors", allow_nonfinite),

@@ -16,7 +16,10 @@ the projected D), and only template and input tokens take a gradient (the others
 happen in one run-time helper (`cpt_prompt`).
 
 Init: D = 0, so the tokens are the given tokens' embeddings (it changes the function: "none" check).
-A site trains v·hidden parameters. Merge is refused: nothing folds into a weight. Left out: CPT's loss
+A site trains v·hidden parameters. Merge is refused: nothing folds into a weight. PEFT's CPT is CAUSAL_LM only
+(CPTConfig refuses other task types: its method reads in-context examples and label tokens); surgeon's rewrite
+is the same on an encoder such as BERT, where at init it is prompt tuning of the tokens' rows, with no PEFT form
+to export to. Left out: CPT's loss
 (labels weighted per in-context example, with the input's own type mask, and decayed): it is a training
 objective over the logits and labels, not part of the forward; the module returns the logits (n + v
 positions) for any loss. PEFT saves only the prompt P (`prompt_embeddings`) and loads it as the prompt with

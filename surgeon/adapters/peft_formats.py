@@ -1861,12 +1861,13 @@ def _write_poly(kind, options, weights, site_options):
 # ---------------------------------------------------------------- prompt tuning
 
 def _decoder_prompt(config, what: str) -> tuple[int, int]:
-    """(num_virtual_tokens, token_dim) of a virtual-token config, refused unless it is PEFT's decoder form (one
-    transformer submodule, task_type CAUSAL_LM or none)."""
+    """(num_virtual_tokens, token_dim) of a virtual-token config, refused unless it is PEFT's one-stack form (one
+    transformer submodule, task_type CAUSAL_LM, FEATURE_EXTRACTION (an encoder such as BertModel) or none)."""
     if config.get("num_transformer_submodules", 1) != 1:
         raise _fail(f"{what} of an encoder-decoder (num_transformer_submodules=2) is not supported")
-    if config.get("task_type") not in (None, "CAUSAL_LM"):
-        raise _fail(f"{what} with task_type={config.get('task_type')!r}: surgeon follows PEFT's CAUSAL_LM path only")
+    if config.get("task_type") not in (None, "CAUSAL_LM", "FEATURE_EXTRACTION"):
+        raise _fail(f"{what} with task_type={config.get('task_type')!r}: surgeon follows PEFT's CAUSAL_LM and "
+                    "FEATURE_EXTRACTION paths only")
     _number(config, "num_virtual_tokens", "token_dim")
     return config["num_virtual_tokens"], config["token_dim"]
 

@@ -5,7 +5,8 @@ embedding module, e.g. `model.embed_tokens` or GPT-2's `transformer.wte`). The a
 `prompt_embeddings` (v x hidden), PEFT's name and layout; the graph puts them in front of the
 embedding's output and lengthens every sequence-derived size by v (surgeon.adapters.virtual_tokens:
 the mechanism, what it refuses, and why generate recomputes). The logits keep PEFT's shape: n + v
-positions, the virtual ones first.
+positions, the virtual ones first. On BERT (target `*.word_embeddings`) it is PEFT's SEQ_CLS form: the mask
+and the token types get v ones / zeros in front, and the pooler reads the first virtual token.
 
 Init (PEFT's prompt_tuning_init): "random", N(0, 1) as PEFT's nn.Embedding; "sample_vocab", the
 embedding rows of v ids drawn uniformly from the vocabulary. PEFT's TEXT init tokenizes a text,

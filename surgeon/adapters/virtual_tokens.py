@@ -12,14 +12,21 @@ kind from its parameters) the rewrite is
                                                         cache positions, causal masks, views)
     m'  = cat([ones(B, v), attention_mask], 1)          the graph input named attention_mask, if any
                                                         (after the fill of an optional one)
+    t'  = cat([zeros(B, v), token_type_ids], 1)         the graph input named token_type_ids, if any
+                                                        (BERT: the virtual tokens are of type 0)
 
 while the ids' own views before the lookup keep n (GPT-2 views the ids by the mask's length: that
 read is given sym_size(ids, -1) instead),
 so everything the model derives from the sequence length sees n + v, as it does when PEFT feeds
-inputs_embeds = [P | embed(ids)] and the longer mask (PeftModelForCausalLM.forward). The output
-keeps PEFT's shapes: logits for all n + v positions, the v virtual ones first. Each new node is
+inputs_embeds = [P | embed(ids)] and the longer mask (PeftModelForCausalLM.forward). A length read
+from the mask or the token types (export may take the shared length from any of them) is n + v as
+well, since those inputs are the longer ones. On an encoder (BERT) this is PEFT's SEQ_CLS path
+(PeftModelForSequenceClassification.forward): the longer mask, token types with v zeros in front,
+positions 0 .. n + v - 1 (the virtual tokens take the first ones), and the pooler reads position 0,
+the first virtual token. The output keeps PEFT's shapes: logits (hidden states) for all n + v
+positions, the v virtual ones first; a classifier's logits are per row. Each new node is
 stamped with the adapter and records what it stands in for (meta "surgeon_input_of"), so removing
-or deactivating the adapter puts E, n and the mask back (adapter_ops.detach).
+or deactivating the adapter puts E, n, the mask and the token types back (adapter_ops.detach).
 
 Refused, with the reason: a static sequence length (the sizes are constants in the graph's
 views), a graph input named position_ids (PEFT drops given positions for these kinds; a graph fed
@@ -47,6 +54,8 @@ from . import aten
 KINDS = ("prompt_tuning", "p_tuning", "multitask_prompt_tuning", "cpt")   # the kinds that lengthen the sequence (surgeon.generate reads it)
 _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
           aten.unsqueeze.default, aten.squeeze.dim, aten.clone.default, aten.to.dtype, aten.contiguous.default}
+# graph inputs that run along the sequence, and what goes in front of them for the virtual tokens
+PADDED_INPUTS = {"attention_mask": aten.new_ones.default, "token_type_ids": aten.new_zeros.default}
 
 
 def lengthening(ctx) -> list[str]:
@@ -124,15 +133,9 @@ def prepend(branch, table: fx.Node, prompt_of, v: int, per_row: bool = False) ->
         with graph.inserting_before(size.next):
             added = branch.op(operator.add, size, v)
         _takes_over(added, size, set(path) | {embedding})
-    mask = names.get("attention_mask")
-    if mask is not None:
-        filled = [u for u in mask.users if u.target is fill_input]   # an optional input: ones when not given
-        mask = filled[0] if len(filled) == 1 and len(mask.users) == 1 else mask
-        start = len(branch.created)
-        with graph.inserting_before(mask.next if mask.op != "placeholder" else _after_inputs(graph)):
-            ones = branch.op(aten.new_ones.default, mask, [_size(branch, mask, 0), v])
-            longer_mask = branch.op(aten.cat.default, [ones, mask], -1)
-        _takes_over(longer_mask, mask, set(branch.created[start:]))
+    for name, fill in PADDED_INPUTS.items():
+        if name in names:
+            _pad_front(branch, names[name], fill, v)
     # the ids' own views keep n where they took it from another input (GPT-2 views the ids by the mask's length)
     for node in path:
         for stale in [a for a in node.all_input_nodes if a.target is aten.sym_size.int and a.args[0] not in own
@@ -142,6 +145,19 @@ def prepend(branch, table: fx.Node, prompt_of, v: int, per_row: bool = False) ->
             length.meta["surgeon_input_of"] = stale.name
             node.replace_input_with(stale, length)
     return table
+
+
+def _pad_front(branch, placeholder: fx.Node, fill, v: int) -> None:
+    """cat([fill(B, v), input], -1) in place of the input (after the fill of an optional one, which takes the ids'
+    shape): the mask gets ones in front, the token types zeros, as PEFT pads them for the virtual tokens."""
+    graph, node = branch.graph, placeholder
+    filled = [u for u in node.users if u.target is fill_input]   # an optional input: filled when not given
+    node = filled[0] if len(filled) == 1 and len(node.users) == 1 else node
+    start = len(branch.created)
+    with graph.inserting_before(node.next if node.op != "placeholder" else _after_inputs(graph)):
+        front = branch.op(fill, node, [_size(branch, node, 0), v])
+        longer = branch.op(aten.cat.default, [front, node], -1)
+    _takes_over(longer, node, set(branch.created[start:]))
 
 
 def _after_inputs(graph: fx.Graph) -> fx.Node:

@@ -37,8 +37,8 @@ KIND_TARGETS = {"ln_tuning": {"llama": ("*.input_layernorm", "*.norm"), "gpt2": 
                 # kinds whose site is an attention call (SDPA): the attention modules
                 "prefix": {"llama": ("*.self_attn",), "gpt2": ("*.attn",), "bert": ("*.attention.self",)},
                 "adaption_prompt": {"llama": ("*.self_attn",)},
-                # virtual-token kinds: the input embedding table
-                **{k: {"llama": ("*.embed_tokens",), "gpt2": ("*.wte",)}
+                # virtual-token kinds: the input embedding table (BERT's word table, not its position or type tables)
+                **{k: {"llama": ("*.embed_tokens",), "gpt2": ("*.wte",), "bert": ("*.word_embeddings",)}
                    for k in ("prompt_tuning", "p_tuning", "multitask_prompt_tuning", "cpt")}}
 KIND_MODELS = {"adaption_prompt": ("llama",),   # PEFT's LLaMA-Adapter needs k_proj / v_proj / o_proj by name
                # virtual tokens serve causal LMs (PEFT's CAUSAL_LM form)
