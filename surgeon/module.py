@@ -52,6 +52,11 @@ class SurgeonModule(fx.GraphModule):
         inputs = self.meta.get("surgeon_inputs")
         if inputs is not None:
             args, kwargs = inputs.bind(args, kwargs), {}
+            serving = self.meta.get("surgeon_serving")
+            if serving is not None and args:   # virtual tokens in front need room in the model's positions
+                from .adapters.virtual_tokens import check_room
+
+                check_room(serving.ctx, inputs, args)
         grad = torch.is_grad_enabled()
         try:
             return nn.Module.__call__(self, *args, **kwargs)

@@ -48,6 +48,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from ..errors import InputError
 from ..inputs import fill_input
 from . import aten
 
@@ -62,6 +63,32 @@ def lengthening(ctx) -> list[str]:
     """The names of the context's active adapters that put virtual tokens in front of the input."""
     return [name for name, state in ctx.adapters.items()
             if state.spec.type in KINDS and state.status in ("inserted", "lowered", "quantized")]
+
+
+def virtual_count(state) -> int:
+    """How many virtual tokens an active adapter puts in front (CPT: one per token id it holds)."""
+    opts = state.sites[0].options if state.sites else state.spec.options
+    return len(opts["cpt_token_ids"]) if state.spec.type == "cpt" else opts["num_virtual_tokens"]
+
+
+def check_room(ctx, inputs, values: tuple) -> None:
+    """InputError, naming the adapters, when a call's sequence leaves no room for the virtual tokens in front
+    of it: the graph accepts lengths up to what the model limits (a position table), and with v virtual tokens
+    the model sees n + v positions, so n may be at most that limit - v. Nothing to check for a model whose
+    sequence length has no limit (rotary positions)."""
+    ids = inputs.names[0] if inputs.names else None
+    dims = inputs.shapes.get(ids) if ids is not None else None
+    if not dims or dims[-1].symbol is None or dims[-1].high is None or values[0] is None:
+        return
+    active = lengthening(ctx)
+    if not active:
+        return
+    v = sum(virtual_count(ctx.adapters[name]) for name in active)
+    length, limit = values[0].shape[-1], dims[-1].high
+    if length + v > limit:
+        raise InputError(f"input '{ids}' has {length} positions; with the {v} virtual tokens of "
+                         f"{', '.join(repr(a) for a in active)} in front the model would see {length + v}, more "
+                         f"than the {limit} it takes: give at most {limit - v}")
 
 
 def refuse_merge(kind: str) -> str:

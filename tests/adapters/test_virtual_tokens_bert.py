@@ -201,3 +201,18 @@ def test_seq_cls_checkpoint_is_refused_for_its_classifier(tmp_path):
     wrapped.save_pretrained(tmp_path)
     with pytest.raises(SpecError, match=r"modules_to_save \['classifier'.*the classifier head PEFT's SEQ_CLS"):
         surgeon.compile(model, args, {"adapters": [{"name": NAME, "from_peft": str(tmp_path), "targets": [TABLE]}]})
+
+
+def test_a_sequence_with_no_room_for_the_virtual_tokens_is_refused_naming_them():
+    """BERT's position table holds 32 positions; with 3 virtual tokens in front, 29 real ones fit and 30 do not:
+    refused before the graph runs, naming the adapter, instead of a size mismatch deep in the graph."""
+    model, args, kwargs = bert_classifier()
+    compiled = surgeon.compile(model, args, spec("prompt_tuning", targets=[TABLE], num_virtual_tokens=V), kwargs)
+    ids = torch.randint(0, 96, (2, 32 - V), generator=torch.Generator().manual_seed(4))
+    assert compiled.module(ids)[0].shape == (2, LABELS)
+    with pytest.raises(surgeon.InputError, match=rf"input 'input_ids' has 30 positions; with the 3 virtual tokens "
+                                                 rf"of '{NAME}' in front the model would see 33, more than the 32 "
+                                                 "it takes: give at most 29"):
+        compiled.module(torch.cat([ids, ids[:, :1]], 1))
+    compiled.apply([{"remove": {"adapters": [NAME]}}])    # no virtual tokens: the whole table again
+    assert compiled.module(torch.cat([ids, ids[:, :1], ids[:, :2]], 1))[0].shape == (2, LABELS)
