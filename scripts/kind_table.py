@@ -20,6 +20,9 @@ sys.path.insert(0, str(ROOT))
 
 from surgeon.adapters import kinds  # noqa: E402
 from surgeon.adapters.peft_formats import BY_KIND  # noqa: E402
+from surgeon.adapters.xlora_peft import PEFT_TYPE as XLORA_TYPE  # noqa: E402
+
+OWN_LAYOUTS = {"xlora": XLORA_TYPE}   # kinds whose PEFT folders have a reader of their own, not a PeftFormat
 
 START, END = "<!-- kind-table: made by scripts/kind_table.py -->", "<!-- kind-table end -->"
 HEADER = ("| kind | PEFT type | attaches to | parameters per layer | mergeable | PEFT import / export | tested in |\n"
@@ -58,7 +61,8 @@ def table() -> str:
             raise SystemExit(f"kind_table: docs/adapters.md has no row for the kind '{name}'")
         peft = BY_KIND.get(name)
         test = cells[5].split(",")[0].strip()
-        lines.append(f"| `{name}` | {peft.peft_type if peft else '-'} | {_attaches(kind)} | {_short(cells[2])} | "
+        peft_type = peft.peft_type if peft else OWN_LAYOUTS.get(name, "-")
+        lines.append(f"| `{name}` | {peft_type} | {_attaches(kind)} | {_short(cells[2])} | "
                      f"{_short(cells[3])} | {_short(cells[4])} | {test} |")
     return "\n".join(lines)
 

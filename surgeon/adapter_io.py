@@ -183,6 +183,12 @@ def load_peft_dir(directory: Path, allow_nonfinite: bool = False) -> LoadedAdapt
     if not directory.is_dir():
         raise SpecError("<adapter>", f"PEFT folder '{directory}' does not exist")
     config = _read_json(directory / "adapter_config.json")
+    if config.get("peft_type") == "XLORA":   # LoRA expert subfolders and a classifier: its own layout
+        from .adapters.xlora_peft import read_xlora_dir
+
+        flat = _read_tensors(directory / "adapter_model.safetensors", allow_nonfinite)
+        return LoadedAdapter(*read_xlora_dir(directory, config, flat,
+                                             lambda lora: load_peft_dir(lora, allow_nonfinite)))
     fmt = BY_PEFT_TYPE.get(config.get("peft_type"))
     if fmt is None:
         raise SpecError("<adapter>", f"'{directory}': peft_type {config.get('peft_type')!r} is not supported; "
@@ -253,6 +259,10 @@ def save_peft_dir(directory: Path, options: dict, weights: dict[str, dict[str, t
     from .adapters.mosa import is_mosa
     from .adapters.peft_formats import BY_KIND
 
+    if kind == "xlora":   # LoRA expert subfolders and a classifier: its own layout
+        from .adapters.xlora_peft import write_xlora_dir
+
+        return write_xlora_dir(Path(directory), options, weights, site_options or {}, transposed_paths, save_peft_dir)
     fmt = BY_KIND.get(kind)
     if fmt is None:
         raise SpecError("<adapter>", f"PEFT has no format for a {kind!r} adapter; exportable: {sorted(BY_KIND)}")

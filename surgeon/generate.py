@@ -68,6 +68,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .adapters.virtual_tokens import lengthening
+from .adapters.xlora import recomputing
 from .capture import capture
 from .errors import InputError, SurgeonError
 from .graph import first_device, placement
@@ -315,8 +316,9 @@ class Generator:
             if start is not None:
                 run = _EncoderDecoderRun(module, ids, mask, start, settings.pad, names)
             else:
-                if self.mode == "cache" and use_cache and lengthening(self.ctx):
-                    use_cache = False   # virtual tokens lengthen the sequence: surgeon.adapters.virtual_tokens
+                if self.mode == "cache" and use_cache and (lengthening(self.ctx) or recomputing(self.ctx)):
+                    use_cache = False   # virtual tokens lengthen the sequence (surgeon.adapters.virtual_tokens);
+                    #                     X-LoRA's scaling pass reads the whole sequence (surgeon.adapters.xlora)
                 if self.mode == "cache" and use_cache:
                     self._ready(module)   # falls back to recompute (mode) when the graphs cannot serve
                 if self.mode == "cache" and use_cache:

@@ -372,7 +372,7 @@ def kinds() -> dict[str, AdapterKind]:
     """The adapter kinds by spec `type` name (an explicit table; nothing registers at import)."""
     from . import (adalora, adamss, adaption_prompt, beft, boft, bottleneck, c3a, cpt, delora, deft, delta, dora, ether, fourierft, glora, gralora, hira, lily, hra, hydra, ia3, ln_tuning, loha,
                    lokr, lora, lora_xs, lori, miss, multitask_prompt_tuning, oft, osf, parallel_adapter, peanut, poly, prefix, p_tuning, prompt_tuning, psoft, pvera, randlora, road, rosa, s2ft,
-                   shira, supertuning, trainable_tokens, tinylora, unilora, vblora, vera, waveft, frod)
+                   shira, supertuning, trainable_tokens, tinylora, unilora, vblora, vera, waveft, frod, xlora)
 
     table = [lora.LORA, delta.DELTA, dora.DORA, ia3.IA3, loha.LOHA, lokr.LOKR, vera.VERA, lora_xs.LORA_XS,
              oft.OFT, boft.BOFT, hra.HRA, shira.SHIRA, parallel_adapter.PARALLEL_ADAPTER, bottleneck.BOTTLENECK,
@@ -381,5 +381,5 @@ def kinds() -> dict[str, AdapterKind]:
              delora.DELORA, adalora.ADALORA, peanut.PEANUT, glora.GLORA, lily.LILY, gralora.GRALORA, c3a.C3A, pvera.PVERA, psoft.PSOFT, deft.DEFT, osf.OSF, supertuning.SUPERTUNING, beft.BEFT, adamss.ADAMSS,
              ln_tuning.LN_TUNING, trainable_tokens.TRAINABLE_TOKENS,
              prompt_tuning.PROMPT_TUNING, p_tuning.P_TUNING, multitask_prompt_tuning.MULTITASK_PROMPT_TUNING, cpt.CPT, adaption_prompt.ADAPTION_PROMPT,
-             vblora.VBLORA, tinylora.TINYLORA, unilora.UNILORA, poly.POLY]
+             vblora.VBLORA, tinylora.TINYLORA, unilora.UNILORA, poly.POLY, xlora.XLORA]
     return {kind.name: kind for kind in table}

@@ -29,7 +29,7 @@ class Activate:
         ctx.select(self.adapters or None, ("inserted", "inactive"), acting=self.name)   # none to switch: an error
         for state in ctx.select(None, ("inserted",)):
             if state.spec.name not in wanted:
-                for site in state.sites:
+                for site in reversed(state.sites):   # the first site may own nodes later ones read
                     site.parked = detach(gm, site)
                 state.status = "inactive"
                 result.matches += 1

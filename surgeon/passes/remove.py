@@ -22,7 +22,7 @@ class Remove:
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
         result = PassResult()
         for state in ctx.select(self.adapters, ("inserted",), acting=self.name):
-            for site in state.sites:
+            for site in reversed(state.sites):   # a first site may own nodes later ones read (X-LoRA)
                 detach(gm, site)
                 result.matches += 1
             state.status = "removed"

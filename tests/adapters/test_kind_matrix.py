@@ -41,8 +41,10 @@ KIND_TARGETS = {"ln_tuning": {"llama": ("*.input_layernorm", "*.norm"), "gpt2": 
                 **{k: {"llama": ("*.embed_tokens",), "gpt2": ("*.wte",), "bert": ("*.word_embeddings",)}
                    for k in ("prompt_tuning", "p_tuning", "multitask_prompt_tuning", "cpt")}}
 KIND_MODELS = {"adaption_prompt": ("llama",),   # PEFT's LLaMA-Adapter needs k_proj / v_proj / o_proj by name
-               # virtual tokens serve causal LMs (PEFT's CAUSAL_LM form)
-               **{k: ("llama", "gpt2") for k in ("prompt_tuning", "p_tuning", "multitask_prompt_tuning", "cpt")}}
+               # virtual tokens: causal LMs (PEFT's CAUSAL_LM form) and BERT (its SEQ_CLS form); CPT only on causal LMs,
+               # as PEFT's CPTConfig (CAUSAL_LM only: CPT learns from in-context examples with label tokens)
+               **{k: ("llama", "gpt2", "bert") for k in ("prompt_tuning", "p_tuning", "multitask_prompt_tuning")},
+               "cpt": ("llama", "gpt2")}
 
 
 def _attention_shape(config) -> tuple[int, int, int]:
@@ -117,6 +119,7 @@ FORMULAS = {
     "adamss": lambda o, i, n: min(o["num_subspaces"], n) * min(o["rank"], n, i) + n,
     # n_skills LoRA pairs (cut into n_splits heads) and the routing logits, n_tasks x n_splits n_skills
     "poly": lambda o, i, n: o["n_skills"] * o["rank"] * (i + n) + o["n_tasks"] * o["n_splits"] * o["n_skills"],
+    "xlora": lambda o, i, n: 0,   # the experts are frozen (PEFT's default): only the classifier trains
     # part one's kinds beside LoRA: orthogonal blocks of b (b (b - 1) / 2 skew entries each; BOFT: f factors of
     # full b x b blocks and an output scale), Householder vectors, full deltas, VeRA's scales, ...
     "oft": lambda o, i, n: (i // o["block_size"]) * o["block_size"] * (o["block_size"] - 1) // 2,
@@ -144,6 +147,8 @@ SHARED_ONCE = {
     "vblora": lambda o, sites: o["num_vectors"] * o["vector_length"],
     "tinylora": lambda o, sites: o["u"] * max(1, round(sites * (1 - o["weight_tying"]))),
     "unilora": lambda o, sites: o["theta_length"],
+    # X-LoRA's classifier, hidden -> xlora_size -> n_experts (depth 2), each layer with a bias
+    "xlora": lambda o, sites: o["hidden"] * o["xlora_size"] + o["xlora_size"] * (1 + o["n_experts"]) + o["n_experts"],
 }
 OPTIONS = {"lora": {"rank": 4, "alpha": 8}, "loha": {"rank": 2}, "lokr": {"rank": 2}, "ia3": {},
            "dora": {"rank": 4}, "bottleneck": {"rank": 4}, "ether": {"blocks": 2}, "ether_plus": {"blocks": 2},
@@ -166,7 +171,8 @@ OPTIONS = {"lora": {"rank": 4, "alpha": 8}, "loha": {"rank": 2}, "lokr": {"rank"
            "multitask_prompt_tuning": {"num_virtual_tokens": 3, "num_tasks": 1, "num_ranks": 2},
            "cpt": {"cpt_token_ids": [5, 9, 17, 3], "cpt_tokens_type_mask": [1, 2, 3, 1]},
            # a fixed task: it runs without task_ids and merges (routing: rows is refused: test_poly)
-           "poly": {"rank": 4, "n_tasks": 2, "n_skills": 2, "n_splits": 2, "routing": "task", "task_id": 1}}
+           "poly": {"rank": 4, "n_tasks": 2, "n_skills": 2, "n_splits": 2, "routing": "task", "task_id": 1},
+           "xlora": {"n_experts": 2, "rank": 2, "xlora_depth": 2, "xlora_size": 8}}
 
 
 @dataclass(frozen=True)
@@ -224,7 +230,8 @@ def _param_count(compiled, model, case):
         return
     fans = _fans(model, targets)
     expected = sum(FORMULAS[case.kind](state.spec.options, i, n) for i, n in fans)
-    expected += SHARED_ONCE.get(case.kind, lambda o, sites: 0)(state.spec.options, len(fans))
+    hidden = _attention_shape(model.config)[0] if hasattr(model, "config") else None   # X-LoRA's classifier input
+    expected += SHARED_ONCE.get(case.kind, lambda o, sites: 0)({**state.spec.options, "hidden": hidden}, len(fans))
     assert state.param_count == expected
     assert sum(p.numel() for p in compiled.module.parameters() if p.requires_grad) == expected
 

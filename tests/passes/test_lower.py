@@ -262,6 +262,8 @@ KIND_REGIONS = {
     "supertuning": ({"sparsity": 0.95}, None), "beft": ({}, None), "adamss": ({"rank": 4, "num_subspaces": 2}, None),
     "ln_tuning": ({}, None), "trainable_tokens": ({"token_indices": [1, 5]}, None),
     "poly": ({"rank": 4, "n_skills": 2, "n_splits": 2}, None),
+    # experts mixed per token by scalings from its scaling pass: no fused region, its nodes run eagerly
+    "xlora": ({"rank": 4, "n_experts": 2, "xlora_depth": 2, "xlora_size": 16}, None),
 }
 # kinds whose sites are not the linear projections
 KIND_TARGETS = {"prefix": ["*.self_attn"], "adaption_prompt": ["*.self_attn"], "ln_tuning": ["*.input_layernorm"], "trainable_tokens": ["*.embed_tokens"], "prompt_tuning": ["*.embed_tokens"], "p_tuning": ["*.embed_tokens"], "multitask_prompt_tuning": ["*.embed_tokens"], "cpt": ["*.embed_tokens"]}
