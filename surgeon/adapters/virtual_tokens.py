@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import operator
 
-import torch
 import torch.fx as fx
 
 from ..errors import InputError
