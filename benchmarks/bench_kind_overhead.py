@@ -5,32 +5,44 @@
 
 The model: transformers' LlamaForCausalLM from a LlamaConfig with random weights (default 4 layers,
 hidden 512, intermediate 1376, 8 heads, 4 key/value heads, vocab 2000), fp32 on the CPU, no grad.
-Every kind of surgeon.adapters.kinds() that attaches to linear sites is inserted on all seven
-projections (q, k, v, o, gate, up, down) with its default options, except rank 16 where the kind
-has a `rank` (less where its rank_limit says a site takes less; not in DEFAULT_RANK) and the shape
-options of FITS and AT_MOST (the kind's own checks: the largest value up to its default that fits); its
-trainable parameters get seeded noise added, so no branch multiplies by a zero factor. Left out,
-each with its reason in the output: `delta`, `s2ft`, `prefix` (SKIPPED) and any kind whose site
-ops do not include aten.linear.
+Every kind of surgeon.adapters.kinds() gets a row, set up by surgeon.bench.kind_setups: a kind that
+attaches to linear sites is inserted on all seven projections (q, k, v, o, gate, up, down) with its
+default options, except rank 16 where the kind has a `rank` (less where a site takes less) and the shape
+options its own checks need (the largest value up to its default that fits every site). Its SETUPS give
+the others their natural sites and what they need (the table's `sites` column says which): ln_tuning on
+every RMSNorm, trainable_tokens on 8 rows of embed_tokens, prefix and adaption_prompt on every self_attn
+(its SDPA call), the virtual-token kinds (prompt_tuning, p_tuning, multitask_prompt_tuning, cpt: 8 tokens)
+on embed_tokens, poly routed by a task id given with each call, s2ft on down_proj after `co-permute`,
+delta (a full in x out update per site) on the projections. Every kind's trainable parameters get seeded
+noise added, so no branch multiplies by a zero factor. A kind with neither linear sites nor a SETUPS
+entry is listed as skipped, with its reason.
 
-What runs is what surgeon's `generate` runs: the compiled module's prefill and one-token decode
-graphs (`Compiled.generator`), called directly over a preallocated KV cache of prompt + 1 positions:
+What runs is what surgeon's `generate` runs, found by a short generate first:
+
+  cache      the compiled module's prefill and one-token decode graphs (`Compiled.generator`), called
+             directly over a preallocated KV cache of prompt + 1 positions
+  recompute  where generate takes no KV cache (virtual tokens lengthen the sequence; or the cache graphs
+             do not reproduce the module: the list under the table says why): the compiled module itself on the
+             whole sequence, its last position's logits, as surgeon.generate's recompute run calls it
 
   prefill  batch 1, the prompt's tokens, the last position's logits
-  decode   one token after the prompt, over the cache that prefill filled (each call writes the
-           same cache position, so every call does the same work)
+  decode   one token after the prompt: cache, over the cache that prefill filled (each call writes the
+           same cache position, so every call does the same work); recompute, the module on prompt + 1
 
 The baseline `eager base` is the untouched transformers model running the forward those graphs are
-captured from (surgeon.generate's cache wrapper) on the same inputs; the row `(no adapter)` is
-surgeon's graphs with no adapter inserted (the captured graph's own cost, for reading a kind's row
-against it). Every variant runs once per round, round-robin; a figure is the median over rounds of
-its time / the eager base's in the same round (surgeon.bench.harness.interleaved). A kind that fails
-to compile or run gets a row with its error's first line; the others still run.
+captured from (surgeon.generate's cache wrapper) on the same inputs, so a recompute row's decode is its
+whole-sequence step against the base's cached one: what a user pays per token. The row `(no adapter)`
+is surgeon's graphs with no adapter inserted (the captured graph's own cost, for reading a kind's row
+against it). Every variant runs once per round, round-robin; a figure is the median over rounds of its
+time / the eager base's in the same round (surgeon.bench.harness.interleaved). A kind that fails to
+compile or run gets a row with its error's first line; the others still run. The output's header has
+the machine's load average before and after (os.getloadavg: 1, 5, 15 minutes).
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import statistics
 import sys
@@ -44,39 +56,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from surgeon.bench.harness import interleaved  # noqa: E402
-from surgeon.bench.models import TARGETS  # noqa: E402
+from surgeon.bench.kind_setups import (DEFAULT_RANK, PROJECTIONS, SETUPS, Setup, fitted_options,  # noqa: E402
+                                       site_dims, skip_reason)
 
-RANK = 16
 DECODE_CALLS, PREFILL_CALLS = 10, 2      # calls per variant per round (a decode step is the shorter)
 NOISE = 0.02                              # scale of the seeded noise added to every trainable parameter
 BASE, NONE = "eager base", "(no adapter)"
-
-# kinds this table leaves out, with the reason printed
-SKIPPED = {
-    "delta": "a full dense update per site (in x out parameters, the base weight's size): an intermediate "
-             "form of `combine`, merged or re-factorized before use",
-    "s2ft": "its columns come from a co-permute record (run `co-permute` first): benchmarks/bench_s2ft.py",
-    "prefix": "attaches to the attention call (sdpa), not to linear projections",
-}
-
-# the shape options a kind checks against every site (its own checks in surgeon/adapters/<kind>.py):
-# option -> the sizes it must divide ("in", "out", "rank": the rank used here) and "even" where it must
-# be even; the largest value up to the kind's default that passes on every site is used
-FITS = {
-    "oft": {"block_size": ("in",)},
-    "boft": {"block_size": ("in",)},                 # with butterfly_factor 1, its default
-    "c3a": {"block_size": ("in", "out")},
-    "road": {"group_size": ("out", "even")},
-    "gralora": {"blocks": ("in", "out", "rank")},
-    "ether": {"blocks": ("in", "out")},
-    "ether_plus": {"blocks": ("in", "out")},
-    "vblora": {"vector_length": ("in", "out")},
-}
-# option -> at most this many on a site of (in, out): the least over the sites, where the default is more
-AT_MOST = {"fourierft": {"frequencies": lambda fan_in, fan_out: fan_in * fan_out},
-           "waveft": {"frequencies": lambda fan_in, fan_out: fan_in * fan_out}}
-# kinds that keep their default rank, and why
-DEFAULT_RANK = {"supertuning": "a rank adds a LoRA part (Supra); its default, Super, is measured"}
 
 
 def build(layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int, vocab: int, seed: int = 0):
@@ -88,49 +73,6 @@ def build(layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                          max_position_embeddings=4096)
     return LlamaForCausalLM(config).eval()
-
-
-def site_dims(model) -> list[tuple[int, int]]:
-    """(in, out) of every distinct linear site the targets name."""
-    from surgeon.rules import path_matches
-
-    return sorted({(m.in_features, m.out_features) for path, m in model.named_modules()
-                   if isinstance(m, torch.nn.Linear) and any(path_matches(path, t) for t in TARGETS)})
-
-
-def skip_reason(kind) -> str:
-    """Why this table leaves `kind` out, or ""."""
-    if kind.name in SKIPPED:
-        return SKIPPED[kind.name]
-    if "linear" not in kind.site_ops:
-        return f"its site ops ({', '.join(kind.site_ops)}) do not include aten.linear"
-    return ""
-
-
-def _fits(value: int, needs: tuple[str, ...], dims: list[tuple[int, int]], rank: int | None) -> bool:
-    """Whether `value` divides every size `needs` names on every site (and is even where it says so)."""
-    sizes = [fan_in for fan_in, _ in dims] * ("in" in needs) + [fan_out for _, fan_out in dims] * ("out" in needs)
-    sizes += [rank] if "rank" in needs and rank else []
-    return all(s % value == 0 for s in sizes) and not ("even" in needs and value % 2)
-
-
-def fitted_options(kind, dims: list[tuple[int, int]]) -> dict:
-    """The options set for `kind` on sites of `dims` that differ from its defaults (see FITS, AT_MOST)."""
-    defaults = {name: option.default for name, option in kind.options.items()}
-    chosen = {"rank": RANK} if "rank" in defaults and kind.name not in DEFAULT_RANK else {}
-    if chosen:
-        limits = [limit[0] for fan_in, fan_out in dims
-                  if (limit := kind.rank_limit({**defaults, **chosen}, fan_in, fan_out)) is not None]
-        chosen["rank"] = min([RANK, *limits])
-    for option, needs in FITS.get(kind.name, {}).items():
-        default = defaults.get(option)
-        if isinstance(default, int) and default > 0:
-            value = next((v for v in range(default, 0, -1) if _fits(v, needs, dims, chosen.get("rank"))), default)
-            chosen[option] = value
-    for option, bound in AT_MOST.get(kind.name, {}).items():
-        if isinstance(defaults.get(option), int):
-            chosen[option] = min([defaults[option], *(bound(fan_in, fan_out) for fan_in, fan_out in dims)])
-    return {name: value for name, value in chosen.items() if value != defaults.get(name)}
 
 
 def first_line(error: BaseException) -> str:
@@ -163,11 +105,44 @@ def _logits(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def compile_noisy(model, ids: torch.Tensor, adapters: list[dict]):
-    """(Compiled, trainable parameters): `adapters` inserted, their trainable parameters given seeded noise."""
+class Recompute:
+    """generate's recompute path (surgeon.generate's recompute run, one row, no padding): the compiled module on
+    the whole sequence, its last position's logits; prefill on the prompt, decode on prompt + 1 token."""
+
+    def __init__(self, module, ids: torch.Tensor):
+        from surgeon.generate import _RecomputeRun
+
+        module.eval()                          # as generate runs it
+        longer = torch.cat([ids, ids[:, -1:]], dim=1)
+        self.prefill = _RecomputeRun(module, ids, torch.ones_like(ids)).start
+        self.decode = _RecomputeRun(module, longer, torch.ones_like(longer)).start
+
+
+class Routed:
+    """A variant's steps with the task ids held for each call, as `generate(..., task_ids=...)` holds them."""
+
+    def __init__(self, steps, task_ids: tuple[int, ...]):
+        self.steps, self.task_ids = steps, list(task_ids)
+
+    def prefill(self) -> torch.Tensor:
+        from surgeon.routing import given
+
+        with given(self.task_ids):
+            return self.steps.prefill()
+
+    def decode(self) -> torch.Tensor:
+        from surgeon.routing import given
+
+        with given(self.task_ids):
+            return self.steps.decode()
+
+
+def compile_noisy(model, ids: torch.Tensor, adapters: list[dict], before: tuple = ()):
+    """(Compiled, trainable parameters): `adapters` inserted (after the passes `before`), their trainable
+    parameters given seeded noise."""
     import surgeon
 
-    spec = {"adapters": adapters, "pipeline": ["insert"] if adapters else []}
+    spec = {"adapters": adapters, "pipeline": [*before, "insert"] if adapters else []}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         compiled = surgeon.compile(model, (ids[:, :8],), spec, {"use_cache": False}, verify=False)
@@ -179,18 +154,31 @@ def compile_noisy(model, ids: torch.Tensor, adapters: list[dict]):
     return compiled, sum(p.numel() for p in trainable)
 
 
-def graph_steps(compiled, ids: torch.Tensor) -> tuple[Steps, object]:
-    """(steps over the compiled module's generation graphs, its generator): built by a short generate, which
-    checks them against the compiled module's own forward."""
-    with warnings.catch_warnings(record=True):   # a fall back to recompute warns: its note is the error below
+def generation_steps(compiled, ids: torch.Tensor, task_ids: tuple[int, ...] | None = None):
+    """(steps, generator, why recompute or ""): the path a short generate took (which checks the cache graphs
+    against the compiled module's own forward), over the prompt `ids`."""
+    from surgeon.adapters.virtual_tokens import lengthening
+    from surgeon.adapters.xlora import recomputing
+    from surgeon.routing import given
+
+    with warnings.catch_warnings(record=True), given(task_ids):   # a fall back to recompute warns: its note
         compiled.generate(ids[:, :8], max_new_tokens=2, do_sample=False, pad_token_id=0)
     generator = compiled.generator
-    if generator is None or generator.mode != "cache" or not generator.graphs:
+    if generator is None or generator.mode not in ("cache", "recompute"):
         raise RuntimeError(getattr(generator, "notes", ["no generator"])[-1])
-    graphs = generator.graphs
-    steps = Steps(lambda *a: _logits(graphs["prefill"].gm(*a)), lambda *a: _logits(graphs["decode"].gm(*a)),
-                  generator.layout, ids)
-    return steps, generator
+    if lengthening(generator.ctx):
+        why = "virtual tokens lengthen the sequence, so generate keeps no KV cache"
+    elif recomputing(generator.ctx):
+        why = "X-LoRA's scaling pass reads the whole sequence, so generate keeps no KV cache"
+    elif generator.mode == "cache" and generator.graphs:
+        graphs = generator.graphs
+        steps = Steps(lambda *a: _logits(graphs["prefill"].gm(*a)), lambda *a: _logits(graphs["decode"].gm(*a)),
+                      generator.layout, ids)
+        return (steps if task_ids is None else Routed(steps, task_ids)), generator, ""
+    else:   # generate fell back: its last note says why
+        why = generator.notes[-1] if generator.mode == "recompute" else "generate built no KV-cache graphs"
+    steps = Recompute(compiled.module, ids)
+    return (steps if task_ids is None else Routed(steps, task_ids)), generator, why
 
 
 def eager_steps(model, ids: torch.Tensor, layout, cache_arg: str, keep_logits: bool) -> Steps:
@@ -201,38 +189,47 @@ def eager_steps(model, ids: torch.Tensor, layout, cache_arg: str, keep_logits: b
     return Steps(prefill, decode, layout, ids)
 
 
-def prepare(model, ids: torch.Tensor, names: list[str], log=print) -> tuple[dict, list[dict]]:
-    """({variant: Steps}, rows): the eager base, (no adapter) and every kind that compiles and runs;
-    rows in order, a failed kind's with its error."""
+def kind_row(model, ids: torch.Tensor, name: str, dims: list[tuple[int, int]], log=print) -> tuple[dict, object]:
+    """(its row, its steps or None where it failed: the row says why) for one kind."""
     from surgeon.adapters import kinds
 
-    found, dims = kinds(), site_dims(model)
-    graphs_only, generator = graph_steps(compile_noisy(model, ids, [])[0], ids)
+    setup = SETUPS.get(name, Setup(PROJECTIONS))
+    options = {**setup.options, **fitted_options(kinds()[name], dims)}
+    row = {"kind": name, "sites": setup.sites, "options": ", ".join(f"{k}={v}" for k, v in options.items())}
+    log(f"  {name} ({row['options'] or 'defaults'}) ...", flush=True)
+    adapter = {"name": "a", "type": name, "targets": list(setup.targets), **options}
+    stage = "compile"
+    try:
+        compiled, row["params"] = compile_noisy(model, ids, [adapter], setup.before)
+        stage = "generate with it"
+        steps, _, row["recompute"] = generation_steps(compiled, ids, setup.task_ids)
+        stage = "run"
+        with torch.no_grad():
+            logits = steps.prefill()
+            steps.decode()
+        if not bool(torch.isfinite(logits).all()):
+            row["note"] = "non-finite logits"
+    except Exception as error:  # noqa: BLE001 - the row says why, the other kinds still run
+        row["error"] = f"failed to {stage}: {first_line(error)}"
+        return row, None
+    return row, steps
+
+
+def prepare(model, ids: torch.Tensor, names: list[str], log=print) -> tuple[dict, list[dict]]:
+    """({variant: steps}, rows): the eager base, (no adapter) and every kind that compiles and runs;
+    rows in order, a failed kind's with its error."""
+    dims = site_dims(model)
+    graphs_only, generator, why = generation_steps(compile_noisy(model, ids, [])[0], ids)
+    if why:
+        raise RuntimeError(f"the model with no adapter does not generate over a KV cache: {why}")
     base = eager_steps(model, ids, generator.layout, generator.cache_arg, generator.keep_logits)
     variants = {BASE: base, NONE: graphs_only}
-    rows = [{"kind": BASE, "params": 0, "options": ""}, {"kind": NONE, "params": 0, "options": ""}]
+    rows = [{"kind": name, "sites": "", "params": 0, "options": ""} for name in (BASE, NONE)]
     for name in names:
-        kind = found[name]
-        options = fitted_options(kind, dims)
-        row = {"kind": name, "options": ", ".join(f"{k}={v}" for k, v in options.items())}
+        row, steps = kind_row(model, ids, name, dims, log)
         rows.append(row)
-        log(f"  {name} ({row['options'] or 'defaults'}) ...", flush=True)
-        adapter = {"name": "a", "type": name, "targets": TARGETS, **options}
-        stage = "compile"
-        try:
-            compiled, row["params"] = compile_noisy(model, ids, [adapter])
-            stage = "build its KV-cache graphs"
-            steps, _ = graph_steps(compiled, ids)
-            stage = "run"
-            with torch.no_grad():
-                logits = steps.prefill()
-                steps.decode()
-            if not bool(torch.isfinite(logits).all()):
-                row["note"] = "non-finite logits"
-        except Exception as error:  # noqa: BLE001 - the row says why, the other kinds still run
-            row["error"] = f"failed to {stage}: {first_line(error)}"
-            continue
-        variants[name] = steps
+        if steps is not None:
+            variants[name] = steps
     return variants, rows
 
 
@@ -261,18 +258,26 @@ def measure(variants: dict[str, Steps], rounds: int) -> tuple[dict, dict]:
 
 
 def table(rows: list[dict], decode: dict, prefill: dict) -> list[str]:
-    """Markdown lines: kind | decode ratio | prefill ratio | trainable params | options set."""
-    lines = ["| kind | decode ratio | prefill ratio | trainable params | options set |",
-             "| --- | --- | --- | --- | --- |"]
+    """Markdown lines: kind | sites | decode ratio | prefill ratio | trainable params | options set; then why
+    each recompute row recomputes."""
+    lines = ["| kind | sites | decode ratio | prefill ratio | trainable params | options set |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    recomputed = []
     for row in rows:
-        name = row["kind"]
+        name, params = row["kind"], f"{row['params']:,}" if "params" in row else ""
         if "error" in row:
-            params = f"{row['params']:,}" if "params" in row else ""
-            lines.append(f"| {name} | {row['error'].replace('|', '/')} | | {params} | {row['options']} |")
+            lines.append(f"| {name} | {row['sites']} | {row['error'].replace('|', '/')} | | {params} | "
+                         f"{row['options']} |")
             continue
         note = f" ({row['note']})" if row.get("note") else ""
-        lines.append(f"| {name} | {decode[name]:.2f}x | {prefill[name]:.2f}x{note} | {row['params']:,} | "
-                     f"{row['options']} |")
+        path = " (recompute: prompt + 1)" if row.get("recompute") else ""
+        recomputed += [f"- {name}: {row['recompute'].replace('|', '/')}"] if row.get("recompute") else []
+        lines.append(f"| {name} | {row['sites']} | {decode[name]:.2f}x{path} | {prefill[name]:.2f}x{note} | "
+                     f"{params} | {row['options']} |")
+    if recomputed:
+        lines += ["", "recompute: generate runs the compiled module on the whole sequence for each new token (no "
+                  "KV cache); its decode is that step on prompt + 1 tokens, against the eager base's cached "
+                  "decode step:", *recomputed]
     return lines
 
 
@@ -300,9 +305,14 @@ def header(ns: argparse.Namespace) -> list[str]:
     where = f"CPU ({platform.processor() or platform.machine()}), {ns.threads} thread{'s' * (ns.threads > 1)}"
     return [f"{where}, torch {torch.__version__}, fp32; LLaMA-shaped: {ns.layers} layers, hidden {ns.hidden}, "
             f"intermediate {ns.intermediate}, {ns.heads}/{ns.kv_heads} heads, vocab {ns.vocab}; each kind unmerged "
-            "on all 7 projections",
-            f"decode: 1 token after a {ns.prompt}-token prompt (KV cache); prefill: 1 x {ns.prompt}; "
-            f"median over {ns.rounds} interleaved rounds of time / the eager base's"]
+            "on its sites (the sites column)",
+            f"decode: 1 token after a {ns.prompt}-token prompt (KV cache, or recompute where the row says); "
+            f"prefill: 1 x {ns.prompt}; median over {ns.rounds} interleaved rounds of time / the eager base's"]
+
+
+def load() -> str:
+    """The machine's load average (1, 5, 15 minutes)."""
+    return ", ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -318,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     model = build(ns.layers, ns.hidden, ns.intermediate, ns.heads, ns.kv_heads, ns.vocab)
     ids = torch.randint(3, ns.vocab, (1, ns.prompt), generator=torch.Generator().manual_seed(0))
     print("\n".join(header(ns)), flush=True)
+    before = load()
     threads = torch.get_num_threads()
     torch.set_num_threads(ns.threads)
     try:
@@ -327,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         decode_ms, prefill_ms = base_ms(variants[BASE])
     finally:
         torch.set_num_threads(threads)     # a caller's setting (a test run) is left as it was
-    lines = [f"eager base: decode {decode_ms:.2f} ms, prefill {prefill_ms:.2f} ms", ""] + table(rows, decode, prefill)
+    lines = [f"load average (1, 5, 15 min): {before} before, {load()} after",
+             f"eager base: decode {decode_ms:.2f} ms, prefill {prefill_ms:.2f} ms", ""] + table(rows, decode, prefill)
     kept = [f"- {name}: {why}" for name, why in DEFAULT_RANK.items() if name in asked and name not in skipped]
     lines += ["", "default rank kept:", *kept] if kept else []
     lines += ["", "skipped:", *(f"- {name}: {why}" for name, why in skipped.items())] if skipped else []
