@@ -77,9 +77,9 @@ def refusal(state) -> str:
         return f"it is {status}, not inserted"
     halves = _HALVES.get(spec.type)
     if halves is None:
-        routed = f" ({spec.kind.refusal(spec.options)})" if spec.type == "xlora" else ""   # per-token routing
-        return (f"a '{spec.type}' adapter is not a per-row low-rank update or scale{routed}; mixed batches take "
-                f"{', '.join(sorted(_HALVES))}")
+        why = spec.kind.refusal(spec.options)   # a kind no weight holds says why (X-LoRA's per-token routing)
+        return (f"a '{spec.type}' adapter is not a per-row low-rank update or scale{f' ({why})' if why else ''}; "
+                f"mixed batches take {', '.join(sorted(_HALVES))}")
     for site in state.sites:
         if site.op not in _SITE_OPS:
             return f"it sits on a {site.op} op at '{site.path}'; mixed batches take linear and GPT-2 Conv1D sites"
@@ -299,8 +299,9 @@ class MixedSite(nn.Module):
             return index
         return None
 
-    def _gather(self, plan: RowPlan, index: torch.Tensor, x: torch.Tensor) -> tuple[SiteBank, torch.Tensor | None]:
-        """The bank and each row's factors (A' then B', one gather), or None where the site has no low-rank route.
+    def _gather(self, plan: RowPlan, index: torch.Tensor, x: torch.Tensor) -> tuple:
+        """(the bank, each row's factors: A' then B', one gather, or None where the site has no low-rank route,
+        the rows' slots `index`).
         The plan keeps them when the batch is no larger than the bank (a generate's decode steps share one plan,
         and the adapters cannot change during it): every later call of this site with the plan skips the bank's
         version check, the gather and the path's checks."""
